@@ -1,0 +1,151 @@
+"""Settings from the environment, then flags (SPEC.md section 3), validated once.
+
+The result is a frozen `Config`; nothing else reads `os.environ`. Every host
+path is built through `Config.host()` so that tests run on a temporary tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from nvdriver.errors import UsageError
+
+DRIVER_VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
+# 6.1.0-56-amd64, 6.12.102-flatcar, 6.12.113+deb12-amd64: a version, then a suffix
+# of safe characters (never a path separator or whitespace).
+KERNEL_RELEASE_RE = re.compile(r"^\d+\.\d+(\.\d+)?([-+~._][A-Za-z0-9._+~-]*)?$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODULE_TYPES = ("auto", "open", "proprietary")
+CHANNELS = ("stable", "beta", "alpha", "lts")
+BOARDS = ("amd64-usr", "arm64-usr")
+LOG_FORMATS = ("text", "json")
+
+DEFAULT_RELEASE_URL = "https://{channel}.release.flatcar-linux.net"
+DEFAULT_RELEASES_FEED = "https://www.flatcar.org/releases-json/releases-{channel}.json"
+
+
+def _check(name: str, value: str, pattern: re.Pattern[str], expected: str) -> str:
+    if not pattern.match(value):
+        raise UsageError(
+            f"{name}={value!r} is malformed: expected {expected}.",
+            hint=f"Fix {name} in the container's environment or command line.",
+        )
+    return value
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(
+            f"{name}={value!r} is not valid: expected one of {', '.join(choices)}.",
+            hint=f"Fix {name} in the container's environment or command line.",
+        )
+    return value
+
+
+def validate_driver_version(value: str, name: str = "DRIVER_VERSION") -> str:
+    return _check(name, value, DRIVER_VERSION_RE, "a version like 535.261.03")
+
+
+def validate_kernel_release(value: str, name: str = "--kernel") -> str:
+    return _check(
+        name, value, KERNEL_RELEASE_RE, "a kernel release like 6.12.102-flatcar (as `uname -r`)"
+    )
+
+
+def default_board() -> str:
+    return "arm64-usr" if platform.machine() in ("aarch64", "arm64") else "amd64-usr"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    driver_version: str | None
+    kernel_module_type: str
+    flatcar_channel: str | None
+    flatcar_board: str
+    release_url: str
+    releases_feed: str
+    signing_key: Path | None
+    cache_dir: Path
+    precompiled_dir: Path
+    module_params_dir: Path
+    driver_source: Path
+    host_root: Path
+    log_format: str
+    # From flags.
+    kernel: str | None = None
+    kernel_source: Path | None = None
+    max_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    accept_license: bool = False
+    sign_key: Path | None = None
+    tag: str | None = None
+    debug: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **flags: object) -> Config:
+        """Read and validate the environment, then apply flags that were given (not None)."""
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return value if value else None
+
+        version = get("DRIVER_VERSION")
+        if version is not None:
+            validate_driver_version(version)
+        module_type = _choice(
+            "KERNEL_MODULE_TYPE", get("KERNEL_MODULE_TYPE") or "auto", MODULE_TYPES
+        )
+        channel = get("FLATCAR_CHANNEL")
+        if channel is not None:
+            _choice("FLATCAR_CHANNEL", channel, CHANNELS)
+        board = _choice("FLATCAR_BOARD", get("FLATCAR_BOARD") or default_board(), BOARDS)
+        log_format = _choice("LOG_FORMAT", get("LOG_FORMAT") or "text", LOG_FORMATS)
+
+        source = Path(get("NVIDIA_DRIVER_SOURCE") or f"/usr/src/nvidia-{version or 'unknown'}")
+        precompiled = Path(get("PRECOMPILED_DIR") or source / "kernel" / "precompiled")
+        key = get("FLATCAR_SIGNING_KEY")
+        config = cls(
+            driver_version=version,
+            kernel_module_type=module_type,
+            flatcar_channel=channel,
+            flatcar_board=board,
+            release_url=get("FLATCAR_RELEASE_URL") or DEFAULT_RELEASE_URL,
+            releases_feed=get("FLATCAR_RELEASES_FEED") or DEFAULT_RELEASES_FEED,
+            signing_key=Path(key) if key else None,
+            cache_dir=Path(get("NVIDIA_DRIVER_CACHE") or "/var/cache/nvidia-driver"),
+            precompiled_dir=precompiled,
+            module_params_dir=Path(get("NVIDIA_MODULE_PARAMS_DIR") or "/drivers"),
+            driver_source=source,
+            host_root=Path(get("HOST_ROOT") or "/"),
+            log_format=log_format,
+        )
+        given = {k: v for k, v in flags.items() if v is not None}
+        config = dataclasses.replace(config, **given)  # type: ignore[arg-type]
+        config.validate_flags()
+        return config
+
+    def validate_flags(self) -> None:
+        if self.kernel is not None:
+            validate_kernel_release(self.kernel)
+        if self.max_threads < 1:
+            raise UsageError(
+                f"--max-threads={self.max_threads} is not valid: expected a positive number."
+            )
+        if self.tag is not None:
+            _check("--tag", self.tag, TAG_RE, "letters, digits, '.', '_' or '-' (64 at most)")
+
+    def host(self, path: str | Path) -> Path:
+        """A host path under HOST_ROOT."""
+        return self.host_root / Path(path).relative_to("/")
+
+    def require_driver_version(self) -> str:
+        if self.driver_version is None:
+            raise UsageError(
+                "DRIVER_VERSION is not set: expected a version like 535.261.03.",
+                hint="The driver image sets it; set it when running from elsewhere.",
+            )
+        return self.driver_version

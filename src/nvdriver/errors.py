@@ -1,0 +1,70 @@
+"""Error types and the exit codes of SPEC.md section 2.
+
+Every failure a user can cause or meet is one of these: the CLI prints the
+message (and the hint) and exits with the code, never a traceback unless
+`--debug` is given.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    BUSY = 3
+    ALREADY_RUNNING = 4
+    INTEGRITY = 5
+    UNSUPPORTED = 6
+    NO_GPU = 7
+
+
+class DriverError(Exception):
+    """A failure with a message for people and a documented exit code."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}" if self.hint else self.message
+
+
+class UsageError(DriverError):
+    exit_code = ExitCode.USAGE
+
+
+class BusyError(DriverError):
+    exit_code = ExitCode.BUSY
+
+
+class AlreadyRunningError(DriverError):
+    exit_code = ExitCode.ALREADY_RUNNING
+
+
+class IntegrityError(DriverError):
+    exit_code = ExitCode.INTEGRITY
+
+
+class UnsupportedError(DriverError):
+    exit_code = ExitCode.UNSUPPORTED
+
+
+class NoGpuError(DriverError):
+    exit_code = ExitCode.NO_GPU
+
+
+class Interrupted(DriverError):
+    """A signal (SIGTERM, SIGINT, SIGHUP) arrived; `with` blocks unwind on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}")
+        self.signum = signum
