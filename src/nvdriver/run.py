@@ -107,27 +107,49 @@ def spawn(
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
     terminate_timeout: float = 5.0,
+    process_group: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a child for the duration of a `with` block; terminate it on the way out."""
+    """Start a child for the duration of a `with` block; terminate it on the way out.
+
+    With `process_group` the child leads a group of its own and the whole group
+    (make and its compilers) is terminated.
+    """
     argv = [os.fspath(c) for c in cmd]
     log.debug("+ %s &", shlex.join(argv))
     full_env = None if env is None else {**os.environ, **env}
     try:
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=full_env, stdin=stdin, stdout=stdout, stderr=stderr
+            argv,
+            cwd=cwd,
+            env=full_env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=process_group,
         )
     except FileNotFoundError as e:
         raise RunError(argv, 127, f"{argv[0]}: command not found") from e
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=terminate_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc, terminate_timeout, process_group)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float, group: bool) -> None:
+    def send(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
+    if proc.poll() is None or group:
+        send(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            proc.wait()
 
 
 def which(program: str, *, root: Path | None = None) -> Path | None:

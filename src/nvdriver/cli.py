@@ -1,0 +1,179 @@
+"""Commands and flags (SPEC.md section 2); the steps themselves live in lifecycle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nvdriver import __version__, lifecycle, signals
+from nvdriver import log as logsetup
+from nvdriver.config import Config
+from nvdriver.errors import DriverError, ExitCode
+
+log = logging.getLogger("nvdriver")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return n
+
+
+def _common(debug_default: object) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--debug", action="store_true", default=debug_default, help="show tracebacks and commands"
+    )
+    return p
+
+
+def _build_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-k", "--kernel", metavar="RELEASE", help="kernel release (default: running)")
+    p.add_argument("-s", "--sign", metavar="KEY", type=Path, help="sign the modules with KEY")
+    p.add_argument("-t", "--tag", metavar="TAG", help="tag of the package")
+    p.add_argument("-m", "--max-threads", metavar="N", type=_positive, help="build jobs")
+    p.add_argument(
+        "--kernel-source",
+        metavar="DIR",
+        type=Path,
+        help="build against this prepared kernel tree instead of the Flatcar developer container",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="nvidia-driver",
+        description="NVIDIA driver container for Flatcar Container Linux.",
+        parents=[_common(False)],
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common(argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "init", parents=[common], help="build or find, link and load the driver, then wait"
+    )
+    p.add_argument("-a", "--accept-license", action="store_true", help="accept NVIDIA's license")
+    p.add_argument("-m", "--max-threads", metavar="N", type=_positive, help="build jobs")
+
+    for name, text in (
+        ("update", "build and pack the precompiled package for a kernel"),
+        ("build", "the same as update"),
+    ):
+        _build_flags(sub.add_parser(name, parents=[common], help=text, description=text))
+
+    sub.add_parser("load", parents=[common], help="link, install and load from a package")
+    sub.add_parser("unload", parents=[common], help="stop daemons, unload modules, unmount")
+    p = sub.add_parser("status", parents=[common], help="kernel, driver, packages, modules, GPUs")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p = sub.add_parser("packages", parents=[common], help="the precompiled package store")
+    p.add_argument("action", nargs="?", choices=("list", "verify", "prune"), default="list")
+    p.add_argument("--json", action="store_true", help="JSON output (list)")
+    sub.add_parser("validate", parents=[common], help="nvidia-smi and a CUDA check")
+    return top
+
+
+def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
+    flags = {
+        "kernel": getattr(args, "kernel", None),
+        "kernel_source": getattr(args, "kernel_source", None),
+        "max_threads": getattr(args, "max_threads", None),
+        "accept_license": getattr(args, "accept_license", None) or None,
+        "sign_key": getattr(args, "sign", None),
+        "tag": getattr(args, "tag", None),
+        "debug": args.debug or None,
+    }
+    return Config.from_env(env, **flags)
+
+
+def dispatch(args: argparse.Namespace, config: Config) -> int:
+    command = args.command
+    if command in ("update", "build"):
+        package = lifecycle.update(config)
+        print(package.path)
+        return ExitCode.OK
+    if command == "packages":
+        return _packages(args, config)
+    if command == "status":
+        from nvdriver import status
+
+        report = status.collect(config)
+        print(json.dumps(report, indent=2) if args.json else status.render(report))
+        return ExitCode.OK
+    raise lifecycle.NotImplementedYet(f"`nvidia-driver {command}`")
+
+
+def _packages(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "list":
+        good, bad = lifecycle.PackageStore(config.precompiled_dir).packages()
+        rows = [
+            {
+                "path": str(p.path),
+                "kernel_release": p.manifest.kernel_release,
+                "driver_version": p.manifest.driver_version,
+                "flavour": p.manifest.flavour,
+                "tag": p.manifest.tag,
+                "created": p.manifest.created,
+                "size": p.size,
+                "modules": [m.name for m in p.manifest.modules],
+            }
+            for p in good
+        ]
+        if args.json:
+            print(json.dumps({"packages": rows, "unreadable": [str(p) for p, _ in bad]}, indent=2))
+        else:
+            for r in rows:
+                print(
+                    f"{r['kernel_release']}\t{r['driver_version']}\t{r['flavour']}\t"
+                    f"{r['tag'] or '-'}\t{r['created']}\t{r['path']}"
+                )
+            for p, e in bad:
+                print(f"unreadable\t{p}\t{e.message}")
+        return ExitCode.OK
+    if args.action == "verify":
+        report = lifecycle.verify_packages(config)
+        for path in report.good:
+            print(f"ok\t{path}")
+        for path, why in report.bad:
+            print(f"FAILED\t{path}\t{why}")
+        if report.bad:
+            log.error("%d package(s) failed verification and were moved aside", len(report.bad))
+            return ExitCode.INTEGRITY
+        return ExitCode.OK
+    for path in lifecycle.prune_packages(config, keep_kernels={os.uname().release}):
+        print(f"removed\t{path}")
+    return ExitCode.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    env = dict(os.environ)
+    logsetup.setup(env.get("LOG_FORMAT") or "text", debug=args.debug)
+    try:
+        signals.install()
+        config = config_from_args(args, env)
+        logsetup.setup(config.log_format, debug=config.debug)
+        return int(dispatch(args, config))
+    except DriverError as e:
+        if args.debug:
+            log.exception("%s", e.message)
+        else:
+            log.error("%s", e.message)
+        if e.hint:
+            log.error("%s", e.hint)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The NVIDIA driver: its source tree, the build, the precompiled package, linking."""

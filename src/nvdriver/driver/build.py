@@ -1,0 +1,203 @@
+"""Compiling the kernel interface objects and the plain modules for one kernel.
+
+The build runs NVIDIA's own Makefile on a copy of the flavour's tree (the
+image's tree stays clean and read-only), either in this container or in a
+developer root entered with chroot, always with SYSSRC/SYSOUT given: `uname -r`
+inside is the host's, not the target's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from nvdriver.driver.source import SPLIT_MODULES, DriverSource
+from nvdriver.errors import DriverError
+from nvdriver.host import KernelIdentity, KernelTree
+from nvdriver.run import RunError, run, spawn, which
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRoot:
+    """Where the toolchain runs: this container (root None) or a developer root via chroot."""
+
+    root: Path | None = None
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["chroot", str(self.root), *cmd] if self.root is not None else cmd
+
+    def inside(self, path: Path) -> str:
+        """`path` (a host path under the root) as the toolchain sees it."""
+        if self.root is None:
+            return str(path)
+        return "/" + str(path.resolve().relative_to(self.root.resolve()))
+
+    def tool(self, name: str) -> str | None:
+        found = which(name, root=self.root)
+        if found is None:
+            return None
+        return self.inside(found) if self.root is not None else str(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """One module's build output: a finished .ko, or an interface object plus its core."""
+
+    module: str
+    path: Path
+    core: str | None = None  # relative to the flavour dir, for split modules
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOutput:
+    kernel: KernelIdentity
+    flavour: str
+    driver_version: str
+    tree: Path  # the built copy of the flavour dir
+    artifacts: tuple[Artifact, ...]
+    ld_scripts: tuple[Path, ...]
+    compiler: str
+    linker: str
+
+
+def build_modules(
+    source: DriverSource,
+    flavour: str,
+    kernel: KernelTree,
+    workdir: Path,
+    *,
+    jobs: int,
+    build_root: BuildRoot | None = None,
+) -> BuildOutput:
+    """Build `flavour` of `source` for `kernel` in `workdir` (under the build root, if any).
+
+    Proprietary: the interface objects (`nv-linux.o`, `nv-modeset-linux.o`, each
+    with its `.mod.o` linked in) and the plain modules. Open: every module finished.
+    """
+    build_root = build_root or BuildRoot()
+    identity = KernelIdentity.from_build_tree(kernel.output)
+    modules = source.modules(flavour)
+    tree = workdir / "kernel"
+    _copy_tree(source.flavour_dir(flavour), tree)
+
+    cc = _compiler(kernel, build_root)
+    split = [SPLIT_MODULES[m] for m in modules if flavour == "proprietary" and m in SPLIT_MODULES]
+    targets = ["modules", *(s.interface for s in split)]
+    cmd = [
+        "make",
+        "-C",
+        build_root.inside(tree),
+        f"-j{jobs}",
+        f"SYSSRC={build_root.inside(kernel.source)}",
+        f"SYSOUT={build_root.inside(kernel.output)}",
+        f"CC={cc}",
+        *targets,
+    ]
+    log.info(
+        "Building NVIDIA %s %s modules for kernel %s with %d jobs",
+        flavour,
+        source.version,
+        identity.release,
+        jobs,
+    )
+    _make(build_root.argv(cmd), tree, workdir / "build.log")
+
+    artifacts = []
+    for module in modules:
+        if (s := SPLIT_MODULES.get(module)) in split and s is not None:
+            artifacts.append(Artifact(module, tree / s.interface, core=s.core))
+        else:
+            artifacts.append(Artifact(module, tree / f"{module}.ko"))
+    for a in artifacts:
+        if not a.path.is_file():
+            raise DriverError(
+                f"The build of {a.module} for kernel {identity.release} produced no {a.path.name}.",
+                hint=f"See the build log {workdir / 'build.log'}.",
+            )
+    return BuildOutput(
+        kernel=identity,
+        flavour=flavour,
+        driver_version=source.version,
+        tree=tree,
+        artifacts=tuple(artifacts),
+        ld_scripts=tuple(kernel.linker_scripts()),
+        compiler=_first_line(build_root.argv([cc, "--version"])),
+        linker=_first_line(build_root.argv(["ld", "--version"])),
+    )
+
+
+def _compiler(kernel: KernelTree, build_root: BuildRoot) -> str:
+    """The kernel's own compiler (CONFIG_CC_VERSION_TEXT) when present, as NVIDIA's Makefile."""
+    text = kernel.config_value("CONFIG_CC_VERSION_TEXT")
+    if text:
+        wanted = text.split()[0]
+        if build_root.tool(wanted) is not None:
+            return wanted
+        log.warning(
+            "The kernel was built with %s, which is not here; using cc (see gpu-operator#564).",
+            wanted,
+        )
+    if build_root.tool("cc") is None:
+        raise DriverError(
+            "No C compiler (cc) is available to build the kernel modules.",
+            hint="Build inside the Flatcar developer container of this kernel's release.",
+        )
+    return "cc"
+
+
+def _first_line(cmd: list[str]) -> str:
+    return run(cmd).stdout.splitlines()[0].strip()
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """Copy the flavour dir; hard links where possible (the build never writes into sources)."""
+
+    def link_or_copy(s: str, d: str) -> object:
+        try:
+            os.link(s, d)
+            return d
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
+                raise
+            return shutil.copy2(s, d)
+
+    shutil.copytree(src, dest, symlinks=True, copy_function=link_or_copy)
+
+
+def _make(argv: list[str], tree: Path, logfile: Path) -> None:
+    """Run make with its output in `logfile`, reporting progress every few seconds."""
+    start = time.monotonic()
+    last = start
+    with (
+        logfile.open("wb") as out,
+        spawn(argv, stdout=out, stderr=subprocess.STDOUT, process_group=True) as proc,
+    ):
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+            if proc.returncode is not None:
+                break
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL:
+                last = now
+                done = sum(1 for _ in tree.rglob("*.o"))
+                log.info("building: %d objects after %.0f s", done, now - start)
+    if proc.returncode != 0:
+        raise RunError(
+            argv,
+            proc.returncode,
+            logfile.read_text(errors="replace"),
+            hint=f"The whole build log is {logfile}.",
+        )
+    log.info("Build finished in %.0f s", time.monotonic() - start)

@@ -1,0 +1,115 @@
+"""Linking modules from a package and installing them into the private module tree.
+
+Split modules are linked here, on the node: `ld -d -r -T module.lds -o nvidia.ko
+nv-linux.o nv-kernel.o_binary` (the interface object already holds nvidia.mod.o),
+with the linker that matches the one that built the interface. The tree is
+/opt/nvidia/VERSION/lib/modules/KERNEL (Flatcar's /lib/modules is read-only),
+staged beside its final place, `depmod -b`'d, then swapped in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from nvdriver.driver.package import Manifest, sha256_file, unpacked
+from nvdriver.driver.source import DriverSource
+from nvdriver.errors import IntegrityError
+from nvdriver.run import run
+
+log = logging.getLogger(__name__)
+
+
+def module_tree_base(host_opt: Path, driver_version: str) -> Path:
+    """The `-b`/`-d` base directory of modprobe and depmod for a driver version."""
+    return host_opt / driver_version
+
+
+def link_package(
+    package: Path,
+    source: DriverSource,
+    base: Path,
+    *,
+    ld: str = "ld",
+) -> Path:
+    """Verify `package`, link and install its modules under `base`; return the module dir.
+
+    The package is verified completely before any member is used. The tree at
+    `base/lib/modules/KERNEL` is replaced only once the new one is complete.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    with (
+        _staging(base) as staging,
+        unpacked(package, staging) as (manifest, members),
+    ):
+        kernel = manifest.kernel_release
+        moddir = staging / "lib" / "modules" / kernel
+        moddir.mkdir(parents=True)
+        flavour_dir = source.flavour_dir(manifest.flavour)
+        order = []
+        for entry in manifest.modules:
+            out = moddir / f"{entry.name}.ko"
+            if entry.core is None:
+                shutil.copyfile(members / entry.file, out)
+            else:
+                core = flavour_dir / entry.core
+                _check_core(package, manifest, core, entry.core_sha256)
+                scripts = [a for s in manifest.ld_scripts for a in ("-T", str(members / s))]
+                run([ld, "-d", "-r", *scripts, "-o", out, members / entry.file, core])
+            order.append(out.name)
+        (moddir / "modules.order").write_text("".join(f"{name}\n" for name in order))
+        run(["depmod", "-b", staging, kernel])
+        final = base / "lib" / "modules" / kernel
+        _swap_in(moddir, final)
+        log.info("Linked and installed %s into %s", ", ".join(order), final)
+        return final
+
+
+def _check_core(package: Path, manifest: Manifest, core: Path, digest: str | None) -> None:
+    """The interface must be linked with the very core object it was built against."""
+    if not core.is_file():
+        raise IntegrityError(
+            f"NVIDIA's core object {core} is missing; the package {package} needs it.",
+            hint="Use the driver image of version " + manifest.driver_version + ".",
+        )
+    if digest is not None and sha256_file(core) != digest:
+        raise IntegrityError(
+            f"NVIDIA's core object {core} differs from the one the package {package} "
+            "was built with.",
+            hint="Rebuild the package with this driver image (nvidia-driver update).",
+        )
+
+
+@contextlib.contextmanager
+def _staging(base: Path) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace `final` by `new` (same file system): the old tree is renamed away first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(base: Path) -> None:
+    """Remove staging and old trees that a killed run left under `base`."""
+    if not base.is_dir():
+        return
+    for p in list(base.iterdir()) + list((base / "lib" / "modules").glob(".old-*")):
+        if p.name.startswith((".staging-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)

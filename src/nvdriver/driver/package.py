@@ -1,0 +1,443 @@
+"""The precompiled package (SPEC.md section 5).
+
+One file per (driver version, flavour, tag) under PRECOMPILED_DIR/<kernel-release>/:
+a gzip'd tar whose first member is `manifest.json`. The manifest names the kernel
+(release and full `/proc/version` string), the toolchain, every module and the
+SHA-256 of every member. Proprietary modules are stored unlinked (interface
+object only); linking with NVIDIA's core object happens on the node.
+
+Reading a package hashes every member on the way and refuses absolute paths,
+`..`, links, devices and members the manifest does not list; a package that
+fails is moved aside and never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from nvdriver.config import KERNEL_RELEASE_RE
+from nvdriver.driver.build import BuildOutput
+from nvdriver.errors import DriverError, IntegrityError
+from nvdriver.host import KernelIdentity
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SUFFIX = ".tar.gz"
+TEMP_PREFIX = ".tmp-"
+FAILED_SUFFIX = ".failed"
+CHUNK = 1 << 20
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleEntry:
+    name: str
+    file: str  # a member: a finished .ko, or the interface object of a split module
+    core: str | None = None  # the core object, relative to the driver's flavour dir
+    core_sha256: str | None = None
+
+    @property
+    def linked(self) -> bool:
+        return self.core is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    driver_version: str
+    flavour: str
+    kernel_release: str
+    kernel_version: str
+    compiler: str
+    linker: str
+    modules: tuple[ModuleEntry, ...]
+    ld_scripts: tuple[str, ...]
+    files: tuple[tuple[str, str], ...]  # (member, sha256)
+    created: str
+    tag: str | None = None
+    signing: dict[str, str] | None = None
+    format: int = FORMAT_VERSION
+
+    @property
+    def kernel(self) -> KernelIdentity:
+        return KernelIdentity(self.kernel_release, self.kernel_version)
+
+    def to_json(self) -> str:
+        obj = dataclasses.asdict(self)
+        obj["files"] = dict(self.files)
+        return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, origin: Path) -> Manifest:
+        """Parse and validate a manifest; anything unexpected is an integrity failure."""
+        try:
+            obj = json.loads(text)
+            if obj["format"] != FORMAT_VERSION:
+                raise ValueError(f"format {obj['format']} (this program reads {FORMAT_VERSION})")
+            files = obj["files"]
+            if not isinstance(files, dict):
+                raise TypeError("files is not an object")
+            for name, digest in files.items():
+                _check_member_name(name)
+                if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    raise ValueError(f"bad sha256 for {name}")
+            m = cls(
+                driver_version=str(obj["driver_version"]),
+                flavour=str(obj["flavour"]),
+                kernel_release=str(obj["kernel_release"]),
+                kernel_version=str(obj["kernel_version"]),
+                compiler=str(obj["compiler"]),
+                linker=str(obj["linker"]),
+                modules=tuple(ModuleEntry(**e) for e in obj["modules"]),
+                ld_scripts=tuple(str(s) for s in obj["ld_scripts"]),
+                files=tuple(sorted(files.items())),
+                created=str(obj["created"]),
+                tag=obj.get("tag"),
+                signing=obj.get("signing"),
+            )
+            if not KERNEL_RELEASE_RE.match(m.kernel_release):
+                raise ValueError(f"bad kernel release {m.kernel_release!r}")
+            listed = dict(m.files)
+            for name in [e.file for e in m.modules] + list(m.ld_scripts):
+                if name not in listed:
+                    raise ValueError(f"{name} is not among the files")
+        except (ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(
+                f"The package {origin} has an invalid manifest: {e}.",
+                hint="Remove it (nvidia-driver packages prune) and build again.",
+            ) from e
+        return m
+
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def package_name(driver_version: str, flavour: str, tag: str | None) -> str:
+    return f"nvidia-{driver_version}-{flavour}{'-' + tag if tag else ''}{SUFFIX}"
+
+
+def _check_member_name(name: str) -> None:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not name or name.startswith("./"):
+        raise ValueError(f"unsafe member name {name!r}")
+
+
+def _hostile(member: tarfile.TarInfo) -> str | None:
+    """Why `member` must not be extracted, or None when it is a plain safe file or dir."""
+    name = PurePosixPath(member.name)
+    if name.is_absolute():
+        return f"member {member.name!r} has an absolute path"
+    if ".." in name.parts:
+        return f"member {member.name!r} leaves the destination with '..'"
+    if member.issym() or member.islnk():
+        link = member.linkname
+        target = os.path.normpath(os.path.join(name.parent, link) if member.issym() else link)
+        if os.path.isabs(link) or target == ".." or target.startswith("../"):
+            return f"member {member.name!r} is a link to {link!r} outside the package"
+        return f"member {member.name!r} is a link; packages hold plain files only"
+    if member.isdev() or member.isfifo():
+        return f"member {member.name!r} is a device or fifo"
+    if not (member.isfile() or member.isdir()):
+        return f"member {member.name!r} has an unsupported type"
+    return None
+
+
+def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Package:
+    """Pack a build atomically: a temporary name in the same directory, fsync, rename."""
+    kernel_dir = store_dir / build.kernel.release
+    kernel_dir.mkdir(parents=True, exist_ok=True)
+    members: dict[str, Path] = {}
+    modules = []
+    for a in build.artifacts:
+        members[a.path.name] = a.path
+        core_sha = None
+        if a.core is not None:
+            core_sha = sha256_file(build.tree / a.core)
+        modules.append(ModuleEntry(a.module, a.path.name, a.core, core_sha))
+    ld_scripts = []
+    for i, script in enumerate(build.ld_scripts):
+        name = f"lds/{i}-{script.name}"
+        members[name] = script
+        ld_scripts.append(name)
+    manifest = Manifest(
+        driver_version=build.driver_version,
+        flavour=build.flavour,
+        kernel_release=build.kernel.release,
+        kernel_version=build.kernel.version,
+        compiler=build.compiler,
+        linker=build.linker,
+        modules=tuple(modules),
+        ld_scripts=tuple(ld_scripts),
+        files=tuple(sorted((n, sha256_file(p)) for n, p in members.items())),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        tag=tag,
+    )
+    final = kernel_dir / package_name(build.driver_version, build.flavour, tag)
+    with atomic_file(final) as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
+        _add_bytes(tar, MANIFEST, manifest.to_json().encode())
+        for name, path in sorted(members.items()):
+            info = tar.gettarinfo(str(path), arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mode = 0o644
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+    log.info("Packed %s", final)
+    return Package(final, manifest)
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[IO[bytes]]:
+    """A file that appears under `final` complete or not at all."""
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest alone (the first member): cheap, for listing. Not a verification."""
+    try:
+        with tarfile.open(path, mode="r|gz") as tar:
+            member = tar.next()
+            if member is None or member.name != MANIFEST or not member.isfile():
+                raise IntegrityError(f"The package {path} does not start with {MANIFEST}.")
+            f = tar.extractfile(member)
+            assert f is not None
+            return Manifest.from_json(f.read(), path)
+    except DriverError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
+        raise IntegrityError(f"The package {path} cannot be read: {e}.") from e
+
+
+def _unpack(path: Path, dest: Path | None) -> Manifest:
+    """Read every member once, hashing it, writing it under `dest` when given; check all."""
+    manifest: Manifest | None = None
+    seen: dict[str, str] = {}
+    try:
+        with tarfile.open(path, mode="r|gz") as tar:
+            for member in tar:
+                if manifest is None:
+                    if member.name != MANIFEST or not member.isfile():
+                        raise IntegrityError(f"The package {path} does not start with {MANIFEST}.")
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    manifest = Manifest.from_json(f.read(), path)
+                    continue
+                if reason := _hostile(member):
+                    raise IntegrityError(
+                        f"The package {path} is refused: {reason}.",
+                        hint="Packages are made by `nvidia-driver update`; do not use this file.",
+                    )
+                if member.isdir():
+                    continue
+                if member.name not in dict(manifest.files) or member.name in seen:
+                    raise IntegrityError(
+                        f"The package {path} has a member its manifest does not list once: "
+                        f"{member.name!r}."
+                    )
+                src = tar.extractfile(member)
+                assert src is not None
+                seen[member.name] = _copy_hashing(src, dest / member.name if dest else None)
+    except DriverError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
+        raise IntegrityError(f"The package {path} cannot be read: {e}.") from e
+    if manifest is None:
+        raise IntegrityError(f"The package {path} is empty.")
+    expected = dict(manifest.files)
+    for name, digest in expected.items():
+        if seen.get(name) != digest:
+            what = "is missing" if name not in seen else "has the wrong SHA-256"
+            raise IntegrityError(f"The package {path} failed verification: {name} {what}.")
+    return manifest
+
+
+def _copy_hashing(src: IO[bytes], dest: Path | None) -> str:
+    h = hashlib.sha256()
+    out: Any = None
+    if dest is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out = dest.open("xb")
+    try:
+        while chunk := src.read(CHUNK):
+            h.update(chunk)
+            if out is not None:
+                out.write(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    return h.hexdigest()
+
+
+def verify(path: Path) -> Manifest:
+    """Verify every member's SHA-256; on failure move the package aside and raise."""
+    try:
+        return _unpack(path, None)
+    except IntegrityError:
+        move_aside(path)
+        raise
+
+
+@contextlib.contextmanager
+def unpacked(path: Path, workdir: Path) -> Iterator[tuple[Manifest, Path]]:
+    """Verify and extract into a fresh directory, removed on exit; nothing used before all
+    members are verified. A failing package is moved aside."""
+    dest = Path(tempfile.mkdtemp(prefix="unpack-", dir=workdir))
+    try:
+        try:
+            manifest = _unpack(path, dest)
+        except IntegrityError:
+            move_aside(path)
+            raise
+        yield manifest, dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a failed package so that it is never picked again (kept for inspection)."""
+    if not path.exists() or path.name.endswith(FAILED_SUFFIX):
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.{stamp}{FAILED_SUFFIX}")
+    with contextlib.suppress(OSError):
+        os.replace(path, aside)
+        log.warning("Moved the failed package %s aside to %s", path, aside.name)
+        return aside
+    return None
+
+
+class PackageStore:
+    """PRECOMPILED_DIR: one directory per kernel release holding packages."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def package_files(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p
+            for d in self.root.iterdir()
+            if d.is_dir() and KERNEL_RELEASE_RE.match(d.name)
+            for p in d.iterdir()
+            if p.is_file() and p.name.endswith(SUFFIX) and _NAME_RE.match(p.name)
+        )
+
+    def packages(self) -> tuple[list[Package], list[tuple[Path, DriverError]]]:
+        """Every readable package, and the unreadable ones with why."""
+        good, bad = [], []
+        for p in self.package_files():
+            try:
+                good.append(Package(p, read_manifest(p)))
+            except DriverError as e:
+                bad.append((p, e))
+        return good, bad
+
+    def find(
+        self, kernel: KernelIdentity, driver_version: str, flavour: str, tag: str | None
+    ) -> Package | None:
+        """The package for this kernel (release AND full version string), driver and flavour.
+
+        With a tag, only that tag; without one, an untagged package, else the newest.
+        """
+        kernel_dir = self.root / kernel.release
+        if not kernel_dir.is_dir():
+            return None
+        candidates = []
+        for p in sorted(kernel_dir.glob(f"*{SUFFIX}")):
+            try:
+                m = read_manifest(p)
+            except DriverError as e:
+                log.warning("Ignoring unreadable package %s: %s", p, e)
+                continue
+            if (
+                m.kernel == kernel
+                and m.driver_version == driver_version
+                and m.flavour == flavour
+                and (tag is None or m.tag == tag)
+            ):
+                candidates.append(Package(p, m))
+            elif m.kernel_release == kernel.release and m.kernel != kernel:
+                log.info(
+                    "Package %s is for another build of kernel %s (%s); not using it",
+                    p.name,
+                    kernel.release,
+                    m.kernel_version,
+                )
+        if not candidates:
+            return None
+        candidates.sort(key=lambda pkg: (pkg.manifest.tag is None, pkg.manifest.created))
+        return candidates[-1]
+
+    def leftovers(self) -> list[Path]:
+        """Temporary files of interrupted writes and packages moved aside."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p
+            for d in self.root.iterdir()
+            if d.is_dir()
+            for p in d.iterdir()
+            if p.name.startswith(TEMP_PREFIX) or p.name.endswith(FAILED_SUFFIX)
+        )
+
+    def remove_temp_files(self) -> None:
+        """Remove what a crashed write left (a reader never saw it under a package name)."""
+        for p in self.leftovers():
+            if p.name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()

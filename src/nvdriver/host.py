@@ -1,0 +1,139 @@
+"""What the host is: the kernel's identity, a kernel build tree, the GPUs on the PCI bus."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from nvdriver.config import Config
+from nvdriver.errors import DriverError
+
+NVIDIA_VENDOR = 0x10DE
+# PCI display controllers: 0x0300xx VGA, 0x0302xx 3D.
+DISPLAY_CLASSES = (0x0300, 0x0302)
+
+_DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelIdentity:
+    """A kernel as packages must match it: `uname -r` and the full `/proc/version` line."""
+
+    release: str
+    version: str
+
+    @classmethod
+    def running(cls, config: Config) -> KernelIdentity:
+        version = config.host("/proc/version").read_text().strip()
+        return cls(release=os.uname().release, version=version)
+
+    @classmethod
+    def from_build_tree(cls, output: Path) -> KernelIdentity:
+        """The `/proc/version` a kernel will print, from its build tree's generated headers.
+
+        init/version.c prints "Linux version " UTS_RELEASE " (" LINUX_COMPILE_BY "@"
+        LINUX_COMPILE_HOST ") (" LINUX_COMPILER ") " UTS_VERSION; older trees keep
+        UTS_VERSION in compile.h, newer ones in utsversion.h.
+        """
+        generated = output / "include" / "generated"
+        defines: dict[str, str] = {}
+        for name in ("utsrelease.h", "compile.h", "utsversion.h"):
+            path = generated / name
+            if path.exists():
+                defines.update(_DEFINE_RE.findall(path.read_text()))
+        needed = ("UTS_RELEASE", "LINUX_COMPILE_BY", "LINUX_COMPILE_HOST", "LINUX_COMPILER")
+        missing = [k for k in (*needed, "UTS_VERSION") if k not in defines]
+        if missing:
+            raise DriverError(
+                f"The kernel tree {output} lacks {', '.join(missing)} in include/generated/.",
+                hint="Point at a prepared kernel build tree (the /lib/modules/KERNEL/build "
+                "of that kernel), not a bare source tree.",
+            )
+        version = (
+            f"Linux version {defines['UTS_RELEASE']} ({defines['LINUX_COMPILE_BY']}@"
+            f"{defines['LINUX_COMPILE_HOST']}) ({defines['LINUX_COMPILER']}) "
+            f"{defines['UTS_VERSION']}"
+        )
+        return cls(release=defines["UTS_RELEASE"], version=version)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTree:
+    """A prepared kernel build tree: `source` (SYSSRC) and `output` (SYSOUT) may differ."""
+
+    source: Path
+    output: Path
+
+    @classmethod
+    def from_dir(cls, path: Path) -> KernelTree:
+        """Accept a build dir, or a /lib/modules/KERNEL dir holding `build` (and `source`)."""
+        if (path / "build").is_dir():
+            path = path / "build"
+        if not (path / "Makefile").is_file() or not (path / "include").is_dir():
+            raise DriverError(
+                f"The kernel tree {path} is missing or not a kernel build tree "
+                "(no Makefile and include/).",
+                hint="Pass the /lib/modules/KERNEL/build directory of the target kernel.",
+            )
+        path = path.resolve()
+        return cls(source=path, output=path)
+
+    def linker_scripts(self) -> list[Path]:
+        """The module linker scripts present, in the order NVIDIA's Makefile looks for them."""
+        candidates = [
+            self.source / "scripts/module-common.lds",
+            self.source / "arch/x86/kernel/module.lds",
+            self.output / "arch/x86/module.lds",
+            self.output / "arch/arm64/module.lds",
+            self.output / "scripts/module.lds",
+        ]
+        seen: list[Path] = []
+        for c in candidates:
+            if c.is_file() and c not in seen:
+                seen.append(c)
+        return seen
+
+    def config_value(self, key: str) -> str | None:
+        """A value of the kernel's .config (quotes removed), or None."""
+        config = self.output / ".config"
+        if not config.is_file():
+            return None
+        for line in config.read_text(errors="replace").splitlines():
+            if line.startswith(f"{key}="):
+                return line.split("=", 1)[1].strip().strip('"')
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PciDevice:
+    address: str
+    vendor: int
+    device: int
+    pci_class: int
+
+    @property
+    def is_nvidia_gpu(self) -> bool:
+        return self.vendor == NVIDIA_VENDOR and (self.pci_class >> 8) in DISPLAY_CLASSES
+
+
+def nvidia_gpus(config: Config) -> list[PciDevice]:
+    """NVIDIA GPUs on the PCI bus, from sysfs (vendor 0x10de, class VGA or 3D)."""
+    root = config.host("/sys/bus/pci/devices")
+    found = []
+    if not root.is_dir():
+        return []
+    for dev in sorted(root.iterdir()):
+        try:
+            d = PciDevice(
+                address=dev.name,
+                vendor=int((dev / "vendor").read_text(), 16),
+                device=int((dev / "device").read_text(), 16),
+                pci_class=int((dev / "class").read_text(), 16),
+            )
+        except (OSError, ValueError):
+            continue
+        if d.is_nvidia_gpu:
+            found.append(d)
+    return found
