@@ -30,7 +30,7 @@ DEFAULT_RELEASES_FEED = "https://www.flatcar.org/releases-json/releases-{channel
 
 
 def _check(name: str, value: str, pattern: re.Pattern[str], expected: str) -> str:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise UsageError(
             f"{name}={value!r} is malformed: expected {expected}.",
             hint=f"Fix {name} in the container's environment or command line.",

@@ -67,18 +67,40 @@ class KernelTree:
     output: Path
 
     @classmethod
-    def from_dir(cls, path: Path) -> KernelTree:
-        """Accept a build dir, or a /lib/modules/KERNEL dir holding `build` (and `source`)."""
+    def from_dir(cls, path: Path, *, root: Path | None = None) -> KernelTree:
+        """A build dir, or a /lib/modules/KERNEL dir holding `build` (and `source`).
+
+        Distribution headers split the tree: the output dir (generated headers,
+        .config) and the source dir (include/linux/...). The source is found as
+        /lib/modules/KERNEL/source, a `source` link in the output dir (O= builds),
+        or the `include <dir>/Makefile` line of the output dir's Makefile (Debian).
+        `path` lies under `root` (a developer root) whose absolute links are
+        resolved inside it.
+        """
+        given = path
+        path = resolve_in(root, path)
         if (path / "build").is_dir():
-            path = path / "build"
+            path = resolve_in(root, path / "build")
         if not (path / "Makefile").is_file() or not (path / "include").is_dir():
             raise DriverError(
-                f"The kernel tree {path} is missing or not a kernel build tree "
+                f"The kernel tree {given} is missing or not a kernel build tree "
                 "(no Makefile and include/).",
                 hint="Pass the /lib/modules/KERNEL/build directory of the target kernel.",
             )
-        path = path.resolve()
-        return cls(source=path, output=path)
+        candidates = [path / "source"]
+        if given.name == "build" or (given / "build").exists():
+            candidates.insert(
+                0, (given if given.name == "build" else given / "build").parent / "source"
+            )
+        source = next((c for c in candidates if resolve_in(root, c).is_dir()), None)
+        if source is not None:
+            source = resolve_in(root, source)
+        else:
+            first = (path / "Makefile").read_text(errors="replace").strip().splitlines()[:1]
+            m = re.fullmatch(r"include\s+(\S+)/Makefile", first[0].strip()) if first else None
+            inner = resolve_in(root, Path(m.group(1))) if m else None
+            source = inner if inner is not None and inner.is_dir() else path
+        return cls(source=source, output=path)
 
     def linker_scripts(self) -> list[Path]:
         """The module linker scripts present, in the order NVIDIA's Makefile looks for them."""
@@ -137,3 +159,37 @@ def nvidia_gpus(config: Config) -> list[PciDevice]:
         if d.is_nvidia_gpu:
             found.append(d)
     return found
+
+
+def resolve_in(root: Path | None, path: Path) -> Path:
+    """`path` with its symlinks resolved as seen from inside `root` (a chroot).
+
+    Absolute link targets and absolute `path`s are taken relative to `root`; the
+    result never leaves it. Without a root this is `Path.resolve()`.
+    """
+    if root is None:
+        return path.resolve()
+    root = root.resolve()
+    inner = path.relative_to(root) if path.is_absolute() and path.is_relative_to(root) else path
+    parts = list(Path("/", inner).parts[1:])
+    current = root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise DriverError(f"Too many symbolic links under {root} resolving {path}.")
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = root
+                parts = list(target.parts[1:]) + parts
+            else:
+                parts = list(target.parts) + parts
+            continue
+        current = candidate
+    return current

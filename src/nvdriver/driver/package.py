@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
+import gzip
 import hashlib
 import io
 import json
@@ -111,7 +113,7 @@ class Manifest:
                 tag=obj.get("tag"),
                 signing=obj.get("signing"),
             )
-            if not KERNEL_RELEASE_RE.match(m.kernel_release):
+            if not KERNEL_RELEASE_RE.fullmatch(m.kernel_release):
                 raise ValueError(f"bad kernel release {m.kernel_release!r}")
             listed = dict(m.files)
             for name in [e.file for e in m.modules] + list(m.ld_scripts):
@@ -196,15 +198,23 @@ def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Pa
         tag=tag,
     )
     final = kernel_dir / package_name(build.driver_version, build.flavour, tag)
-    with atomic_file(final) as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
-        _add_bytes(tar, MANIFEST, manifest.to_json().encode())
-        for name, path in sorted(members.items()):
-            info = tar.gettarinfo(str(path), arcname=name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            info.mode = 0o644
-            with path.open("rb") as f:
-                tar.addfile(info, f)
+    try:
+        with atomic_file(final) as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
+            _add_bytes(tar, MANIFEST, manifest.to_json().encode())
+            for name, path in sorted(members.items()):
+                info = tar.gettarinfo(str(path), arcname=name)
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mode = 0o644
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DriverError(
+            f"No space left in {kernel_dir} to write the package {final.name}: {e.strerror}.",
+            hint="Free space in PRECOMPILED_DIR (nvidia-driver packages prune) and run again.",
+        ) from e
     log.info("Packed %s", final)
     return Package(final, manifest)
 
@@ -267,7 +277,9 @@ def _unpack(path: Path, dest: Path | None) -> Manifest:
     manifest: Manifest | None = None
     seen: dict[str, str] = {}
     try:
-        with tarfile.open(path, mode="r|gz") as tar:
+        # gzip (not tarfile's own stream) checks the CRC and length at the end: a
+        # changed byte anywhere in the file is caught, even after the last member.
+        with gzip.open(path, "rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
             for member in tar:
                 if manifest is None:
                     if member.name != MANIFEST or not member.isfile():
@@ -291,6 +303,8 @@ def _unpack(path: Path, dest: Path | None) -> Manifest:
                 src = tar.extractfile(member)
                 assert src is not None
                 seen[member.name] = _copy_hashing(src, dest / member.name if dest else None)
+            while gz.read(CHUNK):
+                pass
     except DriverError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
@@ -372,9 +386,9 @@ class PackageStore:
         return sorted(
             p
             for d in self.root.iterdir()
-            if d.is_dir() and KERNEL_RELEASE_RE.match(d.name)
+            if d.is_dir() and KERNEL_RELEASE_RE.fullmatch(d.name)
             for p in d.iterdir()
-            if p.is_file() and p.name.endswith(SUFFIX) and _NAME_RE.match(p.name)
+            if p.is_file() and p.name.endswith(SUFFIX) and _NAME_RE.fullmatch(p.name)
         )
 
     def packages(self) -> tuple[list[Package], list[tuple[Path, DriverError]]]:

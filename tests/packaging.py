@@ -1,0 +1,66 @@
+"""Helpers to make packages and hostile archives for tests (real files, real tar)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+from nvdriver.driver.build import Artifact, BuildOutput
+from nvdriver.host import KernelIdentity
+
+KERNEL = KernelIdentity(
+    "6.1.0-99-amd64", "Linux version 6.1.0-99-amd64 (x@y) (gcc 12) #1 SMP Debian 6.1.1"
+)
+
+
+def fake_build(tmp: Path, kernel: KernelIdentity = KERNEL, size: int = 4096) -> BuildOutput:
+    """A build output of plain files: enough to pack and verify, not to load."""
+    tree = tmp / "kernel"
+    (tree / "nvidia").mkdir(parents=True)
+    (tree / "nvidia" / "nv-kernel.o_binary").write_bytes(b"core" * 100)
+    (tree / "nv-linux.o").write_bytes(random.randbytes(size))
+    (tree / "nvidia-uvm.ko").write_bytes(random.randbytes(size))
+    lds = tmp / "module.lds"
+    lds.write_text("SECTIONS { }\n")
+    return BuildOutput(
+        kernel=kernel,
+        flavour="proprietary",
+        driver_version="535.261.03",
+        tree=tree,
+        artifacts=(
+            Artifact("nvidia", tree / "nv-linux.o", core="nvidia/nv-kernel.o_binary"),
+            Artifact("nvidia-uvm", tree / "nvidia-uvm.ko"),
+        ),
+        ld_scripts=(lds,),
+        compiler="gcc-12 (Debian 12.2.0-14) 12.2.0",
+        linker="GNU ld (GNU Binutils for Debian) 2.40",
+    )
+
+
+def hostile_package(path: Path, evil: tarfile.TarInfo, data: bytes = b"") -> None:
+    """A package whose manifest is valid but which carries `evil` as a member."""
+    manifest = {
+        "format": 1,
+        "driver_version": "535.261.03",
+        "flavour": "open",
+        "kernel_release": KERNEL.release,
+        "kernel_version": KERNEL.version,
+        "compiler": "gcc",
+        "linker": "ld",
+        "modules": [],
+        "ld_scripts": [],
+        "files": {},
+        "created": "2026-01-01T00:00:00+00:00",
+        "tag": None,
+        "signing": None,
+    }
+    raw = json.dumps(manifest).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+        evil.size = len(data) if evil.isfile() else 0
+        tar.addfile(evil, io.BytesIO(data) if evil.isfile() else None)
