@@ -1,0 +1,583 @@
+"""Fetch, verify and cache the Flatcar developer container of a release.
+
+One pass over the network: the `.bz2` is streamed, hashed (SHA-512, checked
+against the signed DIGESTS), decompressed in parallel (`lbzip2`, else the
+stdlib) and written sparse (the image is 6 GiB, mostly zeros) into a
+temporary file beside its final name. Only a verified image is renamed into
+place, with a `.verified` stamp beside it; a partial or failed file is
+removed on every exit path, signals included. An interrupted transfer
+resumes with a `Range` request: the hash and the decompressor just go on.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Protocol
+
+from nvdriver.config import Config
+from nvdriver.errors import DriverError, IntegrityError
+from nvdriver.flatcar import gpg
+from nvdriver.flatcar.download import (
+    DEFAULT_RETRY,
+    Download,
+    RangeIgnored,
+    RetryPolicy,
+    UrlNotFound,
+    read_url,
+)
+from nvdriver.flatcar.release import FlatcarRelease
+from nvdriver.log import Progress
+from nvdriver.run import spawn, which
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = "flatcar_developer_container.bin"
+COMPRESSED_NAME = IMAGE_NAME + ".bz2"
+STAMP_SUFFIX = ".verified"
+PARTIAL_PREFIX = ".partial-"
+# All-zero blocks of this size (aligned in the file) become holes.
+SPARSE_BLOCK = 64 << 10
+WRITE_BATCH = 1 << 20
+PIPE_SIZE = 1 << 20
+SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
+_ZEROS = bytes(SPARSE_BLOCK)
+
+
+def release_base_url(config: Config, release: FlatcarRelease) -> str:
+    """Where the release's artifacts live: `{release_url}/{board}/{version}`."""
+    base = config.release_url.replace("{channel}", release.channel).rstrip("/")
+    return f"{base}/{release.board}/{release.version}"
+
+
+def developer_container_url(config: Config, release: FlatcarRelease) -> str:
+    return f"{release_base_url(config, release)}/{COMPRESSED_NAME}"
+
+
+def cache_path(config: Config, release: FlatcarRelease) -> Path:
+    """The final name of the image: `<cache>/flatcar/<board>/<version>/…bin`."""
+    return config.cache_dir / "flatcar" / release.board / release.version / IMAGE_NAME
+
+
+@dataclasses.dataclass(frozen=True)
+class Digests:
+    """A Flatcar `.DIGESTS` file: per hash algorithm, the hex digest of each file name."""
+
+    sections: Mapping[str, Mapping[str, str]]
+
+    @classmethod
+    def from_text(cls, text: str, *, source: str) -> Digests:
+        """Parse `# <ALGO> HASH` sections of `<hex>  <name>` lines."""
+        sections: dict[str, dict[str, str]] = {}
+        current: dict[str, str] | None = None
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line:
+                continue
+            header = re.fullmatch(r"#\s*(\w+)\s+HASH", line)
+            if header:
+                current = sections.setdefault(header[1].upper(), {})
+                continue
+            if line.startswith("#"):
+                continue
+            fields = line.split()
+            if current is None or len(fields) != 2:
+                raise IntegrityError(
+                    f"{source} is malformed at line {number}: {line[:80]!r}.",
+                    hint="Expected '# SHA512 HASH' sections of '<hex>  <file>' lines.",
+                )
+            current[fields[1].lstrip("*")] = fields[0].lower()
+        return cls(sections=sections)
+
+    def sha512(self, name: str, *, source: str) -> str:
+        digest = self.sections.get("SHA512", {}).get(name)
+        if digest is None or not SHA512_RE.match(digest):
+            raise IntegrityError(
+                f"{source} lists no SHA-512 digest of {name}.",
+                hint="The mirror may serve another release's files; nothing was downloaded.",
+            )
+        return digest
+
+
+@dataclasses.dataclass(frozen=True)
+class Stamp:
+    """What was verified about a cached image; without it the image is never used."""
+
+    sha512: str
+    version: str
+    board: str
+    size: int
+    url: str
+    verified_at: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> Stamp | None:
+        try:
+            data = json.loads(path.read_text())
+            stamp = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return stamp if isinstance(stamp.size, int) else None
+
+    def write(self, path: Path) -> None:
+        """Write atomically (temp file, fsync, rename)."""
+        tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}")
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def stamp_path(image: Path) -> Path:
+    return image.with_name(image.name + STAMP_SUFFIX)
+
+
+def cached_image(image: Path, release: FlatcarRelease) -> Stamp | None:
+    """The stamp of a finished, verified image of `release`, or None (and nothing left)."""
+    stamp = Stamp.from_file(stamp_path(image))
+    try:
+        size = image.stat().st_size
+    except FileNotFoundError:
+        size = None
+    if (
+        stamp is not None
+        and stamp.version == release.version
+        and stamp.board == release.board
+        and stamp.size == size
+    ):
+        return stamp
+    if size is not None or stamp_path(image).exists():
+        log.info("Discarding %s: it has no valid verification stamp", image)
+    image.unlink(missing_ok=True)
+    stamp_path(image).unlink(missing_ok=True)
+    return None
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class SparseWriter:
+    """Writes a stream into a file, leaving holes where aligned blocks are all zeros."""
+
+    def __init__(self, fd: int, *, block: int = SPARSE_BLOCK) -> None:
+        if block > len(_ZEROS):
+            raise ValueError(f"blocks of at most {len(_ZEROS)} bytes")
+        self._fd = fd
+        self._block = block
+        self._buffer = bytearray()
+        self.offset = 0  # where the buffer starts in the file
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= WRITE_BATCH:
+            self._flush(len(self._buffer) - len(self._buffer) % self._block)
+
+    def _flush(self, n: int) -> None:
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        start = self.offset
+        self.offset += n
+        run: int | None = None  # start of a run of blocks with data
+        for i in range(0, n, self._block):
+            block = data[i : i + self._block]
+            if block == _ZEROS[: len(block)]:
+                if run is not None:
+                    _pwrite_all(self._fd, data[run:i], start + run)
+                    run = None
+            elif run is None:
+                run = i
+        if run is not None:
+            _pwrite_all(self._fd, data[run:], start + run)
+
+    def finish(self) -> int:
+        """Write what is left, set the file's size, flush it to disk; returns the size."""
+        self._flush(len(self._buffer))
+        os.ftruncate(self._fd, self.offset)
+        os.fsync(self._fd)
+        return self.offset
+
+
+class Decompressor(Protocol):
+    def feed(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def _corrupt(url: str, detail: str) -> IntegrityError:
+    return IntegrityError(
+        f"{url} did not decompress (truncated or corrupt): {detail}",
+        hint="Nothing was cached; the next run downloads it again.",
+    )
+
+
+class Bz2Decompressor:
+    """The stdlib decompressor (one core); handles multi-stream files like lbzip2's."""
+
+    def __init__(self, sink: SparseWriter, url: str) -> None:
+        self._sink = sink
+        self._url = url
+        self._dec = bz2.BZ2Decompressor()
+        self._started = False
+
+    def feed(self, data: bytes) -> None:
+        while True:
+            try:
+                # Bounded output: a megabyte of zeros in bzip2 is gigabytes out.
+                out = self._dec.decompress(data, max_length=WRITE_BATCH)
+            except (OSError, EOFError, ValueError) as e:
+                raise _corrupt(self._url, str(e)) from e
+            self._started = self._started or bool(data)
+            data = b""
+            if out:
+                self._sink.write(out)
+            if self._dec.eof:
+                data = self._dec.unused_data
+                self._dec = bz2.BZ2Decompressor()
+                self._started = False
+                if not data:
+                    return
+            elif self._dec.needs_input:
+                return
+
+    def finish(self) -> None:
+        if self._started:
+            raise _corrupt(self._url, "compressed data ends before the end of a stream")
+
+
+class _Process(Protocol):
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class Lbzip2Decompressor:
+    """`lbzip2 -dc -n N` in a pipe: we write the download in, a thread writes the output out."""
+
+    def __init__(
+        self,
+        proc: _Process,
+        stdin: int,
+        stdout: int,
+        errors: IO[bytes],
+        sink: SparseWriter,
+        url: str,
+    ) -> None:
+        self._proc = proc
+        self._stdin: int | None = stdin
+        self._stdout = stdout
+        self._errors = errors
+        self._sink = sink
+        self._url = url
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pump, name="lbzip2-output", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while data := os.read(self._stdout, PIPE_SIZE):
+                self._sink.write(data)
+        except BaseException as e:  # handed to the main thread by finish()
+            self._error = e
+            self._proc.kill()  # so that the main thread's writes fail instead of blocking
+
+    def close(self) -> None:
+        """End lbzip2's input and wait for the output thread (idempotent)."""
+        if self._stdin is not None:
+            fd, self._stdin = self._stdin, None
+            os.close(fd)
+        self._thread.join()
+
+    def feed(self, data: bytes) -> None:
+        if self._stdin is None:
+            raise ValueError("feed() after finish()")
+        try:
+            _write_all(self._stdin, data)
+        except BrokenPipeError:
+            self.finish()
+            raise _corrupt(self._url, "lbzip2 stopped reading") from None
+
+    def finish(self) -> None:
+        self.close()
+        status = self._proc.wait()
+        if self._error is not None:
+            raise self._error
+        if status != 0:
+            self._errors.seek(0)
+            message = self._errors.read().decode(errors="replace").strip()
+            raise _corrupt(self._url, message or f"lbzip2 exited with status {status}")
+
+
+def _set_pipe_size(fd: int) -> None:
+    """Larger pipes: fewer, larger reads and writes (best effort, Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+@contextlib.contextmanager
+def lbzip2_decompressor(
+    sink: SparseWriter, url: str, *, threads: int
+) -> Iterator[Lbzip2Decompressor]:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    for fd in (in_w, out_r):
+        _set_pipe_size(fd)
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, out_r)
+        errors: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
+        try:
+            proc = stack.enter_context(
+                spawn(["lbzip2", "-dc", "-n", str(threads)], stdin=in_r, stdout=out_w,
+                      stderr=errors)
+            )  # fmt: skip
+        except BaseException:
+            os.close(in_w)
+            raise
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+        dec = Lbzip2Decompressor(proc, in_w, out_r, errors, sink, url)
+        try:
+            yield dec
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            dec.close()
+
+
+@contextlib.contextmanager
+def decompressor(sink: SparseWriter, url: str, *, threads: int) -> Iterator[Decompressor]:
+    """lbzip2 when it is installed (parallel), else the stdlib's bz2."""
+    if which("lbzip2") is not None:
+        with lbzip2_decompressor(sink, url, threads=threads) as dec:
+            yield dec
+    else:
+        log.info("lbzip2 is not installed: decompressing on one core")
+        yield Bz2Decompressor(sink, url)
+
+
+class PartialFile:
+    """A temporary file beside the final name; renamed into place by `commit`, else removed."""
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
+        self.fd = fd
+        self.path = Path(name)
+        self.committed = False
+
+    def commit(self, final: Path) -> None:
+        os.rename(self.path, final)
+        self.committed = True
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def partial_file(directory: Path) -> Iterator[PartialFile]:
+    partial = PartialFile(directory)
+    try:
+        yield partial
+    finally:
+        partial.close()
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialize fetches of one release (an `init` and an `update` at once)."""
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Partial files of a run that was killed (we hold the lock: no one else writes)."""
+    for leftover in directory.glob(f"{PARTIAL_PREFIX}*"):
+        log.info("Removing %s, left over by an interrupted download", leftover)
+        leftover.unlink(missing_ok=True)
+
+
+def _no_space(
+    directory: Path, error: OSError, partial: PartialFile, download: Download
+) -> DriverError:
+    """A message for ENOSPC/EDQUOT naming the directory and about how much space it needs."""
+    written = partial.path.stat().st_blocks * 512
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    needed = written
+    if download.total and download.done:
+        needed = written * download.total // download.done
+    mib = 1 << 20
+    return DriverError(
+        f"The cache directory {directory} is full ({os.strerror(error.errno or 0)}): "
+        f"{written // mib} MiB of the developer container were written, it needs about "
+        f"{needed // mib} MiB in all and {free // mib} MiB are free besides the part written.",
+        hint="Free space there or point NVIDIA_DRIVER_CACHE at a larger file system; "
+        "the partial file was removed.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verification:
+    """What the download must match: a signed SHA-512, or a detached signature to check."""
+
+    sha512: str | None
+    signature: bytes | None
+    source: str
+
+
+def _verification(url: str, ring: Path, policy: RetryPolicy) -> _Verification:
+    """The SHA-512 from the clear-signed DIGESTS, or the detached `.sig` when those are missing."""
+    digests_url = f"{url}.DIGESTS.asc"
+    try:
+        signed = read_url(digests_url, policy=policy)
+    except UrlNotFound:
+        log.info("%s does not exist: verifying with the detached signature", digests_url)
+    else:
+        text = gpg.verify_clearsigned(signed, ring, source=digests_url)
+        digests = Digests.from_text(text, source=digests_url)
+        return _Verification(digests.sha512(COMPRESSED_NAME, source=digests_url), None, digests_url)
+    sig_url = f"{url}.sig"
+    try:
+        return _Verification(None, read_url(sig_url, policy=policy), sig_url)
+    except UrlNotFound as e:
+        raise IntegrityError(
+            f"Neither {digests_url} nor {sig_url} exists: {url} cannot be verified.",
+            hint="Check FLATCAR_RELEASE_URL: a mirror must carry the signatures too.",
+        ) from e
+
+
+def _download_once(
+    url: str,
+    final: Path,
+    check: _Verification,
+    ring: Path,
+    *,
+    threads: int,
+    policy: RetryPolicy,
+    label: str,
+) -> tuple[str, int]:
+    """One attempt of the single pass; returns the SHA-512 of the .bz2 and the image's size."""
+    download = Download(url, policy=policy)
+    with contextlib.ExitStack() as stack:
+        partial = stack.enter_context(partial_file(final.parent))
+        try:
+            sink = SparseWriter(partial.fd)
+            dec = stack.enter_context(decompressor(sink, url, threads=threads))
+            verifier = (
+                stack.enter_context(
+                    gpg.detached_verifier(check.signature, ring, source=check.source)
+                )
+                if check.signature is not None
+                else None
+            )
+            hasher = hashlib.sha512()
+            progress = Progress(label)
+            for chunk in download:
+                hasher.update(chunk)
+                if verifier is not None:
+                    verifier.update(chunk)
+                dec.feed(chunk)
+                progress.total = download.total
+                progress.update(download.done)
+            progress.update(download.done, force=True)
+            dec.finish()
+            if verifier is not None:
+                verifier.finish()
+            digest = hasher.hexdigest()
+            if check.sha512 is not None and digest != check.sha512:
+                raise IntegrityError(
+                    f"{url} does not match its signed digest in {check.source}: "
+                    f"SHA-512 {digest}, expected {check.sha512}.",
+                    hint="The download was changed or damaged on the way; nothing was cached.",
+                )
+            size = sink.finish()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(final.parent, e, partial, download) from e
+            raise DriverError(f"Could not write {partial.path}: {e}.") from e
+        partial.commit(final)
+    return digest, size
+
+
+def fetch_developer_container(
+    config: Config,
+    release: FlatcarRelease,
+    *,
+    policy: RetryPolicy = DEFAULT_RETRY,
+) -> Path:
+    """The verified developer container image of `release`, from the cache or downloaded."""
+    final = cache_path(config, release)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DriverError(
+            f"Could not create the cache directory {final.parent}: {e.strerror}.",
+            hint="Check NVIDIA_DRIVER_CACHE: it must be a writable directory.",
+        ) from e
+    with _locked(final.parent):
+        stamp = cached_image(final, release)
+        if stamp is not None:
+            log.info("Using the cached Flatcar %s developer container %s", release.version, final)
+            return final
+        _remove_leftovers(final.parent)
+        url = developer_container_url(config, release)
+        label = f"Downloading the Flatcar {release.version} developer container"
+        log.info("%s from %s", label, url)
+        with gpg.keyring(gpg.signing_key(config)) as ring:
+            check = _verification(url, ring, policy)
+            for attempt in range(1, policy.attempts + 1):
+                try:
+                    digest, size = _download_once(
+                        url,
+                        final,
+                        check,
+                        ring,
+                        threads=config.max_threads,
+                        policy=policy,
+                        label=label,
+                    )
+                    break
+                except RangeIgnored as e:
+                    if attempt == policy.attempts:
+                        raise DriverError(
+                            f"Could not download {url}: the server does not resume ({e}).",
+                            hint="Check the network or the mirror at FLATCAR_RELEASE_URL.",
+                        ) from e
+                    log.warning("%s: %s; starting over", url, e)
+        Stamp(
+            sha512=digest,
+            version=release.version,
+            board=release.board,
+            size=size,
+            url=url,
+            verified_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        ).write(stamp_path(final))
+        log.info("Verified and cached %s (%d MiB)", final, size >> 20)
+    return final

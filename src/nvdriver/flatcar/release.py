@@ -1,0 +1,257 @@
+"""Which Flatcar release ships a kernel.
+
+For the running kernel the host says so itself (`/etc/os-release`): several
+releases share one kernel (an LTS and a stable one, say), and only the host
+knows which of them it runs. For another kernel (`update --kernel X`) the
+channel's releases feed is searched and the newest release with that kernel
+wins, whatever the order of the feed's keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from nvdriver.config import BOARDS, CHANNELS, Config
+from nvdriver.errors import DriverError, UnsupportedError, UsageError
+from nvdriver.flatcar.download import UrlNotFound, read_url
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+# The minor number of a Flatcar version names its channel: 3975.2.1 is stable.
+CHANNEL_OF_MINOR = {"0": "alpha", "1": "beta", "2": "stable", "3": "lts"}
+OS_RELEASE = "/etc/os-release"
+FLATCAR_RELEASE = "/usr/share/flatcar/release"
+UPDATE_CONF = ("/etc/flatcar/update.conf", "/usr/share/flatcar/update.conf")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatcarRelease:
+    """A Flatcar release: where its artifacts live is `{channel}/{board}/{version}`."""
+
+    version: str
+    channel: str
+    board: str
+
+    def __post_init__(self) -> None:
+        if not VERSION_RE.match(self.version):
+            raise UsageError(
+                f"Flatcar version {self.version!r} is malformed: expected a version like 4230.2.3."
+            )
+        if self.channel not in CHANNELS:
+            raise UsageError(
+                f"Flatcar channel {self.channel!r} is not valid: "
+                f"expected one of {', '.join(CHANNELS)}."
+            )
+        if self.board not in BOARDS:
+            raise UsageError(
+                f"Flatcar board {self.board!r} is not valid: expected one of {', '.join(BOARDS)}."
+            )
+
+    @classmethod
+    def from_version(
+        cls, version: str, board: str, *, channel: str | None = None
+    ) -> FlatcarRelease:
+        """The release `version`; its channel is `channel`, else the one its minor number names."""
+        implied = channel_of_version(version)
+        if channel is not None and implied is not None and channel != implied:
+            log.warning(
+                "Flatcar %s is a %s release but the channel is set to %s: using %s",
+                version,
+                implied,
+                channel,
+                channel,
+            )
+        chosen = channel or implied
+        if chosen is None:
+            raise UsageError(
+                f"The channel of Flatcar {version} cannot be told from its version.",
+                hint="Set FLATCAR_CHANNEL to stable, beta, alpha or lts.",
+            )
+        return cls(version=version, channel=chosen, board=board)
+
+
+def channel_of_version(version: str) -> str | None:
+    """The channel a version's minor number names (0 alpha, 1 beta, 2 stable, 3 lts)."""
+    parts = version.split(".")
+    return CHANNEL_OF_MINOR.get(parts[1]) if len(parts) == 3 else None
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Sort key for versions: numeric, so that 4230.2.10 is newer than 4230.2.9."""
+    return tuple(int(p) for p in version.split("."))
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """`KEY=value` lines (os-release, update.conf, version.txt): comments and quotes removed."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    try:
+        return parse_env_file(path.read_text(errors="replace"))
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise DriverError(f"Could not read {path}: {e.strerror}.") from e
+
+
+def host_version(config: Config) -> str | None:
+    """The host's Flatcar version, or None when the host is not Flatcar."""
+    path = config.host(OS_RELEASE)
+    os_release = _read_env_file(path)
+    version = os_release.get("VERSION") if os_release.get("ID") in ("flatcar", "coreos") else None
+    if version is None:
+        path = config.host(FLATCAR_RELEASE)
+        version = _read_env_file(path).get("FLATCAR_RELEASE_VERSION")
+    if version is not None and not VERSION_RE.match(version):
+        raise DriverError(
+            f"{path} names Flatcar version {version!r}: expected a version like 4230.2.3.",
+            hint="Use --kernel to look the release up in the releases feed instead.",
+        )
+    return version
+
+
+def host_channel(config: Config) -> str | None:
+    """The channel the host updates from (`GROUP=` of update.conf) if it is a known one."""
+    for path in UPDATE_CONF:
+        group = _read_env_file(config.host(path)).get("GROUP")
+        if group is None:
+            continue
+        if group in CHANNELS:
+            return group
+        log.info("%s: GROUP=%s is not a public channel; ignoring it", config.host(path), group)
+    return None
+
+
+def channel(config: Config) -> str:
+    """FLATCAR_CHANNEL, else the host's update group, else stable."""
+    return config.flatcar_channel or host_channel(config) or "stable"
+
+
+def feed_url(config: Config, channel: str) -> str:
+    return config.releases_feed.replace("{channel}", channel)
+
+
+def load_feed(source: str) -> dict[str, object]:
+    """The releases feed: a JSON object keyed by version. Any other shape is an error."""
+    try:
+        data = read_url(source)
+    except UrlNotFound as e:
+        raise DriverError(
+            f"The Flatcar releases feed {source} does not exist.",
+            hint="Check FLATCAR_RELEASES_FEED and FLATCAR_CHANNEL.",
+        ) from e
+    try:
+        feed = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DriverError(
+            f"The Flatcar releases feed {source} is not valid JSON: {e}.",
+            hint="Check FLATCAR_RELEASES_FEED: it must name the releases JSON of a channel.",
+        ) from e
+    if not isinstance(feed, dict):
+        raise DriverError(
+            f"The Flatcar releases feed {source} is not a JSON object keyed by version.",
+            hint="Check FLATCAR_RELEASES_FEED: it must name the releases JSON of a channel.",
+        )
+    return feed
+
+
+def _feed_kernel(source: str, version: str, entry: object) -> str | None:
+    """`major_software.kernel[0]` of a feed entry; None if the entry lists no kernel."""
+    if not isinstance(entry, Mapping):
+        raise DriverError(
+            f"The Flatcar releases feed {source} is malformed: "
+            f"the entry of {version} is not an object."
+        )
+    software = entry.get("major_software", {})
+    kernels = software.get("kernel", []) if isinstance(software, Mapping) else None
+    if not isinstance(kernels, list) or not all(isinstance(k, str) for k in kernels):
+        raise DriverError(
+            f"The Flatcar releases feed {source} is malformed: "
+            f"major_software.kernel of {version} is not a list of versions."
+        )
+    return kernels[0] if kernels else None
+
+
+def upstream_kernel(kernel: str) -> str:
+    """The upstream version of a Flatcar kernel release: `6.12.102-flatcar` → `6.12.102`."""
+    return kernel.split("-", 1)[0]
+
+
+def release_from_feed(
+    feed: Mapping[str, object], kernel: str, *, channel: str, board: str, source: str
+) -> FlatcarRelease:
+    """The newest release of `feed` that ships `kernel`."""
+    wanted = upstream_kernel(kernel)
+    matches = []
+    for version, entry in feed.items():
+        if version == "current":
+            continue
+        if not VERSION_RE.match(version):
+            raise DriverError(
+                f"The Flatcar releases feed {source} is malformed: "
+                f"{version!r} is not a release version."
+            )
+        if _feed_kernel(source, version, entry) == wanted:
+            matches.append(version)
+    if not matches:
+        raise UnsupportedError(
+            f"No Flatcar {channel} release ships kernel {kernel} "
+            f"(looked for {wanted} in {source}).",
+            hint="Give the release of a Flatcar kernel, set FLATCAR_CHANNEL to the channel "
+            "that ships it, or wait until the feed lists a new release.",
+        )
+    newest = max(matches, key=version_key)
+    if len(matches) > 1:
+        log.info(
+            "Flatcar releases with kernel %s: %s; using %s", wanted, ", ".join(matches), newest
+        )
+    return FlatcarRelease(version=newest, channel=channel, board=board)
+
+
+def running_kernel() -> str:
+    return platform.release()
+
+
+def resolve(config: Config, kernel: str | None = None) -> FlatcarRelease:
+    """The Flatcar release that ships `kernel` (default: the running one).
+
+    The running kernel's release is the host's own version when the host is
+    Flatcar; any other kernel is looked up in the channel's releases feed.
+    """
+    running = running_kernel()
+    kernel = kernel or config.kernel or running
+    if kernel == running:
+        version = host_version(config)
+        if version is not None:
+            explicit = config.flatcar_channel
+            if explicit is None and channel_of_version(version) is None:
+                explicit = channel(config)
+            release = FlatcarRelease.from_version(version, config.flatcar_board, channel=explicit)
+            log.info("Kernel %s is the host's: Flatcar %s (%s)", kernel, version, release.channel)
+            return release
+        log.info("The host is not Flatcar: looking kernel %s up in the releases feed", kernel)
+    chan = channel(config)
+    source = feed_url(config, chan)
+    release = release_from_feed(
+        load_feed(source), kernel, channel=chan, board=config.flatcar_board, source=source
+    )
+    log.info("Kernel %s ships with Flatcar %s (%s)", kernel, release.version, release.channel)
+    return release
