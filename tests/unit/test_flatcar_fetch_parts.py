@@ -1,0 +1,162 @@
+"""The pieces of the developer container fetch: DIGESTS, the sparse writer, bz2, the stamp."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from nvdriver.config import Config
+from nvdriver.errors import IntegrityError
+from nvdriver.flatcar import fetch
+from nvdriver.flatcar.download import RetryPolicy
+from nvdriver.flatcar.release import FlatcarRelease
+
+NAME = "flatcar_developer_container.bin.bz2"
+SHA512 = "a" * 128
+
+FLATCAR_DIGESTS = f"""# MD5 HASH
+{"b" * 32}  {NAME}
+# SHA1 HASH
+{"c" * 40}  {NAME}
+# SHA512 HASH
+{SHA512}  {NAME}
+"""
+
+
+def test_digests_take_the_sha512_section() -> None:
+    digests = fetch.Digests.from_text(FLATCAR_DIGESTS, source="x.DIGESTS")
+    assert digests.sha512(NAME, source="x") == SHA512
+    assert digests.sections["MD5"][NAME] == "b" * 32
+
+
+def test_digests_accept_binary_marker_and_upper_case_hex() -> None:
+    text = f"# SHA512 HASH\n{'A' * 128} *{NAME}\n"
+    assert fetch.Digests.from_text(text, source="x").sha512(NAME, source="x") == SHA512
+
+
+def test_digests_without_the_file_are_an_integrity_error() -> None:
+    digests = fetch.Digests.from_text(FLATCAR_DIGESTS.replace(NAME, "other.bz2"), source="x")
+    with pytest.raises(IntegrityError, match="no SHA-512 digest of"):
+        digests.sha512(NAME, source="x.DIGESTS")
+
+
+def test_digests_without_a_sha512_section_are_an_integrity_error() -> None:
+    digests = fetch.Digests.from_text(f"# MD5 HASH\n{'b' * 32}  {NAME}\n", source="x")
+    with pytest.raises(IntegrityError):
+        digests.sha512(NAME, source="x")
+
+
+@pytest.mark.parametrize("text", ["not a digest file\n", f"# SHA512 HASH\n{SHA512}\n"])
+def test_malformed_digests_are_an_integrity_error(text: str) -> None:
+    with pytest.raises(IntegrityError, match="malformed"):
+        fetch.Digests.from_text(text, source="x.DIGESTS")
+
+
+def test_digest_of_wrong_length_is_rejected() -> None:
+    digests = fetch.Digests.from_text(f"# SHA512 HASH\n{'a' * 64}  {NAME}\n", source="x")
+    with pytest.raises(IntegrityError):
+        digests.sha512(NAME, source="x")
+
+
+def _image(block: int) -> bytes:
+    """Data, a long run of zeros, data again, and trailing zeros."""
+    return (
+        os.urandom(3 * block + 17)
+        + bytes(40 * block)
+        + b"x" * 5
+        + bytes(block - 5)
+        + os.urandom(100)
+        + bytes(9 * block)
+    )
+
+
+@pytest.mark.parametrize("piece", [1, 1000, 65536, 3 << 20])
+def test_sparse_writer_keeps_content_and_makes_holes(tmp_path: Path, piece: int) -> None:
+    data = _image(fetch.SPARSE_BLOCK)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        writer = fetch.SparseWriter(fd)
+        for i in range(0, len(data), piece):
+            writer.write(data[i : i + piece])
+        assert writer.finish() == len(data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    assert path.stat().st_blocks * 512 < len(data) // 4
+
+
+def test_bz2_decompressor_handles_several_streams(tmp_path: Path) -> None:
+    parts = [os.urandom(5000), bytes(1 << 22), b"tail"]
+    compressed = b"".join(bz2.compress(p) for p in parts)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        writer = fetch.SparseWriter(fd)
+        dec = fetch.Bz2Decompressor(writer, "url")
+        for i in range(0, len(compressed), 777):
+            dec.feed(compressed[i : i + 777])
+        dec.finish()
+        writer.finish()
+    finally:
+        os.close(fd)
+    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(b"".join(parts)).digest()
+
+
+def test_bz2_decompressor_reports_truncation() -> None:
+    compressed = bz2.compress(os.urandom(10000))
+    dec = fetch.Bz2Decompressor(fetch.SparseWriter(-1), "http://x/y.bz2")
+    dec.feed(compressed[: len(compressed) // 2])
+    with pytest.raises(IntegrityError, match=r"http://x/y.bz2 did not decompress"):
+        dec.finish()
+
+
+def test_bz2_decompressor_reports_garbage() -> None:
+    dec = fetch.Bz2Decompressor(fetch.SparseWriter(-1), "u")
+    with pytest.raises(IntegrityError, match="did not decompress"):
+        dec.feed(b"this is not bzip2 data at all")
+
+
+def _config(tmp_path: Path, url: str = "https://{channel}.release.example") -> Config:
+    return Config.from_env({"NVIDIA_DRIVER_CACHE": str(tmp_path), "FLATCAR_RELEASE_URL": url})
+
+
+def test_url_and_cache_path() -> None:
+    config = _config(Path("/cache"))
+    rel = FlatcarRelease("4081.3.5", "lts", "arm64-usr")
+    assert fetch.developer_container_url(config, rel) == (
+        "https://lts.release.example/arm64-usr/4081.3.5/flatcar_developer_container.bin.bz2"
+    )
+    assert fetch.cache_path(config, rel) == Path(
+        "/cache/flatcar/arm64-usr/4081.3.5/flatcar_developer_container.bin"
+    )
+
+
+def test_image_without_a_stamp_is_discarded(tmp_path: Path) -> None:
+    rel = FlatcarRelease("4230.2.3", "stable", "amd64-usr")
+    image = fetch.cache_path(_config(tmp_path), rel)
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"half")
+    assert fetch.cached_image(image, rel) is None
+    assert not image.exists()
+
+
+def test_stamp_of_another_size_is_not_trusted(tmp_path: Path) -> None:
+    rel = FlatcarRelease("4230.2.3", "stable", "amd64-usr")
+    image = tmp_path / "img.bin"
+    image.write_bytes(b"1234")
+    stamp = fetch.Stamp(SHA512, rel.version, rel.board, 4, "u", "2026-01-01T00:00:00+00:00")
+    stamp.write(fetch.stamp_path(image))
+    assert fetch.cached_image(image, rel) == stamp
+    image.write_bytes(b"12345")
+    assert fetch.cached_image(image, rel) is None
+    assert not image.exists() and not fetch.stamp_path(image).exists()
+
+
+def test_retry_delay_grows_exponentially_up_to_a_cap() -> None:
+    policy = RetryPolicy(initial_delay=1, max_delay=5)
+    assert [policy.delay(n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
