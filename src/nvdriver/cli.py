@@ -13,6 +13,7 @@ from pathlib import Path
 from nvdriver import __version__, lifecycle, signals
 from nvdriver import log as logsetup
 from nvdriver.config import Config
+from nvdriver.driver.package import PackageStore
 from nvdriver.errors import DriverError, ExitCode
 
 log = logging.getLogger("nvdriver")
@@ -114,7 +115,7 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
 
 def _packages(args: argparse.Namespace, config: Config) -> int:
     if args.action == "list":
-        good, bad = lifecycle.PackageStore(config.precompiled_dir).packages()
+        good, bad = PackageStore(config.precompiled_dir).packages()
         rows = [
             {
                 "path": str(p.path),

@@ -80,9 +80,11 @@ def test_a_changed_member_hash_in_the_manifest_fails(tmp_path, store):
             tar.add(path, arcname=name)
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(IntegrityError, match="nvidia-uvm.ko has the wrong SHA-256"):
-        with pkg.unpacked(p.path, work):
-            pytest.fail("a member was handed out before verification")
+    with (
+        pytest.raises(IntegrityError, match=r"nvidia-uvm\.ko has the wrong SHA-256"),
+        pkg.unpacked(p.path, work),
+    ):
+        pytest.fail("a member was handed out before verification")
     assert files_under(work) == []
 
 
