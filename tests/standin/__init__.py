@@ -1,0 +1,1 @@
+"""A stand-in NVIDIA driver source tree for tests (see tree.py)."""

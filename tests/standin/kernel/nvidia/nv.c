@@ -1,0 +1,104 @@
+/*
+ * Stand-in NVIDIA driver: nvidia.ko's module parameters, load and unload,
+ * and the symbols exported to the other NVIDIA modules.
+ */
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/kernel.h>
+#include <linux/errno.h>
+
+#include "nv-linux.h"
+
+/*
+ * Parameters named and typed as NVIDIA's (NVreg_<key>, int or charp). The
+ * real driver registers them with permission 0 (readable only through
+ * /proc/driver/nvidia/params); the stand-in also shows them under
+ * /sys/module/nvidia/parameters so that tests can see what a load applied.
+ */
+int NVreg_EnableGpuFirmware = 0x12;
+int NVreg_EnableGpuFirmwareLogs = 0x2;
+int NVreg_ModifyDeviceFiles = 1;
+int NVreg_DeviceFileUID = 0;
+int NVreg_DeviceFileGID = 0;
+int NVreg_DeviceFileMode = 0666;
+int NVreg_OpenRmEnableUnsupportedGpus = 0;
+char *NVreg_RegistryDwords = NULL;
+/* Stand-in only: 1 makes the load fail as the real driver's does without a GPU. */
+int NVreg_StandinNoGpu = 0;
+
+module_param(NVreg_EnableGpuFirmware, int, 0444);
+module_param(NVreg_EnableGpuFirmwareLogs, int, 0444);
+module_param(NVreg_ModifyDeviceFiles, int, 0444);
+module_param(NVreg_DeviceFileUID, int, 0444);
+module_param(NVreg_DeviceFileGID, int, 0444);
+module_param(NVreg_DeviceFileMode, int, 0444);
+module_param(NVreg_OpenRmEnableUnsupportedGpus, int, 0444);
+module_param(NVreg_RegistryDwords, charp, 0444);
+module_param(NVreg_StandinNoGpu, int, 0444);
+MODULE_PARM_DESC(NVreg_StandinNoGpu,
+                 "Stand-in only: 1 = behave as on a machine without an NVIDIA GPU (load fails, ENODEV)");
+
+static void nv_registry_key(void *ctx, const char *key, unsigned int key_len, unsigned int value)
+{
+    printk(KERN_INFO "NVRM: RegistryDwords: %.*s=0x%x\n", (int)key_len, key, value);
+}
+
+int nvidia_init_module(void)
+{
+    int rc;
+    unsigned int count;
+
+    rc = rm_init_rm();
+    if (rc != 0) {
+        printk(KERN_ERR "NVRM: failed to initialize module.\n");
+        return -EIO;
+    }
+
+    count = rm_probe_devices();
+    if (count == 0) {
+        printk(KERN_INFO "NVRM: No NVIDIA GPU found.\n");
+        rc = -ENODEV;
+        goto shutdown;
+    }
+
+    if (NVreg_RegistryDwords != NULL &&
+        rm_parse_registry_dwords(NVreg_RegistryDwords, nv_registry_key, NULL) < 0)
+        printk(KERN_WARNING "NVRM: ignoring malformed RegistryDwords \"%s\"\n",
+               NVreg_RegistryDwords);
+
+    rc = nv_procfs_init();
+    if (rc < 0) {
+        printk(KERN_ERR "NVRM: failed to initialize procfs.\n");
+        goto shutdown;
+    }
+
+    printk(KERN_INFO "NVRM: loading %s\n", pNVRM_ID);
+    return 0;
+
+shutdown:
+    rm_shutdown_rm();
+    return rc;
+}
+
+void nvidia_exit_module(void)
+{
+    nv_procfs_exit();
+    rm_shutdown_rm();
+}
+
+int nvidia_standin_register_client(const char *name)
+{
+    int rc = rm_register_client();
+
+    if (rc == 0)
+        printk(KERN_DEBUG "NVRM: client %s registered\n", name);
+    return rc == 0 ? 0 : -EBUSY;
+}
+EXPORT_SYMBOL(nvidia_standin_register_client);
+
+void nvidia_standin_unregister_client(const char *name)
+{
+    if (rm_unregister_client() != 0)
+        printk(KERN_WARNING "NVRM: client %s was not registered\n", name);
+}
+EXPORT_SYMBOL(nvidia_standin_unregister_client);
