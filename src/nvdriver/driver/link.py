@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nvdriver.driver.package import Manifest, sha256_file, unpacked
@@ -35,7 +35,7 @@ def link_package(
     source: DriverSource,
     base: Path,
     *,
-    ld: str = "ld",
+    ld: Sequence[str] = ("ld",),
 ) -> Path:
     """Verify `package`, link and install its modules under `base`; return the module dir.
 
@@ -60,7 +60,7 @@ def link_package(
                 core = flavour_dir / entry.core
                 _check_core(package, manifest, core, entry.core_sha256)
                 scripts = [a for s in manifest.ld_scripts for a in ("-T", str(members / s))]
-                run([ld, "-d", "-r", *scripts, "-o", out, members / entry.file, core])
+                run([*ld, "-d", "-r", *scripts, "-o", out, members / entry.file, core])
             order.append(out.name)
         (moddir / "modules.order").write_text("".join(f"{name}\n" for name in order))
         run(["depmod", "-b", staging, kernel])

@@ -199,7 +199,10 @@ def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Pa
     )
     final = kernel_dir / package_name(build.driver_version, build.flavour, tag)
     try:
-        with atomic_file(final) as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
+        with (
+            atomic_file(final) as out,
+            tarfile.open(fileobj=out, mode="w:gz", compresslevel=6) as tar,
+        ):
             _add_bytes(tar, MANIFEST, manifest.to_json().encode())
             for name, path in sorted(members.items()):
                 info = tar.gettarinfo(str(path), arcname=name)
