@@ -91,7 +91,7 @@ def _give_up(url: str, error: BaseException, policy: RetryPolicy) -> DriverError
 def _wait(url: str, error: BaseException, failure: int, policy: RetryPolicy) -> None:
     delay = policy.delay(failure)
     log.warning(
-        "%s: %s; trying again in %.0f s (%d/%d)", url, error, delay, failure, policy.attempts
+        "%s: %s; trying again in %.1f s (%d/%d)", url, error, delay, failure, policy.attempts
     )
     time.sleep(delay)
 

@@ -1,0 +1,436 @@
+"""Fetching the developer container from a local HTTP server: verification, resumption,
+cache reuse, and nothing left behind by any failure."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import http.server
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nvdriver.config import Config
+from nvdriver.errors import DriverError, ExitCode, IntegrityError
+from nvdriver.flatcar import fetch
+from nvdriver.flatcar.download import RetryPolicy
+from nvdriver.flatcar.release import FlatcarRelease
+from nvdriver.log import Progress
+from nvdriver.run import run, which
+
+RELEASE = FlatcarRelease("4230.2.3", "stable", "amd64-usr")
+BASE = f"/stable/{RELEASE.board}/{RELEASE.version}/"
+BZ2 = BASE + fetch.COMPRESSED_NAME
+FAST = RetryPolicy(attempts=4, initial_delay=0.01, timeout=10)
+MiB = 1 << 20
+
+
+class Mirror(http.server.ThreadingHTTPServer):
+    """Serves `files`; can cut a transfer short once and ignore Range requests."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.cut_once: dict[str, int] = {}
+        self.ignore_range = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{{channel}}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: Mirror
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Range")))
+        body = srv.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match and not srv.ignore_range:
+            start = int(match[1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = srv.cut_once.pop(self.path, None)
+        if cut is not None and cut > start:
+            self.wfile.write(body[start:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+
+@pytest.fixture
+def mirror() -> Iterator[Mirror]:
+    server = Mirror()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Gpg:
+    """A throw-away GnuPG home with one signing key."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.home = home
+        home.mkdir(mode=0o700)
+        self._gpg("--quick-gen-key", name, "ed25519", "sign", "never")
+        self.public = home / "public.asc"
+        self._gpg("--armor", "--output", str(self.public), "--export", name)
+
+    def _gpg(self, *args: str) -> None:
+        run(
+            ["gpg", "--batch", "--homedir", self.home, "--pinentry-mode", "loopback",
+             "--passphrase", "", "--yes", *args],
+            timeout=60,
+        )  # fmt: skip
+
+    def clearsign(self, text: str) -> bytes:
+        (self.home / "in").write_text(text)
+        self._gpg("--clearsign", "--output", str(self.home / "out"), str(self.home / "in"))
+        return (self.home / "out").read_bytes()
+
+    def detach_sign(self, data: bytes) -> bytes:
+        (self.home / "in").write_bytes(data)
+        self._gpg("--detach-sign", "--output", str(self.home / "out"), str(self.home / "in"))
+        return (self.home / "out").read_bytes()
+
+    def close(self) -> None:
+        run(["gpgconf", "--homedir", self.home, "--kill", "gpg-agent"], check=False)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gpg, Gpg]]:
+    if which("gpg") is None or which("gpgv") is None:
+        pytest.skip("gpg and gpgv are needed")
+    base = tmp_path_factory.mktemp("gpg")
+    trusted, other = Gpg(base / "trusted", "trusted test key"), Gpg(base / "other", "other key")
+    try:
+        yield trusted, other
+    finally:
+        trusted.close()
+        other.close()
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    """8 MiB, mostly zeros, with ~2 MiB of incompressible data (so the .bz2 is ~2 MiB)."""
+    data = bytearray(8 * MiB)
+    data[0 : MiB + 12345] = os.urandom(MiB + 12345)
+    data[6 * MiB : 7 * MiB] = os.urandom(MiB)
+    data[-3:] = b"end"
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def compressed(image: bytes) -> bytes:
+    # Two streams, as parallel compressors write them.
+    half = len(image) // 2
+    return bz2.compress(image[:half]) + bz2.compress(image[half:])
+
+
+def digests(data: bytes, name: str = fetch.COMPRESSED_NAME) -> str:
+    return (
+        f"# MD5 HASH\n{hashlib.md5(data).hexdigest()}  {name}\n"
+        f"# SHA1 HASH\n{hashlib.sha1(data).hexdigest()}  {name}\n"
+        f"# SHA512 HASH\n{hashlib.sha512(data).hexdigest()}  {name}\n"
+    )
+
+
+def publish(mirror: Mirror, signer: Gpg, data: bytes, *, digests_of: bytes | None = None) -> None:
+    mirror.files[BZ2] = data
+    mirror.files[BZ2 + ".DIGESTS.asc"] = signer.clearsign(digests(digests_of or data))
+    mirror.files[BZ2 + ".sig"] = signer.detach_sign(digests_of or data)
+
+
+def config(mirror: Mirror, tmp_path: Path, key: Path) -> Config:
+    return Config.from_env(
+        {
+            "FLATCAR_RELEASE_URL": mirror.url,
+            "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+            "FLATCAR_SIGNING_KEY": str(key),
+            "FLATCAR_BOARD": RELEASE.board,
+        },
+        max_threads=2,
+    )
+
+
+@pytest.fixture(params=["lbzip2", "stdlib"])
+def decompressor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "lbzip2" and which("lbzip2") is None:
+        pytest.skip("lbzip2 is not installed")
+    if request.param == "stdlib":
+        monkeypatch.setattr(fetch, "which", lambda program: None)
+    return str(request.param)
+
+
+def cache_files(cfg: Config) -> list[str]:
+    """Everything in the cache but the lock file."""
+    return sorted(
+        str(p.relative_to(cfg.cache_dir))
+        for p in cfg.cache_dir.rglob("*")
+        if p.is_file() and p.name != ".lock"
+    )
+
+
+def test_fetch_verifies_writes_sparse_and_reuses_the_cache(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], image: bytes, compressed: bytes, tmp_path: Path,
+    decompressor: str,
+) -> None:  # fmt: skip
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    path = fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert path == fetch.cache_path(cfg, RELEASE)
+    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(image).digest()
+    assert path.stat().st_blocks * 512 < 4 * MiB  # holes where the image is zeros
+    stamp = fetch.Stamp.from_file(fetch.stamp_path(path))
+    assert stamp is not None
+    assert stamp.sha512 == hashlib.sha512(compressed).hexdigest()
+    assert stamp.version == RELEASE.version and stamp.size == len(image)
+    assert cache_files(cfg) == sorted(
+        str(p.relative_to(cfg.cache_dir)) for p in (path, fetch.stamp_path(path))
+    )
+
+    requests = len(mirror.requests)
+    assert fetch.fetch_developer_container(cfg, RELEASE, policy=FAST) == path
+    assert len(mirror.requests) == requests  # no request at all
+
+
+def test_interrupted_download_resumes_with_a_range_request(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], image: bytes, compressed: bytes, tmp_path: Path,
+    decompressor: str,
+) -> None:  # fmt: skip
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cut = len(compressed) * 2 // 3
+    mirror.cut_once[BZ2] = cut
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    path = fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert path.read_bytes() == image
+    ranges = [r for p, r in mirror.requests if p == BZ2]
+    assert ranges[0] is None
+    assert len(ranges) == 2
+    assert ranges[1] is not None
+    resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= cut
+
+
+def test_server_ignoring_range_means_a_clean_restart(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], image: bytes, compressed: bytes, tmp_path: Path,
+    decompressor: str,
+) -> None:  # fmt: skip
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    mirror.cut_once[BZ2] = len(compressed) // 2
+    mirror.ignore_range = True
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    path = fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert path.read_bytes() == image
+    assert [r is None for p, r in mirror.requests if p == BZ2] == [True, False, True]
+    assert len(cache_files(cfg)) == 2
+
+
+def test_digest_mismatch_is_exit_5_and_caches_nothing(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path, decompressor: str
+) -> None:
+    trusted, _ = keys
+    # A well-formed archive, but not the one the signed DIGESTS describe.
+    publish(mirror, trusted, bz2.compress(b"something else" * 1000), digests_of=compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    with pytest.raises(IntegrityError, match="does not match its signed digest") as info:
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert int(info.value.exit_code) == 5
+    assert cache_files(cfg) == []
+
+
+def test_tampered_download_is_exit_5_and_caches_nothing(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path, decompressor: str
+) -> None:
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    tampered = bytearray(compressed)
+    tampered[len(tampered) // 2] ^= 0xFF
+    mirror.files[BZ2] = bytes(tampered)
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    with pytest.raises(IntegrityError) as info:
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert cache_files(cfg) == []
+
+
+def test_digests_signed_by_another_key_are_exit_5(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path
+) -> None:
+    trusted, other = keys
+    publish(mirror, other, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    with pytest.raises(IntegrityError, match=r"signature of .*DIGESTS\.asc is not good") as info:
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert [p for p, _ in mirror.requests if p == BZ2] == []  # never downloaded
+    assert cache_files(cfg) == []
+
+
+def test_detached_signature_when_digests_are_missing(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], image: bytes, compressed: bytes, tmp_path: Path,
+    decompressor: str,
+) -> None:  # fmt: skip
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    del mirror.files[BZ2 + ".DIGESTS.asc"]
+    mirror.cut_once[BZ2] = len(compressed) // 3  # the signature check survives a resume
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    path = fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert path.read_bytes() == image
+
+
+def test_detached_signature_of_another_key_is_exit_5(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path, decompressor: str
+) -> None:
+    trusted, other = keys
+    publish(mirror, other, compressed)
+    del mirror.files[BZ2 + ".DIGESTS.asc"]
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    with pytest.raises(IntegrityError, match="detached signature") as info:
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert cache_files(cfg) == []
+
+
+def test_no_signature_at_all_is_exit_5(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path
+) -> None:
+    trusted, _ = keys
+    mirror.files[BZ2] = compressed
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    with pytest.raises(IntegrityError, match="cannot be verified"):
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+    assert cache_files(cfg) == []
+
+
+def test_truncated_bz2_fails_to_decompress_and_caches_nothing(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path, decompressor: str
+) -> None:
+    trusted, _ = keys
+    # Correctly signed, but the archive itself ends early.
+    publish(mirror, trusted, compressed[: len(compressed) - 1000])
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    with pytest.raises(IntegrityError, match="did not decompress"):
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+    assert cache_files(cfg) == []
+
+
+def test_missing_release_names_the_url(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path
+) -> None:
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    del mirror.files[BZ2]
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    with pytest.raises(DriverError, match=re.escape(BZ2) + " does not exist"):
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+    assert cache_files(cfg) == []
+
+
+def test_unreachable_server_names_the_url(keys: tuple[Gpg, Gpg], tmp_path: Path) -> None:
+    trusted, _ = keys
+    closed = Mirror()  # bound, then closed: nothing listens on its port
+    closed.server_close()
+    cfg = config(closed, tmp_path, trusted.public)
+    with pytest.raises(DriverError, match=r"Could not download http://127\.0\.0\.1:\d+/stable/"):
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+
+def test_interrupt_midway_removes_the_partial_file(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path,
+    decompressor: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    def interrupt(self: object, done: int, *, force: bool = False) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "update", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+    assert cache_files(cfg) == []
+
+
+def test_leftover_partial_of_a_killed_run_is_removed(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path
+) -> None:
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+    final = fetch.cache_path(cfg, RELEASE)
+    final.parent.mkdir(parents=True)
+    (final.parent / ".partial-killed").write_bytes(b"x" * 1000)
+    final.write_bytes(b"unverified")  # no stamp: never trusted
+
+    fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert cache_files(cfg) == sorted(
+        str(p.relative_to(cfg.cache_dir)) for p in (final, fetch.stamp_path(final))
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_is_a_clear_error_naming_the_cache(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path, decompressor: str
+) -> None:
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+    cfg.cache_dir.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", cfg.cache_dir])
+    try:
+        with pytest.raises(DriverError, match="is full") as info:
+            fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+        message = str(info.value)
+        assert str(fetch.cache_path(cfg, RELEASE).parent) in message
+        assert re.search(r"needs about \d+ MiB", message)
+        assert cache_files(cfg) == []
+    finally:
+        run(["umount", cfg.cache_dir])
