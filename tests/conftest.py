@@ -31,8 +31,14 @@ def need(condition: bool, reason: str) -> None:
 def header_kernels() -> list[str]:
     """Kernel releases whose build tree is installed, oldest first (never hard-coded)."""
     base = Path("/lib/modules")
-    found = [d.name for d in base.iterdir() if (d / "build" / "Makefile").is_file()] if base.is_dir() else []
-    return sorted(found, key=lambda r: [int(x) if x.isdigit() else x for x in r.replace("-", ".").split(".")])
+    found = (
+        [d.name for d in base.iterdir() if (d / "build" / "Makefile").is_file()]
+        if base.is_dir()
+        else []
+    )
+    return sorted(
+        found, key=lambda r: [int(x) if x.isdigit() else x for x in r.replace("-", ".").split(".")]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +64,9 @@ def unpack_debian_source(flavour: str) -> Path:
         subprocess.run(["rm", "-rf", tmp], check=True)
         tmp.mkdir(parents=True)
         with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="tar") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+            tar.extractall(tmp, filter="tar") if hasattr(
+                tarfile, "data_filter"
+            ) else tar.extractall(tmp)
         (tmp / ".complete").touch()
         subprocess.run(["rm", "-rf", dest], check=True)
         tmp.rename(dest)
@@ -74,13 +82,13 @@ def real_proprietary_source() -> Path:
 RunTool = Callable[..., subprocess.CompletedProcess[str]]
 
 
+def run_tool(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `nvidia-driver` command as a user would, with extra environment."""
+    full = {k: v for k, v in os.environ.items() if k not in ("DRIVER_VERSION", "HOST_ROOT")}
+    full.update(env or {})
+    return subprocess.run([str(TOOL), *argv], env=full, capture_output=True, text=True)
+
+
 @pytest.fixture
 def nvidia_driver() -> RunTool:
-    """Run the installed `nvidia-driver` command as a user would, with extra environment."""
-
-    def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        full = {k: v for k, v in os.environ.items() if k not in ("DRIVER_VERSION", "HOST_ROOT")}
-        full.update(env or {})
-        return subprocess.run([str(TOOL), *argv], env=full, capture_output=True, text=True)
-
-    return run
+    return run_tool

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from nvdriver.driver.package import Manifest, sha256_file, unpacked
 from nvdriver.driver.source import DriverSource
-from nvdriver.errors import IntegrityError
+from nvdriver.errors import DriverError, IntegrityError
+from nvdriver.host import KernelIdentity
 from nvdriver.run import run
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,13 @@ def link_package(
     source: DriverSource,
     base: Path,
     *,
+    kernel: KernelIdentity | None = None,
     ld: Sequence[str] = ("ld",),
 ) -> Path:
     """Verify `package`, link and install its modules under `base`; return the module dir.
 
-    The package is verified completely before any member is used. The tree at
+    The package is verified completely before any member is used; with `kernel`,
+    it must have been built for exactly that kernel. The tree at
     `base/lib/modules/KERNEL` is replaced only once the new one is complete.
     """
     base.mkdir(parents=True, exist_ok=True)
@@ -47,8 +50,14 @@ def link_package(
         _staging(base) as staging,
         unpacked(package, staging) as (manifest, members),
     ):
-        kernel = manifest.kernel_release
-        moddir = staging / "lib" / "modules" / kernel
+        if kernel is not None and manifest.kernel != kernel:
+            raise DriverError(
+                f"The package {package} is for kernel {manifest.kernel_release} "
+                f"({manifest.kernel_version}), not for {kernel.release} ({kernel.version}).",
+                hint="Build a package for this kernel: nvidia-driver update.",
+            )
+        release = manifest.kernel_release
+        moddir = staging / "lib" / "modules" / release
         moddir.mkdir(parents=True)
         flavour_dir = source.flavour_dir(manifest.flavour)
         order = []
@@ -63,8 +72,8 @@ def link_package(
                 run([*ld, "-d", "-r", *scripts, "-o", out, members / entry.file, core])
             order.append(out.name)
         (moddir / "modules.order").write_text("".join(f"{name}\n" for name in order))
-        run(["depmod", "-b", staging, kernel])
-        final = base / "lib" / "modules" / kernel
+        run(["depmod", "-b", staging, release])
+        final = base / "lib" / "modules" / release
         _swap_in(moddir, final)
         log.info("Linked and installed %s into %s", ", ".join(order), final)
         return final
