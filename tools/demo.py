@@ -10,18 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.standin.tree import make_standin_source  # noqa: E402
-from tests.vm.guest import available_kernels  # noqa: E402
+from tests.standin.tree import kernel_build_dirs, make_standin_source  # noqa: E402
 
 VERSION = "535.999.01"
 
 
 def main() -> int:
-    kernels = [k for k in available_kernels() if Path(f"/lib/modules/{k}/build").is_dir()]
-    if not kernels:
-        print("demo: no kernel with headers under /lib/modules/*/build", file=sys.stderr)
+    builds = kernel_build_dirs()
+    if not builds:
+        print("demo: no kernel headers under /lib/modules/*/build", file=sys.stderr)
         return 1
-    kernel = kernels[-1]
     work = Path(tempfile.mkdtemp(prefix="nvidia-driver-demo-"))
     source = make_standin_source(work / f"nvidia-{VERSION}", version=VERSION)
     env = {
@@ -33,7 +31,7 @@ def main() -> int:
     }
     tool = str(Path(sys.executable).parent / "nvidia-driver")
     for argv in (
-        ["update", "--kernel-source", f"/lib/modules/{kernel}/build"],
+        ["update", "--kernel-source", str(builds[-1])],
         ["packages", "verify"],
         ["packages", "list"],
     ):
