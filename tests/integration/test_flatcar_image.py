@@ -1,0 +1,274 @@
+"""Mounting a developer container image with real loop devices, mounts and overlays:
+the image never changes, and nothing of ours is left attached or mounted — after an
+error, a signal, or a SIGKILL followed by `cleanup_stale`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nvdriver.errors import DriverError
+from nvdriver.flatcar import image as img
+from nvdriver.run import run, spawn, which
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/dev/loop-control").exists() or which("sfdisk") is None,
+    reason="needs root, loop devices and sfdisk",
+)
+
+MiB = 1 << 20
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+
+
+def make_image(path: Path, tree: Path, *, number: int = 9, name: str = "ROOT") -> Path:
+    """A GPT disk image whose partition `number` holds an ext4 made from `tree`."""
+    fs = path.with_suffix(".ext4")
+    run(["mkfs.ext4", "-q", "-F", "-T", "default", "-b", "4096", "-L", name, "-d", tree, fs, "16M"])
+    start = 2048  # sectors: 1 MiB
+    size = fs.stat().st_size
+    with open(path, "wb") as f:
+        f.truncate(start * 512 + size + MiB)
+    script = (
+        f"label: gpt\n{path.name}{number} : start={start}, size={size // 512}, "
+        f'type={LINUX_FS}, name="{name}"\n'
+    )
+    run(["sfdisk", "-q", path], input=script)
+    with open(path, "r+b") as f, open(fs, "rb") as src:
+        f.seek(start * 512)
+        while chunk := src.read(MiB):
+            f.write(chunk)
+    fs.unlink()
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    (root / "usr/lib/modules/6.12.102-flatcar/build").mkdir(parents=True)
+    (root / "usr/src").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=flatcar\nVERSION=4230.2.3\n")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "opt").symlink_to("/usr/src")  # absolute: must resolve inside the image
+    return root
+
+
+@pytest.fixture
+def disk(tmp_path: Path, tree: Path) -> Path:
+    images = tmp_path / "cache"
+    images.mkdir()
+    return make_image(images / "developer.bin", tree)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def our_loops(directory: Path) -> list[str]:
+    devices = json.loads(run(["losetup", "--json", "--list"]).stdout or "{}")
+    return [
+        d["name"]
+        for d in devices.get("loopdevices", [])
+        if str(d.get("back-file") or "").startswith(str(directory))
+    ]
+
+
+def our_mounts(directory: Path) -> list[str]:
+    mounts = json.loads(run(["findmnt", "--json", "--list", "--output", "TARGET"]).stdout)
+    return [m["target"] for m in mounts["filesystems"] if m["target"].startswith(str(directory))]
+
+
+@pytest.fixture
+def leftovers(tmp_path: Path) -> Iterator[None]:
+    """Fail if anything of ours is left; clean it up anyway so that other tests are not hurt."""
+    yield
+    loops, mounts = our_loops(tmp_path), our_mounts(tmp_path)
+    if loops or mounts:
+        img.cleanup_stale(tmp_path / "work", backing_dir=tmp_path)
+    assert (loops, mounts) == ([], [])
+
+
+def test_root_partition_is_found_by_label_and_number(disk: Path) -> None:
+    part = img.root_partition(disk)
+    assert (part.number, part.name, part.start) == (9, "ROOT", 2048 * 512)
+    assert part.size == 16 * MiB
+    assert part.type == LINUX_FS.lower()
+
+
+def test_developer_root_is_writable_and_leaves_the_image_unchanged(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    before = sha256(disk)
+    source = tmp_path / "driver-source"
+    source.mkdir()
+    (source / "Kbuild").write_text("obj-m := nvidia.o\n")
+    workdir = tmp_path / "work"
+
+    with img.developer_root(disk, workdir, {"/usr/src/nvidia": source}) as root:
+        assert root == workdir / img.ROOT
+        assert (root / "etc/os-release").read_text().startswith("ID=flatcar")
+        assert (root / "lib/modules/6.12.102-flatcar/build").is_dir()
+        assert (root / "proc/self/status").exists()
+        assert (root / "dev/null").exists()
+        assert (root / "sys/kernel").is_dir()
+        assert (root / "usr/src/nvidia/Kbuild").read_text() == "obj-m := nvidia.o\n"
+        (root / "usr/src/new-file").write_bytes(os.urandom(4 * MiB))  # into the tmpfs
+        (root / "etc/os-release").write_text("changed")
+        assert our_loops(tmp_path) and our_mounts(tmp_path)
+
+    assert sha256(disk) == before
+    assert our_loops(tmp_path) == [] and our_mounts(tmp_path) == []
+
+
+def test_binds_through_absolute_symlinks_stay_inside_the_image(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "marker").touch()
+    with img.developer_root(disk, tmp_path / "work", {"/opt/nvidia": source}) as root:
+        # /opt -> /usr/src in the image: the bind lands at <root>/usr/src/nvidia.
+        assert (root / "usr/src/nvidia/marker").exists()
+    assert not Path("/usr/src/nvidia/marker").exists()
+
+
+def test_exception_inside_the_block_still_cleans_up(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    with (
+        pytest.raises(RuntimeError, match="build failed"),
+        img.developer_root(disk, tmp_path / "work", {}) as root,
+    ):
+        assert (root / "etc").is_dir()
+        raise RuntimeError("build failed")
+    assert our_loops(tmp_path) == [] and our_mounts(tmp_path) == []
+
+
+def test_image_without_a_root_partition_is_a_clear_error(
+    tmp_path: Path, tree: Path, leftovers: None
+) -> None:
+    other = make_image(tmp_path / "other.bin", tree, number=3, name="OEM")
+    with (
+        pytest.raises(DriverError, match="has no ROOT partition") as info,
+        img.developer_root(other, tmp_path / "work", {}),
+    ):
+        pass
+    assert str(other) in str(info.value)
+    assert "3 'OEM'" in str(info.value)
+
+
+def test_file_that_is_no_disk_image_is_a_clear_error(tmp_path: Path, leftovers: None) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\0" * MiB)
+    with pytest.raises(DriverError, match=re.escape(str(junk))):
+        img.root_partition(junk)
+
+
+def test_missing_bind_source_fails_and_cleans_up(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    with (
+        pytest.raises(DriverError, match="does not exist"),
+        img.developer_root(disk, tmp_path / "work", {"/x": tmp_path / "missing"}),
+    ):
+        pass
+
+
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+from nvdriver.errors import Interrupted
+from nvdriver.flatcar.image import developer_root
+
+def interrupted(signum, frame):
+    raise Interrupted(signum)
+
+signal.signal(signal.SIGTERM, interrupted)
+disk, workdir, ready = map(Path, sys.argv[1:4])
+with developer_root(disk, workdir, {}) as root:
+    ready.write_text(str(root))
+    time.sleep(60)
+"""
+
+
+def start_child(tmp_path: Path, disk: Path) -> tuple[Path, Path]:
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    return script, tmp_path / "ready"
+
+
+def wait_for(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_sigterm_unwinds_the_mounts(tmp_path: Path, disk: Path, leftovers: None) -> None:
+    script, ready = start_child(tmp_path, disk)
+    with spawn([sys.executable, script, disk, tmp_path / "work", ready]) as proc:
+        wait_for(ready)
+        assert our_mounts(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 1  # Interrupted, raised through the with block
+    assert our_loops(tmp_path) == [] and our_mounts(tmp_path) == []
+
+
+def test_cleanup_stale_removes_what_a_sigkilled_run_left(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    script, ready = start_child(tmp_path, disk)
+    workdir = tmp_path / "work"
+    with spawn([sys.executable, script, disk, workdir, ready]) as proc:
+        wait_for(ready)
+        proc.kill()
+        proc.wait()
+    assert our_loops(tmp_path) and our_mounts(tmp_path)  # SIGKILL: nothing could unwind
+
+    img.cleanup_stale(workdir, backing_dir=disk.parent)
+
+    assert our_loops(tmp_path) == [] and our_mounts(tmp_path) == []
+    # And the next run works.
+    with img.developer_root(disk, workdir, {}) as root:
+        assert (root / "etc/os-release").exists()
+
+
+def _attach(path: Path, offset: int = 0) -> str:
+    return run(
+        ["losetup", "--find", "--show", "--read-only", "--offset", str(offset), path]
+    ).stdout.strip()
+
+
+def test_cleanup_stale_detaches_only_unused_loops_of_the_cache(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    part = img.root_partition(disk)
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(bytes(MiB))
+    stale = _attach(disk)  # attached and unused, as a killed run elsewhere leaves it
+    foreign = _attach(outside)  # not backed by the cache: not ours
+    mounted = _attach(disk, part.start)  # in use by a mount outside the work directory
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run(["mount", "-o", "ro", mounted, mnt])
+    try:
+        img.cleanup_stale(tmp_path / "work", backing_dir=disk.parent)
+        assert sorted(our_loops(tmp_path)) == sorted([foreign, mounted])
+    finally:
+        run(["umount", mnt])
+        for device in (foreign, mounted, stale):
+            run(["losetup", "--detach", device], check=False)
+
+
+def test_cleanup_stale_with_nothing_to_do(tmp_path: Path) -> None:
+    img.cleanup_stale(tmp_path / "never-used", backing_dir=tmp_path)
