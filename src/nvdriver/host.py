@@ -77,30 +77,28 @@ class KernelTree:
         `path` lies under `root` (a developer root) whose absolute links are
         resolved inside it.
         """
-        given = path
-        path = resolve_in(root, path)
-        if (path / "build").is_dir():
-            path = resolve_in(root, path / "build")
-        if not (path / "Makefile").is_file() or not (path / "include").is_dir():
+        output = resolve_in(root, path)
+        sources = [path / "source"]  # O= builds link their source tree
+        if resolve_in(root, path / "build").is_dir():  # /lib/modules/KERNEL
+            output = resolve_in(root, path / "build")
+            sources.insert(0, path / "source")
+            sources.append(path / "build" / "source")
+        elif path.name == "build":
+            sources.insert(0, path.parent / "source")
+        if not (output / "Makefile").is_file() or not (output / "include").is_dir():
             raise DriverError(
-                f"The kernel tree {given} is missing or not a kernel build tree "
+                f"The kernel tree {path} is missing or not a kernel build tree "
                 "(no Makefile and include/).",
                 hint="Pass the /lib/modules/KERNEL/build directory of the target kernel.",
             )
-        candidates = [path / "source"]
-        if given.name == "build" or (given / "build").exists():
-            candidates.insert(
-                0, (given if given.name == "build" else given / "build").parent / "source"
-            )
-        source = next((c for c in candidates if resolve_in(root, c).is_dir()), None)
-        if source is not None:
-            source = resolve_in(root, source)
-        else:
-            first = (path / "Makefile").read_text(errors="replace").strip().splitlines()[:1]
-            m = re.fullmatch(r"include\s+(\S+)/Makefile", first[0].strip()) if first else None
-            inner = resolve_in(root, Path(m.group(1))) if m else None
-            source = inner if inner is not None and inner.is_dir() else path
-        return cls(source=source, output=path)
+        found = [r for c in sources if (r := resolve_in(root, c)) != output and r.is_dir()]
+        if found:
+            return cls(source=found[0], output=output)
+        # Debian's output dir has a Makefile of one line: include <source>/Makefile.
+        first = (output / "Makefile").read_text(errors="replace").strip().splitlines()[:1]
+        m = re.fullmatch(r"include\s+(\S+)/Makefile", first[0].strip()) if first else None
+        source = resolve_in(root, Path(m.group(1))) if m else output
+        return cls(source=source if source.is_dir() else output, output=output)
 
     def linker_scripts(self) -> list[Path]:
         """The module linker scripts present, in the order NVIDIA's Makefile looks for them."""
@@ -169,8 +167,7 @@ def resolve_in(root: Path | None, path: Path) -> Path:
     """
     if root is None:
         return path.resolve()
-    root = root.resolve()
-    inner = path.relative_to(root) if path.is_absolute() and path.is_relative_to(root) else path
+    inner = path.relative_to(root) if path.is_relative_to(root) else path
     parts = list(Path("/", inner).parts[1:])
     current = root
     hops = 0

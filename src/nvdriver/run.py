@@ -152,12 +152,10 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float, group: bool) -> None:
             proc.wait()
 
 
-def which(program: str, *, root: Path | None = None) -> Path | None:
-    """Find `program` on PATH (under `root` when given, for a chroot)."""
+def which(program: str) -> Path | None:
+    """Find `program` on PATH."""
     for d in os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(os.pathsep):
         candidate = Path(d) / program
-        if root is not None:
-            candidate = root / candidate.relative_to("/")
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from nvdriver.driver.source import SPLIT_MODULES, DriverSource
 from nvdriver.errors import DriverError
-from nvdriver.host import KernelIdentity, KernelTree
+from nvdriver.host import KernelIdentity, KernelTree, resolve_in
 from nvdriver.run import RunError, run, spawn, which
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 10.0
+SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +42,18 @@ class BuildRoot:
         """`path` (a host path under the root) as the toolchain sees it."""
         if self.root is None:
             return str(path)
-        return "/" + str(path.resolve().relative_to(self.root.resolve()))
+        return "/" + str(path.relative_to(self.root))
 
     def tool(self, name: str) -> str | None:
-        found = which(name, root=self.root)
-        if found is None:
-            return None
-        return self.inside(found) if self.root is not None else str(found)
+        """`name` on the PATH as the toolchain sees it (links resolved inside the root)."""
+        if self.root is None:
+            found = which(name)
+            return None if found is None else str(found)
+        for d in SEARCH_PATH:
+            candidate = resolve_in(self.root, Path(d) / name)
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return f"{d}/{name}"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,166 @@
+"""Where a package comes from: a kernel tree given directly, or the Flatcar developer
+container of the release that ships the kernel (fetched, verified, mounted, chrooted)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from nvdriver.config import Config
+from nvdriver.driver import package as pkg
+from nvdriver.driver.build import BuildOutput, BuildRoot, build_modules
+from nvdriver.driver.package import Package, PackageStore
+from nvdriver.driver.source import DriverSource, resolve_flavour
+from nvdriver.driver.toolchain import save_linker
+from nvdriver.errors import DriverError, UsageError
+from nvdriver.flatcar import image, release
+from nvdriver.flatcar.fetch import fetch_developer_container
+from nvdriver.host import KernelIdentity, KernelTree, nvidia_gpus, resolve_in
+
+log = logging.getLogger(__name__)
+
+# Inside the developer root (its tmpfs overlay): where the driver tree is built.
+BUILD_DIR = "/var/tmp/nvidia-driver-build"
+
+
+class NotImplementedYet(DriverError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} is not implemented yet.")
+
+
+def work_base(config: Config) -> Path:
+    return config.cache_dir / "work"
+
+
+@contextlib.contextmanager
+def workdir(config: Config, purpose: str) -> Iterator[Path]:
+    """A scratch directory under the cache (host disk, not the container's layer)."""
+    base = work_base(config)
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{purpose}-{os.getpid()}-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_work(config: Config) -> None:
+    """Undo what a killed run left: mounts and loop devices under the work dir, scratch dirs."""
+    base = work_base(config)
+    if not base.is_dir():
+        return
+    image.cleanup_stale(base, backing_dir=config.cache_dir)
+    for d in base.iterdir():
+        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def make_package(config: Config) -> Package:
+    """Build and pack the package for `config.kernel` (default: the running kernel)."""
+    if config.sign_key is not None:
+        raise NotImplementedYet("Signing modules (--sign)")
+    source = DriverSource.from_config(config)
+    flavour = resolve_flavour(config, source, nvidia_gpus(config))
+    store = PackageStore(config.precompiled_dir)
+    store.remove_temp_files()
+    remove_stale_work(config)
+    build = _in_developer_container if config.kernel_source is None else _from_kernel_tree
+    with workdir(config, "build") as work:
+        output = build(config, source, flavour, work)
+        return pkg.write_package(config.precompiled_dir, output, tag=config.tag)
+
+
+def _from_kernel_tree(
+    config: Config, source: DriverSource, flavour: str, work: Path
+) -> BuildOutput:
+    assert config.kernel_source is not None
+    tree = KernelTree.from_dir(config.kernel_source)
+    identity = KernelIdentity.from_build_tree(tree.output)
+    if config.kernel is not None and config.kernel != identity.release:
+        raise UsageError(
+            f"--kernel {config.kernel} does not match the kernel tree {tree.output}, "
+            f"which is {identity.release}.",
+            hint="Give the kernel tree of the kernel you ask for, or drop --kernel.",
+        )
+    return _build(config, source, flavour, tree, work, work, BuildRoot())
+
+
+def _in_developer_container(
+    config: Config, source: DriverSource, flavour: str, work: Path
+) -> BuildOutput:
+    kernel = config.kernel or release.running_kernel()
+    flatcar = release.resolve(config, kernel)
+    dev_image = fetch_developer_container(config, flatcar)
+    with image.developer_root(dev_image, work / "mnt") as root:
+        tree = _developer_kernel_tree(root, kernel, flatcar.version)
+        build_dir = resolve_in(root, Path(BUILD_DIR))
+        build_dir.mkdir(parents=True)
+        build_root = BuildRoot(root)
+        output = _build(config, source, flavour, tree, build_dir, work, build_root)
+        save_linker(build_root, config.cache_dir, output.linker)
+        # Keep the build outputs: the overlay (and the build dir) vanish on unmount.
+        kept = work / "out"
+        shutil.copytree(output.tree, kept, symlinks=True)
+        return _moved(output, output.tree, kept)
+
+
+def _moved(output: BuildOutput, old: Path, new: Path) -> BuildOutput:
+    artifacts = tuple(
+        dataclasses.replace(a, path=new / a.path.relative_to(old)) for a in output.artifacts
+    )
+    return dataclasses.replace(output, tree=new, artifacts=artifacts)
+
+
+def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:
+    """The prepared kernel tree of the developer container: /lib/modules/KERNEL/build.
+
+    Releases up to 3115.0.0 kept modules in /usr/lib64/modules (FACTS).
+    """
+    for modules in ("/lib/modules", "/usr/lib/modules", "/usr/lib64/modules"):
+        candidate = resolve_in(root, Path(modules) / kernel)
+        if (candidate / "build").exists() or (candidate / "source").exists():
+            return KernelTree.from_dir(Path(modules) / kernel, root=root)
+    present = sorted(
+        p.name
+        for m in ("/lib/modules", "/usr/lib/modules")
+        if (d := resolve_in(root, Path(m))).is_dir()
+        for p in d.iterdir()
+    )
+    raise DriverError(
+        f"The Flatcar {version} developer container has no kernel tree for {kernel} "
+        f"(it has: {', '.join(present) or 'none'}).",
+        hint="Check that the kernel release belongs to this Flatcar release.",
+    )
+
+
+def _build(
+    config: Config,
+    source: DriverSource,
+    flavour: str,
+    tree: KernelTree,
+    build_dir: Path,
+    work: Path,
+    build_root: BuildRoot,
+) -> BuildOutput:
+    try:
+        return build_modules(
+            source, flavour, tree, build_dir, jobs=config.max_threads, build_root=build_root
+        )
+    except DriverError:
+        _keep_build_log(config, build_dir / "build.log", tree.output.name)
+        raise
+
+
+def _keep_build_log(config: Config, log_file: Path, kernel: str) -> None:
+    if log_file.is_file():
+        dest = config.cache_dir / "logs" / f"build-{kernel}.log"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_file, dest)
+        log.error("The build log is kept at %s", dest)
