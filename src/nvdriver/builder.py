@@ -105,17 +105,24 @@ def _in_developer_container(
         build_root = BuildRoot(root)
         output = _build(config, source, flavour, tree, build_dir, work, build_root)
         save_linker(build_root, config.cache_dir, output.linker)
-        # Keep the build outputs: the overlay (and the build dir) vanish on unmount.
-        kept = work / "out"
-        shutil.copytree(output.tree, kept, symlinks=True)
-        return _moved(output, output.tree, kept)
+        # Keep what the package needs: the overlay (and the build dir) vanish on unmount.
+        return _kept(output, work / "out")
 
 
-def _moved(output: BuildOutput, old: Path, new: Path) -> BuildOutput:
+def _kept(output: BuildOutput, dest: Path) -> BuildOutput:
+    """A copy of the build's artifacts and linker scripts under `dest`."""
+    shutil.copytree(output.tree, dest / "tree", symlinks=True)
+    scripts = []
+    for i, script in enumerate(output.ld_scripts):
+        (dest / "lds" / str(i)).mkdir(parents=True)
+        scripts.append(Path(shutil.copy2(script, dest / "lds" / str(i) / script.name)))
     artifacts = tuple(
-        dataclasses.replace(a, path=new / a.path.relative_to(old)) for a in output.artifacts
+        dataclasses.replace(a, path=dest / "tree" / a.path.relative_to(output.tree))
+        for a in output.artifacts
     )
-    return dataclasses.replace(output, tree=new, artifacts=artifacts)
+    return dataclasses.replace(
+        output, tree=dest / "tree", artifacts=artifacts, ld_scripts=tuple(scripts)
+    )
 
 
 def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:

@@ -1,0 +1,261 @@
+"""`nvidia-driver update --kernel K` end to end against a local Flatcar mirror.
+
+The mirror (tests/flatcar_mirror.py) is Flatcar's format made from a Debian
+root with gcc and the installed kernel's headers: releases feed, GPT image with
+ROOT on partition 9, bzip2, DIGESTS, signatures by a throw-away key. The tool
+resolves the release, downloads and verifies the image, mounts it (loop device,
+overlay), builds in it with chroot and packs. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nvdriver.driver import package as pkg
+from nvdriver.host import KernelIdentity, KernelTree
+from tests.conftest import TOOL, run_tool
+from tests.flatcar_mirror import (
+    make_bad_digest_variant,
+    make_no_root_partition_variant,
+    make_truncated_variant,
+    make_wrong_key_variant,
+    serve_mirror,
+)
+from tests.integration.conftest_mirror import flatcar_mirror, flatcar_mirror_server  # noqa: F401
+from tests.standin.tree import make_standin_source
+
+VERSION = "535.999.01"
+
+
+def ours(work: Path) -> dict[str, list[str]]:
+    """Loop devices and mounts that lie under (or are backed by files under) `work`."""
+    loops = json.loads(
+        subprocess.run(["losetup", "--json"], capture_output=True, text=True, check=True).stdout
+        or "{}"
+    )
+    mounts = json.loads(
+        subprocess.run(
+            ["findmnt", "--json", "--list", "-o", "TARGET"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    return {
+        "loops": [
+            d["name"]
+            for d in loops.get("loopdevices", [])
+            if str(d.get("back-file") or "").startswith(str(work))
+        ],
+        "mounts": [m["target"] for m in mounts["filesystems"] if m["target"].startswith(str(work))],
+    }
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> Path:
+    return make_standin_source(
+        tmp_path_factory.mktemp("src") / f"nvidia-{VERSION}", version=VERSION
+    )
+
+
+@pytest.fixture
+def env(tmp_path, standin, flatcar_mirror_server) -> dict[str, str]:  # noqa: F811
+    return {
+        **flatcar_mirror_server.env(),
+        "DRIVER_VERSION": VERSION,
+        "NVIDIA_DRIVER_SOURCE": str(standin),
+        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+        "HOST_ROOT": str(tmp_path / "host"),
+    }
+
+
+def assert_clean(tmp_path: Path) -> None:
+    assert ours(tmp_path) == {"loops": [], "mounts": []}
+    work = tmp_path / "cache" / "work"
+    assert not work.exists() or list(work.iterdir()) == []
+
+
+def cached_images(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "cache").rglob("*.bin"))
+
+
+def test_update_for_a_kernel_builds_in_its_developer_container(
+    env,
+    tmp_path,
+    flatcar_mirror_server,
+    kernel_build,
+    kernel_release,  # noqa: F811
+):
+    result = run_tool("update", "--kernel", kernel_release, env=env)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip())
+    m = pkg.verify(path)
+    # The identity comes from the developer container's kernel tree: the same
+    # Debian headers as installed here, so the same /proc/version line.
+    assert m.kernel == KernelIdentity.from_build_tree(KernelTree.from_dir(kernel_build).output)
+    assert m.kernel_release == kernel_release
+    assert "4152.2.3" in result.stderr, "the newest release with this kernel is used"
+    assert (m.driver_version, m.flavour) == (VERSION, "proprietary")
+    # The developer container's linker is saved for linking at init.
+    saved = list((tmp_path / "cache" / "toolchain").glob("*/ident"))
+    assert [p.read_text() for p in saved] == [m.linker]
+    assert_clean(tmp_path)
+    image_requests = len(flatcar_mirror_server.requests_for("flatcar_developer_container.bin.bz2"))
+    assert image_requests >= 1
+
+    again = run_tool("update", "--kernel", kernel_release, "-t", "again", env=env)
+    assert again.returncode == 0, again.stderr
+    assert (
+        len(flatcar_mirror_server.requests_for("flatcar_developer_container.bin.bz2"))
+        == image_requests
+    )
+    assert_clean(tmp_path)
+
+
+def test_an_interrupted_download_resumes(env, tmp_path, flatcar_mirror_server, kernel_release):  # noqa: F811
+    flatcar_mirror_server.close_after("flatcar_developer_container.bin.bz2", 20 << 20, times=2)
+    result = run_tool("update", "--kernel", kernel_release, env=env)
+    assert result.returncode == 0, result.stderr
+    ranges = [
+        r.range for r in flatcar_mirror_server.requests_for("flatcar_developer_container.bin.bz2")
+    ]
+    assert any(r and not r.startswith("bytes=0-") for r in ranges), ranges
+    assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("variant", "code", "message"),
+    [
+        (make_bad_digest_variant, 5, "SHA512"),
+        (make_wrong_key_variant, 5, "signature"),
+        (make_truncated_variant, 5, ""),
+    ],
+)
+def test_bad_downloads_are_refused_and_nothing_is_cached(
+    tmp_path,
+    env,
+    flatcar_mirror,
+    kernel_release,
+    variant,
+    code,
+    message,  # noqa: F811
+):
+    bad = variant(flatcar_mirror, tmp_path / "variant")
+    with serve_mirror(bad) as server:
+        result = run_tool(
+            "update",
+            "--kernel",
+            kernel_release,
+            env={**env, **server.env(), "FLATCAR_SIGNING_KEY": str(flatcar_mirror.signing_key)},
+        )
+    assert result.returncode == code, result.stderr
+    assert message.lower() in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+    assert cached_images(tmp_path) == []
+    assert list((tmp_path / "cache").rglob("*partial*")) == []
+    assert (
+        not (tmp_path / "precompiled").exists()
+        or pkg.PackageStore(tmp_path / "precompiled").package_files() == []
+    )
+    assert_clean(tmp_path)
+
+
+def test_an_image_without_partition_9_is_a_clear_error(
+    tmp_path, env, flatcar_mirror, kernel_release
+):  # noqa: F811
+    bad = make_no_root_partition_variant(flatcar_mirror, tmp_path / "variant")
+    with serve_mirror(bad) as server:
+        result = run_tool("update", "--kernel", kernel_release, env={**env, **server.env()})
+    assert result.returncode != 0
+    assert "partition 9" in result.stderr or "ROOT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_clean(tmp_path)
+
+
+def test_a_feed_without_the_kernel_is_unsupported(env, tmp_path):
+    result = run_tool("update", "--kernel", "6.99.1-flatcar", env=env)
+    assert result.returncode == 6
+    assert "6.99.1" in result.stderr and "stable" in result.stderr
+    assert env["FLATCAR_RELEASES_FEED"] in result.stderr
+    assert_clean(tmp_path)
+
+
+def test_a_malformed_feed_is_a_clear_error(env, tmp_path, kernel_release):
+    feed = tmp_path / "feed.json"
+    feed.write_text('{"4152.2.3": {"major_software": ')
+    result = run_tool(
+        "update", "--kernel", kernel_release, env={**env, "FLATCAR_RELEASES_FEED": str(feed)}
+    )
+    assert result.returncode == 1
+    assert str(feed) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_disk_full_during_decompression_removes_the_partial(env, tmp_path, kernel_release):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", cache], check=True)
+    try:
+        result = run_tool("update", "--kernel", kernel_release, env=env)
+        assert result.returncode == 1, result.stderr
+        assert "space" in result.stderr.lower()
+        assert cached_images(tmp_path) == []
+        assert list(cache.rglob("*partial*")) == []
+    finally:
+        subprocess.run(["umount", cache], check=True)
+    assert_clean(tmp_path)
+
+
+def _start(env: dict[str, str], *argv: str) -> subprocess.Popen[str]:
+    full = {k: v for k, v in os.environ.items() if k not in ("DRIVER_VERSION", "HOST_ROOT")}
+    return subprocess.Popen(
+        [str(TOOL), *argv], env={**full, **env}, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float = 300) -> str:
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+        if text in line:
+            return seen
+    pytest.fail(f"never saw {text!r}:\n{seen}")
+
+
+@pytest.mark.parametrize(
+    "step",
+    ["Downloading the Flatcar", "Mounted the developer container", "Building NVIDIA"],
+)
+def test_sigterm_at_any_step_leaves_nothing_and_a_rerun_succeeds(
+    env,
+    tmp_path,
+    flatcar_mirror_server,
+    kernel_release,
+    step,  # noqa: F811
+):
+    if step == "Downloading the Flatcar":
+        flatcar_mirror_server.throttle(20 << 20)
+    proc = _start(env, "update", "--kernel", kernel_release)
+    _wait_for(proc, step)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted by SIGTERM" in err
+    assert_clean(tmp_path)
+    assert cached_images(tmp_path) == [] or step != "Downloading the Flatcar"
+    flatcar_mirror_server.reset()
+    result = run_tool("update", "--kernel", kernel_release, env=env)
+    assert result.returncode == 0, result.stderr
+    assert_clean(tmp_path)
