@@ -184,6 +184,44 @@ def test_missing_bind_source_fails_and_cleans_up(
         pass
 
 
+@pytest.fixture
+def shared_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A shared tmpfs with a submount, like the host's /sys or a Bidirectional volume."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    run(["mount", "-t", "tmpfs", "shared-test", shared])
+    try:
+        run(["mount", "--make-shared", shared])
+        (shared / "sub").mkdir()
+        run(["mount", "-t", "tmpfs", "shared-sub", shared / "sub"])
+        (shared / "sub" / "marker").touch()
+        yield shared
+    finally:
+        run(["umount", "--recursive", "--lazy", shared], check=False)
+
+
+def test_unbinding_a_shared_source_never_unmounts_its_submounts(
+    tmp_path: Path, disk: Path, leftovers: None, shared_tmpfs: Path
+) -> None:
+    with img.developer_root(disk, tmp_path / "work", {"/mnt/shared": shared_tmpfs}) as root:
+        assert (root / "mnt/shared/sub/marker").exists()
+    # A bind left a peer of its source would have taken the source's submount with it.
+    assert (shared_tmpfs / "sub" / "marker").exists()
+    assert our_mounts(tmp_path / "work") == []
+
+
+def test_work_directory_on_a_shared_mount_is_refused(
+    tmp_path: Path, disk: Path, leftovers: None, shared_tmpfs: Path
+) -> None:
+    with (
+        pytest.raises(DriverError, match="is on a shared mount"),
+        img.developer_root(disk, shared_tmpfs / "work", {}),
+    ):
+        pass
+    assert our_mounts(shared_tmpfs / "work") == []
+    assert our_loops(tmp_path) == []
+
+
 CHILD = """
 import os, signal, sys, time
 from pathlib import Path

@@ -19,6 +19,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from nvdriver.errors import DriverError, Interrupted
 from nvdriver.run import RunError, run
@@ -35,6 +36,7 @@ ROOT = "root"
 SYSTEM_BINDS = ("/proc", "/sys", "/dev")
 _HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _MAX_SYMLINKS = 40
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,27 +147,46 @@ def _undone_by(action: Callable[[], object], what: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _acquired(acquire: Callable[[], T], release: Callable[[T], object], what: str) -> Iterator[T]:
+    """Acquire a resource and register its release with signals held, so that no signal
+    can fall between the two; the resource is released when the block ends."""
+    with contextlib.ExitStack() as stack:
+        with _signals_held():
+            value = acquire()
+            stack.enter_context(_undone_by(lambda: release(value), f"{what} {value}"))
+        yield value
+
+
+@contextlib.contextmanager
 def loop_device(image: Path, *, offset: int, size: int, read_only: bool = True) -> Iterator[Path]:
     """A free loop device onto `size` bytes of `image` from `offset`, detached on exit."""
     cmd: list[str | Path] = ["losetup", "--find", "--show"]
     if read_only:
         cmd.append("--read-only")
     cmd += ["--offset", str(offset), "--sizelimit", str(size), image]
-    result = run(
-        cmd,
-        timeout=TOOL_TIMEOUT,
-        hint="Loop devices are needed to mount the developer container: run the container "
-        "privileged (or with CAP_SYS_ADMIN and the loop devices).",
-    )
-    device = Path(result.stdout.strip())
-    log.debug("Attached %s to %s", image, device)
-    with _undone_by(
-        lambda: run(["losetup", "--detach", device], timeout=TOOL_TIMEOUT), f"detach {device}"
-    ):
+
+    def attach() -> Path:
+        result = run(
+            cmd,
+            timeout=TOOL_TIMEOUT,
+            hint="Loop devices are needed to mount the developer container: run the container "
+            "privileged (or with CAP_SYS_ADMIN and the loop devices).",
+        )
+        return Path(result.stdout.strip())
+
+    def detach(device: Path) -> None:
+        run(["losetup", "--detach", device], timeout=TOOL_TIMEOUT)
+
+    with _acquired(attach, detach, "detach") as device:
+        log.debug("Attached %s to %s", image, device)
         yield device
 
 
 def _umount(where: Path, *, recursive: bool = False) -> None:
+    if recursive:
+        # A recursive bind starts out a peer of its source's mounts: unmounting its
+        # submounts then would unmount the host's. As a slave it is safe to take apart.
+        run(["mount", "--make-rslave", where], timeout=TOOL_TIMEOUT, check=False)
     run(["umount", *(["--recursive"] if recursive else []), where], timeout=TOOL_TIMEOUT)
 
 
@@ -189,14 +210,44 @@ def mount(
         cmd += ["-t", fstype]
     if options:
         cmd += ["-o", ",".join(options)]
-    run([*cmd, what, where], timeout=TOOL_TIMEOUT)
-    with _undone_by(lambda: _umount(where, recursive=recursive), f"unmount {where}"):
+
+    def attach() -> Path:
+        run([*cmd, what, where], timeout=TOOL_TIMEOUT)
+        return where
+
+    with _acquired(attach, lambda _: _umount(where, recursive=recursive), "unmount"):
         yield where
+
+
+def _propagation(path: Path) -> tuple[str, str]:
+    """The mount point that holds `path` and its propagation (shared, private, ...)."""
+    result = run(
+        ["findmnt", "--json", "--target", path, "--output", "TARGET,PROPAGATION"],
+        timeout=TOOL_TIMEOUT,
+    )
+    try:
+        entry = json.loads(result.stdout)["filesystems"][0]
+        return str(entry["target"]), str(entry["propagation"])
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise DriverError(f"Could not read the mount of {path} from findmnt: {e}.") from e
 
 
 @contextlib.contextmanager
 def private_tree(directory: Path) -> Iterator[Path]:
-    """Make `directory` a private mount (bound onto itself): mounts below do not propagate."""
+    """Make `directory` a private mount (bound onto itself): mounts below do not propagate.
+
+    Refused on a shared mount: the bind itself would propagate to its peers (the host,
+    for a `Bidirectional` volume) and outlive us there.
+    """
+    target, propagation = _propagation(directory)
+    if "shared" in propagation.split(","):
+        raise DriverError(
+            f"The work directory {directory} is on a shared mount ({target}): mounts made "
+            "there would propagate to other mount namespaces, the host's among them.",
+            hint="Use a work directory on a private mount (the container's own file system), "
+            "or run the build in a mount namespace of its own "
+            "(unshare --mount --propagation slave).",
+        )
     with mount(directory, directory, flags=["--bind"], recursive=True):
         run(["mount", "--make-private", directory], timeout=TOOL_TIMEOUT)
         yield directory
@@ -348,6 +399,8 @@ def cleanup_stale(workdir: Path, *, backing_dir: Path | None = None) -> None:
     workdir = workdir.resolve()
     mounts = _findmnt()
     ours = [m for m in reversed(mounts) if _is_under(str(m.get("target", "")), workdir)]
+    for m in ours:  # a bind left a peer of the host's mounts must not unmount those
+        _try(["mount", "--make-rslave", m["target"]], f"make {m['target']} a slave")
     for m in ours:  # newest first: submounts before the mounts they sit on
         target = m["target"]
         log.info("Unmounting %s, left over by an interrupted run", target)
