@@ -36,6 +36,7 @@ class Mirror(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.if_range: list[str | None] = []
         self.cut_once: dict[str, int] = {}
         self.ignore_range = False
 
@@ -57,14 +58,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        srv.if_range.append(self.headers.get("If-Range"))
         start = 0
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if match and not srv.ignore_range:
+        same = self.headers.get("If-Range") in (None, etag)
+        if match and same and not srv.ignore_range:
             start = int(match[1])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        self.send_header("ETag", etag)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         cut = srv.cut_once.pop(self.path, None)
@@ -238,6 +243,8 @@ def test_interrupted_download_resumes_with_a_range_request(
     assert ranges[1] is not None
     resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_at <= cut
+    # Resumed only if the file is still the same one (its ETag).
+    assert mirror.if_range[-1] == f'"{hashlib.sha256(compressed).hexdigest()[:16]}"'
 
 
 def test_server_ignoring_range_means_a_clean_restart(

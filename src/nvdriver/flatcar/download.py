@@ -49,6 +49,10 @@ class RetryPolicy:
     max_delay: float = 30.0
     timeout: float = 30.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial_delay < 0 or self.timeout <= 0:
+            raise ValueError(f"{self} is not a usable retry policy")
+
     def delay(self, failure: int) -> float:
         """Seconds to wait after the `failure`-th consecutive failure (1-based)."""
         return float(min(self.max_delay, self.initial_delay * 2 ** (failure - 1)))
@@ -61,10 +65,13 @@ def is_url(source: str) -> bool:
     return urllib.parse.urlsplit(source).scheme in ("http", "https", "file")
 
 
-def _request(url: str, *, start: int = 0) -> urllib.request.Request:
+def _request(url: str, *, start: int = 0, validator: str | None = None) -> urllib.request.Request:
     headers = {"User-Agent": USER_AGENT}
     if start:
         headers["Range"] = f"bytes={start}-"
+        if validator:
+            # The rest of *this* file, or (if it changed meanwhile) all of the new one.
+            headers["If-Range"] = validator
     return urllib.request.Request(url, headers=headers)
 
 
@@ -130,7 +137,7 @@ _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 def _content_start_and_total(
-    headers: email.message.Message, status: int, start: int
+    headers: email.message.Message, status: int | None
 ) -> tuple[int, int | None]:
     """Where the body begins in the file and the file's size, from the response headers."""
     if status == 206:
@@ -161,19 +168,27 @@ class Download:
         self.done = 0
         self.total: int | None = None
         self.requests = 0
+        self._validator: str | None = None
 
     def _open(self) -> http.client.HTTPResponse:
         self.requests += 1
+        request = _request(self.url, start=self.done, validator=self._validator)
         response: http.client.HTTPResponse = urllib.request.urlopen(
-            _request(self.url, start=self.done), timeout=self.policy.timeout
+            request, timeout=self.policy.timeout
         )
         try:
-            start, total = _content_start_and_total(response.headers, response.status, self.done)
+            start, total = _content_start_and_total(response.headers, response.status)
             if start != self.done:
                 raise RangeIgnored(f"asked to resume at byte {self.done}, got byte {start}")
+            if self.done and None not in (total, self.total) and total != self.total:
+                raise RangeIgnored(f"the file changed size from {self.total} to {total} bytes")
         except BaseException:
             response.close()
             raise
+        if not self.done:
+            etag = response.headers.get("ETag")
+            strong_etag = etag if etag and not etag.startswith("W/") else None
+            self._validator = strong_etag or response.headers.get("Last-Modified")
         if total is not None:
             self.total = total
         if self.done:
