@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest_mirror import flatcar_mirror, flatcar_mirror_server
+
+__all__ = ["flatcar_mirror", "flatcar_mirror_server"]
+
 CACHE = Path.home() / ".cache" / "nvidia-driver-tests"
 DEBIAN_SOURCES = {
     "proprietary": Path("/usr/src/nvidia-kernel.tar.xz"),
