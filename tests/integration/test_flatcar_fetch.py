@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import http.server
+import json
 import os
 import re
 import threading
@@ -16,9 +17,9 @@ import pytest
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, ExitCode, IntegrityError
-from nvdriver.flatcar import fetch
+from nvdriver.flatcar import fetch, release
 from nvdriver.flatcar.download import RetryPolicy
-from nvdriver.flatcar.release import FlatcarRelease
+from nvdriver.flatcar.release import FlatcarRelease, resolve
 from nvdriver.log import Progress
 from nvdriver.run import run, which
 
@@ -441,3 +442,24 @@ def test_full_disk_is_a_clear_error_naming_the_cache(
         assert cache_files(cfg) == []
     finally:
         run(["umount", cfg.cache_dir])
+
+
+def test_releases_feed_over_http(mirror: Mirror, tmp_path: Path) -> None:
+    entry = {"channel": "beta", "major_software": {"kernel": ["6.12.60"]}}
+    mirror.files["/releases-beta.json"] = json.dumps(
+        {"current": entry, "4300.1.0": entry, "4300.1.1": entry}
+    ).encode()
+    feed = mirror.url.replace("/{channel}", "/releases-{channel}.json")
+    cfg = Config.from_env(
+        {"FLATCAR_RELEASES_FEED": feed, "FLATCAR_CHANNEL": "beta", "HOST_ROOT": str(tmp_path)}
+    )
+    assert resolve(cfg, "6.12.60-flatcar").version == "4300.1.1"
+
+
+def test_unreachable_releases_feed_names_the_url(tmp_path: Path) -> None:
+    closed = Mirror()
+    closed.server_close()
+    feed = closed.url.replace("/{channel}", "/releases-{channel}.json")
+    cfg = Config.from_env({"FLATCAR_RELEASES_FEED": feed, "HOST_ROOT": str(tmp_path)})
+    with pytest.raises(DriverError, match=r"Could not download http://.*/releases-stable\.json"):
+        release.load_feed(release.feed_url(cfg, "stable"), policy=FAST)

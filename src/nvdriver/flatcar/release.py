@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nvdriver.config import BOARDS, CHANNELS, Config
 from nvdriver.errors import DriverError, UnsupportedError, UsageError
-from nvdriver.flatcar.download import UrlNotFound, read_url
+from nvdriver.flatcar.download import DEFAULT_RETRY, RetryPolicy, UrlNotFound, read_url
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,10 @@ def feed_url(config: Config, channel: str) -> str:
     return config.releases_feed.replace("{channel}", channel)
 
 
-def load_feed(source: str) -> dict[str, object]:
+def load_feed(source: str, *, policy: RetryPolicy = DEFAULT_RETRY) -> dict[str, object]:
     """The releases feed: a JSON object keyed by version. Any other shape is an error."""
     try:
-        data = read_url(source)
+        data = read_url(source, policy=policy)
     except UrlNotFound as e:
         raise DriverError(
             f"The Flatcar releases feed {source} does not exist.",
@@ -230,7 +230,9 @@ def running_kernel() -> str:
     return platform.release()
 
 
-def resolve(config: Config, kernel: str | None = None) -> FlatcarRelease:
+def resolve(
+    config: Config, kernel: str | None = None, *, policy: RetryPolicy = DEFAULT_RETRY
+) -> FlatcarRelease:
     """The Flatcar release that ships `kernel` (default: the running one).
 
     The running kernel's release is the host's own version when the host is
@@ -251,7 +253,11 @@ def resolve(config: Config, kernel: str | None = None) -> FlatcarRelease:
     chan = channel(config)
     source = feed_url(config, chan)
     release = release_from_feed(
-        load_feed(source), kernel, channel=chan, board=config.flatcar_board, source=source
+        load_feed(source, policy=policy),
+        kernel,
+        channel=chan,
+        board=config.flatcar_board,
+        source=source,
     )
     log.info("Kernel %s ships with Flatcar %s (%s)", kernel, release.version, release.channel)
     return release
