@@ -22,6 +22,7 @@ from nvdriver.errors import DriverError, UsageError
 from nvdriver.flatcar import image, release
 from nvdriver.flatcar.fetch import fetch_developer_container
 from nvdriver.host import KernelIdentity, KernelTree, nvidia_gpus, resolve_in
+from nvdriver.run import run
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,16 @@ def _in_developer_container(
     kernel = config.kernel or release.running_kernel()
     flatcar = release.resolve(config, kernel)
     dev_image = fetch_developer_container(config, flatcar)
-    with image.developer_root(dev_image, work / "mnt") as root:
-        tree = _developer_kernel_tree(root, kernel, flatcar.version)
+    resolv = config.host("/etc/resolv.conf")
+    binds = {"/etc/resolv.conf": resolv} if config.emerge_sources and resolv.is_file() else {}
+    with image.developer_root(dev_image, work / "mnt", binds) as root:
+        build_root = BuildRoot(root)
+        if config.emerge_sources:
+            tree = _emerged_kernel_tree(build_root, kernel)
+        else:
+            tree = _developer_kernel_tree(root, kernel, flatcar.version)
         build_dir = resolve_in(root, Path(BUILD_DIR))
         build_dir.mkdir(parents=True)
-        build_root = BuildRoot(root)
         output = _build(config, source, flavour, tree, build_dir, work, build_root)
         save_linker(build_root, config.cache_dir, output.linker)
         # Keep what the package needs: the overlay (and the build dir) vanish on unmount.
@@ -143,8 +149,33 @@ def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:
     raise DriverError(
         f"The Flatcar {version} developer container has no kernel tree for {kernel} "
         f"(it has: {', '.join(present) or 'none'}).",
-        hint="Check that the kernel release belongs to this Flatcar release.",
+        hint="Check that the kernel release belongs to this Flatcar release; releases "
+        "before the developer container shipped kernel trees need --emerge-sources.",
     )
+
+
+def _emerged_kernel_tree(build_root: BuildRoot, kernel: str) -> KernelTree:
+    """The old way (flatcar/Flatcar#106, #140, #300): emerge coreos-sources, then prepare
+    /usr/src/linux with the kernel's own configuration. Needs network in the chroot."""
+    assert build_root.root is not None
+    root = build_root.root
+    hint = "emerge needs network access from the node and a release that still offers binpkgs."
+    run(build_root.argv(["emerge-gitclone"]), hint=hint)
+    run(build_root.argv(["emerge", "-gKq", "coreos-sources"]), hint=hint)
+    linux = resolve_in(root, Path("/usr/src/linux"))
+    for candidate in (f"/usr/lib64/modules/{kernel}/build/.config", f"/usr/boot/config-{kernel}"):
+        config = resolve_in(root, Path(candidate))
+        if config.is_file():
+            shutil.copyfile(config, linux / ".config")
+            break
+    else:
+        raise DriverError(
+            f"No kernel configuration for {kernel} in the developer container after "
+            "emerging coreos-sources.",
+            hint="Use a Flatcar release whose developer container ships the kernel tree.",
+        )
+    run(build_root.argv(["make", "-C", "/usr/src/linux", "olddefconfig", "modules_prepare"]))
+    return KernelTree.from_dir(Path("/usr/src/linux"), root=root)
 
 
 def _build(

@@ -79,6 +79,7 @@ class Config:
     # From flags.
     kernel: str | None = None
     kernel_source: Path | None = None
+    emerge_sources: bool = False
     max_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     accept_license: bool = False
     sign_key: Path | None = None
