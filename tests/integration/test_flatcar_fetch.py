@@ -85,7 +85,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def mirror() -> Iterator[Mirror]:
     server = Mirror()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server
