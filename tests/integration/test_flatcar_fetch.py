@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nvdriver.config import Config
-from nvdriver.errors import DriverError, ExitCode, IntegrityError
+from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.flatcar import fetch, release
 from nvdriver.flatcar.download import RetryPolicy
 from nvdriver.flatcar.release import FlatcarRelease, resolve
@@ -199,6 +199,15 @@ def cache_files(cfg: Config) -> list[str]:
     )
 
 
+def refused(cfg: Config, match: str | None = None) -> IntegrityError:
+    """Fetching fails verification: exit 5, and nothing but the lock file in the cache."""
+    with pytest.raises(IntegrityError, match=match) as info:
+        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+    assert int(info.value.exit_code) == 5
+    assert cache_files(cfg) == []
+    return info.value
+
+
 def test_fetch_verifies_writes_sparse_and_reuses_the_cache(
     mirror: Mirror, keys: tuple[Gpg, Gpg], image: bytes, compressed: bytes, tmp_path: Path,
     decompressor: str,
@@ -273,11 +282,7 @@ def test_digest_mismatch_is_exit_5_and_caches_nothing(
     publish(mirror, trusted, bz2.compress(b"something else" * 1000), digests_of=compressed)
     cfg = config(mirror, tmp_path, trusted.public)
 
-    with pytest.raises(IntegrityError, match="does not match its signed digest") as info:
-        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
-
-    assert int(info.value.exit_code) == 5
-    assert cache_files(cfg) == []
+    refused(cfg, "does not match its signed digest")
 
 
 def test_tampered_download_is_exit_5_and_caches_nothing(
@@ -290,11 +295,7 @@ def test_tampered_download_is_exit_5_and_caches_nothing(
     mirror.files[BZ2] = bytes(tampered)
     cfg = config(mirror, tmp_path, trusted.public)
 
-    with pytest.raises(IntegrityError) as info:
-        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
-
-    assert info.value.exit_code == ExitCode.INTEGRITY
-    assert cache_files(cfg) == []
+    refused(cfg)
 
 
 def test_digests_signed_by_another_key_are_exit_5(
@@ -304,12 +305,8 @@ def test_digests_signed_by_another_key_are_exit_5(
     publish(mirror, other, compressed)
     cfg = config(mirror, tmp_path, trusted.public)
 
-    with pytest.raises(IntegrityError, match=r"signature of .*DIGESTS\.asc is not good") as info:
-        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
-
-    assert info.value.exit_code == ExitCode.INTEGRITY
+    refused(cfg, r"signature of .*DIGESTS\.asc is not good")
     assert [p for p, _ in mirror.requests if p == BZ2] == []  # never downloaded
-    assert cache_files(cfg) == []
 
 
 def test_detached_signature_when_digests_are_missing(
@@ -335,11 +332,7 @@ def test_detached_signature_of_another_key_is_exit_5(
     del mirror.files[BZ2 + ".DIGESTS.asc"]
     cfg = config(mirror, tmp_path, trusted.public)
 
-    with pytest.raises(IntegrityError, match="detached signature") as info:
-        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
-
-    assert info.value.exit_code == ExitCode.INTEGRITY
-    assert cache_files(cfg) == []
+    refused(cfg, "detached signature")
 
 
 def test_no_signature_at_all_is_exit_5(
@@ -349,9 +342,7 @@ def test_no_signature_at_all_is_exit_5(
     mirror.files[BZ2] = compressed
     cfg = config(mirror, tmp_path, trusted.public)
 
-    with pytest.raises(IntegrityError, match="cannot be verified"):
-        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
-    assert cache_files(cfg) == []
+    refused(cfg, "cannot be verified")
 
 
 def test_truncated_bz2_fails_to_decompress_and_caches_nothing(
@@ -362,9 +353,7 @@ def test_truncated_bz2_fails_to_decompress_and_caches_nothing(
     publish(mirror, trusted, compressed[: len(compressed) - 1000])
     cfg = config(mirror, tmp_path, trusted.public)
 
-    with pytest.raises(IntegrityError, match="did not decompress"):
-        fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
-    assert cache_files(cfg) == []
+    refused(cfg, "did not decompress")
 
 
 def test_missing_release_names_the_url(

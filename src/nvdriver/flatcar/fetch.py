@@ -26,7 +26,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError
@@ -39,9 +39,10 @@ from nvdriver.flatcar.download import (
     UrlNotFound,
     read_url,
 )
+from nvdriver.flatcar.pipes import PIPE_SIZE, FedChild, fed_child, set_pipe_size
 from nvdriver.flatcar.release import FlatcarRelease
 from nvdriver.log import Progress
-from nvdriver.run import spawn, which
+from nvdriver.run import which
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ PARTIAL_PREFIX = ".partial-"
 # All-zero blocks of this size (aligned in the file) become holes.
 SPARSE_BLOCK = 64 << 10
 WRITE_BATCH = 1 << 20
-PIPE_SIZE = 1 << 20
 SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
 _ZEROS = bytes(SPARSE_BLOCK)
 
@@ -168,12 +168,6 @@ def cached_image(image: Path, release: FlatcarRelease) -> Stamp | None:
     return None
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -269,28 +263,12 @@ class Bz2Decompressor:
             raise _corrupt(self._url, "compressed data ends before the end of a stream")
 
 
-class _Process(Protocol):
-    def wait(self, timeout: float | None = None) -> int: ...
-
-    def kill(self) -> None: ...
-
-
 class Lbzip2Decompressor:
     """`lbzip2 -dc -n N` in a pipe: we write the download in, a thread writes the output out."""
 
-    def __init__(
-        self,
-        proc: _Process,
-        stdin: int,
-        stdout: int,
-        errors: IO[bytes],
-        sink: SparseWriter,
-        url: str,
-    ) -> None:
-        self._proc = proc
-        self._stdin: int | None = stdin
+    def __init__(self, lbzip2: FedChild, stdout: int, sink: SparseWriter, url: str) -> None:
+        self._lbzip2 = lbzip2
         self._stdout = stdout
-        self._errors = errors
         self._sink = sink
         self._url = url
         self._error: BaseException | None = None
@@ -303,68 +281,49 @@ class Lbzip2Decompressor:
                 self._sink.write(data)
         except BaseException as e:  # handed to the main thread by finish()
             self._error = e
-            self._proc.kill()  # so that the main thread's writes fail instead of blocking
+            self._lbzip2.proc.kill()  # so that the main thread's writes fail, not block
 
     def close(self) -> None:
         """End lbzip2's input and wait for the output thread (idempotent)."""
-        if self._stdin is not None:
-            fd, self._stdin = self._stdin, None
-            os.close(fd)
+        self._lbzip2.close_input()
         self._thread.join()
 
     def feed(self, data: bytes) -> None:
-        if self._stdin is None:
-            raise ValueError("feed() after finish()")
         try:
-            _write_all(self._stdin, data)
+            self._lbzip2.write(data)
         except BrokenPipeError:
             self.finish()
             raise _corrupt(self._url, "lbzip2 stopped reading") from None
 
     def finish(self) -> None:
         self.close()
-        status = self._proc.wait()
+        status = self._lbzip2.proc.wait()
         if self._error is not None:
             raise self._error
         if status != 0:
-            self._errors.seek(0)
-            message = self._errors.read().decode(errors="replace").strip()
-            raise _corrupt(self._url, message or f"lbzip2 exited with status {status}")
-
-
-def _set_pipe_size(fd: int) -> None:
-    """Larger pipes: fewer, larger reads and writes (best effort, Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            message = self._lbzip2.stderr() or f"lbzip2 exited with status {status}"
+            raise _corrupt(self._url, message)
 
 
 @contextlib.contextmanager
 def lbzip2_decompressor(
     sink: SparseWriter, url: str, *, threads: int
 ) -> Iterator[Lbzip2Decompressor]:
-    in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
-    for fd in (in_w, out_r):
-        _set_pipe_size(fd)
+    set_pipe_size(out_r)
     with contextlib.ExitStack() as stack:
         stack.callback(os.close, out_r)
-        errors: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
         try:
-            proc = stack.enter_context(
-                spawn(["lbzip2", "-dc", "-n", str(threads)], stdin=in_r, stdout=out_w,
-                      stderr=errors)
-            )  # fmt: skip
-        except BaseException:
-            os.close(in_w)
-            raise
+            lbzip2 = stack.enter_context(
+                fed_child(["lbzip2", "-dc", "-n", str(threads)], stdout=out_w)
+            )
         finally:
-            os.close(in_r)
             os.close(out_w)
-        dec = Lbzip2Decompressor(proc, in_w, out_r, errors, sink, url)
+        dec = Lbzip2Decompressor(lbzip2, out_r, sink, url)
         try:
             yield dec
         except BaseException:
-            proc.kill()
+            lbzip2.proc.kill()
             raise
         finally:
             dec.close()

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError
-from nvdriver.run import RunError, run, spawn
+from nvdriver.flatcar.pipes import FedChild, fed_child
+from nvdriver.run import RunError, run
 
 log = logging.getLogger(__name__)
 
@@ -94,39 +94,17 @@ def verify_clearsigned(signed: bytes, ring: Path, *, source: str) -> str:
         return output.read_text(errors="replace")
 
 
-class _Process(Protocol):
-    def wait(self, timeout: float | None = None) -> int: ...
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class StreamVerifier:
     """Checks a detached signature over bytes fed to it as they arrive (gpgv reads stdin)."""
 
-    def __init__(
-        self, proc: _Process, stdin: int, status: IO[bytes], errors: IO[bytes], source: str
-    ) -> None:
-        self._proc = proc
-        self._stdin: int | None = stdin
+    def __init__(self, gpgv: FedChild, status: IO[bytes], source: str) -> None:
+        self._gpgv = gpgv
         self._status = status
-        self._errors = errors
         self._source = source
 
-    def close(self) -> None:
-        """End gpgv's input (idempotent)."""
-        if self._stdin is not None:
-            fd, self._stdin = self._stdin, None
-            os.close(fd)
-
     def update(self, data: bytes) -> None:
-        if self._stdin is None:
-            raise ValueError("update() after finish()")
         try:
-            _write_all(self._stdin, data)
+            self._gpgv.write(data)
         except BrokenPipeError:
             self.finish()
             raise IntegrityError(
@@ -135,12 +113,11 @@ class StreamVerifier:
 
     def finish(self) -> None:
         """Raise IntegrityError unless the signature over everything fed is good."""
-        self.close()
-        if self._proc.wait(timeout=GPG_TIMEOUT) != 0:
-            self._errors.seek(0)
-            message = self._errors.read().decode(errors="replace").strip()
+        self._gpgv.close_input()
+        if self._gpgv.proc.wait(timeout=GPG_TIMEOUT) != 0:
             raise IntegrityError(
-                f"The detached signature {self._source} does not match the download: {message}",
+                f"The detached signature {self._source} does not match the download: "
+                f"{self._gpgv.stderr()}",
                 hint="The file was changed or not signed with the trusted key "
                 "(FLATCAR_SIGNING_KEY); nothing from it was used.",
             )
@@ -157,18 +134,5 @@ def detached_verifier(signature: bytes, ring: Path, *, source: str) -> Iterator[
         sig_file = Path(tmp) / "data.sig"
         sig_file.write_bytes(signature)
         status: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
-        errors: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
-        read_end, write_end = os.pipe()
-        try:
-            proc = stack.enter_context(
-                spawn([*_gpgv(ring, tmp), sig_file, "-"], stdin=read_end, stdout=status,
-                      stderr=errors)
-            )  # fmt: skip
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
-        verifier = StreamVerifier(proc, write_end, status, errors, source)
-        stack.callback(verifier.close)
-        yield verifier
+        gpgv = stack.enter_context(fed_child([*_gpgv(ring, tmp), sig_file, "-"], stdout=status))
+        yield StreamVerifier(gpgv, status, source)
