@@ -16,6 +16,7 @@ from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.build import BuildOutput, BuildRoot, build_modules
 from nvdriver.driver.package import Package, PackageStore
+from nvdriver.driver.sign import sign_build
 from nvdriver.driver.source import DriverSource, resolve_flavour
 from nvdriver.driver.toolchain import save_linker
 from nvdriver.errors import DriverError, UsageError
@@ -65,8 +66,6 @@ def remove_stale_work(config: Config) -> None:
 
 def make_package(config: Config) -> Package:
     """Build and pack the package for `config.kernel` (default: the running kernel)."""
-    if config.sign_key is not None:
-        raise NotImplementedYet("Signing modules (--sign)")
     source = DriverSource.from_config(config)
     flavour = resolve_flavour(config, source, nvidia_gpus(config))
     store = PackageStore(config.precompiled_dir)
@@ -122,8 +121,13 @@ def _kept(output: BuildOutput, dest: Path) -> BuildOutput:
     for i, script in enumerate(output.ld_scripts):
         (dest / "lds" / str(i)).mkdir(parents=True)
         scripts.append(Path(shutil.copy2(script, dest / "lds" / str(i) / script.name)))
+    (dest / "signatures").mkdir()
     artifacts = tuple(
-        dataclasses.replace(a, path=dest / "tree" / a.path.relative_to(output.tree))
+        dataclasses.replace(
+            a,
+            path=dest / "tree" / a.path.relative_to(output.tree),
+            signature=a.signature and Path(shutil.copy2(a.signature, dest / "signatures")),
+        )
         for a in output.artifacts
     )
     return dataclasses.replace(
@@ -188,12 +192,15 @@ def _build(
     build_root: BuildRoot,
 ) -> BuildOutput:
     try:
-        return build_modules(
+        output = build_modules(
             source, flavour, tree, build_dir, jobs=config.max_threads, build_root=build_root
         )
     except DriverError:
         _keep_build_log(config, build_dir / "build.log", tree.output.name)
         raise
+    if config.sign_key is not None:
+        output = sign_build(output, tree, config.sign_key, build_dir / "signing", build_root)
+    return output
 
 
 def _keep_build_log(config: Config, log_file: Path, kernel: str) -> None:

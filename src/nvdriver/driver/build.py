@@ -63,6 +63,10 @@ class Artifact:
     module: str
     path: Path
     core: str | None = None  # relative to the flavour dir, for split modules
+    # Signed split modules: the signature to append after linking on the node, and
+    # the SHA-256 the linked module must have for the signature to be valid.
+    signature: Path | None = None
+    linked_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,7 @@ class BuildOutput:
     ld_scripts: tuple[Path, ...]
     compiler: str
     linker: str
+    signing: dict[str, str] | None = None
 
 
 def build_modules(

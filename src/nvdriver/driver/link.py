@@ -70,6 +70,8 @@ def link_package(
                 _check_core(package, manifest, core, entry.core_sha256)
                 scripts = [a for s in manifest.ld_scripts for a in ("-T", str(members / s))]
                 run([*ld, "-d", "-r", *scripts, "-o", out, members / entry.file, core])
+                if entry.signature is not None:
+                    _append_signature(package, out, members / entry.signature, entry.linked_sha256)
             order.append(out.name)
         (moddir / "modules.order").write_text("".join(f"{name}\n" for name in order))
         run(["depmod", "-b", staging, release])
@@ -92,6 +94,23 @@ def _check_core(package: Path, manifest: Manifest, core: Path, digest: str | Non
             "was built with.",
             hint="Rebuild the package with this driver image (nvidia-driver update).",
         )
+
+
+def _append_signature(package: Path, module: Path, signature: Path, expected: str | None) -> None:
+    """Sign the freshly linked module with the signature made at packing time.
+
+    The signature covers the module as the packer linked it: linking here must
+    give the very same bytes, which needs the same linker (saved from the build).
+    """
+    if sha256_file(module) != expected:
+        raise IntegrityError(
+            f"Linking {module.name} here did not reproduce the module that was signed when "
+            f"the package {package} was made, so its signature cannot be used.",
+            hint="Link with the linker that built the package (it is saved in "
+            "NVIDIA_DRIVER_CACHE/toolchain after a build), or build a package here.",
+        )
+    with module.open("ab") as out:
+        out.write(signature.read_bytes())
 
 
 @contextlib.contextmanager

@@ -54,10 +54,8 @@ class ModuleEntry:
     file: str  # a member: a finished .ko, or the interface object of a split module
     core: str | None = None  # the core object, relative to the driver's flavour dir
     core_sha256: str | None = None
-
-    @property
-    def linked(self) -> bool:
-        return self.core is not None
+    signature: str | None = None  # a member: appended to the module once linked
+    linked_sha256: str | None = None  # what linking must give for the signature to hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +114,8 @@ class Manifest:
             if not KERNEL_RELEASE_RE.fullmatch(m.kernel_release):
                 raise ValueError(f"bad kernel release {m.kernel_release!r}")
             listed = dict(m.files)
-            for name in [e.file for e in m.modules] + list(m.ld_scripts):
+            signatures = [e.signature for e in m.modules if e.signature is not None]
+            for name in [e.file for e in m.modules] + list(m.ld_scripts) + signatures:
                 if name not in listed:
                     raise ValueError(f"{name} is not among the files")
         except (ValueError, KeyError, TypeError) as e:
@@ -178,7 +177,13 @@ def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Pa
         core_sha = None
         if a.core is not None:
             core_sha = sha256_file(build.tree / a.core)
-        modules.append(ModuleEntry(a.module, a.path.name, a.core, core_sha))
+        signature = None
+        if a.signature is not None:
+            signature = f"signatures/{a.module}.ko.sig"
+            members[signature] = a.signature
+        modules.append(
+            ModuleEntry(a.module, a.path.name, a.core, core_sha, signature, a.linked_sha256)
+        )
     ld_scripts = []
     for i, script in enumerate(build.ld_scripts):
         name = f"lds/{i}-{script.name}"
@@ -196,6 +201,7 @@ def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Pa
         files=tuple(sorted((n, sha256_file(p)) for n, p in members.items())),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         tag=tag,
+        signing=build.signing,
     )
     final = kernel_dir / package_name(build.driver_version, build.flavour, tag)
     try:

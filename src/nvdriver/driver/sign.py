@@ -1,0 +1,94 @@
+"""Module signing for `update --sign KEY` (Secure Boot: lockdown rejects unsigned modules).
+
+KEY is a PEM file holding the private key and its X.509 certificate, as the
+kernel's `sign-file` takes them. Finished modules are signed in place before
+packing. Split modules are never stored linked (FACTS: license), so they are
+linked here once, signed, and only the signature is kept, with the SHA-256 of
+the module it covers; linking on the node gives the same bytes (same linker,
+same inputs) and the signature is appended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+from nvdriver.driver.build import Artifact, BuildOutput, BuildRoot
+from nvdriver.driver.package import sha256_file
+from nvdriver.errors import DriverError
+from nvdriver.host import KernelTree
+from nvdriver.run import run
+
+log = logging.getLogger(__name__)
+
+HASH = "sha512"
+
+
+def sign_build(
+    output: BuildOutput, kernel: KernelTree, key: Path, workdir: Path, build_root: BuildRoot
+) -> BuildOutput:
+    """Sign every module of `output`; `workdir` lies under the build root."""
+    sign_file = kernel.output / "scripts" / "sign-file"
+    if not sign_file.is_file():
+        raise DriverError(
+            f"The kernel tree {kernel.output} has no scripts/sign-file to sign modules with.",
+            hint="Build against a kernel tree with its scripts prepared, or drop --sign.",
+        )
+    if not key.is_file():
+        raise DriverError(
+            f"The signing key {key} does not exist.",
+            hint="--sign takes a PEM file with the private key and its X.509 certificate.",
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    inner_key = workdir / "signing-key.pem"
+    inner_key.touch(mode=0o600)
+    shutil.copyfile(key, inner_key)
+    try:
+        signer = [build_root.inside(sign_file), HASH, build_root.inside(inner_key)]
+        signer.append(build_root.inside(inner_key))
+        scripts = [a for s in output.ld_scripts for a in ("-T", build_root.inside(s))]
+        signed = [_sign(a, output, signer, scripts, workdir, build_root) for a in output.artifacts]
+        ident = run(["modinfo", "-F", "signer", str(_first_signed(signed, workdir))]).stdout
+    finally:
+        inner_key.unlink()
+    log.info("Signed %d modules (%s, signer %s)", len(signed), HASH, ident.strip())
+    return dataclasses.replace(
+        output, artifacts=tuple(signed), signing={"hash": HASH, "signer": ident.strip()}
+    )
+
+
+def _sign(
+    a: Artifact,
+    output: BuildOutput,
+    signer: list[str],
+    scripts: list[str],
+    workdir: Path,
+    build_root: BuildRoot,
+) -> Artifact:
+    if a.core is None:
+        run(build_root.argv([*signer, build_root.inside(a.path)]))
+        return a
+    linked = workdir / f"{a.module}.ko"
+    core = output.tree / a.core
+    ld = [
+        "ld", "-d", "-r", *scripts, "-o", build_root.inside(linked),
+        build_root.inside(a.path), build_root.inside(core),
+    ]  # fmt: skip
+    run(build_root.argv(ld))
+    unsigned = sha256_file(linked)
+    size = linked.stat().st_size
+    run(build_root.argv([*signer, build_root.inside(linked)]))
+    signature = workdir / f"{a.module}.ko.sig"
+    with linked.open("rb") as f:
+        f.seek(size)
+        signature.write_bytes(f.read())
+    return dataclasses.replace(a, signature=signature, linked_sha256=unsigned)
+
+
+def _first_signed(artifacts: list[Artifact], workdir: Path) -> Path:
+    for a in artifacts:
+        if a.signature is not None:
+            return workdir / f"{a.module}.ko"
+    return artifacts[0].path

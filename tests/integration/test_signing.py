@@ -1,0 +1,106 @@
+"""`update --sign KEY`: modules signed with the kernel's sign-file, split modules signed
+although they are stored unlinked (the signature is appended after linking on the node)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nvdriver.driver import package as pkg
+from nvdriver.driver.link import link_package
+from nvdriver.driver.source import DriverSource
+from nvdriver.errors import IntegrityError
+from tests.conftest import run_tool
+from tests.standin.tree import make_standin_source
+
+VERSION = "535.999.02"
+
+
+@pytest.fixture(scope="module")
+def signing_key(tmp_path_factory) -> Path:
+    """A throw-away key and certificate in one PEM file, as sign-file takes them."""
+    d = tmp_path_factory.mktemp("key")
+    key = d / "signing.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=nvidia-driver test signer/", "-outform", "PEM",
+            "-keyout", str(key), "-out", str(d / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    key.write_text(key.read_text() + (d / "cert.pem").read_text())
+    return key
+
+
+def modinfo(ko: Path, field: str) -> str:
+    out = subprocess.run(["modinfo", "-F", field, str(ko)], check=True, capture_output=True)
+    return out.stdout.decode().strip()
+
+
+def test_signed_package_links_to_signed_modules(tmp_path, signing_key, kernel_build):
+    source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
+    env = {
+        "DRIVER_VERSION": VERSION,
+        "NVIDIA_DRIVER_SOURCE": str(source),
+        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+    }
+    result = run_tool(
+        "update", "--kernel-source", str(kernel_build), "--sign", str(signing_key), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip())
+    manifest = pkg.verify(path)
+    assert manifest.signing == {"hash": "sha512", "signer": "nvidia-driver test signer"}
+    split = [e for e in manifest.modules if e.core is not None]
+    assert split and all(e.signature and e.linked_sha256 for e in split)
+    assert "nvidia.ko" not in dict(manifest.files), "a linked proprietary module is never packed"
+
+    moddir = link_package(path, DriverSource(source, VERSION), tmp_path / "opt" / VERSION)
+    for name in ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"):
+        ko = moddir / f"{name}.ko"
+        assert modinfo(ko, "signer") == "nvidia-driver test signer", name
+        assert modinfo(ko, "sig_hashalgo") == "sha512"
+        assert ko.read_bytes().endswith(b"~Module signature appended~\n")
+
+
+def test_a_signature_is_never_appended_to_a_different_link(tmp_path, signing_key, kernel_build):
+    source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
+    env = {
+        "DRIVER_VERSION": VERSION,
+        "NVIDIA_DRIVER_SOURCE": str(source),
+        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+    }
+    result = run_tool(
+        "update", "--kernel-source", str(kernel_build), "-s", str(signing_key), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    # A linker that adds a section stands in for one that links differently.
+    odd_ld = tmp_path / "odd-ld"
+    odd_ld.write_text('#!/bin/sh\nexec ld --build-id=sha1 "$@"\n')
+    odd_ld.chmod(0o755)
+    base = tmp_path / "opt" / VERSION
+    with pytest.raises(IntegrityError, match="did not reproduce"):
+        link_package(
+            Path(result.stdout.strip()), DriverSource(source, VERSION), base, ld=[str(odd_ld)]
+        )
+    assert not (base / "lib").exists()
+
+
+def test_a_missing_key_is_a_clear_error(tmp_path, kernel_build):
+    source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
+    env = {
+        "DRIVER_VERSION": VERSION,
+        "NVIDIA_DRIVER_SOURCE": str(source),
+        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+    }
+    result = run_tool("update", "--kernel-source", str(kernel_build), "-s", "/nope.pem", env=env)
+    assert result.returncode == 1
+    assert "The signing key /nope.pem does not exist" in result.stderr
+    assert not list((tmp_path / "precompiled").rglob("*.tar.gz"))
