@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nvdriver import __version__, lifecycle, signals
+from nvdriver import __version__, lifecycle, lock, signals
 from nvdriver import log as logsetup
 from nvdriver.config import Config
 from nvdriver.driver.package import PackageStore
@@ -47,6 +48,13 @@ def _build_flags(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         type=Path,
         help="build against this prepared kernel tree instead of the Flatcar developer container",
+    )
+    p.add_argument(
+        "--emerge-sources",
+        action="store_true",
+        default=None,
+        help="get the kernel tree with `emerge coreos-sources` in the developer container "
+        "(old releases without /lib/modules/KERNEL/build; needs network)",
     )
 
 
@@ -87,6 +95,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
     flags = {
         "kernel": getattr(args, "kernel", None),
         "kernel_source": getattr(args, "kernel_source", None),
+        "emerge_sources": getattr(args, "emerge_sources", None),
         "max_threads": getattr(args, "max_threads", None),
         "accept_license": getattr(args, "accept_license", None) or None,
         "sign_key": getattr(args, "sign", None),
@@ -96,8 +105,17 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
     return Config.from_env(env, **flags)
 
 
-def dispatch(args: argparse.Namespace, config: Config) -> int:
+def dispatch(args: argparse.Namespace, config: Config, env: dict[str, str]) -> int:
     command = args.command
+    if command == "init":
+        lifecycle.init(config, lifecycle.Options.from_env(env))
+        return ExitCode.OK
+    if command == "load":
+        lifecycle.load(config, lifecycle.Options.from_env(env))
+        return ExitCode.OK
+    if command == "unload":
+        lifecycle.unload(config)
+        return ExitCode.OK
     if command in ("update", "build"):
         package = lifecycle.update(config)
         print(package.path)
@@ -159,21 +177,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     env = dict(os.environ)
     logsetup.setup(env.get("LOG_FORMAT") or "text", debug=args.debug)
-    try:
-        signals.install()
-        config = config_from_args(args, env)
-        logsetup.setup(config.log_format, debug=config.debug)
-        return int(dispatch(args, config))
-    except DriverError as e:
-        if args.debug:
-            log.exception("%s", e.message)
-        else:
-            log.error("%s", e.message)
-        if e.hint:
-            log.error("%s", e.hint)
-        return int(e.exit_code)
-    except KeyboardInterrupt:
-        return int(ExitCode.FAILED)
+    with contextlib.ExitStack() as stack:
+        try:
+            signals.install()
+            config = config_from_args(args, env)
+            logsetup.setup(config.log_format, debug=config.debug)
+            if args.command in ("update", "build"):
+                # A running `init`'s log shows the update too (errors included).
+                stack.enter_context(lock.mirror_to_running_instance(config))
+            return int(dispatch(args, config, env))
+        except DriverError as e:
+            return _report(e, debug=args.debug)
+        except KeyboardInterrupt:
+            return int(ExitCode.FAILED)
+
+
+def _report(e: DriverError, *, debug: bool) -> int:
+    """The error for people: message and hint; the traceback only with --debug."""
+    if debug:
+        log.exception("%s", e.message)
+    else:
+        log.error("%s", e.message)
+    if e.hint:
+        log.error("%s", e.hint)
+    return int(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,259 @@
-"""The order of the steps of each command: update, packages, status, and (later) init."""
+"""The order of the steps of each command: init, load, unload, update, packages.
+
+`init` acquires each resource in a `with` block of one ExitStack (the lock, the
+loaded modules, the bind mount, the daemon, the readiness file) and waits; a
+signal unwinds the stack in reverse, which is the shutdown. A failure or a
+signal in the middle of a step unwinds the same way, so nothing is left half
+done; what a SIGKILLed run left is removed by the next run before it starts.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
+import signal
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from nvdriver import builder
+from nvdriver import builder, daemons, kmod, lock, rootfs, signals
 from nvdriver.builder import NotImplementedYet
 from nvdriver.config import Config
+from nvdriver.driver import link
 from nvdriver.driver import package as pkg
 from nvdriver.driver.package import Package, PackageStore
-from nvdriver.errors import DriverError
+from nvdriver.driver.source import DriverSource, resolve_flavour
+from nvdriver.driver.toolchain import linker_for
+from nvdriver.errors import DriverError, Interrupted, UsageError
+from nvdriver.host import KernelIdentity, nvidia_gpus
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NotImplementedYet", "prune_packages", "update", "verify_packages"]
+__all__ = [
+    "NotImplementedYet",
+    "Options",
+    "init",
+    "load",
+    "prune_packages",
+    "unload",
+    "update",
+    "verify_packages",
+]
+
+# Where `init` can be told to stop (NVIDIA_DRIVER_TEST_PAUSE_AT), for tests that kill it there.
+PAUSE_STEPS = ("locked", "linked", "loaded", "mounted", "persistenced")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Settings of `init` and `load` that the GPU Operator passes in the environment.
+
+    container_root (CONTAINER_ROOT, default /): the file system bound at
+    /run/nvidia/driver. gpu_direct_rdma, gds, gdrcopy (GPU_DIRECT_RDMA_ENABLED,
+    GDS_ENABLED, GDRCOPY_ENABLED): what the readiness file announces;
+    GPUDirect RDMA also loads nvidia-peermem. pause_at
+    (NVIDIA_DRIVER_TEST_PAUSE_AT, tests only): a step of PAUSE_STEPS where
+    `init` stops until a signal.
+    """
+
+    container_root: Path = Path("/")
+    gpu_direct_rdma: bool = False
+    gds: bool = False
+    gdrcopy: bool = False
+    pause_at: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Options:
+        pause_at = env.get("NVIDIA_DRIVER_TEST_PAUSE_AT") or None
+        if pause_at is not None and pause_at not in PAUSE_STEPS:
+            raise UsageError(
+                f"NVIDIA_DRIVER_TEST_PAUSE_AT={pause_at!r} is not a step: expected one of "
+                f"{', '.join(PAUSE_STEPS)}."
+            )
+        root = Path(env.get("CONTAINER_ROOT") or "/")
+        if not root.is_absolute():
+            raise UsageError(f"CONTAINER_ROOT={str(root)!r} is not an absolute path.")
+        return cls(
+            container_root=root,
+            gpu_direct_rdma=_flag(env, "GPU_DIRECT_RDMA_ENABLED"),
+            gds=_flag(env, "GDS_ENABLED"),
+            gdrcopy=_flag(env, "GDRCOPY_ENABLED"),
+            pause_at=pause_at,
+        )
+
+    @property
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "GDRCOPY_ENABLED": self.gdrcopy,
+            "GDS_ENABLED": self.gds,
+            "GPU_DIRECT_RDMA_ENABLED": self.gpu_direct_rdma,
+        }
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise UsageError(f"{name}={env[name]!r} is not valid: expected true or false.")
+
+
+def _pause_at(options: Options, step: str) -> None:
+    """Test hook: stop at `step` until a signal (NVIDIA_DRIVER_TEST_PAUSE_AT)."""
+    if options.pause_at == step:
+        log.warning("Pausing at step %s (NVIDIA_DRIVER_TEST_PAUSE_AT)", step)
+        while True:
+            signal.pause()
+
+
+class _Unwinding(contextlib.ExitStack):
+    """An ExitStack whose unwinding a signal does not cut in half (it is held till the end)."""
+
+    def __exit__(self, *exc: Any) -> bool:
+        with signals.deferred():
+            return bool(super().__exit__(*exc))
+
+
+def _module_base(config: Config, version: str) -> Path:
+    return link.module_tree_base(config.host("/opt/nvidia"), version)
+
+
+def _remove_stale(config: Config, version: str) -> None:
+    """What a killed run left behind: bind mount, readiness file, staging trees, temp files."""
+    rootfs.remove_stale(config)
+    link.remove_stale(_module_base(config, version))
+    PackageStore(config.precompiled_dir).remove_temp_files()
+    builder.remove_stale_work(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class DriverPlan:
+    """What `init` and `load` load: the linked tree, which modules, with which parameters."""
+
+    version: str
+    flavour: str
+    tree: kmod.ModuleTree
+    modules: tuple[str, ...]
+    params: Mapping[str, Sequence[str]]
+
+
+def _find_package(config: Config, kernel: KernelIdentity, version: str, flavour: str) -> Package:
+    """The package for the running kernel; built when there is none (and a build is possible)."""
+    store = PackageStore(config.precompiled_dir)
+    found = store.find(kernel, version, flavour, config.tag)
+    if found is not None:
+        log.info("Using the precompiled package %s", found.path)
+        return found
+    log.info(
+        "No precompiled package for kernel %s (driver %s, %s) in %s; building one",
+        kernel.release,
+        version,
+        flavour,
+        store.root,
+    )
+    try:
+        return update(dataclasses.replace(config, kernel=None))
+    except Interrupted:
+        raise
+    except DriverError as e:
+        raise DriverError(
+            f"There is no precompiled package for kernel {kernel.release} (driver {version}, "
+            f"{flavour}) in {store.root}, and building one failed: {e.message}",
+            hint=e.hint
+            or "Build one with `nvidia-driver update` (where the kernel tree or the Flatcar "
+            "developer container is available) and put it into PRECOMPILED_DIR.",
+        ) from e
+
+
+def _prepare(config: Config, options: Options) -> DriverPlan:
+    """Find (or build) the package, link it into the private tree; unload other drivers.
+
+    Modules already loaded from this very package (same version and srcversion)
+    are kept: a restarted container must not disturb running GPU work.
+    """
+    source = DriverSource.from_config(config)
+    version = config.driver_version or source.version
+    flavour = resolve_flavour(config, source, nvidia_gpus(config))
+    kernel = KernelIdentity.running(config)
+    _remove_stale(config, version)
+    package = _find_package(config, kernel, version, flavour)
+    linker = linker_for(config.cache_dir, package.manifest.linker)
+    base = _module_base(config, version)
+    link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
+    tree = kmod.ModuleTree(base, kernel.release)
+    _pause_at(options, "linked")
+
+    params = {m: kmod.read_params(config.module_params_dir, m) for m in tree.modules()}
+    modules = kmod.wanted_modules(tree, params, options.gpu_direct_rdma)
+    loaded = kmod.loaded_modules(config)
+    same_flavour = kmod.loaded_flavour(config) in (None, flavour)
+    if loaded and same_flavour and tree.matches_loaded(loaded):
+        log.info(
+            "The modules of this package are loaded already (%s); keeping them",
+            ", ".join(m.name for m in loaded),
+        )
+    elif loaded:
+        log.info(
+            "Other NVIDIA modules are loaded (%s); unloading them first",
+            ", ".join(f"{m.name} {m.version or ''}".strip() for m in loaded),
+        )
+        daemons.stop_persistenced(config)
+        kmod.unload(config)
+    if flavour == "open":
+        kmod.set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
+    return DriverPlan(version, flavour, tree, tuple(modules), params)
+
+
+def init(config: Config, options: Options) -> None:
+    """Everything of SPEC section 1, then wait for a signal and shut down in reverse.
+
+    Returns after a clean shutdown; raises when a step fails or is interrupted
+    (having undone what it did), or when the shutdown finds the driver in use.
+    """
+    with _Unwinding() as stack:
+        stack.enter_context(lock.instance_lock(config))
+        _pause_at(options, "locked")
+        plan = _prepare(config, options)
+        stack.enter_context(kmod.driver_loaded(config, plan.tree, plan.modules, plan.params))
+        _pause_at(options, "loaded")
+        stack.enter_context(rootfs.exposed_root(config, options.container_root))
+        _pause_at(options, "mounted")
+        stack.enter_context(daemons.persistenced(config))
+        _pause_at(options, "persistenced")
+        rootfs.check_nvidia_smi(options.container_root)
+        stack.enter_context(rootfs.ready(config, options.readiness))
+        log.info("NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour)
+        try:
+            while True:
+                signal.pause()
+        except Interrupted as e:
+            log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
+    log.info("Shut down cleanly")
+
+
+def load(config: Config, options: Options) -> list[str]:
+    """Link, install and load from the package for the running kernel; do not wait."""
+    with lock.instance_lock(config):
+        plan = _prepare(config, options)
+        return kmod.load(config, plan.tree, plan.modules, plan.params)
+
+
+def unload(config: Config) -> None:
+    """Stop the daemon, unload the modules (unless in use), unmount, remove readiness.
+
+    Every step is tried; the modules' BusyError (exit 3) comes last.
+    """
+    with lock.instance_lock(config):
+        rootfs.remove_stale(config)
+        try:
+            daemons.stop_persistenced(config)
+        except DriverError as e:
+            log.error("%s", e)
+        kmod.unload(config)
 
 
 def update(config: Config) -> Package:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from nvdriver import daemons, kmod, lock, rootfs
 from nvdriver.config import Config
 from nvdriver.driver.package import PackageStore
-from nvdriver.driver.source import MODULE_ORDER, DriverSource, resolve_flavour
+from nvdriver.driver.source import DriverSource, resolve_flavour
 from nvdriver.errors import DriverError
 from nvdriver.host import KernelIdentity, nvidia_gpus
-
-READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
-PERSISTENCED_PID = "/var/run/nvidia-persistenced/nvidia-persistenced.pid"
 
 
 def _read(path: Path) -> str | None:
@@ -32,36 +29,19 @@ def _os_release(config: Config) -> dict[str, str]:
     return values
 
 
-def loaded_modules(config: Config) -> list[dict[str, Any]]:
-    """NVIDIA modules in /sys/module with their refcounts and versions, in load order."""
-    found = []
-    for name in MODULE_ORDER:
-        sysdir = config.host("/sys/module") / name.replace("-", "_")
-        refcnt = _read(sysdir / "refcnt")
-        if refcnt is None:
-            continue
-        found.append(
-            {
-                "name": name,
-                "refcnt": int(refcnt),
-                "version": _read(sysdir / "version"),
-                "srcversion": _read(sysdir / "srcversion"),
-            }
-        )
-    return found
-
-
-def _pid_alive(pidfile: Path) -> int | None:
-    text = _read(pidfile)
-    if not text or not text.isdigit():
+def _readiness(config: Config) -> dict[str, str] | None:
+    """The readiness file's key=value lines, or None when it is absent."""
+    text = _read(config.host(rootfs.READY_FILE))
+    if text is None:
         return None
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _driver_root_mounted(config: Config) -> bool | None:
     try:
-        os.kill(int(text), 0)
-    except ProcessLookupError:
+        return rootfs.is_mount_point(config.host(rootfs.DRIVER_ROOT))
+    except OSError:
         return None
-    except PermissionError:
-        pass
-    return int(text)
 
 
 def collect(config: Config) -> dict[str, Any]:
@@ -73,13 +53,26 @@ def collect(config: Config) -> dict[str, Any]:
         "os": {"id": osr.get("ID"), "version": osr.get("VERSION")},
         "driver": {"version": config.driver_version, "flavour": None, "source": None},
         "packages": [],
-        "modules": loaded_modules(config),
+        "flatcar": osr.get("VERSION") if osr.get("ID") == "flatcar" else None,
+        "instance": {"pid": lock.holder(config)},
+        "modules": [
+            {
+                "name": m.name,
+                "refcnt": m.refcnt,
+                "holders": list(m.holders),
+                "version": m.version,
+                "srcversion": m.srcversion,
+            }
+            for m in kmod.loaded_modules(config)
+        ],
         "gpus": [
             {"address": g.address, "device": f"0x{g.device:04x}", "class": f"0x{g.pci_class:06x}"}
             for g in gpus
         ],
-        "persistenced": {"pid": _pid_alive(config.host(PERSISTENCED_PID))},
-        "ready": config.host(READY_FILE).exists(),
+        "persistenced": {"pid": daemons.running_pid(config, config.host(daemons.PERSISTENCED_PID))},
+        "driver_root_mounted": _driver_root_mounted(config),
+        "ready": _readiness(config) is not None,
+        "readiness": _readiness(config),
     }
     try:
         source = DriverSource.from_config(config)
@@ -110,6 +103,13 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"kernel:       {k['release']}",
         f"os:           {report['os']['id'] or '?'} {report['os']['version'] or ''}".rstrip(),
+        f"flatcar:      {report['flatcar'] or 'no (not a Flatcar host)'}",
+        "instance:     "
+        + (
+            f"init running, pid {report['instance']['pid']}"
+            if report["instance"]["pid"]
+            else "none"
+        ),
         f"driver:       {d['version'] or '?'} ({d['flavour'] or '?'})"
         + (f" — {d['error']}" if d.get("error") else ""),
         f"packages:     {len(report['packages'])} for this kernel",
@@ -121,12 +121,25 @@ def render(report: dict[str, Any]) -> str:
     mods = report["modules"]
     lines.append(
         "modules:      "
-        + (", ".join(f"{m['name']} (refcnt {m['refcnt']})" for m in mods) or "none loaded")
+        + (
+            ", ".join(
+                f"{m['name']} {m['version'] or ''} (refcnt {m['refcnt']}"
+                + (f", used by {' '.join(m['holders'])})" if m["holders"] else ")")
+                for m in mods
+            )
+            or "none loaded"
+        )
     )
     lines.append(
         "gpus:         " + (", ".join(g["address"] for g in report["gpus"]) or "none found")
     )
     pid = report["persistenced"]["pid"]
     lines.append(f"persistenced: {'running, pid ' + str(pid) if pid else 'not running'}")
-    lines.append(f"ready:        {'yes' if report['ready'] else 'no'}")
+    mounted = report["driver_root_mounted"]
+    lines.append(f"driver root:  {rootfs.DRIVER_ROOT} {'mounted' if mounted else 'not mounted'}")
+    ready = report["readiness"]
+    lines.append(
+        "ready:        "
+        + ("yes (" + ", ".join(f"{k}={v}" for k, v in ready.items()) + ")" if ready else "no")
+    )
     return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""nvidia-persistenced: started after the modules load, stopped before they unload.
+
+The daemon forks into the background and writes its pid file; it is stopped
+by that pid file (SIGTERM, then up to 5 s for it to go), so a daemon that a
+killed run left behind is found and stopped as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from nvdriver.config import Config
+from nvdriver.errors import DriverError
+from nvdriver.run import run, which
+
+log = logging.getLogger(__name__)
+
+PERSISTENCED = "nvidia-persistenced"
+PERSISTENCED_PID = "/var/run/nvidia-persistenced/nvidia-persistenced.pid"
+STOP_TIMEOUT = 5.0
+START_TIMEOUT = 30.0
+POLL = 0.1
+
+
+def _alive(config: Config, pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not count: it has exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = config.host(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # "pid (comm) S ...": the state follows the last ')'.
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def running_pid(config: Config, pidfile: Path) -> int | None:
+    """The pid in `pidfile` when that process is alive (never ours, never init)."""
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    if pid <= 1 or pid == os.getpid() or not _alive(config, pid):
+        return None
+    return pid
+
+
+def start_persistenced(config: Config) -> bool:
+    """Start nvidia-persistenced unless it runs; False when it is not installed."""
+    pidfile = config.host(PERSISTENCED_PID)
+    if (pid := running_pid(config, pidfile)) is not None:
+        log.info("%s is already running (pid %d)", PERSISTENCED, pid)
+        return True
+    binary = which(PERSISTENCED)
+    if binary is None:
+        log.info("%s is not installed; running without it", PERSISTENCED)
+        return False
+    log.info("Starting %s", PERSISTENCED)
+    run([binary, "--persistence-mode"], timeout=START_TIMEOUT)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while (pid := running_pid(config, pidfile)) is None and time.monotonic() < deadline:
+        time.sleep(POLL)
+    if pid is None:
+        log.warning("%s started but wrote no pid file %s", PERSISTENCED, pidfile)
+    else:
+        log.info("%s runs as pid %d", PERSISTENCED, pid)
+    return True
+
+
+def stop_persistenced(config: Config) -> None:
+    """SIGTERM the daemon of the pid file and wait up to 5 s for it to exit."""
+    pidfile = config.host(PERSISTENCED_PID)
+    pid = running_pid(config, pidfile)
+    if pid is not None:
+        log.info("Stopping %s (pid %d)", PERSISTENCED, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _alive(config, pid):
+            if time.monotonic() >= deadline:
+                raise DriverError(
+                    f"{PERSISTENCED} (pid {pid}) did not exit within {STOP_TIMEOUT:g} s "
+                    "of SIGTERM; the driver stays loaded.",
+                    hint=f"See why it hangs (its log), kill it (kill -9 {pid}) and run "
+                    "`nvidia-driver unload`.",
+                )
+            time.sleep(POLL)
+    with contextlib.suppress(FileNotFoundError):
+        pidfile.unlink()
+
+
+@contextlib.contextmanager
+def persistenced(config: Config) -> Iterator[None]:
+    """nvidia-persistenced for the duration of a `with` block.
+
+    Leaving the block normally (a shutdown) stops the daemon; leaving it with an
+    error stops it only if this block started it (a restart adopts a running one).
+    """
+    pidfile = config.host(PERSISTENCED_PID)
+    adopted = running_pid(config, pidfile) is not None
+    try:
+        start_persistenced(config)
+        yield
+    except BaseException:
+        if not adopted:
+            try:
+                stop_persistenced(config)
+            except DriverError as e:
+                log.error("%s", e)
+        raise
+    stop_persistenced(config)

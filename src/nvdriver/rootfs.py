@@ -1,0 +1,129 @@
+"""The driver root at /run/nvidia/driver and the readiness file of the GPU Operator.
+
+The container's root file system is bound (recursively) at /run/nvidia/driver
+so that the container toolkit and the Operator's validator find the driver's
+user space there. /sys is made unbindable first and then private, as NVIDIA's
+driver container does, so that sysfs' own submounts are not bound along.
+Both are context managers: leaving the block unmounts and removes the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from nvdriver.config import Config
+from nvdriver.driver.package import TEMP_PREFIX, atomic_file
+from nvdriver.errors import DriverError
+from nvdriver.run import run, which
+
+log = logging.getLogger(__name__)
+
+DRIVER_ROOT = "/run/nvidia/driver"
+READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
+# Where the open modules' GSP firmware is, as the host's kernel sees it.
+FIRMWARE_DIR = f"{DRIVER_ROOT}/lib/firmware"
+MOUNTINFO = Path("/proc/self/mountinfo")
+NVIDIA_SMI_TIMEOUT = 120.0
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes blanks, tabs, newlines and backslashes as \\ooo (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_points(mountinfo: Path = MOUNTINFO) -> list[Path]:
+    """The mount points of this mount namespace, from /proc/self/mountinfo."""
+    points = []
+    for line in mountinfo.read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            points.append(Path(_unescape(fields[4])))
+    return points
+
+
+def is_mount_point(path: Path, mountinfo: Path = MOUNTINFO) -> bool:
+    resolved = path.resolve()
+    return resolved in mount_points(mountinfo)
+
+
+def unmount(path: Path) -> None:
+    """Unmount `path` and everything below it, if mounted (lazily: users keep their view)."""
+    if is_mount_point(path):
+        log.info("Unmounting %s", path)
+        run(["umount", "--recursive", "--lazy", path])
+
+
+@contextlib.contextmanager
+def exposed_root(config: Config, container_root: Path) -> Iterator[Path]:
+    """Bind `container_root` recursively at /run/nvidia/driver for a `with` block."""
+    target = config.host(DRIVER_ROOT)
+    target.mkdir(parents=True, exist_ok=True)
+    sysfs = container_root / "sys"
+    try:
+        if is_mount_point(sysfs):
+            run(["mount", "--make-runbindable", sysfs])
+            run(["mount", "--make-private", sysfs])
+        log.info("Binding %s at %s", container_root, target)
+        run(["mount", "--rbind", container_root, target])
+        yield target
+    finally:
+        unmount(target)
+
+
+def check_nvidia_smi(container_root: Path) -> None:
+    """Run the driver root's nvidia-smi, when it has one: the Operator's startup probe."""
+    if container_root == Path("/"):
+        smi = which("nvidia-smi")
+    else:
+        found = [container_root / d / "nvidia-smi" for d in ("usr/bin", "bin", "usr/sbin")]
+        smi = next((p for p in found if p.is_file() and os.access(p, os.X_OK)), None)
+    if smi is None:
+        log.info("There is no nvidia-smi in %s; the readiness check skips it", container_root)
+        return
+    run(
+        [smi],
+        timeout=NVIDIA_SMI_TIMEOUT,
+        hint="nvidia-smi must pass before the driver is announced ready; see its message.",
+    )
+
+
+def readiness_text(flags: Mapping[str, bool]) -> str:
+    return "".join(f"{key}={'true' if value else 'false'}\n" for key, value in flags.items())
+
+
+@contextlib.contextmanager
+def ready(config: Config, flags: Mapping[str, bool]) -> Iterator[Path]:
+    """The readiness file, written atomically, for a `with` block; removed on the way out."""
+    path = config.host(READY_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_file(path) as f:
+            f.write(readiness_text(flags).encode())
+        log.info("The driver is ready (%s)", path)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def remove_stale(config: Config) -> None:
+    """What a killed run left: the bind mount, the readiness file, its temporary files."""
+    try:
+        unmount(config.host(DRIVER_ROOT))
+    except DriverError as e:
+        log.warning("Could not unmount the stale %s: %s", DRIVER_ROOT, e)
+    ready_file = config.host(READY_FILE)
+    for p in (
+        [ready_file, *ready_file.parent.glob(f"{TEMP_PREFIX}*")]
+        if ready_file.parent.is_dir()
+        else []
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            if p.is_file():
+                log.info("Removing the stale %s", p)
+                os.unlink(p)

@@ -1,0 +1,162 @@
+"""The readiness file, mountinfo parsing, the daemon's pid file, init's options."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nvdriver import daemons, lifecycle, rootfs
+from nvdriver.config import Config
+from nvdriver.errors import DriverError, UsageError
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    (tmp_path / "proc").symlink_to("/proc")
+    return Config.from_env({"HOST_ROOT": str(tmp_path)})
+
+
+# --- readiness and mounts -------------------------------------------------------------
+
+
+def test_readiness_file_is_written_whole_and_removed_on_the_way_out(config: Config) -> None:
+    flags = {"GDRCOPY_ENABLED": False, "GDS_ENABLED": True, "GPU_DIRECT_RDMA_ENABLED": False}
+    with pytest.raises(RuntimeError), rootfs.ready(config, flags) as path:
+        assert path == config.host("/run/nvidia/validations/.driver-ctr-ready")
+        assert path.read_text() == (
+            "GDRCOPY_ENABLED=false\nGDS_ENABLED=true\nGPU_DIRECT_RDMA_ENABLED=false\n"
+        )
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+        raise RuntimeError("a failure after the driver was announced")
+    assert not path.exists()
+
+
+def test_stale_readiness_files_are_removed(config: Config) -> None:
+    ready = config.host(rootfs.READY_FILE)
+    ready.parent.mkdir(parents=True)
+    ready.write_text("GDS_ENABLED=false\n")
+    (ready.parent / ".tmp-abc").write_text("half")
+    (ready.parent / "other-validation").write_text("kept")
+    rootfs.remove_stale(config)
+    assert sorted(p.name for p in ready.parent.iterdir()) == ["other-validation"]
+
+
+def test_mount_points_come_from_mountinfo_with_escapes(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 0:21 / / rw,relatime shared:1 - overlay overlay rw\n"
+        "30 22 0:25 / /run rw,nosuid - tmpfs tmpfs rw\n"
+        "41 30 0:21 / /run/nvidia/driver rw - overlay overlay rw\n"
+        "42 30 0:26 / /run/with\\040blank rw - tmpfs tmpfs rw\n"
+    )
+    assert rootfs.mount_points(mountinfo) == [
+        Path("/"),
+        Path("/run"),
+        Path("/run/nvidia/driver"),
+        Path("/run/with blank"),
+    ]
+    assert rootfs.is_mount_point(Path("/run/nvidia/driver"), mountinfo)
+    assert not rootfs.is_mount_point(Path("/run/nvidia"), mountinfo)
+
+
+def test_nvidia_smi_of_the_driver_root_must_pass(tmp_path: Path) -> None:
+    rootfs.check_nvidia_smi(tmp_path)  # none there: skipped
+    smi = tmp_path / "usr" / "bin" / "nvidia-smi"
+    smi.parent.mkdir(parents=True)
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    smi.chmod(0o755)
+    with pytest.raises(DriverError, match="NVIDIA-SMI has failed"):
+        rootfs.check_nvidia_smi(tmp_path)
+
+
+# --- the daemon's pid file -------------------------------------------------------------
+
+
+def write_pidfile(config: Config, pid: int) -> Path:
+    pidfile = config.host(daemons.PERSISTENCED_PID)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(f"{pid}\n")
+    return pidfile
+
+
+def test_a_pid_file_of_a_dead_process_is_stale(config: Config) -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    pidfile = write_pidfile(config, proc.pid)
+    assert daemons.running_pid(config, pidfile) is None
+    daemons.stop_persistenced(config)
+    assert not pidfile.exists()
+
+
+def test_stop_sends_sigterm_and_waits(config: Config) -> None:
+    proc = subprocess.Popen(["sleep", "60"])
+    pidfile = write_pidfile(config, proc.pid)
+    assert daemons.running_pid(config, pidfile) == proc.pid
+    daemons.stop_persistenced(config)  # our child stays a zombie: that counts as gone
+    assert proc.wait(timeout=1) == -signal.SIGTERM
+    assert not pidfile.exists()
+
+
+def test_a_daemon_that_ignores_sigterm_fails_clearly(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemons, "STOP_TIMEOUT", 0.5)
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; echo up; sleep 60"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        write_pidfile(config, proc.pid)
+        start = time.monotonic()
+        with pytest.raises(DriverError, match=rf"pid {proc.pid}\) did not exit within 0.5 s"):
+            daemons.stop_persistenced(config)
+        assert time.monotonic() - start < 3
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_without_the_binary_the_daemon_is_skipped(
+    config: Config, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with daemons.persistenced(config):
+        assert daemons.running_pid(config, config.host(daemons.PERSISTENCED_PID)) is None
+
+
+def test_our_own_pid_or_init_is_never_taken_for_the_daemon(config: Config) -> None:
+    for pid in (os.getpid(), 1, 0):
+        assert daemons.running_pid(config, write_pidfile(config, pid)) is None
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def test_options_from_the_operators_environment() -> None:
+    options = lifecycle.Options.from_env(
+        {"GPU_DIRECT_RDMA_ENABLED": "true", "GDS_ENABLED": "False", "CONTAINER_ROOT": "/rootfs"}
+    )
+    assert options == lifecycle.Options(container_root=Path("/rootfs"), gpu_direct_rdma=True)
+    assert options.readiness == {
+        "GDRCOPY_ENABLED": False,
+        "GDS_ENABLED": False,
+        "GPU_DIRECT_RDMA_ENABLED": True,
+    }
+    assert lifecycle.Options.from_env({}) == lifecycle.Options()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"GDS_ENABLED": "maybe"},
+        {"CONTAINER_ROOT": "relative/root"},
+        {"NVIDIA_DRIVER_TEST_PAUSE_AT": "nowhere"},
+    ],
+)
+def test_bad_options_are_usage_errors(env: dict[str, str]) -> None:
+    with pytest.raises(UsageError) as e:
+        lifecycle.Options.from_env(env)
+    assert e.value.exit_code == 2
