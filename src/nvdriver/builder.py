@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
@@ -52,15 +53,29 @@ def workdir(config: Config, purpose: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def build_lock(config: Config) -> Iterator[None]:
+    """One build at a time per cache: a second `update` waits (two builds would only
+    thrash the node), and the leftovers of dead runs can be removed safely."""
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    with (config.cache_dir / "build.lock").open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another build is running with the cache %s; waiting for it", config.cache_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def remove_stale_work(config: Config) -> None:
-    """Undo what a killed run left: mounts and loop devices under the work dir, scratch dirs."""
+    """Undo what killed runs left: mounts and loop devices of the work dirs, the dirs.
+
+    Called under the build lock: every work dir there belongs to a dead run.
+    """
     base = work_base(config)
-    if not base.is_dir():
-        return
-    image.cleanup_stale(base, backing_dir=config.cache_dir)
-    for d in base.iterdir():
-        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+    for d in base.iterdir() if base.is_dir() else []:
+        if d.is_dir():
+            image.cleanup_stale(d, backing_dir=config.cache_dir)
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -70,11 +85,12 @@ def make_package(config: Config) -> Package:
     flavour = resolve_flavour(config, source, nvidia_gpus(config))
     store = PackageStore(config.precompiled_dir)
     store.remove_temp_files()
-    remove_stale_work(config)
     build = _in_developer_container if config.kernel_source is None else _from_kernel_tree
-    with workdir(config, "build") as work:
-        output = build(config, source, flavour, work)
-        return pkg.write_package(config.precompiled_dir, output, tag=config.tag)
+    with build_lock(config):
+        remove_stale_work(config)
+        with workdir(config, "build") as work:
+            output = build(config, source, flavour, work)
+            return pkg.write_package(config.precompiled_dir, output, tag=config.tag)
 
 
 def _from_kernel_tree(

@@ -10,6 +10,7 @@ import pytest
 
 from nvdriver.errors import DriverError
 from nvdriver.flatcar import image as img
+from nvdriver.host import resolve_in
 
 SFDISK = {
     "partitiontable": {
@@ -77,20 +78,20 @@ def test_sector_size_is_honoured(sfdisk: dict[str, object]) -> None:
     assert img.root_partition(Path("dev1.bin")).start == 4096 * 4096
 
 
-def test_resolve_in_root_keeps_absolute_and_dotdot_links_inside(tmp_path: Path) -> None:
+def test_resolve_in_keeps_absolute_and_dotdot_links_inside(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "usr/lib").mkdir(parents=True)
     (root / "lib").symlink_to("usr/lib")
     (root / "abs").symlink_to("/usr/lib")
     (root / "up").symlink_to("../../../../..")
-    assert img.resolve_in_root(root, "/lib/modules") == root / "usr/lib/modules"
-    assert img.resolve_in_root(root, "/abs/x") == root / "usr/lib/x"
-    assert img.resolve_in_root(root, "/up/etc") == root / "etc"
-    assert img.resolve_in_root(root, "/proc") == root / "proc"
+    assert resolve_in(root, Path("/lib/modules")) == root / "usr/lib/modules"
+    assert resolve_in(root, Path("/abs/x")) == root / "usr/lib/x"
+    assert resolve_in(root, Path("/up/etc")) == root / "etc"
+    assert resolve_in(root, Path("/proc")) == root / "proc"
 
 
-def test_resolve_in_root_refuses_symlink_loops(tmp_path: Path) -> None:
+def test_resolve_in_refuses_symlink_loops(tmp_path: Path) -> None:
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")
     with pytest.raises(DriverError, match="Too many symbolic links"):
-        img.resolve_in_root(tmp_path, "/a/x")
+        resolve_in(tmp_path, Path("/a/x"))

@@ -18,10 +18,11 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TypeVar
 
 from nvdriver.errors import DriverError, Interrupted
+from nvdriver.host import resolve_in
 from nvdriver.run import RunError, run
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ SCRATCH = "scratch"
 ROOT = "root"
 SYSTEM_BINDS = ("/proc", "/sys", "/dev")
 _HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-_MAX_SYMLINKS = 40
 T = TypeVar("T")
 
 
@@ -295,33 +295,6 @@ def overlay(lower: Path, where: Path, *, scratch: Path, size: str | None = None)
         yield stack.enter_context(mount("overlay", where, fstype="overlay", options=options))
 
 
-def resolve_in_root(root: Path, path: str) -> Path:
-    """`path` inside `root`, its symlinks resolved as a chroot would (absolute ones from
-    `root`), so that a mount point can never land outside the image's tree."""
-    parts = list(PurePosixPath(path).parts)
-    current = root
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part in ("/", "."):
-            continue
-        if part == "..":
-            current = current.parent if current != root else root
-            continue
-        candidate = current / part
-        if not candidate.is_symlink():
-            current = candidate
-            continue
-        links += 1
-        if links > _MAX_SYMLINKS:
-            raise DriverError(f"Too many symbolic links in {path} under {root}.")
-        target = PurePosixPath(os.readlink(candidate))
-        if target.is_absolute():
-            current = root
-        parts = list(target.parts) + parts
-    return current
-
-
 @contextlib.contextmanager
 def developer_root(
     image: Path,
@@ -342,7 +315,7 @@ def developer_root(
             overlay(lower, workdir / ROOT, scratch=workdir / SCRATCH, size=scratch_size)
         )
         for inside, source in [*((p, Path(p)) for p in SYSTEM_BINDS), *(binds or {}).items()]:
-            stack.enter_context(bind(source, resolve_in_root(root, inside)))
+            stack.enter_context(bind(source, resolve_in(root, Path(inside))))
         log.info("Mounted the developer container %s at %s", image, root)
         yield root
 
