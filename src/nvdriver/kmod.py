@@ -237,24 +237,33 @@ class ModuleTree:
         out = run(["modinfo", "-F", field, self.path(module)]).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
 
-    def host_dependencies(self, modules: Sequence[str]) -> list[str]:
-        """Modules of the host that `modules` need (depends, softdep pre) and that are not here.
+    def host_dependencies(self, modules: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Modules of the host that `modules` need and that are not in this tree: those
+        they link against (`depends`) and those they want first (`softdep` pre).
 
         `modprobe -d` sees only this tree, so these are loaded from the host's first.
         """
         ours = {sysfs_name(m) for m in self.modules()}
-        found: list[str] = []
+        depends: list[str] = []
+        softdeps: list[str] = []
         for module in modules:
-            names = [n for line in self.info(module, "depends") for n in line.split(",")]
+            for line in self.info(module, "depends"):
+                depends += line.split(",")
             for line in self.info(module, "softdep"):
-                # "pre: a b post: c": the modules before the first "post:".
-                for word in line.split("post:")[0].split():
-                    if word != "pre:":
-                        names.append(word)
-            for n in names:
-                if n and sysfs_name(n) not in ours and sysfs_name(n) not in found:
-                    found.append(sysfs_name(n))
-        return found
+                # "pre: a b post: c": the modules before the first "post:" (some
+                # modules separate them with commas).
+                pre = line.split("post:")[0].replace("pre:", " ").replace(",", " ")
+                softdeps += pre.split()
+
+        def host_only(names: list[str], taken: list[str]) -> list[str]:
+            found: list[str] = []
+            for n in map(sysfs_name, names):
+                if n and n not in ours and n not in found and n not in taken:
+                    found.append(n)
+            return found
+
+        required = host_only(depends, [])
+        return required, host_only(softdeps, required)
 
     def matches_loaded(self, loaded: Sequence[LoadedModule]) -> bool:
         """Whether the loaded NVIDIA modules are these very modules (version and srcversion)."""
@@ -407,8 +416,9 @@ def load(
         prerequisites = list(PREREQUISITES)
         if platform.machine() in ("x86_64", "amd64"):
             prerequisites.append("video")
-        _load_host_modules(config, prerequisites, required=False)
-        _load_host_modules(config, tree.host_dependencies(modules), required=True)
+        depends, softdeps = tree.host_dependencies(modules)
+        _load_host_modules(config, prerequisites + softdeps, required=False)
+        _load_host_modules(config, depends, required=True)
         for module in modules:
             if sysfs_name(module) not in {m.name for m in loaded_modules(config)}:
                 _modprobe(config, tree, module, params.get(module, ()))

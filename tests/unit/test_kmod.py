@@ -303,3 +303,26 @@ def test_firmware_path_is_left_alone_when_gpu_firmware_is_off(tmp_path: Path) ->
         config_for(tmp_path), "/run/nvidia/driver/lib/firmware", ("NVreg_EnableGpuFirmware=0",)
     )
     assert param.read_text() == ""
+
+
+def test_host_dependencies_are_depends_and_softdeps_outside_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tree_with(tmp_path, "nvidia", "nvidia-modeset", "nvidia-drm")
+    info = {
+        "nvidia": {"depends": "drm,video,wmi", "softdep": "pre: ecdh_generic,ecdsa_generic"},
+        "nvidia-modeset": {"depends": "nvidia", "softdep": ""},
+        "nvidia-drm": {"depends": "drm_kms_helper,nvidia-modeset,drm,nvidia", "softdep": ""},
+    }
+    for module, fields in info.items():
+        for field, value in fields.items():
+            (tmp_path / f"{module}.{field}").write_text(value + "\n" if value else "")
+    fake = tmp_path / "bin" / "modinfo"
+    fake.parent.mkdir()
+    # modinfo -F FIELD PATH: the field of the module named by PATH.
+    fake.write_text(f'#!/bin/sh\nm=$(basename "$3" .ko)\ncat {tmp_path}/$m.$2\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    depends, softdeps = tree.host_dependencies(["nvidia", "nvidia-modeset", "nvidia-drm"])
+    assert depends == ["drm", "video", "wmi", "drm_kms_helper"]
+    assert softdeps == ["ecdh_generic", "ecdsa_generic"]

@@ -1,0 +1,434 @@
+"""init, load, unload and status on a real kernel (QEMU guest), with the stand-in driver.
+
+The packages are built on the host once per session (`nvidia-driver update
+--kernel-source` of the guest's kernel); each test boots one guest and runs a
+scenario script in it (lifecycle.sh has its helpers) that reports facts as
+KEY=VALUE lines. Few boots, several checks each: a boot and a CLI call cost
+seconds under TCG.
+
+The stand-in nvidia-persistenced daemonizes, writes its pid file and holds
+/dev/nvidiactl open (a reference on nvidia.ko), as the real one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvdriver.config import Config
+from nvdriver.driver.source import DriverSource
+from tests.conftest import CACHE, TOOL, unpack_debian_source
+from tests.standin.tree import (
+    build_holder,
+    build_standin,
+    make_standin_source,
+)
+
+from .conftest import Guest
+from .guest import GuestResult
+
+VERSION = "535.999.01"
+LIB = Path(__file__).with_name("lifecycle.sh")
+ORDER = "nvidia,nvidia_uvm,nvidia_modeset,nvidia_drm"
+
+PERSISTENCED = r"""#!/bin/bash
+# Stand-in nvidia-persistenced: daemonizes, holds /dev/nvidiactl open, writes its pid file.
+dir=/var/run/nvidia-persistenced
+mkdir -p "$dir"
+echo "$*" >"$dir/args"
+[ -e /dev/nvidiactl ] || mknod /dev/nvidiactl c 195 255
+setsid bash -c '
+  exec 3</dev/nvidiactl
+  trap "rm -f '"$dir"'/nvidia-persistenced.pid; exit 0" TERM
+  echo $$ >'"$dir"'/nvidia-persistenced.pid
+  while :; do sleep 1 3<&- & wait $!; done
+' </dev/null >/dev/null 2>&1 &
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Driver:
+    """Packages of a driver for the guest's kernel, and what the guest needs to use them."""
+
+    work: Path  # shared with the guest (same path)
+    env: dict[str, str]  # the CLI's environment in the guest
+    shares: dict[str, Path]
+
+
+def _update(env: dict[str, str], kernel_build: Path) -> None:
+    unset = ("HOST_ROOT", "KERNEL_MODULE_TYPE", "DRIVER_VERSION")
+    full = {k: v for k, v in os.environ.items() if k not in unset}
+    result = subprocess.run(
+        [str(TOOL), "update", "--kernel-source", str(kernel_build)],
+        env={**full, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _guest_env(work: Path, source: Path, precompiled: Path, version: str) -> dict[str, str]:
+    return {
+        "PY": sys.executable,
+        "DRIVER_VERSION": version,
+        "NVIDIA_DRIVER_SOURCE": str(source),
+        "PRECOMPILED_DIR": str(precompiled),
+        "NVIDIA_MODULE_PARAMS_DIR": str(work / "params"),
+        "PATH": f"{work / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin",
+    }
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory, guest_kernel: str) -> Driver:
+    """Both flavours of the stand-in packed for the guest's kernel, the holder module,
+    the stand-in daemon, module parameters."""
+    kernel_build = Path("/lib/modules") / guest_kernel / "build"
+    assert (kernel_build / "Makefile").is_file(), f"no headers for {guest_kernel}"
+    work = tmp_path_factory.mktemp("driver")
+    source = make_standin_source(work / "src", version=VERSION)
+    build_env = {
+        "DRIVER_VERSION": VERSION,
+        "NVIDIA_DRIVER_SOURCE": str(source),
+        "PRECOMPILED_DIR": str(work / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(work / "cache"),
+    }
+    for flavour in ("proprietary", "open"):
+        _update({**build_env, "KERNEL_MODULE_TYPE": flavour}, kernel_build)
+
+    holder_tree = make_standin_source(work / "holder-src", version=VERSION, flavours=("kernel",))
+    build_standin(holder_tree / "kernel", kernel_build)
+    holder = build_holder(work / "holder", kernel_build, holder_tree / "kernel" / "Module.symvers")
+
+    (work / "bin").mkdir()
+    daemon = work / "bin" / "nvidia-persistenced"
+    daemon.write_text(PERSISTENCED)
+    daemon.chmod(0o755)
+    (work / "params").mkdir()
+    (work / "params" / "nvidia.conf").write_text(
+        "# module parameters as the GPU Operator's ConfigMap gives them\n"
+        "NVreg_EnableGpuFirmware=0\n"
+        'options nvidia NVreg_RegistryDwords="RMFoo=1;Bar=0x10" NVreg_DeviceFileMode=0660\n'
+    )
+    (work / "params" / "nvidia-drm.conf").write_text("modeset=1\n")
+    (work / "plain-params").mkdir()
+    (work / "nogpu-params").mkdir()
+    (work / "nogpu-params" / "nvidia.conf").write_text("NVreg_StandinNoGpu=1\n")
+    env = _guest_env(work, source, work / "precompiled", VERSION)
+    env["HOLDER"] = str(holder)
+    return Driver(work, env, {str(work): work})
+
+
+def scenario(
+    guest: Guest,
+    driver: Driver,
+    logs: Path,
+    body: str,
+    *,
+    timeout: float = 500,
+) -> tuple[dict[str, str], str]:
+    """Run `body` (bash, with lifecycle.sh sourced) in a guest; its KEY=VALUE facts and a
+    description of the run for failure messages."""
+    script = logs / "scenario.sh"
+    script.write_text(f"set -u\nsource {LIB}\n{body}\n")
+    result = guest(
+        ["bash", str(script)],
+        env={**driver.env, "LOGS": str(logs)},
+        shares={**driver.shares, str(logs): logs},
+        timeout=timeout,
+    )
+    facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line[:40])
+    return facts, _explain(result, logs)
+
+
+def _explain(result: GuestResult, logs: Path) -> str:
+    parts = [f"exit {result.returncode}", "--- stdout ---", result.stdout]
+    parts += ["--- stderr (tail) ---", result.stderr[-4000:]]
+    for log in sorted(logs.glob("*.log")):
+        parts += [f"--- {log.name} ---", log.read_text(errors="replace")[-4000:]]
+    parts += ["--- console (tail) ---", result.console[-3000:]]
+    return "\n".join(parts)
+
+
+def expect(facts: dict[str, str], expected: dict[str, str], explain: str) -> None:
+    got = {k: facts.get(k) for k in expected}
+    assert got == expected, explain
+
+
+# --- the stand-in -----------------------------------------------------------------
+
+
+def test_init_loads_serves_and_shuts_down_cleanly_on_sigterm(
+    guest: Guest, standin: Driver, tmp_path: Path
+) -> None:
+    body = r"""
+    start_init $LOGS/init.log
+    wait_ready; say ready_rc $?
+    say order "$(nvidia_modules)"
+    say dwords "$(cat /sys/module/nvidia/parameters/NVreg_RegistryDwords)"
+    say firmware "$(cat /sys/module/nvidia/parameters/NVreg_EnableGpuFirmware)"
+    say mode "$(cat /sys/module/nvidia/parameters/NVreg_DeviceFileMode)"
+    say drm_modeset "$(cat /sys/module/nvidia_drm/parameters/modeset)"
+    say fw_path "$(cat /sys/module/firmware_class/parameters/path)"
+    say daemon_args "$(cat /var/run/nvidia-persistenced/args)"
+    say daemon "$(persistenced_running)"
+    say mounted "$(is_mounted)"
+    say bound_etc "$([ -f /run/nvidia/driver/etc/os-release ] && echo yes || echo no)"
+    say sys_submounts "$(findmnt -rn -o TARGET | grep -c '^/run/nvidia/driver/sys/')"
+    say readiness "$(paste -sd, $READY)"
+    say lock_pid "$(cat $LOCK)"
+    say init_pid "$INIT_PID"
+    nv status --json >$LOGS/status.json; say status_rc $?
+    nv init 2>$LOGS/second.log; say second_rc $?
+    nv update --kernel-source /nonexistent-kernel-tree 2>$LOGS/update.log; say update_rc $?
+    stop_init TERM; say init_rc $INIT_RC
+    state after
+    say mirrored "$(grep -c 'nonexistent-kernel-tree' $LOGS/init.log)"
+    """
+    facts, explain = scenario(guest, standin, tmp_path, body)
+    expect(
+        facts,
+        {
+            "ready_rc": "0",
+            "order": ORDER,
+            "dwords": "RMFoo=1;Bar=0x10",
+            "firmware": "0",
+            "mode": "432",  # 0660
+            "drm_modeset": "Y",
+            "fw_path": "",  # proprietary: the firmware path is left alone
+            "daemon_args": "--persistence-mode",
+            "daemon": "yes",
+            "mounted": "yes",
+            "bound_etc": "yes",
+            "sys_submounts": "0",  # /sys was made unbindable: its submounts stay out
+            "readiness": "GDRCOPY_ENABLED=false,GDS_ENABLED=false,GPU_DIRECT_RDMA_ENABLED=false",
+            "lock_pid": facts.get("init_pid", "?"),
+            "status_rc": "0",
+            "second_rc": "4",
+            "update_rc": "1",
+            "init_rc": "0",
+            "after_modules": "",
+            "after_mounted": "no",
+            "after_ready": "no",
+            "after_daemons": "0",
+            "after_lock": "no",
+        },
+        explain,
+    )
+    assert int(facts["mirrored"]) >= 1, explain  # update's error shows in init's log
+    assert "holds the lock" in (tmp_path / "second.log").read_text(), explain
+
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["instance"]["pid"] == int(facts["init_pid"])
+    assert [(m["name"], m["version"]) for m in status["modules"]] == [
+        (n, VERSION) for n in ORDER.split(",")
+    ]
+    refcnt = {m["name"]: m["refcnt"] for m in status["modules"]}
+    assert refcnt["nvidia_uvm"] == 0 and refcnt["nvidia_modeset"] == 1  # held by nvidia_drm
+    assert status["persistenced"]["pid"] is not None
+    assert status["driver_root_mounted"] is True
+    assert status["readiness"] == {
+        "GDRCOPY_ENABLED": "false",
+        "GDS_ENABLED": "false",
+        "GPU_DIRECT_RDMA_ENABLED": "false",
+    }
+    assert status["driver"]["flavour"] == "proprietary"
+    assert [p["matches_kernel"] for p in status["packages"]] == [True, True]
+
+
+def test_a_driver_in_use_is_never_unloaded_and_a_restart_keeps_it(
+    guest: Guest, standin: Driver, tmp_path: Path
+) -> None:
+    body = r"""
+    nv load 2>$LOGS/load.log; say load_rc $?
+    before=$(text_address)
+    insmod $HOLDER; say holder_rc $?
+    nv unload 2>$LOGS/unload-busy.log; say busy_rc $?
+    say busy_modules "$(nvidia_modules)"
+    start_init $LOGS/init.log
+    wait_ready; say ready_rc $?
+    say kept "$([ "$(text_address)" = "$before" ] && echo yes || echo no)"
+    say daemon "$(persistenced_running)"
+    stop_init TERM; say shutdown_rc $INIT_RC
+    state held
+    rmmod nvidia_standin_holder; say rmmod_rc $?
+    nv unload 2>$LOGS/unload.log; say unload_rc $?
+    state after
+    """
+    facts, explain = scenario(guest, standin, tmp_path, body)
+    expect(
+        facts,
+        {
+            "load_rc": "0",
+            "holder_rc": "0",
+            "busy_rc": "3",
+            "busy_modules": ORDER,
+            "ready_rc": "0",
+            "kept": "yes",  # same package loaded already: no unload and reload
+            "daemon": "yes",
+            "shutdown_rc": "3",
+            "held_modules": ORDER,
+            "held_mounted": "no",
+            "held_ready": "no",
+            "held_daemons": "0",
+            "rmmod_rc": "0",
+            "unload_rc": "0",
+            "after_modules": "",
+        },
+        explain,
+    )
+    busy = (tmp_path / "unload-busy.log").read_text()
+    assert "in use" in busy and "nvidia_standin_holder" in busy, explain
+    assert "keeping them" in (tmp_path / "init.log").read_text(), explain
+
+
+def test_a_killed_init_is_cleaned_up_by_the_next_one(
+    guest: Guest, standin: Driver, tmp_path: Path
+) -> None:
+    body = r"""
+    base=/opt/nvidia/$DRIVER_VERSION
+    for step in locked linked loaded mounted persistenced; do
+        mkdir -p $base && mkdir -p $base/.staging-left-by-a-crash
+        start_init $LOGS/killed-$step.log NVIDIA_DRIVER_TEST_PAUSE_AT=$step
+        wait_log $LOGS/killed-$step.log "Pausing at step $step"; say ${step}_paused $?
+        stop_init KILL
+        start_init $LOGS/next-$step.log
+        wait_ready; say ${step}_ready $?
+        stop_init TERM; say ${step}_rc $INIT_RC
+        state ${step}_after
+        say ${step}_staging "$(ls -A $base | grep -c '^\.staging-')"
+        say ${step}_loops "$(losetup -n -l | wc -l)"
+    done
+    # SIGTERM in the middle of a step (not while waiting): non-zero, all undone.
+    start_init $LOGS/term.log NVIDIA_DRIVER_TEST_PAUSE_AT=mounted
+    wait_log $LOGS/term.log "Pausing at step mounted"
+    stop_init TERM; say term_rc $INIT_RC
+    state term_after
+    """
+    facts, explain = scenario(guest, standin, tmp_path, body, timeout=900)
+    expected: dict[str, str] = {}
+    for step in ("locked", "linked", "loaded", "mounted", "persistenced"):
+        expected |= {
+            f"{step}_paused": "0",
+            f"{step}_ready": "0",
+            f"{step}_rc": "0",
+            f"{step}_after_modules": "",
+            f"{step}_after_mounted": "no",
+            f"{step}_after_ready": "no",
+            f"{step}_after_daemons": "0",
+            f"{step}_after_lock": "no",
+            f"{step}_staging": "0",
+            f"{step}_loops": "0",
+        }
+    expected |= {
+        "term_rc": "1",
+        "term_after_modules": "",
+        "term_after_mounted": "no",
+        "term_after_ready": "no",
+        "term_after_daemons": "0",
+        "term_after_lock": "no",
+    }
+    expect(facts, expected, explain)
+    # The run after a kill at "persistenced" found the same driver and the daemon running.
+    assert "keeping them" in (tmp_path / "next-persistenced.log").read_text(), explain
+
+
+def test_load_switches_flavour_sets_firmware_path_and_fails_cleanly_without_gpu(
+    guest: Guest, standin: Driver, tmp_path: Path
+) -> None:
+    body = r"""
+    NVIDIA_MODULE_PARAMS_DIR=$WORK/nogpu-params nv load 2>$LOGS/nogpu.log; say nogpu_rc $?
+    say nogpu_modules "$(nvidia_modules)"
+    say nogpu_host_modules "$(grep -cE '^(ipmi_devintf|ipmi_msghandler|video) ' /proc/modules)"
+    export NVIDIA_MODULE_PARAMS_DIR=$WORK/plain-params
+    KERNEL_MODULE_TYPE=proprietary nv load 2>$LOGS/proprietary.log; say proprietary_rc $?
+    say proprietary_kind "$(head -n1 /proc/driver/nvidia/version | grep -c 'Open Kernel')"
+    say proprietary_fw "$(cat /sys/module/firmware_class/parameters/path)"
+    KERNEL_MODULE_TYPE=open nv load 2>$LOGS/open.log; say open_rc $?
+    say open_kind "$(head -n1 /proc/driver/nvidia/version | grep -c 'Open Kernel')"
+    say open_modules "$(nvidia_modules)"
+    say open_fw "$(cat /sys/module/firmware_class/parameters/path)"
+    nv unload 2>$LOGS/unload.log; say unload_rc $?
+    state after
+    """
+    facts, explain = scenario(guest, standin, tmp_path, f"WORK={standin.work}\n{body}")
+    expect(
+        facts,
+        {
+            "nogpu_rc": "7",
+            "nogpu_modules": "",
+            "nogpu_host_modules": "0",  # what this run loaded for nvidia went again
+            "proprietary_rc": "0",
+            "proprietary_kind": "0",
+            "proprietary_fw": "",
+            "open_rc": "0",
+            "open_kind": "1",  # the proprietary modules were unloaded, the open ones loaded
+            "open_modules": "nvidia,nvidia_uvm,nvidia_modeset",  # no nvidia-drm unless asked
+            "open_fw": "/run/nvidia/driver/lib/firmware",
+            "unload_rc": "0",
+            "after_modules": "",
+        },
+        explain,
+    )
+    nogpu = (tmp_path / "nogpu.log").read_text()
+    assert "NVRM: No NVIDIA GPU found." in nogpu, explain
+
+
+# --- the real driver --------------------------------------------------------------
+
+
+def _cached_real_package(source: Path, kernel_build: Path) -> Path:
+    """PRECOMPILED_DIR holding the real 535 proprietary package for `kernel_build`,
+    built once per inputs (the source tree's tarball, the kernel's identity)."""
+    key = hashlib.sha256()
+    key.update(source.name.encode())
+    for name in ("utsrelease.h", "compile.h", "utsversion.h"):
+        header = kernel_build / "include" / "generated" / name
+        if header.is_file():
+            key.update(header.read_bytes())
+    store = CACHE / f"real-precompiled-{key.hexdigest()[:16]}"
+    if not (store / ".complete").exists():
+        subprocess.run(["rm", "-rf", str(store)], check=True)
+        _update(
+            {
+                "NVIDIA_DRIVER_SOURCE": str(source),
+                "PRECOMPILED_DIR": str(store),
+                "NVIDIA_DRIVER_CACHE": str(store.with_name(store.name + "-cache")),
+                "KERNEL_MODULE_TYPE": "proprietary",
+            },
+            kernel_build,
+        )
+        (store / ".complete").touch()
+    return store
+
+
+@pytest.mark.slow
+def test_real_535_load_without_gpu_exits_7_and_leaves_nothing_loaded(
+    guest: Guest, guest_kernel: str, tmp_path: Path
+) -> None:
+    source = unpack_debian_source("proprietary")
+    kernel_build = Path("/lib/modules") / guest_kernel / "build"
+    store = _cached_real_package(source, kernel_build)
+    version = DriverSource.from_config(
+        Config.from_env({"NVIDIA_DRIVER_SOURCE": str(source)})
+    ).version
+    (tmp_path / "params").mkdir()
+    (tmp_path / "bin").mkdir()
+    driver = Driver(tmp_path, _guest_env(tmp_path, source, store, version), {})
+    body = r"""
+    nv load 2>$LOGS/load.log; say load_rc $?
+    say modules "$(nvidia_modules)"
+    say lock "$([ -e $LOCK ] && echo yes || echo no)"
+    """
+    facts, explain = scenario(guest, driver, tmp_path, body, timeout=900)
+    expect(facts, {"load_rc": "7", "modules": "", "lock": "no"}, explain)
+    message = (tmp_path / "load.log").read_text()
+    assert "NVRM: No NVIDIA GPU found." in message, explain
+    assert "Nothing was left loaded" in message, explain
