@@ -163,9 +163,9 @@ def _find_package(config: Config, kernel: KernelIdentity, version: str, flavour:
         raise DriverError(
             f"There is no precompiled package for kernel {kernel.release} (driver {version}, "
             f"{flavour}) in {store.root}, and building one failed: {e.message}",
-            hint=e.hint
-            or "Build one with `nvidia-driver update` (where the kernel tree or the Flatcar "
-            "developer container is available) and put it into PRECOMPILED_DIR.",
+            hint=(f"{e.hint} " if e.hint else "")
+            + "Or make the package with `nvidia-driver update` where the kernel tree or the "
+            "Flatcar developer container is available, and put it into PRECOMPILED_DIR.",
         ) from e
 
 
