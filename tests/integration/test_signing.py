@@ -19,7 +19,7 @@ VERSION = "535.999.02"
 
 
 @pytest.fixture(scope="module")
-def signing_key(tmp_path_factory) -> Path:
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throw-away key and certificate in one PEM file, as sign-file takes them."""
     d = tmp_path_factory.mktemp("key")
     key = d / "signing.pem"
