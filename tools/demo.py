@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.standin.tree import kernel_build_dirs, make_standin_source  # noqa: E402
+from tests.standin.tree import kernel_build_dirs, make_standin_source
 
 VERSION = "535.999.01"
 
