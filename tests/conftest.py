@@ -83,6 +83,16 @@ def real_proprietary_source() -> Path:
     return unpack_debian_source("proprietary")
 
 
+def standin_env(work: Path, source: Path, version: str) -> dict[str, str]:
+    """The environment that points the tool at a driver source and stores under `work`."""
+    return {
+        "DRIVER_VERSION": version,
+        "NVIDIA_DRIVER_SOURCE": str(source),
+        "PRECOMPILED_DIR": str(work / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(work / "cache"),
+    }
+
+
 RunTool = Callable[..., subprocess.CompletedProcess[str]]
 
 

@@ -105,13 +105,13 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
     return Config.from_env(env, **flags)
 
 
-def dispatch(args: argparse.Namespace, config: Config, env: dict[str, str]) -> int:
+def dispatch(args: argparse.Namespace, config: Config) -> int:
     command = args.command
     if command == "init":
-        lifecycle.init(config, lifecycle.Options.from_env(env))
+        lifecycle.init(config)
         return ExitCode.OK
     if command == "load":
-        lifecycle.load(config, lifecycle.Options.from_env(env))
+        lifecycle.load(config)
         return ExitCode.OK
     if command == "unload":
         lifecycle.unload(config)
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in ("update", "build"):
                 # A running `init`'s log shows the update too (errors included).
                 stack.enter_context(lock.mirror_to_running_instance(config))
-            return int(dispatch(args, config, env))
+            return int(dispatch(args, config))
         except DriverError as e:
             return _report(e, debug=args.debug)
         except KeyboardInterrupt:

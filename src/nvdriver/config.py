@@ -61,6 +61,67 @@ def default_board() -> str:
     return "arm64-usr" if platform.machine() in ("aarch64", "arm64") else "amd64-usr"
 
 
+# Where `init` can be told to stop (NVIDIA_DRIVER_TEST_PAUSE_AT), for tests that kill it there.
+PAUSE_STEPS = ("locked", "linked", "loaded", "mounted", "persistenced")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Settings of `init` and `load` that the GPU Operator passes in the environment.
+
+    container_root (CONTAINER_ROOT, default /): the file system bound at
+    /run/nvidia/driver. gpu_direct_rdma, gds, gdrcopy (GPU_DIRECT_RDMA_ENABLED,
+    GDS_ENABLED, GDRCOPY_ENABLED): what the readiness file announces;
+    GPUDirect RDMA also loads nvidia-peermem. pause_at
+    (NVIDIA_DRIVER_TEST_PAUSE_AT, tests only): a step of PAUSE_STEPS where
+    `init` stops until a signal.
+    """
+
+    container_root: Path = Path("/")
+    gpu_direct_rdma: bool = False
+    gds: bool = False
+    gdrcopy: bool = False
+    pause_at: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Options:
+        pause_at = env.get("NVIDIA_DRIVER_TEST_PAUSE_AT") or None
+        if pause_at is not None and pause_at not in PAUSE_STEPS:
+            raise UsageError(
+                f"NVIDIA_DRIVER_TEST_PAUSE_AT={pause_at!r} is not a step: expected one of "
+                f"{', '.join(PAUSE_STEPS)}."
+            )
+        root = Path(env.get("CONTAINER_ROOT") or "/")
+        if not root.is_absolute():
+            raise UsageError(f"CONTAINER_ROOT={str(root)!r} is not an absolute path.")
+        return cls(
+            container_root=root,
+            gpu_direct_rdma=_flag(env, "GPU_DIRECT_RDMA_ENABLED"),
+            gds=_flag(env, "GDS_ENABLED"),
+            gdrcopy=_flag(env, "GDRCOPY_ENABLED"),
+            pause_at=pause_at,
+        )
+
+    @property
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "GDRCOPY_ENABLED": self.gdrcopy,
+            "GDS_ENABLED": self.gds,
+            "GPU_DIRECT_RDMA_ENABLED": self.gpu_direct_rdma,
+        }
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise UsageError(f"{name}={env[name]!r} is not valid: expected true or false.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     driver_version: str | None
@@ -85,6 +146,7 @@ class Config:
     sign_key: Path | None = None
     tag: str | None = None
     debug: bool = False
+    options: Options = Options()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: object) -> Config:
@@ -123,6 +185,7 @@ class Config:
             driver_source=source,
             host_root=Path(get("HOST_ROOT") or "/"),
             log_format=log_format,
+            options=Options.from_env(env),
         )
         given = {k: v for k, v in flags.items() if v is not None}
         config = dataclasses.replace(config, **given)  # type: ignore[arg-type]

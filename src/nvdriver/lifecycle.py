@@ -19,20 +19,19 @@ from typing import Any
 
 from nvdriver import builder, daemons, kmod, lock, rootfs, signals
 from nvdriver.builder import NotImplementedYet
-from nvdriver.config import Config
+from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver import package as pkg
 from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, resolve_flavour
 from nvdriver.driver.toolchain import linker_for
-from nvdriver.errors import DriverError, Interrupted, UsageError
+from nvdriver.errors import DriverError, Interrupted
 from nvdriver.host import KernelIdentity, nvidia_gpus
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "NotImplementedYet",
-    "Options",
     "init",
     "load",
     "prune_packages",
@@ -40,66 +39,6 @@ __all__ = [
     "update",
     "verify_packages",
 ]
-
-# Where `init` can be told to stop (NVIDIA_DRIVER_TEST_PAUSE_AT), for tests that kill it there.
-PAUSE_STEPS = ("locked", "linked", "loaded", "mounted", "persistenced")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Settings of `init` and `load` that the GPU Operator passes in the environment.
-
-    container_root (CONTAINER_ROOT, default /): the file system bound at
-    /run/nvidia/driver. gpu_direct_rdma, gds, gdrcopy (GPU_DIRECT_RDMA_ENABLED,
-    GDS_ENABLED, GDRCOPY_ENABLED): what the readiness file announces;
-    GPUDirect RDMA also loads nvidia-peermem. pause_at
-    (NVIDIA_DRIVER_TEST_PAUSE_AT, tests only): a step of PAUSE_STEPS where
-    `init` stops until a signal.
-    """
-
-    container_root: Path = Path("/")
-    gpu_direct_rdma: bool = False
-    gds: bool = False
-    gdrcopy: bool = False
-    pause_at: str | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Options:
-        pause_at = env.get("NVIDIA_DRIVER_TEST_PAUSE_AT") or None
-        if pause_at is not None and pause_at not in PAUSE_STEPS:
-            raise UsageError(
-                f"NVIDIA_DRIVER_TEST_PAUSE_AT={pause_at!r} is not a step: expected one of "
-                f"{', '.join(PAUSE_STEPS)}."
-            )
-        root = Path(env.get("CONTAINER_ROOT") or "/")
-        if not root.is_absolute():
-            raise UsageError(f"CONTAINER_ROOT={str(root)!r} is not an absolute path.")
-        return cls(
-            container_root=root,
-            gpu_direct_rdma=_flag(env, "GPU_DIRECT_RDMA_ENABLED"),
-            gds=_flag(env, "GDS_ENABLED"),
-            gdrcopy=_flag(env, "GDRCOPY_ENABLED"),
-            pause_at=pause_at,
-        )
-
-    @property
-    def readiness(self) -> dict[str, bool]:
-        return {
-            "GDRCOPY_ENABLED": self.gdrcopy,
-            "GDS_ENABLED": self.gds,
-            "GPU_DIRECT_RDMA_ENABLED": self.gpu_direct_rdma,
-        }
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = env.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise UsageError(f"{name}={env[name]!r} is not valid: expected true or false.")
 
 
 def _pause_at(options: Options, step: str) -> None:
@@ -169,12 +108,13 @@ def _find_package(config: Config, kernel: KernelIdentity, version: str, flavour:
         ) from e
 
 
-def _prepare(config: Config, options: Options) -> DriverPlan:
+def _prepare(config: Config) -> DriverPlan:
     """Find (or build) the package, link it into the private tree; unload other drivers.
 
     Modules already loaded from this very package (same version and srcversion)
     are kept: a restarted container must not disturb running GPU work.
     """
+    options = config.options
     source = DriverSource.from_config(config)
     version = config.driver_version or source.version
     flavour = resolve_flavour(config, source, nvidia_gpus(config))
@@ -208,16 +148,17 @@ def _prepare(config: Config, options: Options) -> DriverPlan:
     return DriverPlan(version, flavour, tree, tuple(modules), params)
 
 
-def init(config: Config, options: Options) -> None:
+def init(config: Config) -> None:
     """Everything of SPEC section 1, then wait for a signal and shut down in reverse.
 
     Returns after a clean shutdown; raises when a step fails or is interrupted
     (having undone what it did), or when the shutdown finds the driver in use.
     """
+    options = config.options
     with _Unwinding() as stack:
         stack.enter_context(lock.instance_lock(config))
         _pause_at(options, "locked")
-        plan = _prepare(config, options)
+        plan = _prepare(config)
         stack.enter_context(kmod.driver_loaded(config, plan.tree, plan.modules, plan.params))
         _pause_at(options, "loaded")
         stack.enter_context(rootfs.exposed_root(config, options.container_root))
@@ -235,10 +176,10 @@ def init(config: Config, options: Options) -> None:
     log.info("Shut down cleanly")
 
 
-def load(config: Config, options: Options) -> list[str]:
+def load(config: Config) -> list[str]:
     """Link, install and load from the package for the running kernel; do not wait."""
     with lock.instance_lock(config):
-        plan = _prepare(config, options)
+        plan = _prepare(config)
         return kmod.load(config, plan.tree, plan.modules, plan.params)
 
 

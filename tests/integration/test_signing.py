@@ -12,7 +12,7 @@ from nvdriver.driver import package as pkg
 from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
 from nvdriver.errors import IntegrityError
-from tests.conftest import run_tool
+from tests.conftest import run_tool, standin_env
 from tests.standin.tree import make_standin_source
 
 VERSION = "535.999.02"
@@ -43,12 +43,7 @@ def modinfo(ko: Path, field: str) -> str:
 
 def test_signed_package_links_to_signed_modules(tmp_path, signing_key, kernel_build):
     source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
-    env = {
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(source),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
-    }
+    env = standin_env(tmp_path, source, VERSION)
     result = run_tool(
         "update", "--kernel-source", str(kernel_build), "--sign", str(signing_key), env=env
     )
@@ -70,12 +65,7 @@ def test_signed_package_links_to_signed_modules(tmp_path, signing_key, kernel_bu
 
 def test_a_signature_is_never_appended_to_a_different_link(tmp_path, signing_key, kernel_build):
     source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
-    env = {
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(source),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
-    }
+    env = standin_env(tmp_path, source, VERSION)
     result = run_tool(
         "update", "--kernel-source", str(kernel_build), "-s", str(signing_key), env=env
     )
@@ -94,12 +84,7 @@ def test_a_signature_is_never_appended_to_a_different_link(tmp_path, signing_key
 
 def test_a_missing_key_is_a_clear_error(tmp_path, kernel_build):
     source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
-    env = {
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(source),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
-    }
+    env = standin_env(tmp_path, source, VERSION)
     result = run_tool("update", "--kernel-source", str(kernel_build), "-s", "/nope.pem", env=env)
     assert result.returncode == 1
     assert "The signing key /nope.pem does not exist" in result.stderr

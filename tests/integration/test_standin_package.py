@@ -17,7 +17,7 @@ from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.host import KernelIdentity, KernelTree
-from tests.conftest import run_tool
+from tests.conftest import run_tool, standin_env
 from tests.standin.tree import make_standin_source
 
 VERSION = "535.999.01"
@@ -41,25 +41,14 @@ def standin_source(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def env(tmp_path, standin_source) -> dict[str, str]:
-    return {
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(standin_source),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
-        "HOST_ROOT": str(tmp_path / "host"),
-    }
+    return {**standin_env(tmp_path, standin_source, VERSION), "HOST_ROOT": str(tmp_path / "host")}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, standin_source, kernel_build):
     """One `nvidia-driver update` of the stand-in, as a user runs it."""
     base = tmp_path_factory.mktemp("built")
-    env = {
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(standin_source),
-        "PRECOMPILED_DIR": str(base / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(base / "cache"),
-    }
+    env = standin_env(base, standin_source, VERSION)
     tool = run_tool("update", "--kernel-source", str(kernel_build), "-m", "2", env=env)
     assert tool.returncode == 0, tool.stderr
     return Path(tool.stdout.strip()), env

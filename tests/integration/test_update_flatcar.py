@@ -24,7 +24,7 @@ from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
 from nvdriver.driver.toolchain import linker_for
 from nvdriver.host import KernelIdentity, KernelTree
-from tests.conftest import TOOL, run_tool
+from tests.conftest import TOOL, run_tool, standin_env
 from tests.flatcar_mirror import (
     make_bad_digest_variant,
     make_no_root_partition_variant,
@@ -72,10 +72,7 @@ def standin(tmp_path_factory) -> Path:
 def env(tmp_path, standin, flatcar_mirror_server) -> dict[str, str]:
     return {
         **flatcar_mirror_server.env(),
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(standin),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+        **standin_env(tmp_path, standin, VERSION),
         "HOST_ROOT": str(tmp_path / "host"),
     }
 

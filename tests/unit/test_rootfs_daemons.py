@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nvdriver import daemons, lifecycle, rootfs
-from nvdriver.config import Config
+from nvdriver import daemons, rootfs
+from nvdriver.config import Config, Options
 from nvdriver.errors import DriverError, UsageError
 
 
@@ -136,16 +136,16 @@ def test_our_own_pid_or_init_is_never_taken_for_the_daemon(config: Config) -> No
 
 
 def test_options_from_the_operators_environment() -> None:
-    options = lifecycle.Options.from_env(
+    options = Options.from_env(
         {"GPU_DIRECT_RDMA_ENABLED": "true", "GDS_ENABLED": "False", "CONTAINER_ROOT": "/rootfs"}
     )
-    assert options == lifecycle.Options(container_root=Path("/rootfs"), gpu_direct_rdma=True)
+    assert options == Options(container_root=Path("/rootfs"), gpu_direct_rdma=True)
     assert options.readiness == {
         "GDRCOPY_ENABLED": False,
         "GDS_ENABLED": False,
         "GPU_DIRECT_RDMA_ENABLED": True,
     }
-    assert lifecycle.Options.from_env({}) == lifecycle.Options()
+    assert Options.from_env({}) == Options()
 
 
 @pytest.mark.parametrize(
@@ -158,5 +158,5 @@ def test_options_from_the_operators_environment() -> None:
 )
 def test_bad_options_are_usage_errors(env: dict[str, str]) -> None:
     with pytest.raises(UsageError) as e:
-        lifecycle.Options.from_env(env)
+        Options.from_env(env)
     assert e.value.exit_code == 2

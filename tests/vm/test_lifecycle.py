@@ -24,7 +24,7 @@ import pytest
 
 from nvdriver.config import Config
 from nvdriver.driver.source import DriverSource
-from tests.conftest import CACHE, TOOL, unpack_debian_source
+from tests.conftest import CACHE, TOOL, standin_env, unpack_debian_source
 from tests.standin.tree import (
     build_holder,
     build_standin,
@@ -94,12 +94,7 @@ def standin(tmp_path_factory: pytest.TempPathFactory, guest_kernel: str) -> Driv
     assert (kernel_build / "Makefile").is_file(), f"no headers for {guest_kernel}"
     work = tmp_path_factory.mktemp("driver")
     source = make_standin_source(work / "src", version=VERSION)
-    build_env = {
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(source),
-        "PRECOMPILED_DIR": str(work / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(work / "cache"),
-    }
+    build_env = standin_env(work, source, VERSION)
     for flavour in ("proprietary", "open"):
         _update({**build_env, "KERNEL_MODULE_TYPE": flavour}, kernel_build)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import run_tool, standin_env
 from tests.flatcar_mirror import FlatcarMirror, serve_mirror
 from tests.standin.tree import make_standin_source
 
@@ -25,12 +25,7 @@ def test_a_developer_container_package_loads_on_its_kernel(
             f"the mirror is for {flatcar_mirror.kernel_release}, the guest boots {guest.kernel}"
         )
     source = make_standin_source(tmp_path / "src", version=VERSION)
-    env = {
-        "DRIVER_VERSION": VERSION,
-        "NVIDIA_DRIVER_SOURCE": str(source),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
-    }
+    env = standin_env(tmp_path, source, VERSION)
     with serve_mirror(flatcar_mirror) as server:
         built = run_tool(
             "update",
