@@ -10,6 +10,7 @@ from nvdriver.config import Config
 from nvdriver.driver.package import PackageStore
 from nvdriver.driver.source import DriverSource, resolve_flavour
 from nvdriver.errors import DriverError
+from nvdriver.flatcar.release import host_version, parse_env_file
 from nvdriver.host import KernelIdentity, nvidia_gpus
 
 
@@ -18,15 +19,6 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
-
-
-def _os_release(config: Config) -> dict[str, str]:
-    values = {}
-    for line in (_read(config.host("/etc/os-release")) or "").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key.strip()] = value.strip().strip('"')
-    return values
 
 
 def _readiness(config: Config) -> dict[str, str] | None:
@@ -46,14 +38,14 @@ def _driver_root_mounted(config: Config) -> bool | None:
 
 def collect(config: Config) -> dict[str, Any]:
     kernel = KernelIdentity.running(config)
-    osr = _os_release(config)
+    osr = parse_env_file(_read(config.host("/etc/os-release")) or "")
     gpus = nvidia_gpus(config)
     report: dict[str, Any] = {
         "kernel": {"release": kernel.release, "version": kernel.version},
         "os": {"id": osr.get("ID"), "version": osr.get("VERSION")},
         "driver": {"version": config.driver_version, "flavour": None, "source": None},
         "packages": [],
-        "flatcar": osr.get("VERSION") if osr.get("ID") == "flatcar" else None,
+        "flatcar": host_version(config),
         "instance": {"pid": lock.holder(config)},
         "modules": [
             {
