@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 BUILD_DIR = "/var/tmp/nvidia-driver-build"
 
 
-class NotImplementedYet(DriverError):
-    def __init__(self, what: str) -> None:
-        super().__init__(f"{what} is not implemented yet.")
-
-
 def work_base(config: Config) -> Path:
     return config.cache_dir / "work"
 

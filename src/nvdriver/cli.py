@@ -128,7 +128,11 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
         report = status.collect(config)
         print(json.dumps(report, indent=2) if args.json else status.render(report))
         return ExitCode.OK
-    raise lifecycle.NotImplementedYet(f"`nvidia-driver {command}`")
+    assert command == "validate", command
+    from nvdriver import validate
+
+    print(json.dumps(validate.validate(config), indent=2))
+    return ExitCode.OK
 
 
 def _packages(args: argparse.Namespace, config: Config) -> int:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from nvdriver import builder, daemons, kmod, lock, rootfs, signals
-from nvdriver.builder import NotImplementedYet
 from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver import package as pkg
@@ -31,7 +30,6 @@ from nvdriver.host import KernelIdentity, nvidia_gpus
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "NotImplementedYet",
     "init",
     "load",
     "prune_packages",

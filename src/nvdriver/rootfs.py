@@ -75,13 +75,17 @@ def exposed_root(config: Config, container_root: Path) -> Iterator[Path]:
         unmount(target)
 
 
+def find_nvidia_smi(container_root: Path) -> Path | None:
+    """The driver root's nvidia-smi, if it has one."""
+    if container_root == Path("/"):
+        return which("nvidia-smi")
+    found = [container_root / d / "nvidia-smi" for d in ("usr/bin", "bin", "usr/sbin")]
+    return next((p for p in found if p.is_file() and os.access(p, os.X_OK)), None)
+
+
 def check_nvidia_smi(container_root: Path) -> None:
     """Run the driver root's nvidia-smi, when it has one: the Operator's startup probe."""
-    if container_root == Path("/"):
-        smi = which("nvidia-smi")
-    else:
-        found = [container_root / d / "nvidia-smi" for d in ("usr/bin", "bin", "usr/sbin")]
-        smi = next((p for p in found if p.is_file() and os.access(p, os.X_OK)), None)
+    smi = find_nvidia_smi(container_root)
     if smi is None:
         log.info("There is no nvidia-smi in %s; the readiness check skips it", container_root)
         return

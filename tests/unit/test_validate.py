@@ -1,0 +1,58 @@
+"""`validate`: exit 7 without a GPU; with one, nvidia-smi and CUDA must agree with the bus.
+
+There is no GPU on this machine: where a test needs one, it is a fake sysfs
+device under HOST_ROOT and a stand-in nvidia-smi, said so in the test. The real
+check (nvidia-smi and libcuda on an H-class GPU) runs on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_tool
+
+
+def fake_gpu(root: Path, address: str = "0000:17:00.0") -> None:
+    """A GPU as sysfs shows one (mocked: there is no GPU here)."""
+    dev = root / "sys/bus/pci/devices" / address
+    dev.mkdir(parents=True)
+    (dev / "vendor").write_text("0x10de\n")
+    (dev / "device").write_text("0x2335\n")
+    (dev / "class").write_text("0x030200\n")
+
+
+def test_no_gpu_on_the_bus_is_exit_7(tmp_path):
+    (tmp_path / "sys/bus/pci/devices").mkdir(parents=True)
+    result = run_tool("validate", env={"HOST_ROOT": str(tmp_path)})
+    assert result.returncode == 7
+    assert "no NVIDIA GPU on the PCI bus" in result.stderr
+
+
+def test_nvidia_smi_missing_a_gpu_of_the_bus_fails(tmp_path):
+    fake_gpu(tmp_path / "host")
+    fake_gpu(tmp_path / "host", "0000:18:00.0")
+    smi = tmp_path / "root/usr/bin/nvidia-smi"
+    smi.parent.mkdir(parents=True)
+    # A stand-in nvidia-smi that sees one of the two GPUs (mocked: no GPU here).
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 00000000:17:00.0, 535.261.03, GPU-1'\n")
+    smi.chmod(0o755)
+    env = {"HOST_ROOT": str(tmp_path / "host"), "CONTAINER_ROOT": str(tmp_path / "root")}
+    result = run_tool("validate", env=env)
+    assert result.returncode == 1
+    assert "nvidia-smi sees 1 GPU(s), the PCI bus has 2" in result.stderr
+
+
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is here")
+def test_without_libcuda_the_cuda_check_fails_clearly(tmp_path):
+    fake_gpu(tmp_path / "host")
+    smi = tmp_path / "root/usr/bin/nvidia-smi"
+    smi.parent.mkdir(parents=True)
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 00000000:17:00.0, 535.261.03, GPU-1'\n")
+    smi.chmod(0o755)
+    env = {"HOST_ROOT": str(tmp_path / "host"), "CONTAINER_ROOT": str(tmp_path / "root")}
+    result = run_tool("validate", env=env)
+    assert result.returncode == 1
+    assert "libcuda.so.1 cannot be loaded" in result.stderr
