@@ -56,6 +56,6 @@ def test_real_535_links_to_the_module_nvidias_makefile_builds(
     assert modinfo(linked, "version") == source.version
     for name in ("nvidia-uvm", "nvidia-modeset", "nvidia-drm"):
         assert modinfo(moddir / f"{name}.ko", "vermagic") == vermagic
-    assert modinfo(moddir / "nvidia-modeset.ko", "depends") == "nvidia"
+    assert "nvidia" in modinfo(moddir / "nvidia-modeset.ko", "depends").split(",")
     assert "nvidia" in modinfo(moddir / "nvidia-uvm.ko", "depends").split(",")
     assert (moddir / "modules.dep").read_text().count("nvidia") >= 4

@@ -320,6 +320,19 @@ def _command_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Host directories the guest covers with fresh file systems.
+HIDDEN_IN_GUEST = (Path("/tmp"), Path("/run"))
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _with_project(shares: dict[str, Path]) -> dict[str, Path]:
+    """`shares`, plus the project's checkout (and its venv) when it lies where the guest
+    mounts a fresh file system: a CI clone under /tmp must stay visible."""
+    hidden = any(PROJECT.is_relative_to(d) for d in HIDDEN_IN_GUEST)
+    covered = any(PROJECT.is_relative_to(Path(g)) for g in shares)
+    return {**shares, str(PROJECT): PROJECT} if hidden and not covered else shares
+
+
 def _share_list(shares: dict[str, Path]) -> Iterator[tuple[str, Path, str]]:
     """(tag, host dir, guest path) per share, parents before children."""
     items = sorted(shares.items(), key=lambda kv: (len(Path(kv[0]).parts), kv[0]))
@@ -365,7 +378,7 @@ def run_in_guest(
     if qemu is None:
         raise GuestError(f"{QEMU} not found (package qemu-system-x86)")
     initramfs = build_initramfs(release)
-    share_list = list(_share_list(shares or {}))
+    share_list = list(_share_list(_with_project(shares or {})))
 
     with tempfile.TemporaryDirectory(prefix="vmguest-") as tmp:
         work = Path(tmp)
