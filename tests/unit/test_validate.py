@@ -24,6 +24,15 @@ def fake_gpu(root: Path, address: str = "0000:17:00.0") -> None:
     (dev / "class").write_text("0x030200\n")
 
 
+def fake_smi(root: Path) -> dict[str, str]:
+    """A stand-in nvidia-smi that sees one GPU (mocked: there is no GPU here); the env."""
+    smi = root / "root/usr/bin/nvidia-smi"
+    smi.parent.mkdir(parents=True)
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 00000000:17:00.0, 535.261.03, GPU-1'\n")
+    smi.chmod(0o755)
+    return {"HOST_ROOT": str(root / "host"), "CONTAINER_ROOT": str(root / "root")}
+
+
 def test_no_gpu_on_the_bus_is_exit_7(tmp_path):
     (tmp_path / "sys/bus/pci/devices").mkdir(parents=True)
     result = run_tool("validate", env={"HOST_ROOT": str(tmp_path)})
@@ -34,13 +43,7 @@ def test_no_gpu_on_the_bus_is_exit_7(tmp_path):
 def test_nvidia_smi_missing_a_gpu_of_the_bus_fails(tmp_path):
     fake_gpu(tmp_path / "host")
     fake_gpu(tmp_path / "host", "0000:18:00.0")
-    smi = tmp_path / "root/usr/bin/nvidia-smi"
-    smi.parent.mkdir(parents=True)
-    # A stand-in nvidia-smi that sees one of the two GPUs (mocked: no GPU here).
-    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 00000000:17:00.0, 535.261.03, GPU-1'\n")
-    smi.chmod(0o755)
-    env = {"HOST_ROOT": str(tmp_path / "host"), "CONTAINER_ROOT": str(tmp_path / "root")}
-    result = run_tool("validate", env=env)
+    result = run_tool("validate", env=fake_smi(tmp_path))
     assert result.returncode == 1
     assert "nvidia-smi sees 1 GPU(s), the PCI bus has 2" in result.stderr
 
@@ -48,11 +51,6 @@ def test_nvidia_smi_missing_a_gpu_of_the_bus_fails(tmp_path):
 @pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is here")
 def test_without_libcuda_the_cuda_check_fails_clearly(tmp_path):
     fake_gpu(tmp_path / "host")
-    smi = tmp_path / "root/usr/bin/nvidia-smi"
-    smi.parent.mkdir(parents=True)
-    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 00000000:17:00.0, 535.261.03, GPU-1'\n")
-    smi.chmod(0o755)
-    env = {"HOST_ROOT": str(tmp_path / "host"), "CONTAINER_ROOT": str(tmp_path / "root")}
-    result = run_tool("validate", env=env)
+    result = run_tool("validate", env=fake_smi(tmp_path))
     assert result.returncode == 1
     assert "libcuda.so.1 cannot be loaded" in result.stderr
