@@ -100,7 +100,7 @@ def _from_kernel_tree(
             f"which is {identity.release}.",
             hint="Give the kernel tree of the kernel you ask for, or drop --kernel.",
         )
-    return _build(config, source, flavour, tree, work, work, BuildRoot())
+    return _build(config, source, flavour, tree, work, BuildRoot())
 
 
 def _in_developer_container(
@@ -119,7 +119,7 @@ def _in_developer_container(
             tree = _developer_kernel_tree(root, kernel, flatcar.version)
         build_dir = resolve_in(root, Path(BUILD_DIR))
         build_dir.mkdir(parents=True)
-        output = _build(config, source, flavour, tree, build_dir, work, build_root)
+        output = _build(config, source, flavour, tree, build_dir, build_root)
         save_linker(build_root, config.cache_dir, output.linker)
         # Keep what the package needs: the overlay (and the build dir) vanish on unmount.
         return _kept(output, work / "out")
@@ -199,7 +199,6 @@ def _build(
     flavour: str,
     tree: KernelTree,
     build_dir: Path,
-    work: Path,
     build_root: BuildRoot,
 ) -> BuildOutput:
     try:

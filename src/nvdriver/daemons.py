@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError
+from nvdriver.host import read_optional
 from nvdriver.run import run, which
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,8 @@ def _alive(config: Config, pid: int) -> bool:
 
 def running_pid(config: Config, pidfile: Path) -> int | None:
     """The pid in `pidfile` when that process is alive (never ours, never init)."""
-    try:
-        text = pidfile.read_text().strip()
-    except OSError:
-        return None
-    if not text.isdigit():
+    text = read_optional(pidfile)
+    if not text or not text.isdigit():
         return None
     pid = int(text)
     if pid <= 1 or pid == os.getpid() or not _alive(config, pid):

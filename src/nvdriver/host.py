@@ -17,6 +17,14 @@ DISPLAY_CLASSES = (0x0300, 0x0302)
 _DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.MULTILINE)
 
 
+def read_optional(path: Path) -> str | None:
+    """A small file's text, stripped (sysfs, procfs, pid files); None when unreadable."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelIdentity:
     """A kernel as packages must match it: `uname -r` and the full `/proc/version` line."""

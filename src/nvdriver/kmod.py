@@ -29,6 +29,7 @@ from nvdriver import signals
 from nvdriver.config import Config
 from nvdriver.driver.source import MODULE_ORDER
 from nvdriver.errors import BusyError, DriverError, NoGpuError, UsageError
+from nvdriver.host import read_optional
 from nvdriver.run import RunError, run
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,9 @@ class LoadedModule:
             name=sysfs_name(name),
             refcnt=refcnt,
             holders=holders,
-            version=_read_optional(path / "version"),
-            srcversion=_read_optional(path / "srcversion"),
+            version=read_optional(path / "version"),
+            srcversion=read_optional(path / "srcversion"),
         )
-
-
-def _read_optional(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
 
 
 def loaded_modules(config: Config, names: Sequence[str] = MODULE_ORDER) -> list[LoadedModule]:
@@ -99,7 +93,7 @@ def loaded_modules(config: Config, names: Sequence[str] = MODULE_ORDER) -> list[
 def loaded_flavour(config: Config) -> str | None:
     """The flavour of the loaded nvidia.ko, from the first line of /proc/driver/nvidia/version
     ("NVIDIA UNIX Open Kernel Module for x86_64 ..." or "NVIDIA UNIX x86_64 Kernel Module ...")."""
-    text = _read_optional(config.host("/proc/driver/nvidia/version"))
+    text = read_optional(config.host("/proc/driver/nvidia/version"))
     if not text:
         return None
     return "open" if "Open Kernel Module" in text.splitlines()[0] else "proprietary"
@@ -487,7 +481,7 @@ def _unload_new(config: Config, nvidia_before: set[str], host_before: set[str]) 
     pending = sorted(_loaded_names(config) - host_before)
     sys_module = config.host("/sys/module")
     while pending:
-        unused = [n for n in pending if _read_optional(sys_module / n / "refcnt") == "0"]
+        unused = [n for n in pending if read_optional(sys_module / n / "refcnt") == "0"]
         if not unused:
             break
         run(["rmmod", *unused], check=False)
@@ -512,7 +506,7 @@ def set_firmware_path(config: Config, firmware_dir: str, nvidia_params: Sequence
         log.info("GPU firmware is disabled (NVreg_EnableGpuFirmware=0); not setting its path")
         return
     param = config.host(FIRMWARE_PARAM)
-    current = _read_optional(param)
+    current = read_optional(param)
     if current is None:
         log.warning("The kernel has no %s; GSP firmware must be in /lib/firmware", FIRMWARE_PARAM)
         return

@@ -20,6 +20,7 @@ from pathlib import Path
 from nvdriver import log as logsetup
 from nvdriver.config import Config
 from nvdriver.errors import AlreadyRunningError
+from nvdriver.host import read_optional
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,8 @@ LOCK_FILE = "/run/nvidia/nvidia-driver.pid"
 
 
 def _read_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+    text = read_optional(path)
+    return int(text) if text and text.isdigit() else None
 
 
 @contextlib.contextmanager

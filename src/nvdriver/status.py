@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from nvdriver import daemons, kmod, lock, rootfs
@@ -11,19 +10,12 @@ from nvdriver.driver.package import PackageStore
 from nvdriver.driver.source import DriverSource, resolve_flavour
 from nvdriver.errors import DriverError
 from nvdriver.flatcar.release import host_version, parse_env_file
-from nvdriver.host import KernelIdentity, nvidia_gpus
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
+from nvdriver.host import KernelIdentity, nvidia_gpus, read_optional
 
 
 def _readiness(config: Config) -> dict[str, str] | None:
     """The readiness file's key=value lines, or None when it is absent."""
-    text = _read(config.host(rootfs.READY_FILE))
+    text = read_optional(config.host(rootfs.READY_FILE))
     if text is None:
         return None
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
@@ -38,7 +30,7 @@ def _driver_root_mounted(config: Config) -> bool | None:
 
 def collect(config: Config) -> dict[str, Any]:
     kernel = KernelIdentity.running(config)
-    osr = parse_env_file(_read(config.host("/etc/os-release")) or "")
+    osr = parse_env_file(read_optional(config.host("/etc/os-release")) or "")
     gpus = nvidia_gpus(config)
     report: dict[str, Any] = {
         "kernel": {"release": kernel.release, "version": kernel.version},

@@ -68,8 +68,8 @@ def link_package(
             else:
                 core = flavour_dir / entry.core
                 _check_core(package, manifest, core, entry.core_sha256)
-                scripts = [a for s in manifest.ld_scripts for a in ("-T", str(members / s))]
-                run([*ld, "-d", "-r", *scripts, "-o", out, members / entry.file, core])
+                scripts = [str(members / s) for s in manifest.ld_scripts]
+                run(link_command(ld, scripts, str(out), str(members / entry.file), str(core)))
                 if entry.signature is not None:
                     _append_signature(package, out, members / entry.signature, entry.linked_sha256)
             order.append(out.name)
@@ -79,6 +79,13 @@ def link_package(
         _swap_in(moddir, final)
         log.info("Linked and installed %s into %s", ", ".join(order), final)
         return final
+
+
+def link_command(
+    ld: Sequence[str], scripts: Sequence[str], out: str, interface: str, core: str
+) -> list[str]:
+    """The one link of a split module: packing (to sign) and the node must run the same."""
+    return [*ld, "-d", "-r", *(a for s in scripts for a in ("-T", s)), "-o", out, interface, core]
 
 
 def _check_core(package: Path, manifest: Manifest, core: Path, digest: str | None) -> None:

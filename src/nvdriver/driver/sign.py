@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from nvdriver.driver.build import Artifact, BuildOutput, BuildRoot
+from nvdriver.driver.link import link_command
 from nvdriver.driver.package import sha256_file
 from nvdriver.errors import DriverError
 from nvdriver.host import KernelTree
@@ -46,9 +47,9 @@ def sign_build(
     inner_key.touch(mode=0o600)
     shutil.copyfile(key, inner_key)
     try:
-        signer = [build_root.inside(sign_file), HASH, build_root.inside(inner_key)]
-        signer.append(build_root.inside(inner_key))
-        scripts = [a for s in output.ld_scripts for a in ("-T", build_root.inside(s))]
+        key_inside = build_root.inside(inner_key)
+        signer = [build_root.inside(sign_file), HASH, key_inside, key_inside]
+        scripts = [build_root.inside(s) for s in output.ld_scripts]
         signed = [_sign(a, output, signer, scripts, workdir, build_root) for a in output.artifacts]
         ident = run(["modinfo", "-F", "signer", str(_first_signed(signed, workdir))]).stdout
     finally:
@@ -72,10 +73,13 @@ def _sign(
         return a
     linked = workdir / f"{a.module}.ko"
     core = output.tree / a.core
-    ld = [
-        "ld", "-d", "-r", *scripts, "-o", build_root.inside(linked),
-        build_root.inside(a.path), build_root.inside(core),
-    ]  # fmt: skip
+    ld = link_command(
+        ["ld"],
+        scripts,
+        build_root.inside(linked),
+        build_root.inside(a.path),
+        build_root.inside(core),
+    )
     run(build_root.argv(ld))
     unsigned = sha256_file(linked)
     size = linked.stat().st_size
