@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from nvdriver import mounts
+from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.config import Config
-from nvdriver.driver.package import TEMP_PREFIX, atomic_file
 from nvdriver.errors import DriverError
 from nvdriver.run import run, which
 
@@ -27,52 +27,18 @@ DRIVER_ROOT = "/run/nvidia/driver"
 READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
 # Where the open modules' GSP firmware is, as the host's kernel sees it.
 FIRMWARE_DIR = f"{DRIVER_ROOT}/lib/firmware"
-MOUNTINFO = Path("/proc/self/mountinfo")
 NVIDIA_SMI_TIMEOUT = 120.0
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes blanks, tabs, newlines and backslashes as \\ooo (octal)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_points(mountinfo: Path = MOUNTINFO) -> list[Path]:
-    """The mount points of this mount namespace, from /proc/self/mountinfo."""
-    points = []
-    for line in mountinfo.read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 4:
-            points.append(Path(_unescape(fields[4])))
-    return points
-
-
-def is_mount_point(path: Path, mountinfo: Path = MOUNTINFO) -> bool:
-    resolved = path.resolve()
-    return resolved in mount_points(mountinfo)
-
-
-def unmount(path: Path) -> None:
-    """Unmount `path` and everything below it, if mounted (lazily: users keep their view)."""
-    if is_mount_point(path):
-        log.info("Unmounting %s", path)
-        run(["umount", "--recursive", "--lazy", path])
 
 
 @contextlib.contextmanager
 def exposed_root(config: Config, container_root: Path) -> Iterator[Path]:
     """Bind `container_root` recursively at /run/nvidia/driver for a `with` block."""
-    target = config.host(DRIVER_ROOT)
-    target.mkdir(parents=True, exist_ok=True)
     sysfs = container_root / "sys"
-    try:
-        if is_mount_point(sysfs):
-            run(["mount", "--make-runbindable", sysfs])
-            run(["mount", "--make-private", sysfs])
-        log.info("Binding %s at %s", container_root, target)
-        run(["mount", "--rbind", container_root, target])
+    if mounts.is_mount_point(sysfs):
+        mounts.set_propagation(sysfs, "runbindable")
+        mounts.set_propagation(sysfs, "private")
+    with mounts.propagated_bind(container_root, config.host(DRIVER_ROOT)) as target:
         yield target
-    finally:
-        unmount(target)
 
 
 def find_nvidia_smi(container_root: Path) -> Path | None:
@@ -106,8 +72,7 @@ def ready(config: Config, flags: Mapping[str, bool]) -> Iterator[Path]:
     path = config.host(READY_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_file(path) as f:
-            f.write(readiness_text(flags).encode())
+        write_atomically(path, readiness_text(flags).encode())
         log.info("The driver is ready (%s)", path)
         yield path
     finally:
@@ -118,7 +83,7 @@ def ready(config: Config, flags: Mapping[str, bool]) -> Iterator[Path]:
 def remove_stale(config: Config) -> None:
     """What a killed run left: the bind mount, the readiness file, its temporary files."""
     try:
-        unmount(config.host(DRIVER_ROOT))
+        mounts.unmount_tree(config.host(DRIVER_ROOT))
     except DriverError as e:
         log.warning("Could not unmount the stale %s: %s", DRIVER_ROOT, e)
     ready_file = config.host(READY_FILE)

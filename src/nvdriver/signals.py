@@ -1,11 +1,24 @@
-"""Signals become exceptions so that every `with` block unwinds on the way out."""
+"""Signals become exceptions so that every `with` block unwinds on the way out.
+
+And the one way to hold them back: `deferred()` around a step that must not be
+cut in half (taking a mount and registering its release, unloading what a failed
+load loaded, unwinding an ExitStack). A signal that arrives meanwhile is
+recorded and delivered, to the handler in place before the block, when the
+block ends. The handlers are swapped rather than the signal mask blocked: a
+blocked mask is per thread, so a signal the kernel hands to another thread
+(the decompressor's output pump) would still run the main thread's handler in
+the middle of the step, and children started in the block would inherit the
+mask.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 from nvdriver.errors import Interrupted
 
@@ -25,14 +38,25 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[list[int]]:
-    """Hold signals during a step that must not be cut in half; re-raise at the end."""
+def deferred() -> Iterator[None]:
+    """Hold SIGTERM, SIGINT and SIGHUP back for the block; deliver the first one after it.
+
+    Outside the main thread it does nothing: Python runs signal handlers in the
+    main thread only, so no signal can interrupt another thread's step.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     pending: list[int] = []
-    previous = {s: signal.signal(s, lambda n, f: pending.append(n)) for s in HANDLED}
+    previous: dict[signal.Signals, Any] = {}
     try:
-        yield pending
+        for s in HANDLED:
+            previous[s] = signal.signal(s, lambda signum, frame: pending.append(signum))
+        yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        for s, handler in previous.items():
+            # None: a handler not set from Python; the default is the closest to it.
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
         if pending:
-            _raise(pending[0], None)
+            # The handler in place decides what the signal does: raise, be ignored, or kill.
+            signal.raise_signal(pending[0])

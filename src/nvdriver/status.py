@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvdriver import daemons, kmod, lock, rootfs
+from nvdriver import daemons, kmod, lock, mounts, rootfs
 from nvdriver.config import Config
 from nvdriver.driver.package import PackageStore
 from nvdriver.driver.source import DriverSource, resolve_flavour
@@ -23,8 +23,8 @@ def _readiness(config: Config) -> dict[str, str] | None:
 
 def _driver_root_mounted(config: Config) -> bool | None:
     try:
-        return rootfs.is_mount_point(config.host(rootfs.DRIVER_ROOT))
-    except OSError:
+        return mounts.is_mount_point(config.host(rootfs.DRIVER_ROOT))
+    except (OSError, DriverError):  # no findmnt, or no mount table to read
         return None
 
 

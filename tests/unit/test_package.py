@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nvdriver.atomic import TEMP_PREFIX
 from nvdriver.driver import package as pkg
 from nvdriver.errors import DriverError, ExitCode, IntegrityError
 from nvdriver.host import KernelIdentity
@@ -175,7 +176,7 @@ def test_disk_full_while_packing_leaves_no_partial_package(tmp_path):
 
 
 def test_temp_files_of_a_crashed_write_are_invisible_and_removed(packed, store):
-    crashed = packed.path.parent / (pkg.TEMP_PREFIX + "abc123")
+    crashed = packed.path.parent / (TEMP_PREFIX + "abc123")
     crashed.write_bytes(b"half a package")
     s = pkg.PackageStore(store)
     good, bad = s.packages()

@@ -1,4 +1,4 @@
-"""The readiness file, mountinfo parsing, the daemon's pid file, init's options."""
+"""The readiness file, the daemon's pid file, init's options."""
 
 from __future__ import annotations
 
@@ -44,24 +44,6 @@ def test_stale_readiness_files_are_removed(config: Config) -> None:
     (ready.parent / "other-validation").write_text("kept")
     rootfs.remove_stale(config)
     assert sorted(p.name for p in ready.parent.iterdir()) == ["other-validation"]
-
-
-def test_mount_points_come_from_mountinfo_with_escapes(tmp_path: Path) -> None:
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(
-        "22 1 0:21 / / rw,relatime shared:1 - overlay overlay rw\n"
-        "30 22 0:25 / /run rw,nosuid - tmpfs tmpfs rw\n"
-        "41 30 0:21 / /run/nvidia/driver rw - overlay overlay rw\n"
-        "42 30 0:26 / /run/with\\040blank rw - tmpfs tmpfs rw\n"
-    )
-    assert rootfs.mount_points(mountinfo) == [
-        Path("/"),
-        Path("/run"),
-        Path("/run/nvidia/driver"),
-        Path("/run/with blank"),
-    ]
-    assert rootfs.is_mount_point(Path("/run/nvidia/driver"), mountinfo)
-    assert not rootfs.is_mount_point(Path("/run/nvidia"), mountinfo)
 
 
 def test_nvidia_smi_of_the_driver_root_must_pass(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from nvdriver.atomic import TEMP_PREFIX
 from nvdriver.driver import package as pkg
 from tests.conftest import run_tool
 from tests.packaging import KERNEL, fake_build
@@ -17,7 +18,7 @@ def test_prune_removes_leftovers_failures_and_other_driver_versions(tmp_path):
     ahead = pkg.write_package(store, fake_build(tmp_path / "b", kernel=ahead_kernel), tag=None)
     old_build = dataclasses.replace(fake_build(tmp_path / "c"), driver_version="535.100.01")
     old = pkg.write_package(store, old_build, tag=None)
-    temp = current.path.parent / (pkg.TEMP_PREFIX + "crashed")
+    temp = current.path.parent / (TEMP_PREFIX + "crashed")
     temp.write_bytes(b"half")
     failed = current.path.parent / "nvidia-535.261.03-open.tar.gz.20260101T000000.failed"
     failed.write_bytes(b"bad")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from nvdriver.atomic import OLD_PREFIX, replace_directory
 from nvdriver.driver.package import Manifest, sha256_file, unpacked
 from nvdriver.driver.source import DriverSource
 from nvdriver.errors import DriverError, IntegrityError
@@ -76,7 +76,7 @@ def link_package(
         (moddir / "modules.order").write_text("".join(f"{name}\n" for name in order))
         run(["depmod", "-b", staging, release])
         final = base / "lib" / "modules" / release
-        _swap_in(moddir, final)
+        replace_directory(moddir, final)
         log.info("Linked and installed %s into %s", ", ".join(order), final)
         return final
 
@@ -129,22 +129,10 @@ def _staging(base: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap_in(new: Path, final: Path) -> None:
-    """Replace `final` by `new` (same file system): the old tree is renamed away first."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def remove_stale(base: Path) -> None:
     """Remove staging and old trees that a killed run left under `base`."""
     if not base.is_dir():
         return
-    for p in list(base.iterdir()) + list((base / "lib" / "modules").glob(".old-*")):
-        if p.name.startswith((".staging-", ".old-")):
+    for p in list(base.iterdir()) + list((base / "lib" / "modules").glob(f"{OLD_PREFIX}*")):
+        if p.name.startswith((".staging-", OLD_PREFIX)):
             shutil.rmtree(p, ignore_errors=True)

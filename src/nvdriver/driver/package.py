@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from nvdriver.atomic import TEMP_PREFIX, atomic_file
 from nvdriver.config import KERNEL_RELEASE_RE
 from nvdriver.driver.build import BuildOutput
 from nvdriver.errors import DriverError, IntegrityError
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SUFFIX = ".tar.gz"
-TEMP_PREFIX = ".tmp-"
 FAILED_SUFFIX = ".failed"
 CHUNK = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -233,28 +233,6 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
-
-
-@contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[IO[bytes]]:
-    """A file that appears under `final` complete or not at all."""
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def sha256_file(path: Path) -> str:

@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from nvdriver.atomic import TEMP_PREFIX, replace_directory
 from nvdriver.driver.build import BuildRoot
 from nvdriver.host import resolve_in
 from nvdriver.run import run
@@ -48,7 +49,7 @@ def save_linker(build_root: BuildRoot, cache: Path, ident: str) -> Path:
     if inner_ld is None:
         raise FileNotFoundError("ld")
     ld = resolve_in(build_root.root, Path(inner_ld))
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(TEMP_PREFIX + dest.name)  # a killed run's is removed here (build lock)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "lib").mkdir(parents=True)
     shutil.copy2(ld, tmp / "ld")
@@ -68,8 +69,7 @@ def save_linker(build_root: BuildRoot, cache: Path, ident: str) -> Path:
         raise FileNotFoundError(f"the dynamic loader of {inner_ld}")
     (tmp / "loader").symlink_to(Path("lib") / loader.name)
     (tmp / "ident").write_text(ident)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    replace_directory(tmp, dest)
     log.info("Saved the developer container's linker (%s) to %s", ident, dest)
     return dest
 

@@ -22,12 +22,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
+from nvdriver.atomic import atomic_file, write_atomically
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.flatcar import gpg
@@ -133,14 +133,9 @@ class Stamp:
         return stamp if isinstance(stamp.size, int) else None
 
     def write(self, path: Path) -> None:
-        """Write atomically (temp file, fsync, rename)."""
-        tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}")
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write atomically; a killed write leaves a partial file that the next fetch removes."""
+        text = json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        write_atomically(path, text.encode(), prefix=PARTIAL_PREFIX)
 
 
 def stamp_path(image: Path) -> Path:
@@ -209,7 +204,11 @@ class SparseWriter:
             _pwrite_all(self._fd, data[run:], start + run)
 
     def finish(self) -> int:
-        """Write what is left, set the file's size, flush it to disk; returns the size."""
+        """Write what is left, set the file's size, flush it to disk; returns the size.
+
+        Flushed here, not only when the file is renamed into place, so that a disk that
+        turns out full on the flush is reported like one that is full on a write.
+        """
         self._flush(len(self._buffer))
         os.ftruncate(self._fd, self.offset)
         os.fsync(self._fd)
@@ -340,34 +339,6 @@ def decompressor(sink: SparseWriter, url: str, *, threads: int) -> Iterator[Deco
         yield Bz2Decompressor(sink, url)
 
 
-class PartialFile:
-    """A temporary file beside the final name; renamed into place by `commit`, else removed."""
-
-    def __init__(self, directory: Path) -> None:
-        fd, name = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
-        self.fd = fd
-        self.path = Path(name)
-        self.committed = False
-
-    def commit(self, final: Path) -> None:
-        os.rename(self.path, final)
-        self.committed = True
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if not self.committed:
-            self.path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def partial_file(directory: Path) -> Iterator[PartialFile]:
-    partial = PartialFile(directory)
-    try:
-        yield partial
-    finally:
-        partial.close()
-
-
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialize fetches of one release (an `init` and an `update` at once)."""
@@ -384,10 +355,10 @@ def _remove_leftovers(directory: Path) -> None:
 
 
 def _no_space(
-    directory: Path, error: OSError, partial: PartialFile, download: Download
+    directory: Path, error: OSError, partial: IO[bytes], download: Download
 ) -> DriverError:
     """A message for ENOSPC/EDQUOT naming the directory and about how much space it needs."""
-    written = partial.path.stat().st_blocks * 512
+    written = os.fstat(partial.fileno()).st_blocks * 512
     free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
     needed = written
     if download.total and download.done:
@@ -445,9 +416,10 @@ def _download_once(
     """One attempt of the single pass; returns the SHA-512 of the .bz2 and the image's size."""
     download = Download(url, policy=policy)
     with contextlib.ExitStack() as stack:
-        partial = stack.enter_context(partial_file(final.parent))
+        # Renamed to `final` when the block ends normally: only once verified.
+        partial = stack.enter_context(atomic_file(final, prefix=PARTIAL_PREFIX))
         try:
-            sink = SparseWriter(partial.fd)
+            sink = SparseWriter(partial.fileno())
             dec = stack.enter_context(decompressor(sink, url, threads=threads))
             verifier = (
                 stack.enter_context(
@@ -480,8 +452,7 @@ def _download_once(
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _no_space(final.parent, e, partial, download) from e
-            raise DriverError(f"Could not write {partial.path}: {e}.") from e
-        partial.commit(final)
+            raise DriverError(f"Could not write {final}: {e}.") from e
     return digest, size
 
 
