@@ -4,9 +4,10 @@ The image stays untouched: its ROOT partition is attached read-only through
 a loop device (`losetup --find`, never a fixed device), mounted read-only,
 and covered by an overlay whose upper layer lives on a tmpfs — no `dd`, no
 `resize2fs`. Every step is a context manager of `nvdriver.mounts` that
-undoes itself on every exit path. All mount points live under one work directory, itself a private
-bind mount, so that nothing propagates to the host and `cleanup_stale` can
-tell our leftovers (after a SIGKILL) from anything else.
+undoes itself on every exit path. All mount points live under one work
+directory, itself a private bind mount, so that nothing propagates to the
+host and `cleanup_stale` can tell our leftovers (after a SIGKILL) from
+anything else. What is Flatcar's is here: the partition table, the layout.
 """
 
 from __future__ import annotations
