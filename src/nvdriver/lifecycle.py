@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, kmod, lock, rootfs, signals
+from nvdriver import builder, daemons, lock, rootfs, signals
 from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver import package as pkg
@@ -26,6 +26,12 @@ from nvdriver.driver.source import DriverSource, resolve_flavour
 from nvdriver.driver.toolchain import linker_for
 from nvdriver.errors import DriverError, Interrupted
 from nvdriver.host import KernelIdentity, nvidia_gpus
+from nvdriver.kmod import loading
+from nvdriver.kmod.firmware import set_firmware_path
+from nvdriver.kmod.loaded import loaded_flavour, loaded_modules
+from nvdriver.kmod.params import read_params
+from nvdriver.kmod.tree import ModuleTree, wanted_modules
+from nvdriver.kmod.unloading import unload as unload_modules
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ class DriverPlan:
 
     version: str
     flavour: str
-    tree: kmod.ModuleTree
+    tree: ModuleTree
     modules: tuple[str, ...]
     params: Mapping[str, Sequence[str]]
 
@@ -122,13 +128,13 @@ def _prepare(config: Config) -> DriverPlan:
     linker = linker_for(config.cache_dir, package.manifest.linker)
     base = _module_base(config, version)
     link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
-    tree = kmod.ModuleTree(base, kernel.release)
+    tree = ModuleTree(base, kernel.release)
     _pause_at(options, "linked")
 
-    params = {m: kmod.read_params(config.module_params_dir, m) for m in tree.modules()}
-    modules = kmod.wanted_modules(tree, params, options.gpu_direct_rdma)
-    loaded = kmod.loaded_modules(config)
-    same_flavour = kmod.loaded_flavour(config) in (None, flavour)
+    params = {m: read_params(config.module_params_dir, m) for m in tree.modules()}
+    modules = wanted_modules(tree, params, options.gpu_direct_rdma)
+    loaded = loaded_modules(config)
+    same_flavour = loaded_flavour(config) in (None, flavour)
     if loaded and same_flavour and tree.matches_loaded(loaded):
         log.info(
             "The modules of this package are loaded already (%s); keeping them",
@@ -140,9 +146,9 @@ def _prepare(config: Config) -> DriverPlan:
             ", ".join(f"{m.name} {m.version or ''}".strip() for m in loaded),
         )
         daemons.stop_persistenced(config)
-        kmod.unload(config)
+        unload_modules(config)
     if flavour == "open":
-        kmod.set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
+        set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
     return DriverPlan(version, flavour, tree, tuple(modules), params)
 
 
@@ -157,7 +163,7 @@ def init(config: Config) -> None:
         stack.enter_context(lock.instance_lock(config))
         _pause_at(options, "locked")
         plan = _prepare(config)
-        stack.enter_context(kmod.driver_loaded(config, plan.tree, plan.modules, plan.params))
+        stack.enter_context(loading.driver_loaded(config, plan.tree, plan.modules, plan.params))
         _pause_at(options, "loaded")
         stack.enter_context(rootfs.exposed_root(config, options.container_root))
         _pause_at(options, "mounted")
@@ -178,7 +184,7 @@ def load(config: Config) -> list[str]:
     """Link, install and load from the package for the running kernel; do not wait."""
     with lock.instance_lock(config):
         plan = _prepare(config)
-        return kmod.load(config, plan.tree, plan.modules, plan.params)
+        return loading.load(config, plan.tree, plan.modules, plan.params)
 
 
 def unload(config: Config) -> None:
@@ -192,7 +198,7 @@ def unload(config: Config) -> None:
             daemons.stop_persistenced(config)
         except DriverError as e:
             log.error("%s", e)
-        kmod.unload(config)
+        unload_modules(config)
 
 
 def update(config: Config) -> Package:

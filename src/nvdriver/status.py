@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvdriver import daemons, kmod, lock, rootfs
+from nvdriver import daemons, lock, rootfs
 from nvdriver.config import Config
 from nvdriver.driver.package import PackageStore
 from nvdriver.driver.source import DriverSource, resolve_flavour
 from nvdriver.errors import DriverError
 from nvdriver.flatcar.release import host_version, parse_env_file
 from nvdriver.host import KernelIdentity, nvidia_gpus, read_optional
+from nvdriver.kmod.loaded import loaded_modules
 
 
 def _readiness(config: Config) -> dict[str, str] | None:
@@ -47,7 +48,7 @@ def collect(config: Config) -> dict[str, Any]:
                 "version": m.version,
                 "srcversion": m.srcversion,
             }
-            for m in kmod.loaded_modules(config)
+            for m in loaded_modules(config)
         ],
         "gpus": [
             {"address": g.address, "device": f"0x{g.device:04x}", "class": f"0x{g.pci_class:06x}"}

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from nvdriver import kmod
 from nvdriver.config import Config
 from nvdriver.errors import BusyError, DriverError, NoGpuError, UsageError
-from nvdriver.kmod import LoadedModule, ModuleTree
+from nvdriver.kmod.firmware import set_firmware_path
+from nvdriver.kmod.kmsg import KernelLog, KmsgRecord, parse_kmsg_record
+from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
+from nvdriver.kmod.params import param_value, read_params
+from nvdriver.kmod.refusal import load_error
+from nvdriver.kmod.tree import ModuleTree, wanted_modules
+from nvdriver.kmod.unloading import busy_reasons, unload
 
 
 def config_for(root: Path) -> Config:
@@ -50,7 +55,7 @@ def test_params_from_key_value_lines_and_options_lines(tmp_path: Path) -> None:
         '  NVreg_Note="with blanks"  \n'
         "NVreg_Flag\n"
     )
-    assert kmod.read_params(tmp_path, "nvidia") == (
+    assert read_params(tmp_path, "nvidia") == (
         "NVreg_EnableGpuFirmware=0",
         "NVreg_RegistryDwords=RMFoo=1;Bar=2",
         "NVreg_DeviceFileMode=0660",
@@ -61,11 +66,11 @@ def test_params_from_key_value_lines_and_options_lines(tmp_path: Path) -> None:
 
 def test_params_options_line_may_name_the_module_with_underscores(tmp_path: Path) -> None:
     (tmp_path / "nvidia-drm.conf").write_text("options nvidia_drm modeset=1 fbdev=1\n")
-    assert kmod.read_params(tmp_path, "nvidia-drm") == ("modeset=1", "fbdev=1")
+    assert read_params(tmp_path, "nvidia-drm") == ("modeset=1", "fbdev=1")
 
 
 def test_no_params_file_means_no_params(tmp_path: Path) -> None:
-    assert kmod.read_params(tmp_path, "nvidia-uvm") == ()
+    assert read_params(tmp_path, "nvidia-uvm") == ()
 
 
 @pytest.mark.parametrize(
@@ -81,13 +86,13 @@ def test_no_params_file_means_no_params(tmp_path: Path) -> None:
 def test_malformed_params_are_a_usage_error_naming_file_and_line(tmp_path: Path, text: str) -> None:
     (tmp_path / "nvidia.conf").write_text("NVreg_Ok=1\n" + text)
     with pytest.raises(UsageError, match=r"nvidia\.conf line 2"):
-        kmod.read_params(tmp_path, "nvidia")
+        read_params(tmp_path, "nvidia")
 
 
 def test_param_value_takes_the_last_one_unquoted() -> None:
     params = ("NVreg_EnableGpuFirmware=1", 'NVreg_EnableGpuFirmware="0"', "other=2")
-    assert kmod.param_value(params, "NVreg_EnableGpuFirmware") == "0"
-    assert kmod.param_value(params, "missing") is None
+    assert param_value(params, "NVreg_EnableGpuFirmware") == "0"
+    assert param_value(params, "missing") is None
 
 
 # --- the refcount rule ------------------------------------------------------------
@@ -100,7 +105,7 @@ def test_references_from_the_drivers_own_modules_do_not_make_it_busy() -> None:
         mod("nvidia_modeset", 1, "nvidia_drm"),
         mod("nvidia_drm", 0),
     ]
-    assert kmod.busy_reasons(loaded) == []
+    assert busy_reasons(loaded) == []
 
 
 @pytest.mark.parametrize(
@@ -124,7 +129,7 @@ def test_references_from_the_drivers_own_modules_do_not_make_it_busy() -> None:
 def test_any_other_reference_makes_the_driver_busy(
     loaded: list[LoadedModule], culprit: str
 ) -> None:
-    reasons = kmod.busy_reasons(loaded)
+    reasons = busy_reasons(loaded)
     assert len(reasons) == 1 and culprit in reasons[0]
 
 
@@ -148,7 +153,7 @@ def test_unload_refuses_and_touches_nothing_when_in_use(
     calls = write_rmmod(tmp_path, tmp_path)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with pytest.raises(BusyError, match="nothing was unloaded") as e:
-        kmod.unload(config_for(tmp_path))
+        unload(config_for(tmp_path))
     assert e.value.exit_code == 3
     assert not calls.exists()
 
@@ -162,17 +167,17 @@ def test_unload_removes_all_in_one_rmmod_users_first(
     fake_module(tmp_path, "nvidia_drm", 0)
     calls = write_rmmod(tmp_path, tmp_path)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    names = kmod.unload(config_for(tmp_path))
+    names = unload(config_for(tmp_path))
     assert names == ["nvidia_drm", "nvidia_modeset", "nvidia_uvm", "nvidia"]
     assert calls.read_text() == "nvidia_drm nvidia_modeset nvidia_uvm nvidia\n"
-    assert kmod.unload(config_for(tmp_path)) == []  # nothing loaded: nothing to do
+    assert unload(config_for(tmp_path)) == []  # nothing loaded: nothing to do
 
 
 def test_loaded_modules_skip_built_in_and_absent_ones(tmp_path: Path) -> None:
     fake_module(tmp_path, "nvidia", 1, ("nvidia_uvm",))
     fake_module(tmp_path, "nvidia_uvm", 0)
     (tmp_path / "sys" / "module" / "nvidia_drm" / "parameters").mkdir(parents=True)  # no refcnt
-    loaded = kmod.loaded_modules(config_for(tmp_path))
+    loaded = loaded_modules(config_for(tmp_path))
     assert [(m.name, m.refcnt, m.holders) for m in loaded] == [
         ("nvidia", 1, ("nvidia_uvm",)),
         ("nvidia_uvm", 0, ()),
@@ -182,16 +187,16 @@ def test_loaded_modules_skip_built_in_and_absent_ones(tmp_path: Path) -> None:
 
 def test_loaded_flavour_from_the_driver_version_line(tmp_path: Path) -> None:
     config = config_for(tmp_path)
-    assert kmod.loaded_flavour(config) is None
+    assert loaded_flavour(config) is None
     proc = tmp_path / "proc" / "driver" / "nvidia"
     proc.mkdir(parents=True)
     (proc / "version").write_text(
         "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.261.03  Release Build\n"
         "GCC version:  gcc version 12.2.0\n"
     )
-    assert kmod.loaded_flavour(config) == "open"
+    assert loaded_flavour(config) == "open"
     (proc / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.261.03\n")
-    assert kmod.loaded_flavour(config) == "proprietary"
+    assert loaded_flavour(config) == "proprietary"
 
 
 # --- which modules -----------------------------------------------------------------
@@ -209,12 +214,12 @@ def test_drm_only_when_configured_peermem_only_for_rdma(tmp_path: Path) -> None:
     tree = tree_with(
         tmp_path, "nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem"
     )
-    assert kmod.wanted_modules(tree, {}, peermem=False) == [
+    assert wanted_modules(tree, {}, peermem=False) == [
         "nvidia",
         "nvidia-uvm",
         "nvidia-modeset",
     ]
-    assert kmod.wanted_modules(tree, {"nvidia-drm": ("modeset=1",)}, peermem=True) == [
+    assert wanted_modules(tree, {"nvidia-drm": ("modeset=1",)}, peermem=True) == [
         "nvidia",
         "nvidia-uvm",
         "nvidia-modeset",
@@ -225,20 +230,20 @@ def test_drm_only_when_configured_peermem_only_for_rdma(tmp_path: Path) -> None:
 
 def test_a_tree_without_nvidia_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DriverError, match="lacks nvidia"):
-        kmod.wanted_modules(tree_with(tmp_path, "nvidia-uvm"), {}, peermem=False)
+        wanted_modules(tree_with(tmp_path, "nvidia-uvm"), {}, peermem=False)
 
 
 # --- the kernel log and load errors --------------------------------------------------
 
 
 def test_kmsg_records_are_parsed_with_escapes_and_continuation_lines() -> None:
-    record = kmod.parse_kmsg_record(
+    record = parse_kmsg_record(
         b"6,1234,5678901,-;NVRM: No NVIDIA GPU found.\\x0a\n SUBSYSTEM=pci\n DEVICE=+pci:0\n"
     )
-    assert record == kmod.KmsgRecord(level=6, sequence=1234, message="NVRM: No NVIDIA GPU found.\n")
-    continued = kmod.parse_kmsg_record(b"30,7,1,c;nvidia: loading out-of-tree module\n")
+    assert record == KmsgRecord(level=6, sequence=1234, message="NVRM: No NVIDIA GPU found.\n")
+    continued = parse_kmsg_record(b"30,7,1,c;nvidia: loading out-of-tree module\n")
     assert continued is not None and continued.level == 6  # facility 3, level 6
-    assert kmod.parse_kmsg_record(b"garbage") is None
+    assert parse_kmsg_record(b"garbage") is None
 
 
 def test_kernel_log_reads_only_what_comes_after_opening(tmp_path: Path) -> None:
@@ -246,18 +251,18 @@ def test_kernel_log_reads_only_what_comes_after_opening(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # keeps the fifo open
     try:
-        with kmod.KernelLog(fifo) as klog:
+        with KernelLog(fifo) as klog:
             assert klog.read() == []
             os.write(writer, b"3,10,100,-;NVRM: No NVIDIA GPU found.\n")
             assert klog.read() == ["NVRM: No NVIDIA GPU found."]
             assert klog.read() == []
     finally:
         os.close(writer)
-    assert kmod.KernelLog(tmp_path / "missing").read() == []  # unreadable: no quote, no crash
+    assert KernelLog(tmp_path / "missing").read() == []  # unreadable: no quote, no crash
 
 
 def test_enodev_from_nvidia_is_no_gpu_quoting_the_kernel() -> None:
-    error = kmod.load_error(
+    error = load_error(
         "nvidia",
         "modprobe: ERROR: could not insert 'nvidia': No such device\n",
         ["nvidia: module verification failed", "NVRM: No NVIDIA GPU found."],
@@ -268,7 +273,7 @@ def test_enodev_from_nvidia_is_no_gpu_quoting_the_kernel() -> None:
 
 
 def test_other_load_failures_quote_modprobe_and_the_kernel() -> None:
-    error = kmod.load_error(
+    error = load_error(
         "nvidia-uvm",
         "modprobe: ERROR: could not insert 'nvidia_uvm': Unknown symbol in module\n",
         ["nvidia_uvm: Unknown symbol nvUvmInterfaceFoo (err -2)"],
@@ -290,16 +295,16 @@ def firmware_param(root: Path, value: str) -> Path:
 
 def test_firmware_path_is_set_only_when_empty(tmp_path: Path) -> None:
     param = firmware_param(tmp_path, "\n")
-    kmod.set_firmware_path(config_for(tmp_path), "/run/nvidia/driver/lib/firmware", ())
+    set_firmware_path(config_for(tmp_path), "/run/nvidia/driver/lib/firmware", ())
     assert param.read_text() == "/run/nvidia/driver/lib/firmware"
     param.write_text("/host/firmware\n")
-    kmod.set_firmware_path(config_for(tmp_path), "/run/nvidia/driver/lib/firmware", ())
+    set_firmware_path(config_for(tmp_path), "/run/nvidia/driver/lib/firmware", ())
     assert param.read_text() == "/host/firmware\n"
 
 
 def test_firmware_path_is_left_alone_when_gpu_firmware_is_off(tmp_path: Path) -> None:
     param = firmware_param(tmp_path, "")
-    kmod.set_firmware_path(
+    set_firmware_path(
         config_for(tmp_path), "/run/nvidia/driver/lib/firmware", ("NVreg_EnableGpuFirmware=0",)
     )
     assert param.read_text() == ""
