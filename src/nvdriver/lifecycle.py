@@ -21,8 +21,9 @@ from nvdriver import builder, daemons, lock, rootfs, signals
 from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver import package as pkg
+from nvdriver.driver.flavour import FlavourChoice, choose_flavour
 from nvdriver.driver.package import Package, PackageStore
-from nvdriver.driver.source import DriverSource, resolve_flavour
+from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import linker_for
 from nvdriver.errors import DriverError, Interrupted
 from nvdriver.host import KernelIdentity, nvidia_gpus
@@ -78,14 +79,27 @@ class DriverPlan:
     """What `init` and `load` load: the linked tree, which modules, with which parameters."""
 
     version: str
-    flavour: str
+    flavour: Flavour
     tree: ModuleTree
     modules: tuple[str, ...]
     params: Mapping[str, Sequence[str]]
 
 
-def _find_package(config: Config, kernel: KernelIdentity, version: str, flavour: str) -> Package:
+def _choose(config: Config) -> tuple[DriverSource, FlavourChoice]:
+    """The driver source and the flavour for this node's GPUs, decided once per command."""
+    source = DriverSource.from_config(config)
+    choice = choose_flavour(config, source, nvidia_gpus(config))
+    log.info("Kernel modules: %s (%s)", choice.flavour, choice.reason)
+    if choice.warning:
+        log.warning("%s", choice.warning)
+    return source, choice
+
+
+def _find_package(
+    config: Config, kernel: KernelIdentity, source: DriverSource, flavour: Flavour
+) -> Package:
     """The package for the running kernel; built when there is none (and a build is possible)."""
+    version = source.version
     store = PackageStore(config.precompiled_dir)
     found = store.find(kernel, version, flavour, config.tag)
     if found is not None:
@@ -99,7 +113,7 @@ def _find_package(config: Config, kernel: KernelIdentity, version: str, flavour:
         store.root,
     )
     try:
-        return update(dataclasses.replace(config, kernel=None))
+        return builder.make_package(dataclasses.replace(config, kernel=None), source, flavour)
     except Interrupted:
         raise
     except DriverError as e:
@@ -119,12 +133,11 @@ def _prepare(config: Config) -> DriverPlan:
     are kept: a restarted container must not disturb running GPU work.
     """
     options = config.options
-    source = DriverSource.from_config(config)
-    version = config.driver_version or source.version
-    flavour = resolve_flavour(config, source, nvidia_gpus(config))
+    source, choice = _choose(config)
+    version, flavour = source.version, choice.flavour
     kernel = KernelIdentity.running(config)
     _remove_stale(config, version)
-    package = _find_package(config, kernel, version, flavour)
+    package = _find_package(config, kernel, source, flavour)
     linker = linker_for(config.cache_dir, package.manifest.linker)
     base = _module_base(config, version)
     link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
@@ -203,7 +216,8 @@ def unload(config: Config) -> None:
 
 def update(config: Config) -> Package:
     """Build and pack the precompiled package for a kernel; load nothing."""
-    return builder.make_package(config)
+    source, choice = _choose(config)
+    return builder.make_package(config, source, choice.flavour)
 
 
 @dataclasses.dataclass(frozen=True)
