@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from nvdriver.config import Config
-from nvdriver.errors import BusyError, DriverError, NoGpuError, UsageError
+from nvdriver.errors import BusyError, DriverError, NoGpuError, UnsupportedError, UsageError
+from nvdriver.host import PciDevice, nvidia_gpus
 from nvdriver.kmod.firmware import set_firmware_path
 from nvdriver.kmod.kmsg import KernelLog, KmsgRecord, parse_kmsg_record
 from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
@@ -16,6 +17,7 @@ from nvdriver.kmod.params import param_value, read_params
 from nvdriver.kmod.refusal import load_error
 from nvdriver.kmod.tree import ModuleTree, wanted_modules
 from nvdriver.kmod.unloading import busy_reasons, unload
+from tests.sysfs import A100, GTX680, V100, gpus
 
 
 def config_for(root: Path) -> Config:
@@ -261,15 +263,101 @@ def test_kernel_log_reads_only_what_comes_after_opening(tmp_path: Path) -> None:
     assert KernelLog(tmp_path / "missing").read() == []  # unreadable: no quote, no crash
 
 
-def test_enodev_from_nvidia_is_no_gpu_quoting_the_kernel() -> None:
+ENODEV = "modprobe: ERROR: could not insert 'nvidia': No such device\n"
+
+
+def kmsg(*printks: str) -> list[str]:
+    """The messages KernelLog reads for these printk texts: one /dev/kmsg record each,
+    newlines inside escaped as the kernel does (NVIDIA logs several lines per call)."""
+    records = []
+    for n, text in enumerate(printks):
+        escaped = text.rstrip("\n").replace("\n", "\\x0a")
+        record = parse_kmsg_record(f"3,{n},0,c;{escaped}\n".encode())
+        assert record is not None
+        records.append(record.message)
+    return records
+
+
+# What 535.261.03 logs (kernel-open/nvidia/nv.c, src/nvidia/.../osapi.c), as the stand-in does.
+NOT_PROBED = kmsg(
+    "NVRM: The NVIDIA probe routine was not called for 1 device(s).\n",
+    "NVRM: This can occur when a driver such as: \nNVRM: nouveau, rivafb, nvidiafb or rivatv "
+    "\nNVRM: was loaded and obtained ownership of the NVIDIA device(s).\n",
+    "NVRM: No NVIDIA devices probed.\n",
+)
+NO_GSP = kmsg(
+    "NVRM: The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1db4)\n"
+    "NVRM: installed in this system is not supported by open\n"
+    "NVRM: nvidia.ko because it does not include the required GPU\n"
+    "NVRM: System Processor (GSP).\n"
+    "NVRM: Please see the 'Open Linux Kernel Modules' and 'GSP\n",
+    "NVRM: The NVIDIA probe routine failed for 1 device(s).\n",
+    "NVRM: None of the NVIDIA devices were initialized.\n",
+)
+RELEASE = kmsg(
+    "NVRM: The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1180)\n"
+    "NVRM: installed in this system is not supported by the\n"
+    "NVRM: NVIDIA 535.261.03 driver release.\n",
+    "NVRM: None of the NVIDIA devices were initialized.\n",
+)
+
+
+def host_gpus(tmp_path: Path, *devices: int, driver: str | None = None) -> list[PciDevice]:
+    """The GPUs sysfs would show (synthetic: no GPU exists here), as the driver reads them."""
+    gpus(tmp_path, *devices, driver=driver)
+    return nvidia_gpus(config_for(tmp_path))
+
+
+def test_no_gpu_on_the_bus_is_exit_7_quoting_the_kernel(tmp_path: Path) -> None:
     error = load_error(
         "nvidia",
-        "modprobe: ERROR: could not insert 'nvidia': No such device\n",
+        ENODEV,
         ["nvidia: module verification failed", "NVRM: No NVIDIA GPU found."],
+        host_gpus(tmp_path),
     )
     assert isinstance(error, NoGpuError) and error.exit_code == 7
     assert "NVRM: No NVIDIA GPU found." in error.message
     assert "Nothing was left loaded" in error.message
+    # The kernel log unreadable: sysfs alone says there is no GPU.
+    assert load_error("nvidia", ENODEV, [], []).exit_code == 7
+
+
+@pytest.mark.parametrize(
+    ("driver", "advice"),
+    [("vfio-pci", "/sys/bus/pci/drivers/vfio-pci/unbind"), ("nouveau", "blacklist=nouveau")],
+)
+def test_a_gpu_held_by_another_driver_is_exit_1_naming_device_and_driver(
+    tmp_path: Path, driver: str, advice: str
+) -> None:
+    gpus_now = host_gpus(tmp_path, A100, driver=driver)
+    for kernel_log in (NOT_PROBED, []):  # with and without the kernel's words
+        error = load_error("nvidia", ENODEV, kernel_log, gpus_now)
+        assert type(error) is DriverError and error.exit_code == 1
+        assert f"0000:01:00.0 (PCI ID 10de:20b0) is bound to {driver}" in error.message
+        assert error.hint is not None and advice in error.hint
+        assert "0000:01:00.0" in error.hint or driver == "nouveau"
+
+
+def test_enodev_with_a_free_gpu_and_no_kernel_words_is_not_no_gpu(tmp_path: Path) -> None:
+    error = load_error("nvidia", ENODEV, [], host_gpus(tmp_path, A100))
+    assert error.exit_code == 1 and "0000:01:00.0 (PCI ID 10de:20b0)" in error.message
+
+
+def test_open_modules_on_a_gpu_without_gsp_is_exit_6(tmp_path: Path) -> None:
+    error = load_error("nvidia", ENODEV, NO_GSP, host_gpus(tmp_path, V100))
+    assert isinstance(error, UnsupportedError) and error.exit_code == 6
+    assert "cannot drive 0000:01:00.0 (PCI ID 10de:1db4)" in error.message
+    assert error.hint is not None and "KERNEL_MODULE_TYPE=proprietary" in error.hint
+
+
+def test_a_gpu_this_release_does_not_support_is_exit_6(tmp_path: Path) -> None:
+    kepler = host_gpus(tmp_path, GTX680)
+    error = load_error("nvidia", ENODEV, RELEASE, kepler)
+    assert error.exit_code == 6
+    assert "535.261.03 does not support 0000:01:00.0 (PCI ID 10de:1180)" in error.message
+    # The proprietary driver ignores a legacy GPU and says there is none: not exit 7 either.
+    ignored = load_error("nvidia", ENODEV, ["NVRM: No NVIDIA GPU found."], kepler)
+    assert ignored.exit_code == 6 and "10de:1180" in ignored.message
 
 
 def test_other_load_failures_quote_modprobe_and_the_kernel() -> None:
@@ -277,6 +365,7 @@ def test_other_load_failures_quote_modprobe_and_the_kernel() -> None:
         "nvidia-uvm",
         "modprobe: ERROR: could not insert 'nvidia_uvm': Unknown symbol in module\n",
         ["nvidia_uvm: Unknown symbol nvUvmInterfaceFoo (err -2)"],
+        [],
     )
     assert not isinstance(error, NoGpuError) and error.exit_code == 1
     assert "Unknown symbol in module" in error.message

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from nvdriver import signals
 from nvdriver.config import Config
+from nvdriver.host import nvidia_gpus
 from nvdriver.kmod.kmsg import KernelLog
 from nvdriver.kmod.loaded import loaded_modules, loaded_names, sysfs_name
 from nvdriver.kmod.refusal import load_error
@@ -88,7 +89,7 @@ def _modprobe(config: Config, tree: ModuleTree, module: str, params: Sequence[st
         try:
             run(["modprobe", "-d", tree.base, module, *params])
         except RunError as e:
-            raise load_error(module, e.stderr, klog.read()) from e
+            raise load_error(module, e.stderr, klog.read(), nvidia_gpus(config)) from e
 
 
 @contextlib.contextmanager
