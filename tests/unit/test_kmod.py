@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from nvdriver.config import Config
 from nvdriver.errors import BusyError, DriverError, NoGpuError, UnsupportedError, UsageError
 from nvdriver.host import PciDevice, nvidia_gpus
+from nvdriver.kmod.devices import make_device_nodes
 from nvdriver.kmod.firmware import set_firmware_path
 from nvdriver.kmod.kmsg import KernelLog, KmsgRecord, parse_kmsg_record
 from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
@@ -199,6 +201,83 @@ def test_loaded_flavour_from_the_driver_version_line(tmp_path: Path) -> None:
     assert loaded_flavour(config) == "open"
     (proc / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.261.03\n")
     assert loaded_flavour(config) == "proprietary"
+
+
+def test_an_unused_gdrdrv_goes_first_with_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_module(tmp_path, "nvidia", 2, ("gdrdrv", "nvidia_uvm"))
+    fake_module(tmp_path, "nvidia_uvm", 0)
+    fake_module(tmp_path, "gdrdrv", 0, version=None)
+    calls = write_rmmod(tmp_path, tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert unload(config_for(tmp_path)) == ["gdrdrv", "nvidia_uvm", "nvidia"]
+    assert calls.read_text() == "gdrdrv nvidia_uvm nvidia\n"
+
+
+def test_a_gdrdrv_in_use_keeps_the_driver_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_module(tmp_path, "nvidia", 1, ("gdrdrv",))
+    fake_module(tmp_path, "gdrdrv", 1, version=None)  # a process has /dev/gdrdrv open
+    calls = write_rmmod(tmp_path, tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(BusyError, match="gdrdrv has 1 reference") as e:
+        unload(config_for(tmp_path))
+    assert e.value.exit_code == 3 and not calls.exists()
+
+
+# --- device nodes ------------------------------------------------------------------
+
+PROC_DEVICES = (
+    "Character devices:\n  1 mem\n195 nvidia-frontend\n508 nvidia-uvm\n\n"
+    "Block devices:\n  7 loop\n509 nvidia-uvm-block-not\n"
+)
+
+
+def driver_proc(root: Path, *minors: int) -> None:
+    """/proc as the loaded driver shows it: its GPUs' minors and nvidia-uvm's major."""
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "proc" / "devices").write_text(PROC_DEVICES)
+    for n, minor in enumerate(minors):
+        info = root / "proc" / "driver" / "nvidia" / "gpus" / f"0000:0{n + 1}:00.0"
+        info.mkdir(parents=True)
+        (info / "information").write_text(
+            f"Model: \t\t Tesla T4\nBus Location: \t 0000:0{n + 1}:00.0\n"
+            f"Device Minor: \t {minor}\nGPU Excluded:\t No\n"
+        )
+
+
+def test_device_nodes_are_made_with_the_numbers_and_mode_of_the_driver(tmp_path: Path) -> None:
+    driver_proc(tmp_path, 0, 1)
+    (tmp_path / "dev").mkdir()
+    made = make_device_nodes(config_for(tmp_path), ("NVreg_DeviceFileMode=0660",))
+    nodes = {p.name: os.lstat(p) for p in made}
+    assert {n: (os.major(s.st_rdev), os.minor(s.st_rdev)) for n, s in nodes.items()} == {
+        "nvidiactl": (195, 255),
+        "nvidia0": (195, 0),
+        "nvidia1": (195, 1),
+        "nvidia-uvm": (508, 0),
+        "nvidia-uvm-tools": (508, 1),
+    }
+    assert all(stat.S_ISCHR(s.st_mode) and stat.S_IMODE(s.st_mode) == 0o660 for s in nodes.values())
+    assert make_device_nodes(config_for(tmp_path), ()) == []  # there already
+
+
+def test_no_device_nodes_when_the_driver_may_not_touch_them(tmp_path: Path) -> None:
+    driver_proc(tmp_path, 0)
+    (tmp_path / "dev").mkdir()
+    assert make_device_nodes(config_for(tmp_path), ("NVreg_ModifyDeviceFiles=0",)) == []
+    assert list((tmp_path / "dev").iterdir()) == []
+
+
+def test_a_dev_that_cannot_take_nodes_is_logged_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    driver_proc(tmp_path)
+    (tmp_path / "dev").write_text("not a directory\n")
+    assert make_device_nodes(config_for(tmp_path), ()) == []
+    assert "Cannot make" in caplog.text
 
 
 # --- which modules -----------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from nvdriver import signals
 from nvdriver.config import Config
 from nvdriver.host import nvidia_gpus
+from nvdriver.kmod.devices import make_device_nodes
 from nvdriver.kmod.kmsg import KernelLog
 from nvdriver.kmod.loaded import loaded_modules, loaded_names, sysfs_name
 from nvdriver.kmod.refusal import load_error
@@ -59,7 +60,7 @@ def load(
 
     Modules already loaded are left alone. When one fails, every module this
     call loaded is unloaded again (no half-loaded set) and the error quotes the
-    kernel's log: NoGpuError when the kernel says there is no NVIDIA GPU.
+    kernel's log (see `refusal`). Then the missing /dev/nvidia* nodes are made.
     """
     before = {m.name for m in loaded_modules(config)}
     host_before = loaded_names(config)
@@ -80,6 +81,7 @@ def load(
     now = [m.name for m in loaded_modules(config) if m.name not in before]
     if now:
         log.info("Loaded %s", ", ".join(now))
+    make_device_nodes(config, params.get("nvidia", ()))
     return now
 
 

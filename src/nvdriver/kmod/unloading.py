@@ -3,7 +3,9 @@
 NVIDIA's rule: a module may go only when every reference on it comes from
 another NVIDIA module that goes with it; anything else (a process with
 /dev/nvidia* open, a foreign module) means the driver is in use, and then
-nothing is unloaded at all. A failed load is undone here too.
+nothing is unloaded at all. GDRCopy's `gdrdrv` uses nvidia too; as NVIDIA's
+container does, it goes first, with the driver, when nothing uses it itself.
+A failed load is undone here too.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from nvdriver.run import RunError, run
 
 log = logging.getLogger(__name__)
 
+# Modules of others that hold nvidia and go with it when they are unused themselves.
+GOES_WITH_NVIDIA = ("gdrdrv",)
 # rmmod order: every module before the modules it uses.
-UNLOAD_ORDER = tuple(reversed(MODULE_ORDER))
+UNLOAD_ORDER = (*GOES_WITH_NVIDIA, *reversed(MODULE_ORDER))
 
 
 def busy_reasons(loaded: Sequence[LoadedModule]) -> list[str]:
@@ -51,7 +55,7 @@ def unload(config: Config) -> list[str]:
     Returns the modules unloaded. Raises BusyError (exit 3) without touching
     anything when a module has a user outside the set.
     """
-    loaded = loaded_modules(config)
+    loaded = loaded_modules(config, UNLOAD_ORDER)
     if not loaded:
         log.info("No NVIDIA kernel module is loaded")
         return []
@@ -68,7 +72,7 @@ def unload(config: Config) -> list[str]:
     try:
         run(["rmmod", *names])
     except RunError as e:
-        left = [m.name for m in loaded_modules(config)]
+        left = [m.name for m in loaded_modules(config, UNLOAD_ORDER)]
         raise DriverError(
             f"Unloading the NVIDIA modules failed; still loaded: {', '.join(left) or 'none'}. "
             f"{e.message}",
