@@ -41,7 +41,7 @@ def test_init_without_package_or_build_fails_clearly_with_exit_1(
 
 
 def test_init_reads_the_driver_source_and_the_gpus_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The package lookup and the build it falls back to share one choice of source and
     flavour: both used to run DriverSource.from_config and nvidia_gpus on their own."""
@@ -77,3 +77,5 @@ def test_init_reads_the_driver_source_and_the_gpus_once(
         monkeypatch.setenv(name, value)
     assert cli.main(["init"]) == 1  # no package, and the build cannot find a Flatcar release
     assert calls == {"from_config": 1, "nvidia_gpus": 1}
+    # The log says that the flavour was chosen without the driver's GPU list.
+    assert "supported-gpus.json is not in" in capsys.readouterr().err
