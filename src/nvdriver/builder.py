@@ -18,12 +18,12 @@ from nvdriver.driver import package as pkg
 from nvdriver.driver.build import BuildOutput, BuildRoot, build_modules
 from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.sign import sign_build
-from nvdriver.driver.source import DriverSource, resolve_flavour
+from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import save_linker
 from nvdriver.errors import DriverError, UsageError
 from nvdriver.flatcar import image, release
 from nvdriver.flatcar.fetch import fetch_developer_container
-from nvdriver.host import KernelIdentity, KernelTree, nvidia_gpus, resolve_in
+from nvdriver.host import KernelIdentity, KernelTree, resolve_in
 from nvdriver.run import run
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,9 @@ def remove_stale_work(config: Config) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def make_package(config: Config) -> Package:
-    """Build and pack the package for `config.kernel` (default: the running kernel)."""
-    source = DriverSource.from_config(config)
-    flavour = resolve_flavour(config, source, nvidia_gpus(config))
+def make_package(config: Config, source: DriverSource, flavour: Flavour) -> Package:
+    """Build and pack the `flavour` package of `source` for `config.kernel` (default: the
+    running kernel). The caller chose both, once per command (lifecycle._choose)."""
     store = PackageStore(config.precompiled_dir)
     store.remove_temp_files()
     build = _in_developer_container if config.kernel_source is None else _from_kernel_tree

@@ -140,28 +140,55 @@ class PciDevice:
     vendor: int
     device: int
     pci_class: int
+    subsystem_vendor: int | None = None
+    subsystem_device: int | None = None
+    driver: str | None = None  # the driver bound to it (nvidia, nouveau, vfio-pci), if any
 
     @property
     def is_nvidia_gpu(self) -> bool:
         return self.vendor == NVIDIA_VENDOR and (self.pci_class >> 8) in DISPLAY_CLASSES
 
+    @property
+    def pci_id(self) -> str:
+        """`10de:2330`, as the kernel and lspci -n write it."""
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+    def __str__(self) -> str:
+        return f"{self.address} (PCI ID {self.pci_id})"
+
+
+def _hex(path: Path) -> int | None:
+    text = read_optional(path)
+    try:
+        return int(text, 16) if text else None
+    except ValueError:
+        return None
+
 
 def nvidia_gpus(config: Config) -> list[PciDevice]:
-    """NVIDIA GPUs on the PCI bus, from sysfs (vendor 0x10de, class VGA or 3D)."""
+    """NVIDIA GPUs on the PCI bus, from sysfs (vendor 0x10de, class VGA or 3D), with the
+    driver each is bound to (the name of its `driver` link)."""
     root = config.host("/sys/bus/pci/devices")
     found = []
     if not root.is_dir():
         return []
     for dev in sorted(root.iterdir()):
-        try:
-            d = PciDevice(
-                address=dev.name,
-                vendor=int((dev / "vendor").read_text(), 16),
-                device=int((dev / "device").read_text(), 16),
-                pci_class=int((dev / "class").read_text(), 16),
-            )
-        except (OSError, ValueError):
+        vendor, device, pci_class = (_hex(dev / f) for f in ("vendor", "device", "class"))
+        if vendor is None or device is None or pci_class is None:
             continue
+        try:
+            driver: str | None = Path(os.readlink(dev / "driver")).name
+        except OSError:
+            driver = None
+        d = PciDevice(
+            address=dev.name,
+            vendor=vendor,
+            device=device,
+            pci_class=pci_class,
+            subsystem_vendor=_hex(dev / "subsystem_vendor"),
+            subsystem_device=_hex(dev / "subsystem_device"),
+            driver=driver,
+        )
         if d.is_nvidia_gpu:
             found.append(d)
     return found

@@ -17,15 +17,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, kmod, lock, rootfs, signals
+from nvdriver import builder, daemons, lock, rootfs, signals
 from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver import package as pkg
+from nvdriver.driver.flavour import FlavourChoice, choose_flavour
 from nvdriver.driver.package import Package, PackageStore
-from nvdriver.driver.source import DriverSource, resolve_flavour
+from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import linker_for
 from nvdriver.errors import DriverError, Interrupted
 from nvdriver.host import KernelIdentity, nvidia_gpus
+from nvdriver.kmod import loading
+from nvdriver.kmod.firmware import set_firmware_path
+from nvdriver.kmod.loaded import loaded_flavour, loaded_modules
+from nvdriver.kmod.params import read_params
+from nvdriver.kmod.tree import ModuleTree, wanted_modules
+from nvdriver.kmod.unloading import unload as unload_modules
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +79,27 @@ class DriverPlan:
     """What `init` and `load` load: the linked tree, which modules, with which parameters."""
 
     version: str
-    flavour: str
-    tree: kmod.ModuleTree
+    flavour: Flavour
+    tree: ModuleTree
     modules: tuple[str, ...]
     params: Mapping[str, Sequence[str]]
 
 
-def _find_package(config: Config, kernel: KernelIdentity, version: str, flavour: str) -> Package:
+def _choose(config: Config) -> tuple[DriverSource, FlavourChoice]:
+    """The driver source and the flavour for this node's GPUs, decided once per command."""
+    source = DriverSource.from_config(config)
+    choice = choose_flavour(config, source, nvidia_gpus(config))
+    log.info("Kernel modules: %s (%s)", choice.flavour, choice.reason)
+    if choice.warning:
+        log.warning("%s", choice.warning)
+    return source, choice
+
+
+def _find_package(
+    config: Config, kernel: KernelIdentity, source: DriverSource, flavour: Flavour
+) -> Package:
     """The package for the running kernel; built when there is none (and a build is possible)."""
+    version = source.version
     store = PackageStore(config.precompiled_dir)
     found = store.find(kernel, version, flavour, config.tag)
     if found is not None:
@@ -93,7 +113,7 @@ def _find_package(config: Config, kernel: KernelIdentity, version: str, flavour:
         store.root,
     )
     try:
-        return update(dataclasses.replace(config, kernel=None))
+        return builder.make_package(dataclasses.replace(config, kernel=None), source, flavour)
     except Interrupted:
         raise
     except DriverError as e:
@@ -113,22 +133,21 @@ def _prepare(config: Config) -> DriverPlan:
     are kept: a restarted container must not disturb running GPU work.
     """
     options = config.options
-    source = DriverSource.from_config(config)
-    version = config.driver_version or source.version
-    flavour = resolve_flavour(config, source, nvidia_gpus(config))
+    source, choice = _choose(config)
+    version, flavour = source.version, choice.flavour
     kernel = KernelIdentity.running(config)
     _remove_stale(config, version)
-    package = _find_package(config, kernel, version, flavour)
+    package = _find_package(config, kernel, source, flavour)
     linker = linker_for(config.cache_dir, package.manifest.linker)
     base = _module_base(config, version)
     link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
-    tree = kmod.ModuleTree(base, kernel.release)
+    tree = ModuleTree(base, kernel.release)
     _pause_at(options, "linked")
 
-    params = {m: kmod.read_params(config.module_params_dir, m) for m in tree.modules()}
-    modules = kmod.wanted_modules(tree, params, options.gpu_direct_rdma)
-    loaded = kmod.loaded_modules(config)
-    same_flavour = kmod.loaded_flavour(config) in (None, flavour)
+    params = {m: read_params(config.module_params_dir, m) for m in tree.modules()}
+    modules = wanted_modules(tree, params, options.gpu_direct_rdma)
+    loaded = loaded_modules(config)
+    same_flavour = loaded_flavour(config) in (None, flavour)
     if loaded and same_flavour and tree.matches_loaded(loaded):
         log.info(
             "The modules of this package are loaded already (%s); keeping them",
@@ -140,9 +159,9 @@ def _prepare(config: Config) -> DriverPlan:
             ", ".join(f"{m.name} {m.version or ''}".strip() for m in loaded),
         )
         daemons.stop_persistenced(config)
-        kmod.unload(config)
+        unload_modules(config)
     if flavour == "open":
-        kmod.set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
+        set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
     return DriverPlan(version, flavour, tree, tuple(modules), params)
 
 
@@ -157,7 +176,7 @@ def init(config: Config) -> None:
         stack.enter_context(lock.instance_lock(config))
         _pause_at(options, "locked")
         plan = _prepare(config)
-        stack.enter_context(kmod.driver_loaded(config, plan.tree, plan.modules, plan.params))
+        stack.enter_context(loading.driver_loaded(config, plan.tree, plan.modules, plan.params))
         _pause_at(options, "loaded")
         stack.enter_context(rootfs.exposed_root(config, options.container_root))
         _pause_at(options, "mounted")
@@ -178,7 +197,7 @@ def load(config: Config) -> list[str]:
     """Link, install and load from the package for the running kernel; do not wait."""
     with lock.instance_lock(config):
         plan = _prepare(config)
-        return kmod.load(config, plan.tree, plan.modules, plan.params)
+        return loading.load(config, plan.tree, plan.modules, plan.params)
 
 
 def unload(config: Config) -> None:
@@ -192,12 +211,13 @@ def unload(config: Config) -> None:
             daemons.stop_persistenced(config)
         except DriverError as e:
             log.error("%s", e)
-        kmod.unload(config)
+        unload_modules(config)
 
 
 def update(config: Config) -> Package:
     """Build and pack the precompiled package for a kernel; load nothing."""
-    return builder.make_package(config)
+    source, choice = _choose(config)
+    return builder.make_package(config, source, choice.flavour)
 
 
 @dataclasses.dataclass(frozen=True)

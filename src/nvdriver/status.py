@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvdriver import daemons, kmod, lock, mounts, rootfs
+from nvdriver import daemons, lock, mounts, rootfs
 from nvdriver.config import Config
+from nvdriver.driver.flavour import choose_flavour
 from nvdriver.driver.package import PackageStore
-from nvdriver.driver.source import DriverSource, resolve_flavour
+from nvdriver.driver.source import DriverSource
 from nvdriver.errors import DriverError
 from nvdriver.flatcar.release import host_version, parse_env_file
 from nvdriver.host import KernelIdentity, nvidia_gpus, read_optional
+from nvdriver.kmod.loaded import loaded_modules
 
 
 def _readiness(config: Config) -> dict[str, str] | None:
@@ -35,7 +37,14 @@ def collect(config: Config) -> dict[str, Any]:
     report: dict[str, Any] = {
         "kernel": {"release": kernel.release, "version": kernel.version},
         "os": {"id": osr.get("ID"), "version": osr.get("VERSION")},
-        "driver": {"version": config.driver_version, "flavour": None, "source": None},
+        "driver": {
+            "version": config.driver_version,
+            "flavour": None,
+            "source": None,
+            "flavour_reason": None,
+            "supported_gpus": None,
+            "warning": None,
+        },
         "packages": [],
         "flatcar": host_version(config),
         "instance": {"pid": lock.holder(config)},
@@ -47,10 +56,15 @@ def collect(config: Config) -> dict[str, Any]:
                 "version": m.version,
                 "srcversion": m.srcversion,
             }
-            for m in kmod.loaded_modules(config)
+            for m in loaded_modules(config)
         ],
         "gpus": [
-            {"address": g.address, "device": f"0x{g.device:04x}", "class": f"0x{g.pci_class:06x}"}
+            {
+                "address": g.address,
+                "device": f"0x{g.device:04x}",
+                "class": f"0x{g.pci_class:06x}",
+                "driver": g.driver,
+            }
             for g in gpus
         ],
         "persistenced": {"pid": daemons.running_pid(config, config.host(daemons.PERSISTENCED_PID))},
@@ -60,10 +74,13 @@ def collect(config: Config) -> dict[str, Any]:
     }
     try:
         source = DriverSource.from_config(config)
+        report["driver"].update(version=source.version, source=str(source.root))
+        choice = choose_flavour(config, source, gpus)
         report["driver"].update(
-            version=source.version,
-            source=str(source.root),
-            flavour=resolve_flavour(config, source, gpus),
+            flavour=str(choice.flavour),
+            flavour_reason=choice.reason,
+            supported_gpus=str(choice.gpu_list) if choice.gpu_list else None,
+            warning=choice.warning,
         )
     except DriverError as e:
         report["driver"]["error"] = e.message
@@ -95,7 +112,9 @@ def render(report: dict[str, Any]) -> str:
             else "none"
         ),
         f"driver:       {d['version'] or '?'} ({d['flavour'] or '?'})"
-        + (f" — {d['error']}" if d.get("error") else ""),
+        + (f" — {d['error']}" if d.get("error") else "")
+        + (f": {d['flavour_reason']}" if d["flavour_reason"] else ""),
+        "gpu list:     " + (d["supported_gpus"] or "not found (supported-gpus.json)"),
         f"packages:     {len(report['packages'])} for this kernel",
     ]
     lines += [
@@ -115,8 +134,17 @@ def render(report: dict[str, Any]) -> str:
         )
     )
     lines.append(
-        "gpus:         " + (", ".join(g["address"] for g in report["gpus"]) or "none found")
+        "gpus:         "
+        + (
+            ", ".join(
+                f"{g['address']} {g['device']}" + (f" ({g['driver']})" if g["driver"] else "")
+                for g in report["gpus"]
+            )
+            or "none found"
+        )
     )
+    if d["warning"]:
+        lines.append(f"warning:      {d['warning']}")
     pid = report["persistenced"]["pid"]
     lines.append(f"persistenced: {'running, pid ' + str(pid) if pid else 'not running'}")
     mounted = report["driver_root_mounted"]

@@ -256,8 +256,11 @@ def link_module(output: Path, interface: Path, core: Path, lds: Path | None) -> 
     return output
 
 
-def build_holder(dest: Path, kernel_build: Path, nvidia_symvers: Path) -> Path:
-    """Build the `nvidia_standin_holder` module in `dest`; return its .ko.
+def build_holder(
+    dest: Path, kernel_build: Path, nvidia_symvers: Path, name: str = HOLDER_MODULE
+) -> Path:
+    """Build the holder module (named `name`: `nvidia_standin_holder`, or `gdrdrv` to
+    stand in for GDRCopy's module) in `dest`; return its .ko.
 
     `nvidia_symvers` is the Module.symvers of a built stand-in tree (it gives
     the versions of nvidia's exported symbols); the module depends on nvidia.
@@ -269,12 +272,13 @@ def build_holder(dest: Path, kernel_build: Path, nvidia_symvers: Path) -> Path:
         str(dest),
         f"KDIR={kernel_build}",
         f"NVIDIA_SYMVERS={nvidia_symvers.resolve()}",
+        f"HOLDER_NAME={name}",
     ]
     cc = kernel_cc(kernel_build)
     if cc is not None:
         cmd.append(f"CC={cc}")
     _run([*cmd, "modules"])
-    ko = dest / f"{HOLDER_MODULE}.ko"
+    ko = dest / f"{name}.ko"
     if not ko.is_file():
         raise StandinError(f"building the holder module gave no {ko}")
     return ko

@@ -1,4 +1,4 @@
-"""The driver's kernel module source tree and which flavour of it to use.
+"""The driver's kernel module source tree and its flavours (which one to use: flavour.py).
 
 NVIDIA's installer unpacks to /usr/src/nvidia-VERSION with `kernel/` (the
 proprietary flavour: interface sources plus closed core objects) and
@@ -9,18 +9,28 @@ proprietary flavour: interface sources plus closed core objects) and
 from __future__ import annotations
 
 import dataclasses
-import json
+import enum
 import re
 from pathlib import Path
 
 from nvdriver.config import Config, validate_driver_version
 from nvdriver.errors import DriverError, UnsupportedError, UsageError
-from nvdriver.host import PciDevice
 
-FLAVOURS = ("proprietary", "open")
-FLAVOUR_DIRS = {
-    "proprietary": ("kernel", "modules/nvidia-kernel"),
-    "open": ("kernel-open", "modules/nvidia-open-kernel"),
+
+class Flavour(str, enum.Enum):
+    """The two kernel module flavours NVIDIA ships (a str: manifests and file names use it)."""
+
+    PROPRIETARY = "proprietary"
+    OPEN = "open"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FLAVOURS = tuple(Flavour)
+FLAVOUR_DIRS: dict[str, tuple[str, ...]] = {
+    Flavour.PROPRIETARY: ("kernel", "modules/nvidia-kernel"),
+    Flavour.OPEN: ("kernel-open", "modules/nvidia-open-kernel"),
 }
 # The modules NVIDIA's Makefile builds when their directory exists, in load order.
 MODULE_ORDER = (
@@ -88,7 +98,7 @@ class DriverSource:
                 return root / rel
         return None
 
-    def flavours(self) -> list[str]:
+    def flavours(self) -> list[Flavour]:
         return [f for f in FLAVOURS if self._find_flavour_dir(self.root, f) is not None]
 
     def flavour_dir(self, flavour: str) -> Path:
@@ -117,38 +127,3 @@ def read_version(tree: Path) -> str:
         f"Cannot tell the driver version of {tree}: no NV_VERSION_STRING in Kbuild or version.mk.",
         hint="Point NVIDIA_DRIVER_SOURCE at an unmodified NVIDIA kernel module source tree.",
     )
-
-
-def resolve_flavour(config: Config, source: DriverSource, gpus: list[PciDevice]) -> str:
-    """KERNEL_MODULE_TYPE, with `auto` decided from the driver branch and the GPUs.
-
-    Open modules need GSP (Turing and newer) and are the default from branch 560;
-    GPUs that the driver's supported-gpus.json does not mark `kernelopen` need the
-    proprietary ones, and a mix of old and new GPUs takes proprietary.
-    """
-    available = source.flavours()
-    wanted = config.kernel_module_type
-    if wanted != "auto":
-        source.flavour_dir(wanted)  # raises if absent
-        return wanted
-    branch = int(source.version.split(".")[0])
-    preferred = "open" if branch >= 560 else "proprietary"
-    supports_open = _open_capable(source, gpus)
-    if supports_open is False:
-        preferred = "proprietary"
-    if preferred not in available:
-        preferred = available[0]
-    return preferred
-
-
-def _open_capable(source: DriverSource, gpus: list[PciDevice]) -> bool | None:
-    """Whether every GPU supports the open modules (None: unknown, no list or no GPU)."""
-    listing = source.root / "supported-gpus" / "supported-gpus.json"
-    if not gpus or not listing.is_file():
-        return None
-    try:
-        chips = json.loads(listing.read_text())["chips"]
-        open_ids = {int(c["devid"], 16) for c in chips if "kernelopen" in c.get("features", [])}
-    except (ValueError, KeyError, TypeError):
-        return None
-    return all(g.device in open_ids for g in gpus)

@@ -1,6 +1,6 @@
 /*
- * Stand-in NVIDIA driver: /proc/driver/nvidia/{version,params}, in the real
- * driver's format.
+ * Stand-in NVIDIA driver: /proc/driver/nvidia/{version,params} and
+ * gpus/<bus id>/information of its one pretended GPU, in the real driver's format.
  */
 #include <linux/kernel.h>
 #include <linux/proc_fs.h>
@@ -32,13 +32,28 @@ static int nv_procfs_read_params(struct seq_file *s, void *v)
     return 0;
 }
 
+static int nv_procfs_read_gpu_info(struct seq_file *s, void *v)
+{
+    seq_printf(s, "Model: \t\t NVIDIA stand-in GPU\n");
+    seq_printf(s, "Bus Type: \t PCIe\n");
+    seq_printf(s, "Bus Location: \t 0000:00:00.0\n");
+    seq_printf(s, "Device Minor: \t 0\n");
+    seq_printf(s, "GPU Excluded:\t No\n");
+    return 0;
+}
+
 int nv_procfs_init(void)
 {
+    struct proc_dir_entry *gpu;
+
     proc_nvidia = proc_mkdir("driver/nvidia", NULL);
     if (proc_nvidia == NULL)
         return -ENOMEM;
     if (proc_create_single("version", 0444, proc_nvidia, nv_procfs_read_version) == NULL ||
-        proc_create_single("params", 0444, proc_nvidia, nv_procfs_read_params) == NULL) {
+        proc_create_single("params", 0444, proc_nvidia, nv_procfs_read_params) == NULL ||
+        proc_mkdir("gpus", proc_nvidia) == NULL ||
+        (gpu = proc_mkdir("gpus/0000:00:00.0", proc_nvidia)) == NULL ||
+        proc_create_single("information", 0444, gpu, nv_procfs_read_gpu_info) == NULL) {
         proc_remove(proc_nvidia);
         proc_nvidia = NULL;
         return -ENOMEM;

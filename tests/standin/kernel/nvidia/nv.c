@@ -6,6 +6,7 @@
 #include <linux/moduleparam.h>
 #include <linux/kernel.h>
 #include <linux/errno.h>
+#include <linux/string.h>
 
 #include "nv-linux.h"
 
@@ -25,6 +26,18 @@ int NVreg_OpenRmEnableUnsupportedGpus = 0;
 char *NVreg_RegistryDwords = NULL;
 /* Stand-in only: 1 makes the load fail as the real driver's does without a GPU. */
 int NVreg_StandinNoGpu = 0;
+/*
+ * Stand-in only: make the load fail with ENODEV after the kernel lines the
+ * real driver (535.261.03, kernel-open/nvidia/nv.c and
+ * src/nvidia/arch/nvalloc/unix/src/osapi.c) logs when
+ *   "not-probed": its GPUs are bound to another driver (nouveau, vfio-pci);
+ *   "no-gsp":     the open nvidia.ko meets a GPU without GSP (before Turing);
+ *   "release":    the GPU is not supported by this driver release.
+ * The GPU those lines name: 0000:<NVreg_StandinGpuBus>:00.0, 10de:<NVreg_StandinGpuDevice>.
+ */
+char *NVreg_StandinRefuse = NULL;
+int NVreg_StandinGpuBus = 1;
+int NVreg_StandinGpuDevice = 0x1db4;
 
 module_param(NVreg_EnableGpuFirmware, int, 0444);
 module_param(NVreg_EnableGpuFirmwareLogs, int, 0444);
@@ -37,10 +50,63 @@ module_param(NVreg_RegistryDwords, charp, 0444);
 module_param(NVreg_StandinNoGpu, int, 0444);
 MODULE_PARM_DESC(NVreg_StandinNoGpu,
                  "Stand-in only: 1 = behave as on a machine without an NVIDIA GPU (load fails, ENODEV)");
+module_param(NVreg_StandinRefuse, charp, 0444);
+MODULE_PARM_DESC(NVreg_StandinRefuse,
+                 "Stand-in only: not-probed, no-gsp or release: fail as the real driver does");
+module_param(NVreg_StandinGpuBus, int, 0444);
+module_param(NVreg_StandinGpuDevice, int, 0444);
 
 static void nv_registry_key(void *ctx, const char *key, unsigned int key_len, unsigned int value)
 {
     printk(KERN_INFO "NVRM: RegistryDwords: %.*s=0x%x\n", (int)key_len, key, value);
+}
+
+/*
+ * The real driver's words for each refusal, one printk per nv_printf call as it
+ * makes them (KERN_CONT, several lines in one record).
+ */
+static int nv_standin_refuse(const char *how)
+{
+    const unsigned int bus = (unsigned int)NVreg_StandinGpuBus;
+    const unsigned int device = (unsigned int)NVreg_StandinGpuDevice;
+
+    if (strcmp(how, "not-probed") == 0) {
+        printk(KERN_CONT "NVRM: The NVIDIA probe routine was not called for %d device(s).\n", 1);
+        printk(KERN_CONT "NVRM: This can occur when a driver such as: \n"
+                         "NVRM: nouveau, rivafb, nvidiafb or rivatv "
+                         "\nNVRM: was loaded and obtained ownership of the NVIDIA device(s).\n");
+        printk(KERN_CONT "NVRM: Try unloading the conflicting kernel module (and/or\n"
+                         "NVRM: reconfigure your kernel without the conflicting\n"
+                         "NVRM: driver(s)), then try loading the NVIDIA kernel module\n"
+                         "NVRM: again.\n");
+        printk(KERN_CONT "NVRM: No NVIDIA devices probed.\n");
+        return -ENODEV;
+    }
+    if (strcmp(how, "no-gsp") == 0) {
+        printk(KERN_CONT "NVRM: The NVIDIA GPU %04x:%02x:%02x.%x (PCI ID: %04x:%04x)\n"
+                         "NVRM: installed in this system is not supported by open\n"
+                         "NVRM: nvidia.ko because it does not include the required GPU\n"
+                         "NVRM: System Processor (GSP).\n"
+                         "NVRM: Please see the 'Open Linux Kernel Modules' and 'GSP\n"
+                         "NVRM: Firmware' sections in the driver README, available on\n"
+                         "NVRM: the Linux graphics driver download page at\n"
+                         "NVRM: www.nvidia.com.\n",
+               0, bus, 0, 0, 0x10de, device);
+    } else if (strcmp(how, "release") == 0) {
+        printk(KERN_CONT "NVRM: The NVIDIA GPU %04x:%02x:%02x.%x (PCI ID: %04x:%04x)\n"
+                         "NVRM: installed in this system is not supported by the\n"
+                         "NVRM: NVIDIA %s driver release.\n"
+                         "NVRM: Please see 'Appendix A - Supported NVIDIA GPU Products'\n"
+                         "NVRM: in this release's README, available on the operating system\n"
+                         "NVRM: specific graphics driver download page at www.nvidia.com.\n",
+               0, bus, 0, 0, 0x10de, device, NV_VERSION_STRING);
+    } else {
+        printk(KERN_ERR "NVRM: stand-in: unknown NVreg_StandinRefuse \"%s\"\n", how);
+        return -EINVAL;
+    }
+    printk(KERN_CONT "NVRM: The NVIDIA probe routine failed for %d device(s).\n", 1);
+    printk(KERN_CONT "NVRM: None of the NVIDIA devices were initialized.\n");
+    return -ENODEV;
 }
 
 int nvidia_init_module(void)
@@ -58,6 +124,11 @@ int nvidia_init_module(void)
     if (count == 0) {
         printk(KERN_INFO "NVRM: No NVIDIA GPU found.\n");
         rc = -ENODEV;
+        goto shutdown;
+    }
+
+    if (NVreg_StandinRefuse != NULL) {
+        rc = nv_standin_refuse(NVreg_StandinRefuse);
         goto shutdown;
     }
 
