@@ -16,6 +16,7 @@ from nvdriver import log as logsetup
 from nvdriver.config import Config
 from nvdriver.driver.package import PackageStore
 from nvdriver.errors import DriverError, ExitCode
+from nvdriver.run import set_timeouts
 
 log = logging.getLogger("nvdriver")
 
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signals.install()
             config = config_from_args(args, env)
             logsetup.setup(config.log_format, debug=config.debug)
+            set_timeouts(config.timeouts)
             if args.command in ("update", "build"):
                 # A running `init`'s log shows the update too (errors included).
                 stack.enter_context(lock.mirror_to_running_instance(config))
