@@ -194,6 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(dispatch(args, config))
         except DriverError as e:
             return _report(e, debug=args.debug)
+        except (OSError, UnicodeDecodeError) as e:
+            # A last resort: each input is checked where it is read, with a message naming
+            # it; what slips through still ends as one paragraph and exit 1.
+            return _report(
+                DriverError(
+                    f"Unexpected error: {e}.",
+                    hint="This is a bug of nvidia-driver: please report it with the output of "
+                    "the same command run with --debug (which shows the traceback).",
+                ),
+                debug=args.debug,
+            )
         except KeyboardInterrupt:
             return int(ExitCode.FAILED)
 
