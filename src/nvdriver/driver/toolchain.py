@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from nvdriver.driver.build import BuildRoot
+from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
 from nvdriver.run import run
 
@@ -46,7 +47,11 @@ def save_linker(build_root: BuildRoot, cache: Path, ident: str) -> Path:
         return dest
     inner_ld = build_root.tool("ld")
     if inner_ld is None:
-        raise FileNotFoundError("ld")
+        raise DriverError(
+            f"The build root {build_root.root} has no ld on its PATH, so its linker cannot be "
+            "saved for linking on the node.",
+            hint="Use a Flatcar developer container (it ships binutils) for the build.",
+        )
     ld = resolve_in(build_root.root, Path(inner_ld))
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -65,7 +70,11 @@ def save_linker(build_root: BuildRoot, cache: Path, ident: str) -> Path:
         if name is None:
             loader = target
     if loader is None:
-        raise FileNotFoundError(f"the dynamic loader of {inner_ld}")
+        raise DriverError(
+            f"`ldd {inner_ld}` in {build_root.root} names no dynamic loader, so its linker "
+            "cannot be saved for linking on the node.",
+            hint="Use a Flatcar developer container (a dynamically linked ld) for the build.",
+        )
     (tmp / "loader").symlink_to(Path("lib") / loader.name)
     (tmp / "ident").write_text(ident)
     shutil.rmtree(dest, ignore_errors=True)
@@ -80,7 +89,7 @@ def linker_for(cache: Path, ident: str) -> Linker:
     if (saved / "ident").is_file() and (saved / "ident").read_text() == ident:
         argv = (str(saved / "loader"), "--library-path", str(saved / "lib"), str(saved / "ld"))
         return Linker(argv, ident)
-    local = run(["ld", "--version"]).stdout.splitlines()[0].strip()
+    local = next(iter(run(["ld", "--version"]).stdout.splitlines()), "").strip()
     if local != ident:
         log.warning(
             "Linking with %s; the package was built with %s and no copy of that linker is "
