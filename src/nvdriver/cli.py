@@ -16,6 +16,7 @@ from nvdriver import log as logsetup
 from nvdriver.config import Config
 from nvdriver.driver.package import PackageStore
 from nvdriver.errors import DriverError, ExitCode
+from nvdriver.run import set_timeouts
 
 log = logging.getLogger("nvdriver")
 
@@ -186,12 +187,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             signals.install()
             config = config_from_args(args, env)
             logsetup.setup(config.log_format, debug=config.debug)
+            set_timeouts(config.timeouts)
             if args.command in ("update", "build"):
                 # A running `init`'s log shows the update too (errors included).
                 stack.enter_context(lock.mirror_to_running_instance(config))
             return int(dispatch(args, config))
         except DriverError as e:
             return _report(e, debug=args.debug)
+        except (OSError, UnicodeDecodeError) as e:
+            # A last resort: each input is checked where it is read, with a message naming
+            # it; what slips through still ends as one paragraph and exit 1.
+            return _report(
+                DriverError(
+                    f"Unexpected error: {e}.",
+                    hint="This is a bug of nvidia-driver: please report it with the output of "
+                    "the same command run with --debug (which shows the traceback).",
+                ),
+                debug=args.debug,
+            )
         except KeyboardInterrupt:
             return int(ExitCode.FAILED)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from nvdriver.errors import UsageError
+from nvdriver.run import TIMEOUTS
 
 DRIVER_VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
 # 6.1.0-56-amd64, 6.12.102-flatcar, 6.12.113+deb12-amd64: a version, then a suffix
@@ -122,6 +123,25 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise UsageError(f"{name}={env[name]!r} is not valid: expected true or false.")
 
 
+def parse_timeouts(value: str, name: str = "NVIDIA_DRIVER_TIMEOUTS") -> dict[str, float]:
+    """`modprobe=600,rmmod=30`: seconds per program of run.TIMEOUTS."""
+    timeouts = {}
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        program, _, seconds = item.partition("=")
+        try:
+            limit = float(seconds)
+        except ValueError:
+            limit = 0.0
+        if program not in TIMEOUTS or not 0 < limit < float("inf"):
+            raise UsageError(
+                f"{name}={value!r} is malformed at {item!r}: expected PROGRAM=SECONDS, "
+                f"comma-separated, PROGRAM one of {', '.join(TIMEOUTS)}.",
+                hint=f"Fix {name} in the container's environment, e.g. modprobe=600,rmmod=30.",
+            )
+        timeouts[program] = limit
+    return timeouts
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     driver_version: str | None
@@ -137,6 +157,8 @@ class Config:
     driver_source: Path
     host_root: Path
     log_format: str
+    # Per program (run.TIMEOUTS) seconds, from NVIDIA_DRIVER_TIMEOUTS.
+    timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
     # From flags.
     kernel: str | None = None
     kernel_source: Path | None = None
@@ -185,6 +207,7 @@ class Config:
             driver_source=source,
             host_root=Path(get("HOST_ROOT") or "/"),
             log_format=log_format,
+            timeouts=parse_timeouts(get("NVIDIA_DRIVER_TIMEOUTS") or ""),
             options=Options.from_env(env),
         )
         given = {k: v for k, v in flags.items() if v is not None}

@@ -96,8 +96,12 @@ def stop_persistenced(config: Config) -> None:
                     "`nvidia-driver unload`.",
                 )
             time.sleep(POLL)
-    with contextlib.suppress(FileNotFoundError):
+    try:
         pidfile.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # not ours to fix here: the daemon is stopped, that is what counts
+        log.warning("Could not remove the pid file %s: %s", pidfile, e.strerror)
 
 
 @contextlib.contextmanager

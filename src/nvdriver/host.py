@@ -18,10 +18,11 @@ _DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.MULTILINE)
 
 
 def read_optional(path: Path) -> str | None:
-    """A small file's text, stripped (sysfs, procfs, pid files); None when unreadable."""
+    """A small file's text, stripped (sysfs, procfs, pid files); None when unreadable
+    (missing, a directory, not text)."""
     try:
         return path.read_text().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
 
 
@@ -34,7 +35,22 @@ class KernelIdentity:
 
     @classmethod
     def running(cls, config: Config) -> KernelIdentity:
-        version = config.host("/proc/version").read_text().strip()
+        path = config.host("/proc/version")
+        try:
+            version = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "it is not text"
+            raise DriverError(
+                f"Cannot read the running kernel's version from {path}: {why}.",
+                hint="The container needs the host's /proc (HOST_ROOT, if set, must be the "
+                "host's root with its /proc).",
+            ) from e
+        if not version.startswith("Linux version "):
+            raise DriverError(
+                f"{path} does not hold a kernel version (expected 'Linux version ...').",
+                hint="The container needs the host's /proc (HOST_ROOT, if set, must be the "
+                "host's root with its /proc).",
+            )
         return cls(release=os.uname().release, version=version)
 
     @classmethod

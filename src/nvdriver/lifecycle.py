@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from nvdriver import builder, daemons, lock, rootfs, signals
+from nvdriver.atomic import TEMP_PREFIX
+from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver import package as pkg
@@ -26,6 +29,7 @@ from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import linker_for
 from nvdriver.errors import DriverError, Interrupted
+from nvdriver.flatcar import fetch, release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading
 from nvdriver.kmod.firmware import set_firmware_path
@@ -67,11 +71,12 @@ def _module_base(config: Config, version: str) -> Path:
 
 
 def _remove_stale(config: Config, version: str) -> None:
-    """What a killed run left behind: bind mount, readiness file, staging trees, temp files."""
+    """What a killed run left behind: bind mount, readiness file, staging trees (ours: the
+    instance lock is held), and a dead build's work dirs and temp files (unless a build runs).
+    """
     rootfs.remove_stale(config)
     link.remove_stale(_module_base(config, version))
-    PackageStore(config.precompiled_dir).remove_temp_files()
-    builder.remove_stale_work(config)
+    builder.remove_stale_builds(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,26 +245,50 @@ def verify_packages(config: Config) -> VerifyReport:
 
 
 def prune_packages(config: Config, keep_kernels: set[str]) -> list[Path]:
-    """Remove leftovers, failed packages and packages of other driver versions.
+    """Remove leftovers, failed packages, packages of other driver versions, and the
+    developer containers of releases other than the running and the newest cached one.
 
     Packages of other kernels of this driver version stay: they may be built ahead
-    for the next Flatcar release. Kernels in `keep_kernels` are never touched.
+    for the next Flatcar release. Kernels in `keep_kernels` are never touched. While a
+    build runs, what it may be using is left alone: temp files, the kernel directories
+    it may be about to write into, and the developer containers.
     """
     store = PackageStore(config.precompiled_dir)
-    removed = list(store.leftovers())
-    good, bad = store.packages()
-    removed += [p for p, _ in bad]
-    removed += [
-        p.path
-        for p in good
-        if config.driver_version is not None
-        and p.manifest.driver_version != config.driver_version
-        and p.manifest.kernel_release not in keep_kernels
-    ]
-    for p in removed:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    for d in store.root.iterdir() if store.root.is_dir() else []:
-        if d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
+    with builds_idle(config) as idle:
+        removed = [p for p in store.leftovers() if idle or not p.name.startswith(TEMP_PREFIX)]
+        good, bad = store.packages()
+        removed += [p for p, _ in bad]
+        removed += [
+            p.path
+            for p in good
+            if config.driver_version is not None
+            and p.manifest.driver_version != config.driver_version
+            and p.manifest.kernel_release not in keep_kernels
+        ]
+        for p in removed:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if idle:
+            for d in store.root.iterdir() if store.root.is_dir() else []:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+            removed += _prune_images(config)
+    return removed
+
+
+def _prune_images(config: Config) -> list[Path]:
+    """Each developer container is gigabytes: keep the running release's (a rebuild for
+    this kernel needs it) and the newest one (built ahead for the next reboot) per board."""
+    running = release.host_version(config)
+    removed = []
+    for dirs in fetch.cached_versions(config).values():
+        if not dirs:
+            continue
+        newest = max(dirs, key=lambda d: release.version_key(d.name)).name
+        for d in dirs:
+            if d.name not in (running, newest):
+                log.info("Removing the Flatcar %s developer container %s", d.name, d)
+                shutil.rmtree(d, ignore_errors=True)
+                if not d.exists():
+                    removed.append(d)
     return removed

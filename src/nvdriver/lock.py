@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nvdriver import log as logsetup
 from nvdriver.config import Config
-from nvdriver.errors import AlreadyRunningError
+from nvdriver.errors import AlreadyRunningError, DriverError
 from nvdriver.host import read_optional
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,8 @@ def _read_pid(path: Path) -> int | None:
 def instance_lock(config: Config) -> Iterator[Path]:
     """Hold the instance lock for a `with` block; AlreadyRunningError (exit 4) if taken."""
     path = config.host(LOCK_FILE)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -61,14 +60,29 @@ def instance_lock(config: Config) -> Iterator[Path]:
             pass
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # the flock holds; only the pid for others to read is missing
+            log.warning("Could not write our pid into the lock file %s: %s", path, e.strerror)
         log.debug("Holding the lock %s", path)
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DriverError(
+            f"Cannot create the instance lock {path}: {e.strerror}.",
+            hint="/run/nvidia must be a writable directory shared with the host "
+            "(mounted from the host's /run/nvidia).",
+        ) from e
 
 
 def holder(config: Config) -> int | None:

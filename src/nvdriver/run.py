@@ -3,6 +3,12 @@
 No shell, the command line logged, stderr captured (its tail goes into the
 error), a timeout, one typed error. Long-lived children go through `spawn`,
 a context manager that terminates the child on every exit path.
+
+Every child runs with LC_ALL=C: what we parse or match in a tool's output
+("No such device", `ld --version`) must not depend on the container's language.
+The programs a start or a shutdown waits for (modprobe, rmmod, depmod, ld) have a
+timeout by default (TIMEOUTS; NVIDIA_DRIVER_TIMEOUTS changes them): a hung rmmod
+must end in an error, not in a shutdown that never ends.
 """
 
 from __future__ import annotations
@@ -24,6 +30,39 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 STDERR_TAIL_LINES = 20
+
+# Seconds each program may run before it is killed. modprobe of nvidia on a node with
+# many GPUs takes tens of seconds; rmmod and depmod take a second when healthy.
+TIMEOUTS: dict[str, float] = {"modprobe": 300.0, "rmmod": 60.0, "depmod": 120.0, "ld": 300.0}
+# How long a killed child gets to go; one stuck in the kernel (D state) is left behind.
+KILL_GRACE = 5.0
+_timeouts = dict(TIMEOUTS)
+
+
+def set_timeouts(overrides: Mapping[str, float]) -> None:
+    """Change the default timeouts of programs of TIMEOUTS (from NVIDIA_DRIVER_TIMEOUTS)."""
+    unknown = set(overrides) - set(TIMEOUTS)
+    if unknown:
+        raise ValueError(f"no default timeout for {', '.join(sorted(unknown))}")
+    _timeouts.update(TIMEOUTS)
+    _timeouts.update(overrides)
+
+
+def default_timeout(argv: Sequence[str]) -> float | None:
+    """The timeout of the first word of `argv` that is a program of TIMEOUTS.
+
+    The first word may be a wrapper (`chroot ROOT ld`, the saved linker's loader).
+    """
+    for word in argv:
+        limit = _timeouts.get(os.path.basename(word))
+        if limit is not None:
+            return limit
+    return None
+
+
+def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
+    """Ours with the C locale (a caller's `env` may still set its own LC_ALL)."""
+    return {**os.environ, "LC_ALL": "C", **(env or {})}
 
 
 class RunError(DriverError):
@@ -48,12 +87,6 @@ class RunError(DriverError):
         super().__init__(message, hint=hint)
 
 
-def _text(data: str | bytes | None) -> str:
-    if data is None:
-        return ""
-    return data.decode(errors="replace") if isinstance(data, bytes) else data
-
-
 def run(
     cmd: Sequence[PathLike],
     *,
@@ -70,31 +103,57 @@ def run(
 
     With `capture` (the default) stdout and stderr are returned as text; without
     it stdout goes to `stdout` (or ours) and stderr is still captured for the
-    error message. A timeout kills the child and raises RunError.
+    error message. After `timeout` (default: `default_timeout`) the child is killed
+    and logged; then RunError, or without `check` a result with a negative status.
     """
     argv = [os.fspath(c) for c in cmd]
+    limit = timeout if timeout is not None else default_timeout(argv)
     log.debug("+ %s", shlex.join(argv))
-    full_env = None if env is None else {**os.environ, **env}
     try:
-        result = subprocess.run(
+        proc = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=full_env,
-            input=input,
+            env=_environment(env),
+            stdin=subprocess.PIPE if input is not None else None,
             stdout=subprocess.PIPE if capture else stdout,
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            timeout=timeout,
-            check=False,
         )
     except FileNotFoundError as e:
         raise RunError(argv, 127, f"{argv[0]}: command not found", hint=hint) from e
-    except subprocess.TimeoutExpired as e:
-        raise RunError(argv, None, _text(e.stderr), hint=hint) from e
-    if check and result.returncode != 0:
-        raise RunError(argv, result.returncode, result.stderr or "", hint=hint)
-    return result
+    try:
+        out, err = proc.communicate(input, timeout=limit)
+    except subprocess.TimeoutExpired:
+        log.error("%s did not finish within %.0f s; killing it", shlex.join(argv), limit)
+        out, err = _kill(proc)
+        if check:
+            raise RunError(argv, None, err, hint=hint) from None
+        return subprocess.CompletedProcess(
+            argv, proc.returncode or -signal.SIGKILL, out, f"{err}\ntimed out after {limit:.0f} s"
+        )
+    except BaseException:  # a signal (Interrupted) or ^C: the child does not outlive us
+        _kill(proc)
+        raise
+    if check and proc.returncode != 0:
+        raise RunError(argv, proc.returncode, err or "", hint=hint)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _kill(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGKILL the child and collect its output; one that does not die is left behind
+    (a process in uninterruptible sleep would otherwise hang us as well)."""
+    proc.kill()
+    try:
+        out, err = proc.communicate(timeout=KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        log.error("%s (pid %d) did not exit after SIGKILL; leaving it", proc.args, proc.pid)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return "", ""
+    return out or "", err or ""
 
 
 @contextlib.contextmanager
@@ -116,12 +175,11 @@ def spawn(
     """
     argv = [os.fspath(c) for c in cmd]
     log.debug("+ %s &", shlex.join(argv))
-    full_env = None if env is None else {**os.environ, **env}
     try:
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=full_env,
+            env=_environment(env),
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,

@@ -22,6 +22,7 @@ from nvdriver.flatcar.download import RetryPolicy
 from nvdriver.flatcar.release import FlatcarRelease, resolve
 from nvdriver.log import Progress
 from nvdriver.run import run, which
+from tests.conftest import need
 
 RELEASE = FlatcarRelease("4230.2.3", "stable", "amd64-usr")
 BASE = f"/stable/{RELEASE.board}/{RELEASE.version}/"
@@ -127,8 +128,7 @@ class Gpg:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gpg, Gpg]]:
-    if which("gpg") is None or which("gpgv") is None:
-        pytest.skip("gpg and gpgv are needed")
+    need(which("gpg") is not None and which("gpgv") is not None, "gpg and gpgv are needed")
     base = tmp_path_factory.mktemp("gpg")
     trusted, other = Gpg(base / "trusted", "trusted test key"), Gpg(base / "other", "other key")
     try:
@@ -183,8 +183,8 @@ def config(mirror: Mirror, tmp_path: Path, key: Path) -> Config:
 
 @pytest.fixture(params=["lbzip2", "stdlib"])
 def decompressor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "lbzip2" and which("lbzip2") is None:
-        pytest.skip("lbzip2 is not installed")
+    if request.param == "lbzip2":
+        need(which("lbzip2") is not None, "lbzip2 is not installed")
     if request.param == "stdlib":
         monkeypatch.setattr(fetch, "which", lambda program: None)
     return str(request.param)
@@ -413,10 +413,10 @@ def test_leftover_partial_of_a_killed_run_is_removed(
     )
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_is_a_clear_error_naming_the_cache(
     mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path, decompressor: str
 ) -> None:
+    need(os.geteuid() == 0, "mounting a small tmpfs needs root")
     trusted, _ = keys
     publish(mirror, trusted, compressed)
     cfg = config(mirror, tmp_path, trusted.public)

@@ -20,11 +20,16 @@ import pytest
 from nvdriver.errors import DriverError
 from nvdriver.flatcar import image as img
 from nvdriver.run import run, spawn, which
+from tests.conftest import need
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not Path("/dev/loop-control").exists() or which("sfdisk") is None,
-    reason="needs root, loop devices and sfdisk",
-)
+
+@pytest.fixture(autouse=True)
+def _loop_devices() -> None:
+    need(
+        os.geteuid() == 0 and Path("/dev/loop-control").exists() and which("sfdisk") is not None,
+        "needs root, loop devices and sfdisk",
+    )
+
 
 MiB = 1 << 20
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"

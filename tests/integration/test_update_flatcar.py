@@ -136,7 +136,7 @@ def test_an_interrupted_download_resumes(env, tmp_path, flatcar_mirror_server, k
     [
         (make_bad_digest_variant, 5, "changed or damaged"),
         (make_wrong_key_variant, 5, "signature"),
-        (make_truncated_variant, 5, ""),
+        (make_truncated_variant, 5, "did not decompress (truncated or corrupt)"),
     ],
 )
 def test_bad_downloads_are_refused_and_nothing_is_cached(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need
+
 from .tree import (
     CORES,
     DEFAULT_VERSION,
@@ -35,10 +37,16 @@ MISSING_TOOLS = [t for t in TOOLS if shutil.which(t) is None]
 MISSING_TOOLS = [t for t in MISSING_TOOLS if not Path("/usr/sbin", t).exists()]
 BUILDS = kernel_build_dirs()
 
-needs_kernel = pytest.mark.skipif(
-    not BUILDS or bool(MISSING_TOOLS),
-    reason=f"needs /lib/modules/*/build and {', '.join(TOOLS)} (missing: {MISSING_TOOLS})",
-)
+
+@pytest.fixture
+def _kernel_and_tools() -> None:
+    need(
+        bool(BUILDS) and not MISSING_TOOLS,
+        f"needs /lib/modules/*/build and {', '.join(TOOLS)} (missing: {MISSING_TOOLS})",
+    )
+
+
+needs_kernel = pytest.mark.usefixtures("_kernel_and_tools")
 
 
 def tool(name: str) -> str:
@@ -60,8 +68,7 @@ def undefined(obj: Path) -> list[str]:
 
 
 def test_source_layout_and_version(tmp_path: Path) -> None:
-    if shutil.which("gcc") is None:
-        pytest.skip("needs gcc")
+    need(shutil.which("gcc") is not None, "needs gcc")
     dest = make_standin_source(tmp_path / "nvidia-570.1.2", version="570.1.2", peermem=True)
     assert dest == tmp_path / "nvidia-570.1.2"
     for flavour in ("kernel", "kernel-open"):
@@ -102,8 +109,7 @@ class Built:
 
 @pytest.fixture(scope="module", params=BUILDS, ids=[p.parent.name for p in BUILDS])
 def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Built:
-    if MISSING_TOOLS:
-        pytest.skip(f"missing {MISSING_TOOLS}")
+    need(not MISSING_TOOLS, f"missing {MISSING_TOOLS}")
     kernel_build: Path = request.param
     dest = make_standin_source(tmp_path_factory.mktemp("src"), flavours=("kernel",))
     tree = dest / "kernel"

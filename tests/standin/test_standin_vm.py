@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need
+
 from .tree import (
     DEFAULT_VERSION,
     HOLDER_MODULE,
@@ -87,8 +89,8 @@ def _vm_prerequisites() -> tuple[Path, Path, str] | None:
 PREREQUISITES = _vm_prerequisites()
 
 
-@pytest.mark.skipif(PREREQUISITES is None, reason="needs qemu, cpio, static busybox, a kernel")
 def test_load_refcount_unload(tmp_path: Path) -> None:
+    need(PREREQUISITES is not None, "needs qemu, cpio, static busybox, a kernel")
     assert PREREQUISITES is not None
     kernel_build, vmlinuz, busybox = PREREQUISITES
     tree = make_standin_source(tmp_path / "src", flavours=("kernel",)) / "kernel"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nvdriver import cli
+from nvdriver import cli, lifecycle
+from tests.conftest import run_tool
 
 COMMANDS = ["init", "update", "build", "load", "unload", "status", "packages", "validate"]
 
@@ -42,6 +43,30 @@ def test_seed_flags_parse():
     assert (args.kernel, str(args.sign), args.tag) == ("6.12.102-flatcar", "k", "t")
 
 
-def test_malformed_driver_version_exits_2_with_the_variable_named(monkeypatch, caplog):
-    monkeypatch.setenv("DRIVER_VERSION", "535.x")
-    assert cli.main(["status"]) == 2
+def test_malformed_driver_version_exits_2_with_the_variable_named():
+    result = run_tool("status", env={"DRIVER_VERSION": "535.x"})
+    assert result.returncode == 2
+    assert "DRIVER_VERSION='535.x' is malformed: expected a version like 535.261.03." in (
+        result.stderr
+    )
+    assert "Fix DRIVER_VERSION in the container's environment" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _unexpected(config):
+    raise PermissionError(13, "Permission denied", "/somewhere/odd")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_unexpected_os_error_is_exit_1_with_one_message_and_a_traceback_only_with_debug(
+    monkeypatch, capsys, debug
+):
+    """The last resort in cli.main, for an OSError no check foresaw (injected here: the
+    real ones are each caught where they arise, see tests/integration/test_hostile_env.py)."""
+    monkeypatch.setattr(lifecycle, "unload", _unexpected)
+    monkeypatch.setenv("HOST_ROOT", "/nonexistent")
+    assert cli.main(["unload", *(["--debug"] if debug else [])]) == 1
+    err = capsys.readouterr().err
+    assert "Unexpected error: [Errno 13] Permission denied: '/somewhere/odd'." in err
+    assert "run with --debug" in err
+    assert ("Traceback" in err) is debug

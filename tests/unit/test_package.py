@@ -14,6 +14,7 @@ from nvdriver.atomic import TEMP_PREFIX
 from nvdriver.driver import package as pkg
 from nvdriver.errors import DriverError, ExitCode, IntegrityError
 from nvdriver.host import KernelIdentity
+from tests.conftest import need
 from tests.packaging import KERNEL, fake_build, hostile_package
 
 
@@ -161,8 +162,7 @@ def test_a_tagged_package_is_a_separate_file(tmp_path, store, packed):
 
 
 def test_disk_full_while_packing_leaves_no_partial_package(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+    need(os.geteuid() == 0, "mounting a small tmpfs needs root")
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small], check=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+from pathlib import Path
 
 from nvdriver.atomic import TEMP_PREFIX
 from nvdriver.driver import package as pkg
@@ -23,7 +25,11 @@ def test_prune_removes_leftovers_failures_and_other_driver_versions(tmp_path):
     failed = current.path.parent / "nvidia-535.261.03-open.tar.gz.20260101T000000.failed"
     failed.write_bytes(b"bad")
 
-    env = {"DRIVER_VERSION": "535.261.03", "PRECOMPILED_DIR": str(store)}
+    env = {
+        "DRIVER_VERSION": "535.261.03",
+        "PRECOMPILED_DIR": str(store),
+        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+    }
     result = run_tool("packages", "prune", env=env)
     assert result.returncode == 0, result.stderr
     assert not old.path.exists() and not temp.exists() and not failed.exists()
@@ -37,6 +43,74 @@ def test_prune_removes_leftovers_failures_and_other_driver_versions(tmp_path):
     assert sorted(r["kernel_release"] for r in listed) == sorted(
         [KERNEL.release, "6.1.0-100-amd64"]
     )
+
+
+def cached_image(cache: Path, version: str, board: str = "amd64-usr") -> Path:
+    """A developer container in the cache's layout (its content does not matter to prune)."""
+    image = cache / "flatcar" / board / version / "flatcar_developer_container.bin"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"image")
+    (image.parent / (image.name + ".verified")).write_text("{}")
+    return image.parent
+
+
+def host_on_flatcar(tmp_path: Path, version: str) -> Path:
+    host = tmp_path / "host"
+    (host / "etc").mkdir(parents=True)
+    (host / "etc" / "os-release").write_text(f"ID=flatcar\nVERSION={version}\n")
+    return host
+
+
+def test_prune_keeps_the_developer_containers_of_the_running_and_the_newest_release(tmp_path):
+    cache = tmp_path / "cache"
+    running = cached_image(cache, "4081.2.9")
+    between = cached_image(cache, "4081.2.10")
+    older = cached_image(cache, "3975.2.2")
+    newest = cached_image(cache, "4230.2.1")  # numerically newest, not by string order
+    arm_old, arm_new = (
+        cached_image(cache, "3975.2.2", "arm64-usr"),
+        cached_image(cache, "4152.2.3", "arm64-usr"),
+    )
+    env = {
+        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(cache),
+        "HOST_ROOT": str(host_on_flatcar(tmp_path, "4081.2.9")),
+    }
+    result = run_tool("packages", "prune", env=env)
+    assert result.returncode == 0, result.stderr
+    assert running.is_dir() and newest.is_dir() and arm_new.is_dir()
+    assert not between.exists() and not older.exists() and not arm_old.exists()
+    assert sorted(line.split("\t")[1] for line in result.stdout.splitlines()) == sorted(
+        str(d) for d in (between, older, arm_old)
+    )
+
+
+def test_prune_leaves_what_a_running_build_may_use(tmp_path):
+    """A build holds the build lock (here: the test holds it, as a build would)."""
+    store = tmp_path / "precompiled"
+    current = pkg.write_package(store, fake_build(tmp_path / "a"), tag=None)
+    writing = current.path.parent / (TEMP_PREFIX + "being-written")
+    writing.write_bytes(b"half")
+    failed = current.path.parent / "nvidia-535.261.03-open.tar.gz.20260101T000000.failed"
+    failed.write_bytes(b"bad")
+    empty_kernel_dir = store / "6.1.0-101-amd64"  # a build may be about to write into it
+    empty_kernel_dir.mkdir()
+    cache = tmp_path / "cache"
+    old, new = cached_image(cache, "3975.2.2"), cached_image(cache, "4230.2.1")
+    env = {
+        "DRIVER_VERSION": "535.261.03",
+        "PRECOMPILED_DIR": str(store),
+        "NVIDIA_DRIVER_CACHE": str(cache),
+        "HOST_ROOT": str(tmp_path / "host"),
+    }
+    with (cache / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run_tool("packages", "prune", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "A build is running" in result.stderr
+    assert writing.exists() and empty_kernel_dir.is_dir() and old.is_dir() and new.is_dir()
+    assert not failed.exists(), "a failed package is never a build's: it goes"
+    assert result.stdout.split("\t")[1].strip() == str(failed)
 
 
 def test_json_log_lines_are_one_object_each_with_time_and_level(tmp_path):

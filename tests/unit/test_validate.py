@@ -8,11 +8,16 @@ check (nvidia-smi and libcuda on an H-class GPU) runs on a GPU machine.
 from __future__ import annotations
 
 import ctypes.util
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import need, run_tool
+
+FAKE_LIBCUDA = Path(__file__).parent / "data" / "fake_libcuda.c"
 
 
 def fake_gpu(root: Path, address: str = "0000:17:00.0") -> None:
@@ -54,3 +59,50 @@ def test_without_libcuda_the_cuda_check_fails_clearly(tmp_path):
     result = run_tool("validate", env=fake_smi(tmp_path))
     assert result.returncode == 1
     assert "libcuda.so.1 cannot be loaded" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def fake_libcuda(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of a stand-in libcuda.so.1 (mocked: there is no GPU here)."""
+    need(shutil.which("gcc") is not None, "gcc builds the stand-in libcuda")
+    lib = tmp_path_factory.mktemp("cuda") / "libcuda.so.1"
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-Wall", "-Werror", "-o", lib, FAKE_LIBCUDA], check=True
+    )
+    return lib.parent
+
+
+def test_a_gpu_that_nvidia_smi_and_cuda_see_validates(tmp_path, fake_libcuda):
+    fake_gpu(tmp_path / "host")
+    env = {**fake_smi(tmp_path), "LD_LIBRARY_PATH": str(fake_libcuda)}
+    result = run_tool("validate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "gpus": [
+            {
+                "index": "0",
+                "name": "NVIDIA H200",
+                "pci.bus_id": "00000000:17:00.0",
+                "driver_version": "535.261.03",
+                "uuid": "GPU-1",
+            }
+        ],
+        "cuda": {"driver_version": 12020, "devices": ["NVIDIA H200"], "roundtrip_bytes": 1 << 20},
+    }
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ({"FAKE_CUDA_CORRUPT": "1"}, "came back different"),
+        ({"FAKE_CUDA_DEVICES": "2"}, "CUDA sees 2 device(s), the PCI bus has 1"),
+        ({"FAKE_CUDA_DEVICES": "0"}, "CUDA sees 0 device(s), the PCI bus has 1"),
+    ],
+)
+def test_cuda_disagreeing_with_the_bus_or_losing_data_fails(tmp_path, fake_libcuda, fault, message):
+    fake_gpu(tmp_path / "host")
+    env = {**fake_smi(tmp_path), "LD_LIBRARY_PATH": str(fake_libcuda), **fault}
+    result = run_tool("validate", env=env)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert result.stdout == ""

@@ -45,6 +45,26 @@ def link_package(
     it must have been built for exactly that kernel. The tree at
     `base/lib/modules/KERNEL` is replaced only once the new one is complete.
     """
+    try:
+        return _link_package(package, source, base, kernel=kernel, ld=ld)
+    except OSError as e:  # a read-only or full disk under /opt/nvidia
+        raise DriverError(
+            f"Cannot write the module tree under {base}: {e.strerror}"
+            + (f" ({e.filename})" if e.filename else "")
+            + ".",
+            hint="The host's /opt/nvidia must be a writable directory with free space "
+            "(a few hundred MiB).",
+        ) from e
+
+
+def _link_package(
+    package: Path,
+    source: DriverSource,
+    base: Path,
+    *,
+    kernel: KernelIdentity | None,
+    ld: Sequence[str],
+) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     with (
         _staging(base) as staging,

@@ -30,7 +30,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO
 
 from nvdriver.atomic import TEMP_PREFIX, atomic_file
 from nvdriver.config import KERNEL_RELEASE_RE
@@ -307,20 +307,39 @@ def _unpack(path: Path, dest: Path | None) -> Manifest:
 
 
 def _copy_hashing(src: IO[bytes], dest: Path | None) -> str:
+    """The member's SHA-256, written to `dest` on the way. Reading it may fail as a bad
+    package does (the caller's IntegrityError); writing `dest` fails as a full or read-only
+    disk does, which says nothing about the package (DriverError: it is not moved aside)."""
     h = hashlib.sha256()
-    out: Any = None
-    if dest is not None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out = dest.open("xb")
+    out = None if dest is None else _create(dest)
     try:
         while chunk := src.read(CHUNK):
             h.update(chunk)
-            if out is not None:
-                out.write(chunk)
+            view = memoryview(chunk)
+            while out is not None and view:
+                try:
+                    view = view[out.write(view) or 0 :]
+                except OSError as e:
+                    raise _cannot_extract(out.name, e) from e
     finally:
         if out is not None:
-            out.close()
+            out.close()  # unbuffered: nothing is left to write
     return h.hexdigest()
+
+
+def _create(dest: Path) -> io.FileIO:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return io.FileIO(dest, "xb")
+    except OSError as e:
+        raise _cannot_extract(dest, e) from e
+
+
+def _cannot_extract(dest: object, error: OSError) -> DriverError:
+    return DriverError(
+        f"Cannot extract the package into {Path(str(dest)).parent}: {error.strerror}.",
+        hint="The directory must be writable and have free space; the package is not at fault.",
+    )
 
 
 def verify(path: Path) -> Manifest:

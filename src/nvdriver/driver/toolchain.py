@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nvdriver.atomic import TEMP_PREFIX, replace_directory
 from nvdriver.driver.build import BuildRoot
+from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
 from nvdriver.run import run
 
@@ -47,7 +48,11 @@ def save_linker(build_root: BuildRoot, cache: Path, ident: str) -> Path:
         return dest
     inner_ld = build_root.tool("ld")
     if inner_ld is None:
-        raise FileNotFoundError("ld")
+        raise DriverError(
+            f"The build root {build_root.root} has no ld on its PATH, so its linker cannot be "
+            "saved for linking on the node.",
+            hint="Use a Flatcar developer container (it ships binutils) for the build.",
+        )
     ld = resolve_in(build_root.root, Path(inner_ld))
     tmp = dest.with_name(TEMP_PREFIX + dest.name)  # a killed run's is removed here (build lock)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,7 +71,11 @@ def save_linker(build_root: BuildRoot, cache: Path, ident: str) -> Path:
         if name is None:
             loader = target
     if loader is None:
-        raise FileNotFoundError(f"the dynamic loader of {inner_ld}")
+        raise DriverError(
+            f"`ldd {inner_ld}` in {build_root.root} names no dynamic loader, so its linker "
+            "cannot be saved for linking on the node.",
+            hint="Use a Flatcar developer container (a dynamically linked ld) for the build.",
+        )
     (tmp / "loader").symlink_to(Path("lib") / loader.name)
     (tmp / "ident").write_text(ident)
     replace_directory(tmp, dest)
@@ -80,7 +89,7 @@ def linker_for(cache: Path, ident: str) -> Linker:
     if (saved / "ident").is_file() and (saved / "ident").read_text() == ident:
         argv = (str(saved / "loader"), "--library-path", str(saved / "lib"), str(saved / "ld"))
         return Linker(argv, ident)
-    local = run(["ld", "--version"]).stdout.splitlines()[0].strip()
+    local = next(iter(run(["ld", "--version"]).stdout.splitlines()), "").strip()
     if local != ident:
         log.warning(
             "Linking with %s; the package was built with %s and no copy of that linker is "

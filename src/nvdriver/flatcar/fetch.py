@@ -40,7 +40,7 @@ from nvdriver.flatcar.download import (
     read_url,
 )
 from nvdriver.flatcar.pipes import PIPE_SIZE, FedChild, fed_child, set_pipe_size
-from nvdriver.flatcar.release import FlatcarRelease
+from nvdriver.flatcar.release import VERSION_RE, FlatcarRelease
 from nvdriver.log import Progress
 from nvdriver.run import which
 
@@ -70,6 +70,16 @@ def developer_container_url(config: Config, release: FlatcarRelease) -> str:
 def cache_path(config: Config, release: FlatcarRelease) -> Path:
     """The final name of the image: `<cache>/flatcar/<board>/<version>/…bin`."""
     return config.cache_dir / "flatcar" / release.board / release.version / IMAGE_NAME
+
+
+def cached_versions(config: Config) -> dict[str, list[Path]]:
+    """Per board, the cache's release directories (as `cache_path` lays them out)."""
+    boards = config.cache_dir / "flatcar"
+    return {
+        board.name: sorted(d for d in board.iterdir() if d.is_dir() and VERSION_RE.match(d.name))
+        for board in (sorted(boards.iterdir()) if boards.is_dir() else [])
+        if board.is_dir()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
