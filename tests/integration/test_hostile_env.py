@@ -246,10 +246,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 # Failures in src/nvdriver/kmod.py, which another change is reworking: known, and
 # strict, so that the fix shows here as an unexpected pass.
-KNOWN = {
-    "garbage in drivers/nvidia.conf": "kmod.read_params: UnicodeDecodeError",
-    "garbage in proc/modules": "kmod._loaded_names: UnicodeDecodeError",
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

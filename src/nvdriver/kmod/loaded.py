@@ -68,7 +68,7 @@ def loaded_flavour(config: Config) -> str | None:
 def loaded_names(config: Config) -> set[str]:
     """Every loaded module's name (from /proc/modules, machine-readable)."""
     try:
-        text = config.host("/proc/modules").read_text()
+        text = config.host("/proc/modules").read_text(errors="replace")
     except OSError:
         return set()
     return {line.split()[0] for line in text.splitlines() if line.strip()}

@@ -7,10 +7,13 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from nvdriver.errors import UsageError
+from nvdriver.errors import DriverError, UsageError
 from nvdriver.kmod.loaded import sysfs_name
 
 _PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+PARAMS_HINT = "Write one key=value per line, or a modprobe.d line `options MODULE key=value ...`."
 
 
 def read_params(params_dir: Path, module: str) -> tuple[str, ...]:
@@ -22,8 +25,20 @@ def read_params(params_dir: Path, module: str) -> tuple[str, ...]:
     path = params_dir / f"{module}.conf"
     if not path.is_file():
         return ()
+    try:
+        text = path.read_bytes().decode()
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path} is not text (byte {e.start} is not UTF-8).",
+            hint=PARAMS_HINT,
+        ) from None
+    except OSError as e:
+        raise DriverError(
+            f"Cannot read the module parameters {path}: {e.strerror}.",
+            hint="Make NVIDIA_MODULE_PARAMS_DIR and its .conf files readable.",
+        ) from None
     params: list[str] = []
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -48,7 +63,7 @@ def read_params(params_dir: Path, module: str) -> tuple[str, ...]:
 def _bad_params(path: Path, number: int, line: str, why: str) -> UsageError:
     return UsageError(
         f"{path} line {number} ({line.strip()!r}) is malformed: {why}.",
-        hint="Write one key=value per line, or a modprobe.d line `options MODULE key=value ...`.",
+        hint=PARAMS_HINT,
     )
 
 
