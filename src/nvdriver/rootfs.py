@@ -4,7 +4,8 @@ The container's root file system is bound (recursively) at /run/nvidia/driver
 so that the container toolkit and the Operator's validator find the driver's
 user space there. /sys is made unbindable first and then private, as NVIDIA's
 driver container does, so that sysfs' own submounts are not bound along.
-Both are context managers: leaving the block unmounts and removes the file.
+Both are context managers: leaving the block unmounts and removes the file
+(`load` keeps the mount, for the driver's GSP firmware, until `unload`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DRIVER_ROOT = "/run/nvidia/driver"
 READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
-# Where the open modules' GSP firmware is, as the host's kernel sees it.
+# Where the driver's GSP firmware is, as the host's kernel sees it (firmware_class.path).
 FIRMWARE_DIR = f"{DRIVER_ROOT}/lib/firmware"
 MOUNTINFO = Path("/proc/self/mountinfo")
 NVIDIA_SMI_TIMEOUT = 120.0
@@ -59,8 +60,12 @@ def unmount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def exposed_root(config: Config, container_root: Path) -> Iterator[Path]:
-    """Bind `container_root` recursively at /run/nvidia/driver for a `with` block."""
+def exposed_root(config: Config, container_root: Path, *, keep: bool = False) -> Iterator[Path]:
+    """Bind `container_root` recursively at /run/nvidia/driver for a `with` block.
+
+    Unmounted when the block ends; with `keep` only when it fails (`load` leaves
+    the root bound for the loaded driver's firmware, `unload` removes it).
+    """
     target = config.host(DRIVER_ROOT)
     target.mkdir(parents=True, exist_ok=True)
     sysfs = container_root / "sys"
@@ -71,7 +76,10 @@ def exposed_root(config: Config, container_root: Path) -> Iterator[Path]:
         log.info("Binding %s at %s", container_root, target)
         run(["mount", "--rbind", container_root, target])
         yield target
-    finally:
+    except BaseException:
+        unmount(target)
+        raise
+    if not keep:
         unmount(target)
 
 
