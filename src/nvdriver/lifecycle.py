@@ -1,7 +1,7 @@
 """The order of the steps of each command: init, load, unload, update, packages.
 
 `init` acquires each resource in a `with` block of one ExitStack (the lock, the
-loaded modules, the bind mount, the daemon, the readiness file) and waits; a
+bind mount, the loaded modules, the daemon, the readiness file) and waits; a
 signal unwinds the stack in reverse, which is the shutdown. A failure or a
 signal in the middle of a step unwinds the same way, so nothing is left half
 done; what a SIGKILLed run left is removed by the next run before it starts.
@@ -165,8 +165,7 @@ def _prepare(config: Config) -> DriverPlan:
         )
         daemons.stop_persistenced(config)
         unload_modules(config)
-    if flavour == "open":
-        set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
+    set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
     return DriverPlan(version, flavour, tree, tuple(modules), params)
 
 
@@ -181,10 +180,13 @@ def init(config: Config) -> None:
         stack.enter_context(lock.instance_lock(config))
         _pause_at(options, "locked")
         plan = _prepare(config)
-        stack.enter_context(loading.driver_loaded(config, plan.tree, plan.modules, plan.params))
-        _pause_at(options, "loaded")
+        # Bound before the modules load: the kernel reads the GSP firmware through it
+        # (firmware_class.path) when a GPU is first opened, during the load already
+        # when nvidia-drm's modeset opens it.
         stack.enter_context(rootfs.exposed_root(config, options.container_root))
         _pause_at(options, "mounted")
+        stack.enter_context(loading.driver_loaded(config, plan.tree, plan.modules, plan.params))
+        _pause_at(options, "loaded")
         stack.enter_context(daemons.persistenced(config))
         _pause_at(options, "persistenced")
         rootfs.check_nvidia_smi(options.container_root)
@@ -199,10 +201,16 @@ def init(config: Config) -> None:
 
 
 def load(config: Config) -> list[str]:
-    """Link, install and load from the package for the running kernel; do not wait."""
+    """Link, install and load from the package for the running kernel; do not wait.
+
+    The root is bound before the modules as by `init`, and stays bound when the
+    load succeeds (`unload` removes it): without nvidia-persistenced the driver
+    reads its GSP firmware again at each first open after the last close.
+    """
     with lock.instance_lock(config):
         plan = _prepare(config)
-        return loading.load(config, plan.tree, plan.modules, plan.params)
+        with rootfs.exposed_root(config, config.options.container_root, keep=True):
+            return loading.load(config, plan.tree, plan.modules, plan.params)
 
 
 def unload(config: Config) -> None:

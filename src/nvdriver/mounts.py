@@ -55,8 +55,9 @@ def _release(action: Callable[[], object]) -> None:
 
 
 @contextlib.contextmanager
-def _undone_by(action: Callable[[], object], what: str) -> Iterator[None]:
-    """Run `action` when the block ends; after a failure, a failing `action` is only logged."""
+def _undone_by(action: Callable[[], object], what: str, *, keep: bool = False) -> Iterator[None]:
+    """Run `action` when the block ends (with `keep`: only when it fails); after a failure,
+    a failing `action` is only logged."""
     try:
         yield
     except BaseException:
@@ -65,17 +66,21 @@ def _undone_by(action: Callable[[], object], what: str) -> Iterator[None]:
         except DriverError as e:
             log.error("Could not %s: %s", what, e)
         raise
-    _release(action)
+    if not keep:
+        _release(action)
 
 
 @contextlib.contextmanager
-def _acquired(acquire: Callable[[], T], release: Callable[[T], object], what: str) -> Iterator[T]:
+def _acquired(
+    acquire: Callable[[], T], release: Callable[[T], object], what: str, *, keep: bool = False
+) -> Iterator[T]:
     """Acquire a resource and register its release with signals deferred, so that no
-    signal can fall between the two; the resource is released when the block ends."""
+    signal can fall between the two; the resource is released when the block ends
+    (with `keep`: only when it fails, so that it outlives a command that succeeded)."""
     with contextlib.ExitStack() as stack:
         with signals.deferred():
             value = acquire()
-            stack.enter_context(_undone_by(lambda: release(value), f"{what} {value}"))
+            stack.enter_context(_undone_by(lambda: release(value), f"{what} {value}", keep=keep))
         yield value
 
 
@@ -315,9 +320,10 @@ def unmount_tree(where: Path) -> None:
 
 
 @contextlib.contextmanager
-def propagated_bind(source: Path, target: Path) -> Iterator[Path]:
+def propagated_bind(source: Path, target: Path, *, keep: bool = False) -> Iterator[Path]:
     """A recursive bind of `source` at `target` that propagates to the peers of the mount
-    `target` is on (the host, through a shared volume), and is unmounted from them on exit."""
+    `target` is on (the host, through a shared volume), and is unmounted from them on exit
+    (with `keep`: only when the block fails)."""
     target.mkdir(parents=True, exist_ok=True)
 
     def attach() -> Path:
@@ -325,7 +331,7 @@ def propagated_bind(source: Path, target: Path) -> Iterator[Path]:
         run(["mount", "--rbind", source, target], timeout=TOOL_TIMEOUT)
         return target
 
-    with _acquired(attach, unmount_tree, "unmount"):
+    with _acquired(attach, unmount_tree, "unmount", keep=keep):
         yield target
 
 

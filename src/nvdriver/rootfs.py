@@ -4,7 +4,8 @@ The container's root file system is bound (recursively) at /run/nvidia/driver
 so that the container toolkit and the Operator's validator find the driver's
 user space there. /sys is made unbindable first and then private, as NVIDIA's
 driver container does, so that sysfs' own submounts are not bound along.
-Both are context managers: leaving the block unmounts and removes the file.
+Both are context managers: leaving the block unmounts and removes the file
+(`load` keeps the mount, for the driver's GSP firmware, until `unload`).
 """
 
 from __future__ import annotations
@@ -25,19 +26,23 @@ log = logging.getLogger(__name__)
 
 DRIVER_ROOT = "/run/nvidia/driver"
 READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
-# Where the open modules' GSP firmware is, as the host's kernel sees it.
+# Where the driver's GSP firmware is, as the host's kernel sees it (firmware_class.path).
 FIRMWARE_DIR = f"{DRIVER_ROOT}/lib/firmware"
 NVIDIA_SMI_TIMEOUT = 120.0
 
 
 @contextlib.contextmanager
-def exposed_root(config: Config, container_root: Path) -> Iterator[Path]:
-    """Bind `container_root` recursively at /run/nvidia/driver for a `with` block."""
+def exposed_root(config: Config, container_root: Path, *, keep: bool = False) -> Iterator[Path]:
+    """Bind `container_root` recursively at /run/nvidia/driver for a `with` block.
+
+    Unmounted when the block ends; with `keep` only when it fails (`load` leaves
+    the root bound for the loaded driver's firmware, `unload` removes it).
+    """
     sysfs = container_root / "sys"
     if mounts.is_mount_point(sysfs):
         mounts.set_propagation(sysfs, "runbindable")
         mounts.set_propagation(sysfs, "private")
-    with mounts.propagated_bind(container_root, config.host(DRIVER_ROOT)) as target:
+    with mounts.propagated_bind(container_root, config.host(DRIVER_ROOT), keep=keep) as target:
         yield target
 
 

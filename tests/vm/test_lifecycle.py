@@ -197,7 +197,7 @@ def test_init_loads_serves_and_shuts_down_cleanly_on_sigterm(
             "firmware": "0",
             "mode": "432",  # 0660
             "drm_modeset": "Y",
-            "fw_path": "",  # proprietary: the firmware path is left alone
+            "fw_path": "",  # NVreg_EnableGpuFirmware=0: the firmware path is left alone
             "daemon_args": "--persistence-mode",
             "daemon": "yes",
             "mounted": "yes",
@@ -362,7 +362,7 @@ def test_load_switches_flavour_sets_firmware_path_and_fails_cleanly_without_gpu(
             "nogpu_host_modules": "0",  # what this run loaded for nvidia went again
             "proprietary_rc": "0",
             "proprietary_kind": "0",
-            "proprietary_fw": "",
+            "proprietary_fw": "/run/nvidia/driver/lib/firmware",  # every flavour
             "open_rc": "0",
             "open_kind": "1",  # the proprietary modules were unloaded, the open ones loaded
             "open_modules": "nvidia,nvidia_uvm,nvidia_modeset",  # no nvidia-drm unless asked

@@ -14,6 +14,7 @@ extern int NVreg_DeviceFileGID;
 extern int NVreg_DeviceFileMode;
 extern int NVreg_OpenRmEnableUnsupportedGpus;
 extern int NVreg_StandinNoGpu;
+extern int NVreg_StandinGspFirmware;
 extern char *NVreg_RegistryDwords;
 
 int nvidia_init_module(void);

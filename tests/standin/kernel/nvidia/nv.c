@@ -7,6 +7,7 @@
 #include <linux/kernel.h>
 #include <linux/errno.h>
 #include <linux/string.h>
+#include <linux/firmware.h>
 
 #include "nv-linux.h"
 
@@ -38,6 +39,8 @@ int NVreg_StandinNoGpu = 0;
 char *NVreg_StandinRefuse = NULL;
 int NVreg_StandinGpuBus = 1;
 int NVreg_StandinGpuDevice = 0x1db4;
+/* Stand-in only: 1 = the GPU runs GSP-RM (a Hopper): its firmware is read at load. */
+int NVreg_StandinGspFirmware = 0;
 
 module_param(NVreg_EnableGpuFirmware, int, 0444);
 module_param(NVreg_EnableGpuFirmwareLogs, int, 0444);
@@ -55,6 +58,40 @@ MODULE_PARM_DESC(NVreg_StandinRefuse,
                  "Stand-in only: not-probed, no-gsp or release: fail as the real driver does");
 module_param(NVreg_StandinGpuBus, int, 0444);
 module_param(NVreg_StandinGpuDevice, int, 0444);
+module_param(NVreg_StandinGspFirmware, int, 0444);
+MODULE_PARM_DESC(NVreg_StandinGspFirmware,
+                 "Stand-in only: 1 = the GPU needs GSP firmware: the load reads "
+                 "nvidia/<version>/gsp_ga10x.bin and fails (EIO) without it");
+
+/*
+ * The GSP firmware as the real driver names it (nv-firmware.h: Hopper, Ada and
+ * GA10x GPUs run gsp_ga10x.bin). The real driver reads it with request_firmware
+ * in RmInitAdapter, when a GPU is first opened: during the load when
+ * nvidia-drm's modeset opens it, else when nvidia-persistenced or nvidia-smi
+ * does. The stand-in reads it at load, the earliest of these moments, and
+ * fails as RmInitAdapter does without it. Not read when NVreg_EnableGpuFirmware's
+ * mode (its low four bits) is 0, disabled.
+ */
+#define NV_GSP_FIRMWARE "nvidia/" NV_VERSION_STRING "/gsp_ga10x.bin"
+
+static int nv_fetch_gsp_firmware(void)
+{
+    const struct firmware *fw;
+    int rc;
+
+    if (!NVreg_StandinGspFirmware || (NVreg_EnableGpuFirmware & 0xf) == 0)
+        return 0;
+
+    rc = request_firmware(&fw, NV_GSP_FIRMWARE, NULL);
+    if (rc != 0) {
+        printk(KERN_ERR "NVRM: RmFetchGspRmImages: No firmware image found (%s: error %d)\n",
+               NV_GSP_FIRMWARE, rc);
+        return -EIO;
+    }
+    printk(KERN_INFO "NVRM: GSP firmware %s: %zu bytes\n", NV_GSP_FIRMWARE, fw->size);
+    release_firmware(fw);
+    return 0;
+}
 
 static void nv_registry_key(void *ctx, const char *key, unsigned int key_len, unsigned int value)
 {
@@ -131,6 +168,10 @@ int nvidia_init_module(void)
         rc = nv_standin_refuse(NVreg_StandinRefuse);
         goto shutdown;
     }
+
+    rc = nv_fetch_gsp_firmware();
+    if (rc != 0)
+        goto shutdown;
 
     if (NVreg_RegistryDwords != NULL &&
         rm_parse_registry_dwords(NVreg_RegistryDwords, nv_registry_key, NULL) < 0)
