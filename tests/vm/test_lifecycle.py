@@ -37,6 +37,7 @@ from .guest import GuestResult
 VERSION = "535.999.01"
 LIB = Path(__file__).with_name("lifecycle.sh")
 ORDER = "nvidia,nvidia_uvm,nvidia_modeset,nvidia_drm"
+TAINT_FORCED_MODULE = 1 << 1  # Documentation/admin-guide/tainted-kernels.rst, "F"
 
 PERSISTENCED = r"""#!/bin/bash
 # Stand-in nvidia-persistenced: daemonizes, holds /dev/nvidiactl open, writes its pid file.
@@ -398,9 +399,12 @@ def test_real_535_load_without_gpu_exits_7_and_leaves_nothing_loaded(
     nv load 2>$LOGS/load.log; say load_rc $?
     say modules "$(nvidia_modules)"
     say lock "$([ -e $LOCK ] && echo yes || echo no)"
+    say tainted "$(cat /proc/sys/kernel/tainted)"
     """
     facts, explain = scenario(guest, driver, tmp_path, body, timeout=900)
     expect(facts, {"load_rc": "7", "modules": "", "lock": "no"}, explain)
+    # The kernel took the module as it is, not forced (taint F: "bad vermagic").
+    assert int(facts["tainted"]) & TAINT_FORCED_MODULE == 0, explain
     message = (tmp_path / "load.log").read_text()
     assert "NVRM: No NVIDIA GPU found." in message, explain
     assert "Nothing was left loaded" in message, explain
