@@ -21,7 +21,7 @@ from tests.integration.conftest_mirror import (
     mirrors,
 )
 from tests.kernels import header_kernels, kernel_pairs, kernels_under_test, missing_ci_series
-from tests.real_build import RealBuild, build_real_535
+from tests.real_build import RealBuild, RealBuildFailed, build_real_535
 
 __all__ = ["flatcar_mirror", "flatcar_mirror_server", "mirrors"]
 
@@ -117,14 +117,21 @@ def unpack_debian_source(flavour: str) -> Path:
 
 @pytest.fixture(scope="session")
 def real_builds(mirrors: Mirrors) -> Callable[[str], RealBuild]:
-    """`real_builds(K)`: the real 535 driver built for kernel K, once (tests/real_build.py)."""
-    built: dict[str, RealBuild] = {}
+    """`real_builds(K)`: the real 535 driver built for kernel K, once (tests/real_build.py);
+    a failed build fails every test that needs it without being tried again."""
+    built: dict[str, RealBuild | RealBuildFailed] = {}
 
     def get(kernel: str) -> RealBuild:
         if kernel not in built:
             source = unpack_debian_source("proprietary")
-            built[kernel] = build_real_535(kernel, mirrors(kernel), source, CACHE)
-        return built[kernel]
+            try:
+                built[kernel] = build_real_535(kernel, mirrors(kernel), source, CACHE)
+            except RealBuildFailed as e:
+                built[kernel] = e
+        result = built[kernel]
+        if isinstance(result, RealBuildFailed):
+            raise result
+        return result
 
     return get
 
