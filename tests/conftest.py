@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -9,12 +10,20 @@ import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.integration.conftest_mirror import flatcar_mirror, flatcar_mirror_server
+from tests.integration.conftest_mirror import (
+    Mirrors,
+    flatcar_mirror,
+    flatcar_mirror_server,
+    mirrors,
+)
+from tests.kernels import header_kernels, kernel_pairs, kernels_under_test, missing_ci_series
+from tests.real_build import RealBuild, RealBuildFailed, build_real_535
 
-__all__ = ["flatcar_mirror", "flatcar_mirror_server"]
+__all__ = ["flatcar_mirror", "flatcar_mirror_server", "mirrors"]
 
 CACHE = Path.home() / ".cache" / "nvidia-driver-tests"
 DEBIAN_SOURCES = {
@@ -32,21 +41,50 @@ def need(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
-def header_kernels() -> list[str]:
-    """Kernel releases whose build tree is installed, oldest first (never hard-coded)."""
-    base = Path("/lib/modules")
-    found = (
-        [d.name for d in base.iterdir() if (d / "build" / "Makefile").is_file()]
-        if base.is_dir()
-        else []
-    )
-    return sorted(
-        found, key=lambda r: [int(x) if x.isdigit() else x for x in r.replace("-", ".").split(".")]
-    )
+@dataclasses.dataclass(frozen=True)
+class MissingSeries:
+    """A series CI must test that has no kernel pair here."""
+
+    series: str
+
+
+def _kernel_params() -> list[Any]:
+    """One parameter per kernel under test (tests/kernels.py); under CI one more, failing,
+    per series of CI_SERIES that is missing; outside CI, with no kernel at all, one that
+    skips."""
+    found = kernels_under_test()
+    params = [pytest.param(k, id=k) for k in found]
+    if os.environ.get("CI"):
+        params += [
+            pytest.param(MissingSeries(s), id=f"{s}-missing") for s in missing_ci_series(found)
+        ]
+    return params or [pytest.param(None, id="no-kernel")]
+
+
+@pytest.fixture(scope="session", params=_kernel_params())
+def kernel(request: pytest.FixtureRequest) -> str:
+    """A kernel release to boot and build for; a test that takes it runs once per kernel.
+
+    The rule (tests/kernels.py): the newest pair (`/boot/vmlinuz-K` with
+    `/lib/modules/K/build`) of each installed series, discovered when the tests are
+    collected, ids = the release. Outside CI a machine with fewer series tests fewer
+    (none: skip). Under `CI` every series of `CI_SERIES` (6.1 and 6.12, FACTS "The kernel
+    series") must have a pair: a missing one is a failing parameter `<series>-missing`,
+    so CI cannot pass on one kernel.
+    """
+    value = request.param
+    if isinstance(value, MissingSeries):
+        pytest.fail(
+            f"CI must provide a {value.series} kernel pair (image and headers), found: "
+            f"{', '.join(kernel_pairs()) or 'none'} (install them with .ci/install-deps)"
+        )
+    need(value is not None, "no kernel pair (/boot/vmlinuz-K with /lib/modules/K/build)")
+    return str(value)
 
 
 @pytest.fixture(scope="session")
 def kernel_release() -> str:
+    """The one kernel of the tests that do not depend on the series: the oldest with headers."""
     kernels = header_kernels()
     need(bool(kernels), "no kernel headers under /lib/modules/*/build (linux-headers-amd64)")
     return kernels[0]
@@ -78,9 +116,31 @@ def unpack_debian_source(flavour: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_proprietary_source() -> Path:
-    """The real 535 proprietary tree in Debian's layout (modules/nvidia-kernel)."""
-    return unpack_debian_source("proprietary")
+def real_builds(mirrors: Mirrors) -> Callable[[str], RealBuild]:
+    """`real_builds(K)`: the real 535 driver built for kernel K, once (tests/real_build.py);
+    a failed build fails every test that needs it without being tried again."""
+    built: dict[str, RealBuild | RealBuildFailed] = {}
+
+    def get(kernel: str) -> RealBuild:
+        if kernel not in built:
+            source = unpack_debian_source("proprietary")
+            try:
+                built[kernel] = build_real_535(kernel, mirrors(kernel), source, CACHE)
+            except RealBuildFailed as e:
+                built[kernel] = e
+        result = built[kernel]
+        if isinstance(result, RealBuildFailed):
+            raise result
+        return result
+
+    return get
+
+
+@pytest.fixture
+def real_535(kernel: str, real_builds: Callable[[str], RealBuild]) -> RealBuild:
+    """The real 535 proprietary driver built for `kernel` (each kernel under test in turn)
+    in its Flatcar developer container, shared by every test that takes it."""
+    return real_builds(kernel)
 
 
 def standin_env(work: Path, source: Path, version: str) -> dict[str, str]:

@@ -55,6 +55,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tests.kernels import header_kernels
+
 log = logging.getLogger(__name__)
 
 SCRIPT_VERSION = 1  # bump to invalidate every cache entry
@@ -104,26 +106,16 @@ def cache_base() -> Path:
     return base / "nvidia-driver-tests" / "flatcar-mirror"
 
 
-def _version_key(text: str) -> tuple[tuple[int, str], ...]:
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.+~_-]", text))
-
-
-def host_kernel_releases() -> list[str]:
-    """Kernel releases with a build tree here (`/lib/modules/K/build`), newest first."""
-    found = [p.name for p in Path("/lib/modules").glob("*") if (p / "build").is_dir()]
-    return sorted(found, key=_version_key, reverse=True)
-
-
 def default_kernel_release() -> str:
     """$FLATCAR_MIRROR_KERNEL, else the running kernel if its headers are here, else the newest."""
     wanted = os.environ.get("FLATCAR_MIRROR_KERNEL")
     if wanted:
         return wanted
-    releases = host_kernel_releases()
+    releases = header_kernels()
     if not releases:
         raise MirrorUnavailable("no kernel headers here: no /lib/modules/*/build")
     running = os.uname().release
-    return running if running in releases else releases[0]
+    return running if running in releases else releases[-1]
 
 
 def kernel_upstream(kernel_release: str) -> str:

@@ -2,13 +2,18 @@
 
 Import them from a conftest.py:
 
-    from tests.integration.conftest_mirror import flatcar_mirror, flatcar_mirror_server
+    from tests.integration.conftest_mirror import flatcar_mirror, flatcar_mirror_server, mirrors
 
-`flatcar_mirror` (session): the cached mirror for the `kernel_release` fixture's
-kernel where there is one (else the running kernel if its headers are here, else
-the newest; `$FLATCAR_MIRROR_KERNEL` overrides that fallback); skips where it cannot be built
-(not root, tools or kernel headers missing). The first build takes a minute or
-two, later sessions reuse it from ~/.cache/nvidia-driver-tests/flatcar-mirror.
+`mirrors` (session): `mirrors(K)` is the mirror whose developer root holds the headers
+of kernel K, built once per inputs (kernel, headers version, suite, packages) and kept
+in ~/.cache/nvidia-driver-tests/flatcar-mirror, so each kernel's mirror is built once
+ever; the first build of one takes a minute or two. Where this machine cannot build
+one (not root, tools or kernel headers missing) the test skips, and fails under `CI`.
+
+`flatcar_mirror` (session): the mirror of the `kernel_release` fixture's kernel where
+there is one (else the running kernel if its headers are here, else the newest;
+`$FLATCAR_MIRROR_KERNEL` overrides that fallback). A test that runs once per kernel
+(the `kernel` fixture) takes `mirrors(kernel)` instead.
 
 `flatcar_mirror_server` (function): a fresh `MirrorServer` serving it on
 127.0.0.1, its fault knobs clear; `.env()` gives FLATCAR_RELEASE_URL,
@@ -17,7 +22,7 @@ FLATCAR_RELEASES_FEED, FLATCAR_SIGNING_KEY and FLATCAR_BOARD.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -30,20 +35,33 @@ from tests.flatcar_mirror import (
     serve_mirror,
 )
 
+Mirrors = Callable[[str], FlatcarMirror]
+
 
 @pytest.fixture(scope="session")
-def flatcar_mirror(request: pytest.FixtureRequest) -> FlatcarMirror:
+def mirrors() -> Mirrors:
+    from tests.conftest import need  # tests.conftest imports this module
+
+    built: dict[str, FlatcarMirror] = {}
+
+    def mirror(kernel: str) -> FlatcarMirror:
+        if kernel not in built:
+            try:
+                built[kernel] = build_mirror(kernel)
+            except MirrorUnavailable as e:
+                need(False, f"no local Flatcar mirror for {kernel}: {e}")
+        return built[kernel]
+
+    return mirror
+
+
+@pytest.fixture(scope="session")
+def flatcar_mirror(request: pytest.FixtureRequest, mirrors: Mirrors) -> FlatcarMirror:
     try:
         kernel = str(request.getfixturevalue("kernel_release"))
     except pytest.FixtureLookupError:
         kernel = default_kernel_release()
-    try:
-        return build_mirror(kernel)
-    except MirrorUnavailable as e:
-        from tests.conftest import need  # (tests.conftest imports this module)
-
-        need(False, f"no local Flatcar mirror: {e}")
-        raise
+    return mirrors(kernel)
 
 
 @pytest.fixture

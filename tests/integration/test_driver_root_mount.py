@@ -14,8 +14,12 @@ import pytest
 from nvdriver import mounts, rootfs
 from nvdriver.config import Config
 from nvdriver.run import run
+from tests.conftest import need
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    need(os.geteuid() == 0, "mounting needs root")
 
 
 def mounted_under(directory: Path) -> list[str]:

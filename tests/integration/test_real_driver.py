@@ -1,7 +1,13 @@
-"""The real NVIDIA 535 proprietary sources (Debian's), built against the installed headers.
+"""The real NVIDIA 535 proprietary driver (Debian's sources) on each kernel under test.
 
-Slow: the build takes minutes on 2 cores. What it proves: our build and our
-link on the node give the module NVIDIA's own Makefile gives.
+Slow: one build per kernel, the node's way (`update --kernel K` in the Flatcar
+developer container of the local mirror for K: tests/real_build.py), shared with
+the guest test that loads it (tests/vm/test_lifecycle.py). What it proves: the
+real driver builds in the developer container of either kernel series, and our
+link on the node, with the linker saved from that container, gives modules that
+the kernel accepts: its vermagic, every symbol they need exported by the kernel
+or by the driver's own modules, with the kernel's symbol CRCs (what the kernel's
+module loader checks; the guest test then loads nvidia.ko for real).
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import pytest
 
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
-from nvdriver.driver.build import build_modules
 from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
-from nvdriver.host import KernelTree
+from nvdriver.driver.toolchain import linker_for, toolchain_dir
+from nvdriver.host import KernelIdentity, KernelTree
+from tests.real_build import RealBuild
 
 pytestmark = pytest.mark.slow
+
+MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm")
 
 
 def modinfo(ko: Path, field: str) -> str:
@@ -27,35 +36,82 @@ def modinfo(ko: Path, field: str) -> str:
     ).stdout.strip()
 
 
-def undefined(ko: Path) -> set[str]:
-    out = subprocess.run(["nm", "-u", str(ko)], check=True, capture_output=True, text=True).stdout
-    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+def nm(ko: Path, *flags: str) -> list[list[str]]:
+    out = subprocess.run(["nm", *flags, str(ko)], check=True, capture_output=True, text=True)
+    return [line.split() for line in out.stdout.splitlines() if line.strip()]
 
 
-def test_real_535_links_to_the_module_nvidias_makefile_builds(
-    tmp_path, real_proprietary_source, kernel_build, kernel_release
-):
-    config = Config.from_env({"NVIDIA_DRIVER_SOURCE": str(real_proprietary_source)})
-    source = DriverSource.from_config(config)
-    assert source.version.startswith("535.")
-    work = tmp_path / "work"
-    work.mkdir()
-    output = build_modules(
-        source, "proprietary", KernelTree.from_dir(kernel_build), work, jobs=config.max_threads
+def modversions(ko: Path) -> dict[str, int]:
+    """symbol -> CRC of the module's __versions table (what it was built against)."""
+    out = subprocess.run(
+        ["modprobe", "--dump-modversions", str(ko)], check=True, capture_output=True, text=True
+    ).stdout
+    return {sym: int(crc, 16) for crc, sym in (line.split() for line in out.splitlines())}
+
+
+def kernel_exports(build: Path) -> dict[str, int]:
+    """symbol -> CRC of everything the kernel and its modules export (Module.symvers)."""
+    exports = {}
+    for line in (build / "Module.symvers").read_text().splitlines():
+        crc, sym = line.split("\t")[:2]
+        exports[sym] = int(crc, 16)
+    return exports
+
+
+def identity(kernel: str) -> KernelIdentity:
+    return KernelIdentity.from_build_tree(KernelTree.from_dir(Path("/lib/modules") / kernel).output)
+
+
+def test_update_builds_the_real_535_driver_in_the_developer_container(
+    real_535: RealBuild, kernel: str
+) -> None:
+    m = pkg.verify(real_535.package)
+    assert m.driver_version.startswith("535.")
+    assert (m.kernel_release, m.flavour) == (kernel, "proprietary")
+    assert m.kernel == identity(kernel)
+    assert {e.name for e in m.modules} >= set(MODULES)
+    assert real_535.package.parent == real_535.precompiled / kernel
+    # The developer container's linker is kept for the node's link.
+    assert (toolchain_dir(real_535.cache, m.linker) / "ident").read_text() == m.linker
+    assert "Building NVIDIA proprietary" in real_535.log
+
+
+def test_the_node_link_gives_modules_the_kernel_accepts(
+    real_535: RealBuild, kernel: str, tmp_path: Path
+) -> None:
+    source = DriverSource.from_config(
+        Config.from_env({"NVIDIA_DRIVER_SOURCE": str(real_535.source)})
     )
-    package = pkg.write_package(tmp_path / "precompiled", output, tag=None)
-    assert pkg.verify(package.path).kernel_release == kernel_release
-    moddir = link_package(package.path, source, tmp_path / "opt" / source.version)
-
-    linked = moddir / "nvidia.ko"
-    makefile_built = output.tree / "nvidia.ko"
-    vermagic = modinfo(linked, "vermagic")
-    assert vermagic.split()[0] == kernel_release
-    assert vermagic == modinfo(makefile_built, "vermagic")
-    assert undefined(linked) == undefined(makefile_built)
-    assert modinfo(linked, "version") == source.version
-    for name in ("nvidia-uvm", "nvidia-modeset", "nvidia-drm"):
-        assert modinfo(moddir / f"{name}.ko", "vermagic") == vermagic
-    assert "nvidia" in modinfo(moddir / "nvidia-modeset.ko", "depends").split(",")
-    assert "nvidia" in modinfo(moddir / "nvidia-uvm.ko", "depends").split(",")
+    m = pkg.verify(real_535.package)
+    moddir = link_package(
+        real_535.package,
+        source,
+        tmp_path / "opt" / source.version,
+        kernel=identity(kernel),
+        ld=linker_for(real_535.cache, m.linker).argv,
+    )
+    kos = {name: moddir / f"{name}.ko" for name in MODULES}
+    vermagic = modinfo(kos["nvidia"], "vermagic")
+    assert vermagic.split()[0] == kernel
+    assert {modinfo(ko, "vermagic") for ko in kos.values()} == {vermagic}
+    assert modinfo(kos["nvidia"], "version") == source.version
+    assert "nvidia" in modinfo(kos["nvidia-modeset"], "depends").split(",")
+    assert "nvidia" in modinfo(kos["nvidia-uvm"], "depends").split(",")
     assert (moddir / "modules.dep").read_text().count("nvidia") >= 4
+
+    exports = kernel_exports(Path("/lib/modules") / kernel / "build")
+    ours = {
+        row[-1].removeprefix("__ksymtab_")
+        for ko in kos.values()
+        for row in nm(ko, "--defined-only")
+        if row[-1].startswith("__ksymtab_")
+    }
+    for name, ko in kos.items():
+        needed = {row[-1] for row in nm(ko, "--undefined-only")}
+        assert needed, name
+        # Without NVIDIA's core object linked in, nvidia.ko would need its rm_* symbols.
+        assert needed - exports.keys() - ours == set(), name
+        crcs = modversions(ko)
+        assert crcs, f"{name} has no symbol versions"
+        wrong = {s: c for s, c in crcs.items() if s in exports and exports[s] != c}
+        assert wrong == {}, f"{name} was built against other CRCs than {kernel}'s"

@@ -18,11 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdriver.config import Config
 from nvdriver.driver import package as pkg
-from nvdriver.driver.link import link_package
-from nvdriver.driver.source import DriverSource
-from nvdriver.driver.toolchain import linker_for
 from nvdriver.host import KernelIdentity, KernelTree
 from tests.conftest import TOOL, run_tool, standin_env
 from tests.flatcar_mirror import (
@@ -274,43 +270,6 @@ def test_sigterm_at_any_step_leaves_nothing_and_a_rerun_succeeds(
     result = run_tool("update", "--kernel", kernel_release, env=env)
     assert result.returncode == 0, result.stderr
     assert_clean(tmp_path)
-
-
-@pytest.mark.slow
-def test_update_builds_the_real_535_driver_in_the_developer_container(
-    tmp_path, flatcar_mirror_server, real_proprietary_source, kernel_build, kernel_release
-):
-    env = {
-        **flatcar_mirror_server.env(),
-        "NVIDIA_DRIVER_SOURCE": str(real_proprietary_source),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
-        "HOST_ROOT": str(tmp_path / "host"),
-    }
-    result = run_tool("update", "--kernel", kernel_release, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    path = Path(result.stdout.strip())
-    m = pkg.verify(path)
-    assert m.driver_version.startswith("535.") and m.kernel_release == kernel_release
-    assert {e.name for e in m.modules} >= {"nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"}
-    assert_clean(tmp_path)
-    source = DriverSource.from_config(
-        Config.from_env({"NVIDIA_DRIVER_SOURCE": str(real_proprietary_source)})
-    )
-    moddir = link_package(
-        path,
-        source,
-        tmp_path / "opt" / m.driver_version,
-        kernel=KernelIdentity.from_build_tree(KernelTree.from_dir(kernel_build).output),
-        ld=linker_for(tmp_path / "cache", m.linker).argv,
-    )
-    vermagic = subprocess.run(
-        ["modinfo", "-F", "vermagic", str(moddir / "nvidia.ko")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert vermagic.split()[0] == kernel_release
 
 
 def test_emerge_sources_failing_is_clear_and_leaves_nothing(env, tmp_path, kernel_release):

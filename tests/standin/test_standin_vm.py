@@ -1,6 +1,6 @@
 """The stand-in modules load, count references and unload in a real kernel.
 
-Boots the installed kernel in QEMU (TCG) with a busybox initramfs holding the
+Boots each kernel under test in QEMU (TCG) with a busybox initramfs holding the
 node-linked nvidia.ko and nvidia-modeset.ko, the Kbuild-built nvidia-uvm.ko
 and nvidia-drm.ko, and the holder module; about 10 s.
 """
@@ -8,7 +8,6 @@ and nvidia-drm.ko, and the holder module; about 10 s.
 from __future__ import annotations
 
 import gzip
-import os
 import re
 import shutil
 import subprocess
@@ -24,8 +23,6 @@ from .tree import (
     INTERFACES,
     build_holder,
     build_standin,
-    kernel_build_dirs,
-    kernel_release,
     link_module,
     make_standin_source,
     module_lds,
@@ -67,7 +64,8 @@ poweroff -f
 """
 
 
-def _vm_prerequisites() -> tuple[Path, Path, str] | None:
+def _vm_busybox() -> str | None:
+    """The static busybox, where qemu and cpio are here too."""
     busybox = shutil.which("busybox")
     if not (shutil.which("qemu-system-x86_64") and shutil.which("cpio") and busybox):
         return None
@@ -78,21 +76,19 @@ def _vm_prerequisites() -> tuple[Path, Path, str] | None:
         not in subprocess.run(["file", "-L", busybox], capture_output=True, check=False).stdout
     ):
         return None
-    for build in kernel_build_dirs():
-        release = kernel_release(build)
-        vmlinuz = Path("/boot", f"vmlinuz-{release}")
-        if vmlinuz.is_file() and os.access(vmlinuz, os.R_OK):
-            return build, vmlinuz, busybox
-    return None
+    return busybox
 
 
-PREREQUISITES = _vm_prerequisites()
+BUSYBOX = _vm_busybox()
 
 
-def test_load_refcount_unload(tmp_path: Path) -> None:
-    need(PREREQUISITES is not None, "needs qemu, cpio, static busybox, a kernel")
-    assert PREREQUISITES is not None
-    kernel_build, vmlinuz, busybox = PREREQUISITES
+def test_load_refcount_unload(tmp_path: Path, kernel: str) -> None:
+    """On each kernel under test (the `kernel` fixture: image and headers)."""
+    need(BUSYBOX is not None, "needs qemu, cpio, static busybox")
+    assert BUSYBOX is not None
+    busybox = BUSYBOX
+    kernel_build = Path("/lib/modules") / kernel / "build"
+    vmlinuz = Path("/boot") / f"vmlinuz-{kernel}"
     tree = make_standin_source(tmp_path / "src", flavours=("kernel",)) / "kernel"
     build_standin(tree, kernel_build)
 

@@ -1,18 +1,21 @@
 """Fixtures for tests that boot a real kernel in a QEMU guest (see guest.py).
 
 Every test in this directory gets the ``vm`` marker.  The ``guest`` fixture
-skips when qemu, a kernel or busybox-static is missing, unless the ``CI``
-environment variable is set: then it fails, so CI cannot pass by skipping.
+boots each kernel under test in turn (the ``kernel`` fixture: the newest pair of
+each installed series), and skips when qemu, a kernel or busybox-static is
+missing, unless the ``CI`` environment variable is set: then it fails, so CI
+cannot pass by skipping.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from .guest import GuestResult, missing_requirements, newest_kernel, run_in_guest
+from tests.conftest import need
+
+from .guest import GuestResult, missing_requirements, run_in_guest
 
 _HERE = Path(__file__).resolve().parent
 
@@ -56,17 +59,15 @@ def require_guest() -> None:
     """Skip (fail under CI) when this machine cannot boot a guest."""
     missing = missing_requirements()
     if missing:
-        reason = "cannot boot a QEMU guest, missing: " + "; ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set: install them with .ci/install-deps)")
-        pytest.skip(reason)
+        need(False, "cannot boot a QEMU guest, missing: " + "; ".join(missing))
 
 
 @pytest.fixture(scope="session")
-def guest_kernel() -> str:
-    """The kernel release the ``guest`` fixture boots (the newest installed)."""
+def guest_kernel(kernel: str) -> str:
+    """The kernel release the ``guest`` fixture boots: each kernel under test in turn
+    (tests/conftest.py ``kernel``), so every guest test runs on every series."""
     require_guest()
-    return newest_kernel()
+    return kernel
 
 
 @pytest.fixture

@@ -40,8 +40,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BOOT_DIR = Path("/boot")
-MODULES_DIR = Path("/lib/modules")
+from tests.kernels import BOOT_DIR, MODULES_DIR, bootable, version_key
+
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 QEMU = "qemu-system-x86_64"
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
@@ -86,19 +86,11 @@ class GuestResult:
         return self
 
 
-def _version_key(name: str) -> list[tuple[int, int | str]]:
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p]
-
-
 def available_kernels() -> list[str]:
-    """Kernel releases with a readable /boot/vmlinuz-K and a /lib/modules/K/modules.dep,
-    oldest first (natural version order)."""
-    kernels = []
-    for image in BOOT_DIR.glob("vmlinuz-*"):
-        release = image.name[len("vmlinuz-") :]
-        if os.access(image, os.R_OK) and (MODULES_DIR / release / "modules.dep").is_file():
-            kernels.append(release)
-    return sorted(kernels, key=_version_key)
+    """Kernel releases a guest can boot (a readable /boot/vmlinuz-K and its
+    /lib/modules/K/modules.dep), oldest first (natural version order)."""
+    releases = [image.name[len("vmlinuz-") :] for image in BOOT_DIR.glob("vmlinuz-*")]
+    return sorted((r for r in releases if bootable(r)), key=version_key)
 
 
 def newest_kernel() -> str:

@@ -13,7 +13,6 @@ The stand-in nvidia-persistenced daemonizes, writes its pid file and holds
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -24,7 +23,8 @@ import pytest
 
 from nvdriver.config import Config
 from nvdriver.driver.source import DriverSource
-from tests.conftest import CACHE, TOOL, standin_env, unpack_debian_source
+from tests.conftest import TOOL, standin_env
+from tests.real_build import RealBuild
 from tests.standin.tree import (
     build_holder,
     build_standin,
@@ -37,6 +37,7 @@ from .guest import GuestResult
 VERSION = "535.999.01"
 LIB = Path(__file__).with_name("lifecycle.sh")
 ORDER = "nvidia,nvidia_uvm,nvidia_modeset,nvidia_drm"
+TAINT_FORCED_MODULE = 1 << 1  # Documentation/admin-guide/tainted-kernels.rst, "F"
 
 PERSISTENCED = r"""#!/bin/bash
 # Stand-in nvidia-persistenced: daemonizes, holds /dev/nvidiactl open, writes its pid file.
@@ -379,51 +380,32 @@ def test_load_switches_flavour_sets_firmware_path_and_fails_cleanly_without_gpu(
 # --- the real driver --------------------------------------------------------------
 
 
-def _cached_real_package(source: Path, kernel_build: Path) -> Path:
-    """PRECOMPILED_DIR holding the real 535 proprietary package for `kernel_build`,
-    built once per inputs (the source tree's tarball, the kernel's identity)."""
-    key = hashlib.sha256()
-    key.update(source.name.encode())
-    for name in ("utsrelease.h", "compile.h", "utsversion.h"):
-        header = kernel_build / "include" / "generated" / name
-        if header.is_file():
-            key.update(header.read_bytes())
-    store = CACHE / f"real-precompiled-{key.hexdigest()[:16]}"
-    if not (store / ".complete").exists():
-        subprocess.run(["rm", "-rf", str(store)], check=True)
-        _update(
-            {
-                "NVIDIA_DRIVER_SOURCE": str(source),
-                "PRECOMPILED_DIR": str(store),
-                "NVIDIA_DRIVER_CACHE": str(store.with_name(store.name + "-cache")),
-                "KERNEL_MODULE_TYPE": "proprietary",
-            },
-            kernel_build,
-        )
-        (store / ".complete").touch()
-    return store
-
-
 @pytest.mark.slow
 def test_real_535_load_without_gpu_exits_7_and_leaves_nothing_loaded(
-    guest: Guest, guest_kernel: str, tmp_path: Path
+    guest: Guest, real_535: RealBuild, tmp_path: Path
 ) -> None:
-    source = unpack_debian_source("proprietary")
-    kernel_build = Path("/lib/modules") / guest_kernel / "build"
-    store = _cached_real_package(source, kernel_build)
+    """The real nvidia.ko, built in the developer container of the guest's kernel and
+    linked on the node with the saved linker, is taken by the kernel and ends in exit 7."""
+    assert real_535.kernel == guest.kernel
     version = DriverSource.from_config(
-        Config.from_env({"NVIDIA_DRIVER_SOURCE": str(source)})
+        Config.from_env({"NVIDIA_DRIVER_SOURCE": str(real_535.source)})
     ).version
     (tmp_path / "params").mkdir()
     (tmp_path / "bin").mkdir()
-    driver = Driver(tmp_path, _guest_env(tmp_path, source, store, version), {})
+    env = _guest_env(tmp_path, real_535.source, real_535.precompiled, version)
+    env["NVIDIA_DRIVER_CACHE"] = str(real_535.cache)
+    driver = Driver(tmp_path, env, {})
     body = r"""
     nv load 2>$LOGS/load.log; say load_rc $?
     say modules "$(nvidia_modules)"
     say lock "$([ -e $LOCK ] && echo yes || echo no)"
+    say tainted "$(cat /proc/sys/kernel/tainted)"
     """
     facts, explain = scenario(guest, driver, tmp_path, body, timeout=900)
     expect(facts, {"load_rc": "7", "modules": "", "lock": "no"}, explain)
+    # The kernel took the module as it is, not forced (taint F: "bad vermagic").
+    assert int(facts["tainted"]) & TAINT_FORCED_MODULE == 0, explain
     message = (tmp_path / "load.log").read_text()
     assert "NVRM: No NVIDIA GPU found." in message, explain
     assert "Nothing was left loaded" in message, explain
+    assert "Linking with" not in message, "the saved linker of the developer container is used"

@@ -26,6 +26,12 @@ from nvdriver.run import RunError, run, spawn, which
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 10.0
+# Linux 6.11+ compiles a module's constant modinfo (vermagic, retpoline) once, into
+# .module-common.o, and links it into every .ko (scripts/Makefile.modfinal). NVIDIA's
+# `%-linux.o` rule links only the .mod.o into an interface object, so without it a
+# node-linked nvidia.ko has no vermagic: the kernel refuses it, or with
+# CONFIG_MODULE_FORCE_LOAD loads it tainted ("bad vermagic").
+MODULE_COMMON = ".module-common.o"
 SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
@@ -123,6 +129,10 @@ def build_modules(
         jobs,
     )
     _make(build_root.argv(cmd), tree, workdir / "build.log")
+    common = tree / MODULE_COMMON
+    if common.is_file():
+        for each in split:
+            _link_into(build_root, tree / each.interface, common)
 
     artifacts = []
     for module in modules:
@@ -146,6 +156,14 @@ def build_modules(
         compiler=_first_line(build_root.argv([cc, "--version"])),
         linker=_first_line(build_root.argv(["ld", "--version"])),
     )
+
+
+def _link_into(build_root: BuildRoot, obj: Path, extra: Path) -> None:
+    """Merge the relocatable object `extra` into `obj` (`ld -r`), in place."""
+    merged = obj.with_name(obj.name + ".merged")
+    inside = build_root.inside
+    run(build_root.argv(["ld", "-r", "-o", inside(merged), inside(obj), inside(extra)]))
+    merged.replace(obj)
 
 
 def _compiler(kernel: KernelTree, build_root: BuildRoot) -> str:
