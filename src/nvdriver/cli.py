@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signals.install()
             config = config_from_args(args, env)
             logsetup.setup(config.log_format, debug=config.debug)
-            set_timeouts(config.timeouts)
+            set_timeouts(dict(config.timeouts))
             if args.command in ("update", "build"):
                 # A running `init`'s log shows the update too (errors included).
                 stack.enter_context(lock.mirror_to_running_instance(config))

@@ -123,9 +123,12 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise UsageError(f"{name}={env[name]!r} is not valid: expected true or false.")
 
 
-def parse_timeouts(value: str, name: str = "NVIDIA_DRIVER_TIMEOUTS") -> dict[str, float]:
-    """`modprobe=600,rmmod=30`: seconds per program of run.TIMEOUTS."""
-    timeouts = {}
+def parse_timeouts(
+    value: str, name: str = "NVIDIA_DRIVER_TIMEOUTS"
+) -> tuple[tuple[str, float], ...]:
+    """`modprobe=600,rmmod=30`: seconds per program of run.TIMEOUTS, as (program, seconds)
+    pairs (immutable, as the rest of Config; the last one given for a program wins)."""
+    timeouts: dict[str, float] = {}
     for item in filter(None, (i.strip() for i in value.split(","))):
         program, _, seconds = item.partition("=")
         try:
@@ -139,7 +142,7 @@ def parse_timeouts(value: str, name: str = "NVIDIA_DRIVER_TIMEOUTS") -> dict[str
                 hint=f"Fix {name} in the container's environment, e.g. modprobe=600,rmmod=30.",
             )
         timeouts[program] = limit
-    return timeouts
+    return tuple(sorted(timeouts.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +161,7 @@ class Config:
     host_root: Path
     log_format: str
     # Per program (run.TIMEOUTS) seconds, from NVIDIA_DRIVER_TIMEOUTS.
-    timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    timeouts: tuple[tuple[str, float], ...] = ()
     # From flags.
     kernel: str | None = None
     kernel_source: Path | None = None

@@ -214,17 +214,19 @@ def load(config: Config) -> list[str]:
 
 
 def unload(config: Config) -> None:
-    """Stop the daemon, unload the modules (unless in use), unmount, remove readiness.
+    """Stop the daemon, unload the modules (unless in use), then unmount the driver root
+    and remove the readiness file.
 
-    Every step is tried; the modules' BusyError (exit 3) comes last.
+    A driver in use (BusyError, exit 3) keeps its root bound: the loaded driver reads
+    its GSP firmware through it at a GPU's next first open, and the toolkit its files.
     """
     with lock.instance_lock(config):
-        rootfs.remove_stale(config)
         try:
             daemons.stop_persistenced(config)
         except DriverError as e:
             log.error("%s", e)
         unload_modules(config)
+        rootfs.remove_stale(config)
 
 
 def update(config: Config) -> Package:
