@@ -25,6 +25,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from nvdriver.driver.build import MODULE_COMMON
+
 HERE = Path(__file__).resolve().parent
 KERNEL_TEMPLATE = HERE / "kernel"
 CORE_SOURCES = HERE / "core"
@@ -249,10 +251,16 @@ def build_standin(tree: Path, kernel_build: Path, *, jobs: int | None = None) ->
 
 
 def link_module(output: Path, interface: Path, core: Path, lds: Path | None) -> Path:
-    """Link a module as on a node: ``ld -r -T module.lds -o X.ko nv-*-linux.o core.o_binary``."""
+    """Link a module as on a node: ``ld -r -T module.lds -o X.ko nv-*-linux.o core.o_binary``.
+
+    On Linux 6.11+ the interface object also takes the tree's .module-common.o (its
+    vermagic), as driver/build.py merges it into the interface objects it packs.
+    """
     script = ["-T", str(lds)] if lds is not None else []
+    common = interface.parent / MODULE_COMMON
+    extra = [str(common)] if common.is_file() else []
     output.parent.mkdir(parents=True, exist_ok=True)
-    _run(["ld", "-r", *script, "-o", str(output), str(interface), str(core)])
+    _run(["ld", "-r", *script, "-o", str(output), str(interface), *extra, str(core)])
     return output
 
 
