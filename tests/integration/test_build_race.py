@@ -59,8 +59,15 @@ def wait_for(condition, what: str, procs: dict[str, subprocess.Popen[str]], logs
 def processes() -> Iterator[dict[str, subprocess.Popen[str]]]:
     procs: dict[str, subprocess.Popen[str]] = {}
     yield procs
+    # SIGTERM first: the tool then stops its build's process group (make waits on the gate,
+    # in a session of its own, and would outlive a SIGKILLed tool).
     for p in procs.values():
         if p.poll() is None:
+            p.terminate()
+    for p in procs.values():
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
 
