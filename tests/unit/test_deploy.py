@@ -1,0 +1,339 @@
+"""The deployment files: Flatcar's Butane config and unit, the Kubernetes DaemonSet.
+
+Each is checked by the real validator of its format: Ignition's own JSON schema (spec
+3.4.0, what Flatcar reads) for the Ignition config made from the Butane config,
+`systemd-analyze verify` for the unit, the Kubernetes API schemas (`kubernetes-validate`)
+for the manifest. The butane binary is not available here: the Butane config is turned
+into Ignition by a converter below for the subset it uses, which refuses any other key.
+And the unit and the DaemonSet must give the container the same mounts: the container
+contract (README, "Paths").
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from nvdriver.daemons import STOP_TIMEOUT
+from nvdriver.mounts import TOOL_TIMEOUT
+from nvdriver.rootfs import READY_FILE
+from nvdriver.run import TIMEOUTS
+from tests.conftest import need
+
+ROOT = Path(__file__).resolve().parents[2]
+FLATCAR = ROOT / "deploy" / "flatcar"
+BUTANE = FLATCAR / "nvidia-driver.bu"
+UNIT = FLATCAR / "nvidia-driver.service"
+DAEMONSET = ROOT / "deploy" / "kubernetes" / "daemonset.yaml"
+IGNITION_SCHEMA = Path(__file__).parent / "data" / "ignition-v3_4.schema.json"
+
+# The container's mounts (host path, container path, read-only, shared): SPEC section 7.
+CONTRACT = {
+    ("/run/nvidia", "/run/nvidia", False, True),
+    ("/etc/os-release", "/host-etc/os-release", True, False),
+    ("/etc/flatcar", "/host-etc/flatcar", True, False),
+    ("/lib/modules", "/lib/modules", True, False),
+    ("/dev", "/dev", False, False),
+    ("/var/lib/nvidia-driver", "/var/lib/nvidia-driver", False, False),
+    ("/var/cache/nvidia-driver", "/var/cache/nvidia-driver", False, False),
+    ("/etc/nvidia-driver/modules", "/drivers", True, False),
+}
+# What a clean unload may take at the limits of its steps: nvidia-persistenced's stop,
+# one rmmod, one unmount.
+UNLOAD_BUDGET = STOP_TIMEOUT + TIMEOUTS["rmmod"] + TOOL_TIMEOUT
+
+
+# --- Butane to Ignition ------------------------------------------------------------------
+
+
+class UnsupportedButane(Exception):
+    """A Butane key the converter does not implement: convert with the real butane."""
+
+
+def _only(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(obj) - allowed
+    if unknown:
+        raise UnsupportedButane(f"{where}: {', '.join(sorted(unknown))}")
+
+
+def _data_url(text: str) -> str:
+    """Contents as Butane writes them uncompressed: a percent-encoded `data:` URL."""
+    return "data:," + urllib.parse.quote(text, safe="")
+
+
+def _contents(spec: dict[str, Any], files_dir: Path, where: str) -> str:
+    _only(spec, {"inline", "local"}, where)
+    if len(spec) != 1:
+        raise UnsupportedButane(f"{where}: exactly one of inline, local")
+    return str(spec["inline"]) if "inline" in spec else (files_dir / spec["local"]).read_text()
+
+
+def butane_to_ignition(path: Path, files_dir: Path) -> dict[str, Any]:
+    """Butane's flatcar 1.1.0 variant to Ignition 3.4.0, for storage.files,
+    storage.directories and systemd.units (what `butane --files-dir` does for them)."""
+    config = yaml.safe_load(path.read_text())
+    _only(config, {"variant", "version", "storage", "systemd"}, "top level")
+    if (config.get("variant"), config.get("version")) != ("flatcar", "1.1.0"):
+        raise UnsupportedButane(f"variant {config.get('variant')} {config.get('version')}")
+    ignition: dict[str, Any] = {"ignition": {"version": "3.4.0"}}
+    storage = config.get("storage", {})
+    _only(storage, {"files", "directories"}, "storage")
+    out_storage: dict[str, Any] = {}
+    for d in storage.get("directories", []):
+        _only(d, {"path", "mode"}, f"directory {d.get('path')}")
+        out_storage.setdefault("directories", []).append(d)
+    for f in storage.get("files", []):
+        _only(f, {"path", "mode", "overwrite", "contents"}, f"file {f.get('path')}")
+        entry = {k: v for k, v in f.items() if k != "contents"}
+        if "contents" in f:
+            text = _contents(f["contents"], files_dir, f"file {f['path']} contents")
+            entry["contents"] = {"source": _data_url(text)}
+        out_storage.setdefault("files", []).append(entry)
+    if out_storage:
+        ignition["storage"] = out_storage
+    systemd = config.get("systemd", {})
+    _only(systemd, {"units"}, "systemd")
+    for unit in systemd.get("units", []):
+        _only(unit, {"name", "enabled", "mask", "contents", "contents_local"}, unit.get("name"))
+        entry = {k: v for k, v in unit.items() if k != "contents_local"}
+        if "contents_local" in unit:
+            entry["contents"] = (files_dir / unit["contents_local"]).read_text()
+        ignition.setdefault("systemd", {}).setdefault("units", []).append(entry)
+    return ignition
+
+
+def ignition_errors(config: dict[str, Any]) -> list[str]:
+    schema = json.loads(IGNITION_SCHEMA.read_text())
+    validator = jsonschema.Draft4Validator(schema)
+    return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(config)]
+
+
+def test_the_butane_config_makes_a_valid_ignition_3_4_config() -> None:
+    config = butane_to_ignition(BUTANE, FLATCAR)
+    assert ignition_errors(config) == []
+    # The validator is Ignition's schema, not a pass-through: a file mode in the wrong type
+    # is refused.
+    broken = copy.deepcopy(config)
+    broken["storage"]["files"][0]["mode"] = "0644"
+    assert any("mode" in e for e in ignition_errors(broken))
+
+
+def test_the_ignition_config_installs_the_unit_and_its_settings() -> None:
+    config = butane_to_ignition(BUTANE, FLATCAR)
+    (unit,) = config["systemd"]["units"]
+    assert unit["name"] == UNIT.name
+    assert unit["enabled"] is True
+    assert unit["contents"] == UNIT.read_text()
+    files = {
+        f["path"]: urllib.parse.unquote(f["contents"]["source"].removeprefix("data:,"))
+        for f in config["storage"]["files"]
+    }
+    environment_file = directive(UNIT, "Service", "EnvironmentFile")[0]
+    assert environment_file in files
+    assert "NVIDIA_DRIVER_IMAGE" in env_file(files[environment_file])
+    # Module parameters: the directory the unit mounts at /drivers exists.
+    directories = {d["path"] for d in config["storage"]["directories"]}
+    assert {h for h, c, _, _ in unit_mounts() if c == "/drivers"} <= directories
+
+
+def test_the_converter_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    """Otherwise a key added to the Butane config could vanish from the Ignition config."""
+    config = yaml.safe_load(BUTANE.read_text())
+    config["storage"]["links"] = [{"path": "/etc/x", "target": "/etc/y"}]
+    (tmp_path / "x.bu").write_text(yaml.safe_dump(config))
+    with pytest.raises(UnsupportedButane, match="links"):
+        butane_to_ignition(tmp_path / "x.bu", FLATCAR)
+
+
+# --- the unit ----------------------------------------------------------------------------
+
+
+def unit_directives(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) of a unit file, continuation lines joined, in order."""
+    out: list[tuple[str, str, str]] = []
+    section, pending = "", ""
+    for raw in path.read_text().splitlines():
+        if not pending and (not raw.strip() or raw.lstrip().startswith(("#", ";"))):
+            continue
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line.startswith("["):
+            section = line.strip("[]")
+        else:
+            key, _, value = line.partition("=")
+            out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def directive(path: Path, section: str, key: str) -> list[str]:
+    return [v for s, k, v in unit_directives(path) if (s, k) == (section, key)]
+
+
+def env_file(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#")
+
+
+def docker_run() -> list[str]:
+    (start,) = directive(UNIT, "Service", "ExecStart")
+    argv = shlex.split(start)
+    assert argv[:2] == ["docker", "run"], argv
+    return argv
+
+
+def unit_mounts() -> set[tuple[str, str, bool, bool]]:
+    argv = docker_run()
+    mounts = set()
+    for flag, value in itertools.pairwise(argv):
+        if flag in ("-v", "--volume"):
+            host, container, *options = value.split(":")
+            opts = set(",".join(options).split(",")) - {""}
+            mounts.add((host, container, "ro" in opts, bool(opts & {"shared", "rshared"})))
+    return mounts
+
+
+def test_the_unit_runs_the_driver_container_with_the_contract_mounts() -> None:
+    argv = docker_run()
+    assert {"--privileged", "--pid=host", "--rm"} <= set(argv)
+    assert argv[-1] == "init"
+    assert unit_mounts() == CONTRACT
+    # The host directories it mounts for the node's packages and cache are the unit's own
+    # (systemd creates them).
+    assert directive(UNIT, "Service", "StateDirectory") == ["nvidia-driver"]
+    assert directive(UNIT, "Service", "CacheDirectory") == ["nvidia-driver"]
+    assert directive(UNIT, "Service", "Restart") == ["on-failure"]
+    # Active only once the readiness file exists: what makes Before=/After= mean "loaded".
+    (post,) = directive(UNIT, "Service", "ExecStartPost")
+    assert str(READY_FILE) in post
+    assert "kubelet.service" in directive(UNIT, "Unit", "Before")[0].split()
+
+
+def _seconds(value: str) -> float:
+    units = {"": 1, "s": 1, "min": 60, "m": 60}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+)\s*([a-z]*)", value):
+        total += int(number) * units[unit]
+    return total
+
+
+def test_the_stop_timeouts_leave_time_for_a_clean_unload() -> None:
+    argv = docker_run()
+    stop_timeout = float(argv[argv.index("--stop-timeout") + 1])
+    stops = [shlex.split(v) for v in directive(UNIT, "Service", "ExecStop")]
+    stops += [
+        shlex.split(v.lstrip("-"))
+        for v in directive(UNIT, "Service", "ExecStartPre")
+        if "stop" in shlex.split(v.lstrip("-"))
+    ]
+    assert stops
+    for stop in stops:
+        assert stop[:2] == ["docker", "stop"], stop
+        assert float(stop[stop.index("--time") + 1]) == stop_timeout
+    assert stop_timeout >= UNLOAD_BUDGET
+    # systemd kills what is left after TimeoutStopSec: after docker's own limit, not before.
+    assert _seconds(directive(UNIT, "Service", "TimeoutStopSec")[0]) > stop_timeout
+    (daemonset,) = [r for r in manifests() if r["kind"] == "DaemonSet"]
+    assert daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= stop_timeout
+
+
+def systemd_analyze_verify(unit: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze verify` of `unit`. Where this machine has no docker.service (no
+    container engine is installed as a service here), a stub stands in for it, so the
+    unit's Requires=/After= on it resolve; everything else is the host's."""
+    env = dict(os.environ)
+    if subprocess.run(
+        ["systemctl", "cat", "docker.service"], capture_output=True, check=False
+    ).returncode:
+        stubs = tmp_path / "stubs"
+        stubs.mkdir(exist_ok=True)
+        (stubs / "docker.service").write_text("[Service]\nExecStart=/bin/true\n")
+        env["SYSTEMD_UNIT_PATH"] = f"{stubs}:"  # the trailing ':' keeps the default path
+    return subprocess.run(
+        ["systemd-analyze", "--man=no", "verify", unit],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    need(shutil.which("systemd-analyze") is not None, "systemd-analyze (Debian: systemd)")
+    # The unit runs docker from systemd's search path, as on Flatcar (/usr/bin/docker).
+    need(shutil.which("docker") is not None, "the docker client (Debian: docker.io)")
+    result = systemd_analyze_verify(UNIT, tmp_path)
+    # verify exits 0 on directives it ignores: any line it prints is a finding.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    # And it does find them: the same unit with an invalid restart policy is reported.
+    broken = tmp_path / UNIT.name
+    broken.write_text(UNIT.read_text().replace("Restart=on-failure", "Restart=sometimes"))
+    result = systemd_analyze_verify(broken, tmp_path)
+    assert "sometimes" in result.stdout + result.stderr
+
+
+# --- Kubernetes ----------------------------------------------------------------------------
+
+
+def manifests() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d]
+
+
+def daemonset_mounts(daemonset: dict[str, Any]) -> set[tuple[str, str, bool, bool]]:
+    pod = daemonset["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    return {
+        (
+            volumes[m["name"]],
+            m["mountPath"],
+            bool(m.get("readOnly")),
+            m.get("mountPropagation") == "Bidirectional",
+        )
+        for m in container["volumeMounts"]
+    }
+
+
+def test_the_daemonset_passes_the_kubernetes_schemas() -> None:
+    version = kubernetes_validate.latest_version()
+    for resource in manifests():
+        kubernetes_validate.validate(resource, version, strict=True)
+    # Strict: a misspelt field is an error, not ignored.
+    (daemonset,) = [r for r in manifests() if r["kind"] == "DaemonSet"]
+    broken = copy.deepcopy(daemonset)
+    broken["spec"]["template"]["spec"]["hostPid"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_the_daemonset_honours_the_operator_contract() -> None:
+    (daemonset,) = [r for r in manifests() if r["kind"] == "DaemonSet"]
+    assert daemonset_mounts(daemonset) == CONTRACT == unit_mounts()
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["hostPID"] is True
+    assert container["securityContext"]["privileged"] is True
+    assert container["args"] == ["init"]
+    assert str(READY_FILE) in " ".join(container["startupProbe"]["exec"]["command"])
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["rm", "-f", str(READY_FILE)]
+    assert any("10de" in key for key in pod["nodeSelector"])
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # The same image as the Flatcar unit's settings.
+    image = env_file((FLATCAR / "nvidia-driver.env").read_text())["NVIDIA_DRIVER_IMAGE"]
+    assert container["image"] == image
