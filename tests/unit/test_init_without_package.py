@@ -14,15 +14,15 @@ from nvdriver.host import PciDevice
 from tests.standin.tree import make_standin_source
 
 
-def test_init_without_package_or_build_fails_clearly_with_exit_1(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    host = tmp_path / "host"
-    host.mkdir()
-    (host / "proc").symlink_to("/proc")
+def node_without_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host tree (this machine's /proc) and a stand-in driver with no package and no
+    Flatcar feed to build one from; returns the host tree."""
+    root = tmp_path / "host"
+    root.mkdir()
+    (root / "proc").symlink_to("/proc")
     source = make_standin_source(tmp_path / "src", version="535.999.01", flavours=("kernel",))
     env = {
-        "HOST_ROOT": str(host),
+        "HOST_ROOT": str(root),
         "DRIVER_VERSION": "535.999.01",
         "NVIDIA_DRIVER_SOURCE": str(source),
         "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
@@ -31,6 +31,13 @@ def test_init_without_package_or_build_fails_clearly_with_exit_1(
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    return root
+
+
+def test_init_without_package_or_build_fails_clearly_with_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = node_without_package(tmp_path, monkeypatch)
     assert cli.main(["init"]) == 1
     text = capsys.readouterr().err
     assert "There is no precompiled package for kernel" in text
@@ -62,19 +69,7 @@ def test_init_reads_the_driver_source_and_the_gpus_once(
     for module in [m for name, m in sys.modules.items() if name.startswith("nvdriver")]:
         if getattr(module, "nvidia_gpus", None) is nvidia_gpus:
             monkeypatch.setattr(module, "nvidia_gpus", counted_gpus)
-    root = tmp_path / "host"
-    root.mkdir()
-    (root / "proc").symlink_to("/proc")
-    source = make_standin_source(tmp_path / "src", version="535.999.01", flavours=("kernel",))
-    env = {
-        "HOST_ROOT": str(root),
-        "NVIDIA_DRIVER_SOURCE": str(source),
-        "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
-        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
-        "FLATCAR_RELEASES_FEED": str(tmp_path / "no-feed.json"),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    node_without_package(tmp_path, monkeypatch)
     assert cli.main(["init"]) == 1  # no package, and the build cannot find a Flatcar release
     assert calls == {"from_config": 1, "nvidia_gpus": 1}
     # The log says that the flavour was chosen without the driver's GPU list.
