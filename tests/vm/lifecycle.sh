@@ -31,7 +31,21 @@ wait_for() {
         sleep 0.1
     done
     echo "timed out waiting for: $1" >&2
+    stuck "$INIT_PID" >&2
     return 1
+}
+
+# stuck PID: where PID and its children wait in the kernel (to tell a hang on a
+# 9p share from one in our code when a wait times out).
+stuck() {
+    local p
+    for p in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        [ -d /proc/"$p" ] || continue
+        printf 'pid %s (%s) state %s wchan %s\n' "$p" \
+            "$(tr '\0' ' ' </proc/"$p"/cmdline)" \
+            "$(awk '/^State:/ {print $2}' /proc/"$p"/status)" "$(cat /proc/"$p"/wchan)"
+        cat /proc/"$p"/stack 2>/dev/null | head -n 8
+    done
 }
 
 wait_ready() { wait_for '[ -e $READY ]' "${1:-120}"; }
