@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
+from tests.conftest import need, standin_env
+from tests.standin.tree import build_holder, build_standin, make_standin_source
 
 from .guest import GuestResult, missing_requirements, run_in_guest
+from .scenario import PERSISTENCED, VERSION, Driver, guest_env, update_package
 
 _HERE = Path(__file__).resolve().parent
 
@@ -73,3 +75,38 @@ def guest_kernel(kernel: str) -> str:
 @pytest.fixture
 def guest(guest_kernel: str) -> Guest:
     return Guest(guest_kernel)
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory, guest_kernel: str) -> Driver:
+    """Both flavours of the stand-in packed for the guest's kernel, the holder module,
+    the stand-in daemon, module parameters."""
+    kernel_build = Path("/lib/modules") / guest_kernel / "build"
+    assert (kernel_build / "Makefile").is_file(), f"no headers for {guest_kernel}"
+    work = tmp_path_factory.mktemp("driver")
+    source = make_standin_source(work / "src", version=VERSION)
+    build_env = standin_env(work, source, VERSION)
+    for flavour in ("proprietary", "open"):
+        update_package({**build_env, "KERNEL_MODULE_TYPE": flavour}, kernel_build)
+
+    holder_tree = make_standin_source(work / "holder-src", version=VERSION, flavours=("kernel",))
+    build_standin(holder_tree / "kernel", kernel_build)
+    holder = build_holder(work / "holder", kernel_build, holder_tree / "kernel" / "Module.symvers")
+
+    (work / "bin").mkdir()
+    daemon = work / "bin" / "nvidia-persistenced"
+    daemon.write_text(PERSISTENCED)
+    daemon.chmod(0o755)
+    (work / "params").mkdir()
+    (work / "params" / "nvidia.conf").write_text(
+        "# module parameters as the GPU Operator's ConfigMap gives them\n"
+        "NVreg_EnableGpuFirmware=0\n"
+        'options nvidia NVreg_RegistryDwords="RMFoo=1;Bar=0x10" NVreg_DeviceFileMode=0660\n'
+    )
+    (work / "params" / "nvidia-drm.conf").write_text("modeset=1\n")
+    (work / "plain-params").mkdir()
+    (work / "nogpu-params").mkdir()
+    (work / "nogpu-params" / "nvidia.conf").write_text("NVreg_StandinNoGpu=1\n")
+    env = guest_env(work, source, work / "precompiled", VERSION)
+    env["HOLDER"] = str(holder)
+    return Driver(work, env, {str(work): work})

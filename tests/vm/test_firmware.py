@@ -17,12 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import test_lifecycle
 from .conftest import Guest
-from .test_lifecycle import Driver, expect, scenario
-
-# The stand-in's packages (a session fixture of test_lifecycle, made visible here).
-standin = test_lifecycle.standin
+from .scenario import Driver, expect, scenario
 
 FIRMWARE_PARAM = "/sys/module/firmware_class/parameters/path"
 

@@ -12,150 +12,20 @@ The stand-in nvidia-persistenced daemonizes, writes its pid file and holds
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nvdriver.config import Config
 from nvdriver.driver.source import DriverSource
-from tests.conftest import TOOL, standin_env
 from tests.real_build import RealBuild
-from tests.standin.tree import (
-    build_holder,
-    build_standin,
-    make_standin_source,
-)
 
 from .conftest import Guest
-from .guest import GuestResult
+from .scenario import VERSION, Driver, expect, guest_env, scenario
 
-VERSION = "535.999.01"
-LIB = Path(__file__).with_name("lifecycle.sh")
 ORDER = "nvidia,nvidia_uvm,nvidia_modeset,nvidia_drm"
 TAINT_FORCED_MODULE = 1 << 1  # Documentation/admin-guide/tainted-kernels.rst, "F"
-
-PERSISTENCED = r"""#!/bin/bash
-# Stand-in nvidia-persistenced: daemonizes, holds /dev/nvidiactl open, writes its pid file.
-dir=/var/run/nvidia-persistenced
-mkdir -p "$dir"
-echo "$*" >"$dir/args"
-[ -e /dev/nvidiactl ] || mknod /dev/nvidiactl c 195 255
-setsid bash -c '
-  exec 3</dev/nvidiactl
-  trap "rm -f '"$dir"'/nvidia-persistenced.pid; exit 0" TERM
-  echo $$ >'"$dir"'/nvidia-persistenced.pid
-  while :; do sleep 1 3<&- & wait $!; done
-' </dev/null >/dev/null 2>&1 &
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class Driver:
-    """Packages of a driver for the guest's kernel, and what the guest needs to use them."""
-
-    work: Path  # shared with the guest (same path)
-    env: dict[str, str]  # the CLI's environment in the guest
-    shares: dict[str, Path]
-
-
-def _update(env: dict[str, str], kernel_build: Path) -> None:
-    unset = ("HOST_ROOT", "KERNEL_MODULE_TYPE", "DRIVER_VERSION")
-    full = {k: v for k, v in os.environ.items() if k not in unset}
-    result = subprocess.run(
-        [str(TOOL), "update", "--kernel-source", str(kernel_build)],
-        env={**full, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-
-
-def _guest_env(work: Path, source: Path, precompiled: Path, version: str) -> dict[str, str]:
-    return {
-        "PY": sys.executable,
-        "DRIVER_VERSION": version,
-        "NVIDIA_DRIVER_SOURCE": str(source),
-        "PRECOMPILED_DIR": str(precompiled),
-        "NVIDIA_MODULE_PARAMS_DIR": str(work / "params"),
-        "PATH": f"{work / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin",
-    }
-
-
-@pytest.fixture(scope="session")
-def standin(tmp_path_factory: pytest.TempPathFactory, guest_kernel: str) -> Driver:
-    """Both flavours of the stand-in packed for the guest's kernel, the holder module,
-    the stand-in daemon, module parameters."""
-    kernel_build = Path("/lib/modules") / guest_kernel / "build"
-    assert (kernel_build / "Makefile").is_file(), f"no headers for {guest_kernel}"
-    work = tmp_path_factory.mktemp("driver")
-    source = make_standin_source(work / "src", version=VERSION)
-    build_env = standin_env(work, source, VERSION)
-    for flavour in ("proprietary", "open"):
-        _update({**build_env, "KERNEL_MODULE_TYPE": flavour}, kernel_build)
-
-    holder_tree = make_standin_source(work / "holder-src", version=VERSION, flavours=("kernel",))
-    build_standin(holder_tree / "kernel", kernel_build)
-    holder = build_holder(work / "holder", kernel_build, holder_tree / "kernel" / "Module.symvers")
-
-    (work / "bin").mkdir()
-    daemon = work / "bin" / "nvidia-persistenced"
-    daemon.write_text(PERSISTENCED)
-    daemon.chmod(0o755)
-    (work / "params").mkdir()
-    (work / "params" / "nvidia.conf").write_text(
-        "# module parameters as the GPU Operator's ConfigMap gives them\n"
-        "NVreg_EnableGpuFirmware=0\n"
-        'options nvidia NVreg_RegistryDwords="RMFoo=1;Bar=0x10" NVreg_DeviceFileMode=0660\n'
-    )
-    (work / "params" / "nvidia-drm.conf").write_text("modeset=1\n")
-    (work / "plain-params").mkdir()
-    (work / "nogpu-params").mkdir()
-    (work / "nogpu-params" / "nvidia.conf").write_text("NVreg_StandinNoGpu=1\n")
-    env = _guest_env(work, source, work / "precompiled", VERSION)
-    env["HOLDER"] = str(holder)
-    return Driver(work, env, {str(work): work})
-
-
-def scenario(
-    guest: Guest,
-    driver: Driver,
-    logs: Path,
-    body: str,
-    *,
-    timeout: float = 500,
-) -> tuple[dict[str, str], str]:
-    """Run `body` (bash, with lifecycle.sh sourced) in a guest; its KEY=VALUE facts and a
-    description of the run for failure messages."""
-    script = logs / "scenario.sh"
-    script.write_text(f"set -u\nsource {LIB}\n{body}\n")
-    result = guest(
-        ["bash", str(script)],
-        env={**driver.env, "LOGS": str(logs)},
-        shares={**driver.shares, str(logs): logs},
-        timeout=timeout,
-    )
-    facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line[:40])
-    return facts, _explain(result, logs)
-
-
-def _explain(result: GuestResult, logs: Path) -> str:
-    parts = [f"exit {result.returncode}", "--- stdout ---", result.stdout]
-    parts += ["--- stderr (tail) ---", result.stderr[-4000:]]
-    for log in sorted(logs.glob("*.log")):
-        parts += [f"--- {log.name} ---", log.read_text(errors="replace")[-4000:]]
-    parts += ["--- console (tail) ---", result.console[-3000:]]
-    return "\n".join(parts)
-
-
-def expect(facts: dict[str, str], expected: dict[str, str], explain: str) -> None:
-    got = {k: facts.get(k) for k in expected}
-    assert got == expected, explain
 
 
 # --- the stand-in -----------------------------------------------------------------
@@ -394,7 +264,7 @@ def test_real_535_load_without_gpu_exits_7_and_leaves_nothing_loaded(
     ).version
     (tmp_path / "params").mkdir()
     (tmp_path / "bin").mkdir()
-    env = _guest_env(tmp_path, real_535.source, real_535.precompiled, version)
+    env = guest_env(tmp_path, real_535.source, real_535.precompiled, version)
     env["NVIDIA_DRIVER_CACHE"] = str(real_535.cache)
     driver = Driver(tmp_path, env, {})
     body = r"""

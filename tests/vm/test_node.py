@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import standin_env
-from tests.standin.tree import build_holder, build_standin, make_standin_source
+from tests.standin.tree import build_holder
 
 from .conftest import Guest
-from .test_lifecycle import VERSION, Driver, _guest_env, _update, expect, scenario
+from .scenario import Driver, expect, scenario
 
 FAKE_PCI = r"""
 # fake_gpu ADDRESS DEVICE [DRIVER]: a synthetic NVIDIA GPU in /tmp/pci (bound to DRIVER).
@@ -41,18 +40,15 @@ with_gpus() {
 
 
 @pytest.fixture(scope="session")
-def node_driver(tmp_path_factory: pytest.TempPathFactory, guest_kernel: str) -> Driver:
-    """The open stand-in packed for the guest's kernel, a gdrdrv, parameter sets that make
-    nvidia.ko refuse the load as the real one does."""
+def node_driver(
+    tmp_path_factory: pytest.TempPathFactory, guest_kernel: str, standin: Driver
+) -> Driver:
+    """The stand-in's open package (the session's `standin`), a gdrdrv built against its
+    holder tree, parameter sets that make nvidia.ko refuse the load as the real one does."""
     kernel_build = Path("/lib/modules") / guest_kernel / "build"
-    assert (kernel_build / "Makefile").is_file(), f"no headers for {guest_kernel}"
     work = tmp_path_factory.mktemp("node")
-    source = make_standin_source(work / "src", version=VERSION)
-    _update({**standin_env(work, source, VERSION), "KERNEL_MODULE_TYPE": "open"}, kernel_build)
-    tree = make_standin_source(work / "gdrdrv-src", version=VERSION, flavours=("kernel",))
-    build_standin(tree / "kernel", kernel_build)
-    gdrdrv = build_holder(work / "gdrdrv", kernel_build, tree / "kernel/Module.symvers", "gdrdrv")
-    (work / "bin").mkdir()
+    symvers = standin.work / "holder-src" / "kernel" / "Module.symvers"
+    gdrdrv = build_holder(work / "gdrdrv", kernel_build, symvers, "gdrdrv")
     params = {
         "plain": "NVreg_DeviceFileMode=0660\n",
         "nogpu": "NVreg_StandinNoGpu=1\n",
@@ -62,9 +58,8 @@ def node_driver(tmp_path_factory: pytest.TempPathFactory, guest_kernel: str) -> 
     for name, text in params.items():
         (work / f"{name}-params").mkdir()
         (work / f"{name}-params" / "nvidia.conf").write_text(text)
-    env = _guest_env(work, source, work / "precompiled", VERSION)
-    env.update(GDRDRV=str(gdrdrv), KERNEL_MODULE_TYPE="open")
-    return Driver(work, env, {str(work): work})
+    env = {**standin.env, "GDRDRV": str(gdrdrv), "KERNEL_MODULE_TYPE": "open"}
+    return Driver(work, env, {**standin.shares, str(work): work})
 
 
 def test_the_kernels_refusals_become_exit_1_6_7_and_leave_nothing_loaded(
