@@ -20,6 +20,7 @@ from nvdriver import mounts
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.config import Config
 from nvdriver.errors import DriverError
+from nvdriver.host import resolve_in
 from nvdriver.run import run, which
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,14 @@ def exposed_root(config: Config, container_root: Path, *, keep: bool = False) ->
 
 
 def find_nvidia_smi(container_root: Path) -> Path | None:
-    """The driver root's nvidia-smi, if it has one."""
+    """The driver root's nvidia-smi, if it has one; its links resolved inside the root
+    (Debian's /usr/bin/nvidia-smi is an absolute alternatives link)."""
     if container_root == Path("/"):
         return which("nvidia-smi")
-    found = [container_root / d / "nvidia-smi" for d in ("usr/bin", "bin", "usr/sbin")]
+    found = [
+        resolve_in(container_root, container_root / d / "nvidia-smi")
+        for d in ("usr/bin", "bin", "usr/sbin")
+    ]
     return next((p for p in found if p.is_file() and os.access(p, os.X_OK)), None)
 
 
