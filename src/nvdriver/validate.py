@@ -249,7 +249,8 @@ class Cuda:
             self("cuDeviceGet", ctypes.byref(device), i)
             self("cuDeviceGetName", name, len(name), device)
             names.append(name.value.decode())
-        log.info("CUDA (driver API %d) sees %d device(s)", version.value, count.value)
+        major, minor = divmod(version.value, 1000)
+        log.info("CUDA %d.%d (libcuda) sees %d device(s)", major, minor // 10, count.value)
         return CudaReport(version.value, tuple(names))
 
     @contextlib.contextmanager
