@@ -12,7 +12,7 @@ contract (README, "Paths").
 from __future__ import annotations
 
 import copy
-import itertools
+import dataclasses
 import json
 import os
 import re
@@ -41,17 +41,21 @@ UNIT = FLATCAR / "nvidia-driver.service"
 DAEMONSET = ROOT / "deploy" / "kubernetes" / "daemonset.yaml"
 IGNITION_SCHEMA = Path(__file__).parent / "data" / "ignition-v3_4.schema.json"
 
-# The container's mounts (host path, container path, read-only, shared): SPEC section 7.
-CONTRACT = {
+# The container's mounts (host path, container path, read-only, shared): the container
+# contract (docs/paths.md). The one list every deployment file and every documented
+# `docker run` of the driver image is compared with.
+CONTRACT = (
     ("/run/nvidia", "/run/nvidia", False, True),
     ("/etc/os-release", "/host-etc/os-release", True, False),
     ("/etc/flatcar", "/host-etc/flatcar", True, False),
+    ("/usr/share/flatcar", "/host-usr/share/flatcar", True, False),
     ("/lib/modules", "/lib/modules", True, False),
     ("/dev", "/dev", False, False),
     ("/var/lib/nvidia-driver", "/var/lib/nvidia-driver", False, False),
     ("/var/cache/nvidia-driver", "/var/cache/nvidia-driver", False, False),
     ("/etc/nvidia-driver/modules", "/drivers", True, False),
-}
+)
+Mount = tuple[str, str, bool, bool]
 # What a clean unload may take at the limits of its steps: nvidia-persistenced's stop,
 # one rmmod, one unmount.
 UNLOAD_BUDGET = STOP_TIMEOUT + TIMEOUTS["rmmod"] + TOOL_TIMEOUT
@@ -190,29 +194,80 @@ def env_file(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#")
 
 
-def docker_run() -> list[str]:
-    (start,) = directive(UNIT, "Service", "ExecStart")
-    argv = shlex.split(start)
-    assert argv[:2] == ["docker", "run"], argv
-    return argv
+# `docker run` options that take a value (as the next word or after `=`), and those that
+# do not: what the documented command lines use. Any other option is an error, so that a
+# mount given some other way cannot slip past the comparison.
+DOCKER_RUN_VALUE_OPTIONS = {
+    "--cap-add",
+    "--device-cgroup-rule",
+    "--entrypoint",
+    "--env",
+    "--env-file",
+    "--name",
+    "--network",
+    "--restart",
+    "--stop-timeout",
+    "--volume",
+    "-e",
+    "-v",
+}
+DOCKER_RUN_FLAGS = {"--detach", "--privileged", "--rm", "-d", "--pid=host"}
 
 
-def unit_mounts() -> set[tuple[str, str, bool, bool]]:
-    argv = docker_run()
-    mounts = set()
-    for flag, value in itertools.pairwise(argv):
-        if flag in ("-v", "--volume"):
+@dataclasses.dataclass(frozen=True)
+class DockerRun:
+    """One `docker run` command line: its options, the image and the command."""
+
+    options: tuple[tuple[str, str | None], ...]
+    image: str
+    command: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> DockerRun:
+        assert argv[:2] == ["docker", "run"], argv
+        options: list[tuple[str, str | None]] = []
+        words = iter(argv[2:])
+        for word in words:
+            if not word.startswith("-"):
+                return cls(tuple(options), word, tuple(words))
+            name, eq, value = word.partition("=")
+            if word in DOCKER_RUN_FLAGS:
+                options.append((word, None))
+            elif name in DOCKER_RUN_VALUE_OPTIONS:
+                options.append((name, value if eq else next(words)))
+            else:
+                raise AssertionError(f"docker run option {word!r} is not known to this test")
+        raise AssertionError(f"no image in {argv}")
+
+    def flags(self) -> set[str]:
+        return {name for name, _ in self.options}
+
+    def values(self, option: str) -> list[str]:
+        return [v for n, v in self.options if n == option and v is not None]
+
+    def mounts(self) -> set[Mount]:
+        found = set()
+        for value in self.values("-v") + self.values("--volume"):
             host, container, *options = value.split(":")
             opts = set(",".join(options).split(",")) - {""}
-            mounts.add((host, container, "ro" in opts, bool(opts & {"shared", "rshared"})))
-    return mounts
+            found.add((host, container, "ro" in opts, bool(opts & {"shared", "rshared"})))
+        return found
+
+
+def docker_run() -> DockerRun:
+    (start,) = directive(UNIT, "Service", "ExecStart")
+    return DockerRun.parse(shlex.split(start))
+
+
+def unit_mounts() -> set[Mount]:
+    return docker_run().mounts()
 
 
 def test_the_unit_runs_the_driver_container_with_the_contract_mounts() -> None:
-    argv = docker_run()
-    assert {"--privileged", "--pid=host", "--rm"} <= set(argv)
-    assert argv[-1] == "init"
-    assert unit_mounts() == CONTRACT
+    run = docker_run()
+    assert {"--privileged", "--pid=host", "--rm"} <= run.flags()
+    assert run.command == ("init",)
+    assert unit_mounts() == set(CONTRACT)
     # The host directories it mounts for the node's packages and cache are the unit's own
     # (systemd creates them).
     assert directive(UNIT, "Service", "StateDirectory") == ["nvidia-driver"]
@@ -233,8 +288,7 @@ def _seconds(value: str) -> float:
 
 
 def test_the_stop_timeouts_leave_time_for_a_clean_unload() -> None:
-    argv = docker_run()
-    stop_timeout = float(argv[argv.index("--stop-timeout") + 1])
+    (stop_timeout,) = map(float, docker_run().values("--stop-timeout"))
     stops = [shlex.split(v) for v in directive(UNIT, "Service", "ExecStop")]
     stops += [
         shlex.split(v.lstrip("-"))
@@ -295,7 +349,7 @@ def manifests() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d]
 
 
-def daemonset_mounts(daemonset: dict[str, Any]) -> set[tuple[str, str, bool, bool]]:
+def daemonset_mounts(daemonset: dict[str, Any]) -> set[Mount]:
     pod = daemonset["spec"]["template"]["spec"]
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     (container,) = pod["containers"]
@@ -324,7 +378,7 @@ def test_the_daemonset_passes_the_kubernetes_schemas() -> None:
 
 def test_the_daemonset_honours_the_operator_contract() -> None:
     (daemonset,) = [r for r in manifests() if r["kind"] == "DaemonSet"]
-    assert daemonset_mounts(daemonset) == CONTRACT == unit_mounts()
+    assert daemonset_mounts(daemonset) == set(CONTRACT) == unit_mounts()
     pod = daemonset["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["hostPID"] is True
