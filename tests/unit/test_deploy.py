@@ -138,8 +138,11 @@ def test_the_butane_config_makes_a_valid_ignition_3_4_config() -> None:
 
 def test_the_ignition_config_installs_the_unit_and_its_settings() -> None:
     config = butane_to_ignition(BUTANE, FLATCAR)
-    (unit,) = config["systemd"]["units"]
-    assert unit["name"] == UNIT.name
+    units = {u["name"]: u for u in config["systemd"]["units"]}
+    assert set(units) == {UNIT.name, "nvidia.service"}
+    # Flatcar's own driver unit would load a second driver: masked.
+    assert units["nvidia.service"] == {"name": "nvidia.service", "mask": True}
+    unit = units[UNIT.name]
     assert unit["enabled"] is True
     assert unit["contents"] == UNIT.read_text()
     files = {
