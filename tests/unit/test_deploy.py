@@ -39,7 +39,11 @@ FLATCAR = ROOT / "deploy" / "flatcar"
 BUTANE = FLATCAR / "nvidia-driver.bu"
 UNIT = FLATCAR / "nvidia-driver.service"
 DAEMONSET = ROOT / "deploy" / "kubernetes" / "daemonset.yaml"
-IGNITION_SCHEMA = Path(__file__).parent / "data" / "ignition-v3_4.schema.json"
+OPERATOR_VALUES = ROOT / "deploy" / "kubernetes" / "gpu-operator-values.yaml"
+DATA = Path(__file__).parent / "data"
+IGNITION_SCHEMA = DATA / "ignition-v3_4.schema.json"
+# The GPU Operator's ClusterPolicy CRD, spec.driver (data/README.md says from where).
+OPERATOR_DRIVER_SCHEMA = DATA / "gpu-operator-clusterpolicy-driver.schema.json"
 
 # The container's mounts (host path, container path, read-only, shared): the container
 # contract (docs/paths.md). The one list every deployment file and every documented
@@ -394,3 +398,44 @@ def test_the_daemonset_honours_the_operator_contract() -> None:
     # The same image as the Flatcar unit's settings.
     image = env_file((FLATCAR / "nvidia-driver.env").read_text())["NVIDIA_DRIVER_IMAGE"]
     assert container["image"] == image
+
+
+# --- the GPU Operator's values --------------------------------------------------------------
+
+
+def crd_errors(obj: object, schema: dict[str, Any], where: str) -> list[str]:
+    """`obj` against a CRD's OpenAPI v3 schema: types, enums and bounds (jsonschema; the
+    keywords it shares with draft 4), and every field the schema does not declare, which the
+    API server would drop without a word (a structural schema prunes unknown fields)."""
+    validator = jsonschema.Draft4Validator(schema)
+    errors = [
+        f"{where}.{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(obj)
+    ]
+
+    def undeclared(value: object, sub: dict[str, Any], path: str) -> None:
+        if isinstance(value, dict) and "properties" in sub:
+            for key, item in value.items():
+                if key in sub["properties"]:
+                    undeclared(item, sub["properties"][key], f"{path}.{key}")
+                elif not sub.get("additionalProperties"):
+                    errors.append(f"{path}.{key}: not a field of the schema")
+        elif isinstance(value, list) and isinstance(sub.get("items"), dict):
+            for i, item in enumerate(value):
+                undeclared(item, sub["items"], f"{path}[{i}]")
+
+    undeclared(obj, schema, where)
+    return errors
+
+
+def test_the_gpu_operator_values_fit_the_clusterpolicy_schema() -> None:
+    values = yaml.safe_load(OPERATOR_VALUES.read_text())
+    # Only sections this test checks: the chart passes `driver` through to the
+    # ClusterPolicy's spec.driver field by field.
+    assert set(values) == {"driver"}
+    schema = json.loads(OPERATOR_DRIVER_SCHEMA.read_text())
+    assert crd_errors(values["driver"], schema, "driver") == []
+    # The operator runs no driver pod of its own: this repository's DaemonSet is the driver.
+    assert values["driver"]["enabled"] is False
+    # The check is the schema's, not a pass-through: a wrong type and a misspelt field fail.
+    assert crd_errors({"enabled": "false"}, schema, "driver")
+    assert crd_errors({"enabled": False, "startupProbe": {"periodSecond": 10}}, schema, "driver")
