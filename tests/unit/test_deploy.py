@@ -40,6 +40,7 @@ BUTANE = FLATCAR / "nvidia-driver.bu"
 UNIT = FLATCAR / "nvidia-driver.service"
 DAEMONSET = ROOT / "deploy" / "kubernetes" / "daemonset.yaml"
 OPERATOR_VALUES = ROOT / "deploy" / "kubernetes" / "gpu-operator-values.yaml"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 DATA = Path(__file__).parent / "data"
 IGNITION_SCHEMA = DATA / "ignition-v3_4.schema.json"
 # The GPU Operator's ClusterPolicy CRD, spec.driver (data/README.md says from where).
@@ -210,9 +211,11 @@ DOCKER_RUN_VALUE_OPTIONS = {
     "--entrypoint",
     "--env",
     "--env-file",
+    "--gpus",
     "--name",
     "--network",
     "--restart",
+    "--runtime",
     "--stop-timeout",
     "--volume",
     "-e",
@@ -439,3 +442,81 @@ def test_the_gpu_operator_values_fit_the_clusterpolicy_schema() -> None:
     # The check is the schema's, not a pass-through: a wrong type and a misspelt field fail.
     assert crd_errors({"enabled": "false"}, schema, "driver")
     assert crd_errors({"enabled": False, "startupProbe": {"periodSecond": 10}}, schema, "driver")
+
+
+# --- the documentation -------------------------------------------------------------------
+
+
+def documented_docker_runs(path: Path) -> list[DockerRun]:
+    """The `docker run` command lines of a Markdown file's code blocks (indented or fenced),
+    continuation lines joined, each split as the shell would."""
+    lines, pending, fenced = [], "", False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not (fenced or line.startswith("    ")):
+            pending = ""
+            continue
+        text = pending + line.strip()
+        if text.endswith("\\"):
+            pending = text[:-1] + " "
+            continue
+        pending = ""
+        lines.append(text)
+    return [
+        DockerRun.parse(shlex.split(text, comments=True))
+        for text in lines
+        if text.startswith("docker run ")
+    ]
+
+
+def documented_driver_runs() -> dict[Path, list[DockerRun]]:
+    """Every `docker run` of the driver image (an image named nvidia-driver) in the docs."""
+    return {
+        path: [
+            run
+            for run in documented_docker_runs(path)
+            if run.image.split("/")[-1].split(":")[0] == "nvidia-driver"
+        ]
+        for path in DOCS
+    }
+
+
+def test_the_documented_docker_runs_use_the_contract_mounts() -> None:
+    runs = documented_driver_runs()
+    # The README's plain Docker run, the seed's update (privileged, and with the capability
+    # flags of a host that refuses --privileged) and the committed image's run; the paths doc.
+    assert len(runs[ROOT / "README.md"]) == 4
+    assert len(runs[ROOT / "docs" / "paths.md"]) == 1
+    for path, found in runs.items():
+        for run in found:
+            assert run.mounts() == set(CONTRACT), (path.name, run.image, run.command)
+            privileged = "--privileged" in run.flags()
+            # Without --privileged only the loop-device flags that work there (docs).
+            assert privileged or (
+                set(run.values("--cap-add")) >= {"SYS_ADMIN", "MKNOD"}
+                and "b 7:* rmw" in run.values("--device-cgroup-rule")
+            ), (path.name, run.command)
+            if privileged:
+                assert "--pid=host" in run.flags(), (path.name, run.command)
+
+
+def test_the_docs_parser_sees_a_mount_that_is_missing(tmp_path: Path) -> None:
+    """The comparison above can fail: a README whose run lacks one mount is caught."""
+    readme = (ROOT / "README.md").read_text()
+    broken = tmp_path / "README.md"
+    broken.write_text(readme.replace("        -v /dev:/dev \\\n", "", 1))
+    (run, *_) = documented_docker_runs(broken)
+    assert set(CONTRACT) - run.mounts() == {("/dev", "/dev", False, False)}
+
+
+def test_the_docs_link_only_what_is_in_the_repository() -> None:
+    """Operators have the repository, not the sessions' shared notes: every relative link
+    of the README and docs/ resolves inside it."""
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" in target:
+                continue
+            resolved = (path.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT) and resolved.exists(), (path.name, target)
