@@ -1,12 +1,15 @@
-"""The deployment files: Flatcar's Butane config and unit, the Kubernetes DaemonSet.
+"""The deployment files and the documentation of how to run the driver container.
 
-Each is checked by the real validator of its format: Ignition's own JSON schema (spec
+Each file is checked by the real validator of its format: Ignition's own JSON schema (spec
 3.4.0, what Flatcar reads) for the Ignition config made from the Butane config,
 `systemd-analyze verify` for the unit, the Kubernetes API schemas (`kubernetes-validate`)
-for the manifest. The butane binary is not available here: the Butane config is turned
-into Ignition by a converter below for the subset it uses, which refuses any other key.
-And the unit and the DaemonSet must give the container the same mounts: the container
-contract (README, "Paths").
+for the DaemonSet, the GPU Operator's ClusterPolicy CRD schema for its Helm values. The
+butane binary is not available here: the Butane config is turned into Ignition by a
+converter below for the subset it uses, which refuses any other key.
+
+And everything that runs the container gives it the same mounts, the container contract
+(docs/paths.md): the unit, the DaemonSet, every `docker run` of the image in the README
+and docs/, and the paths doc's own table are each compared with one list, CONTRACT.
 """
 
 from __future__ import annotations
