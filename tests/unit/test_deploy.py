@@ -525,21 +525,22 @@ def test_the_docs_link_only_what_is_in_the_repository() -> None:
             assert resolved.is_relative_to(ROOT) and resolved.exists(), (path.name, target)
 
 
-def test_the_paths_doc_table_lists_the_contract_mounts() -> None:
-    """docs/paths.md's table of the mounts (host path, path in the container, mode) says
-    what the one list says."""
-    text = (ROOT / "docs" / "paths.md").read_text()
-    table = text[text.index("| host path | in the container |") :].split("\n\n")[0]
-    rows = [
-        [cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]
-    ]
-    documented = {
-        (
-            host.strip("`"),
-            container.strip("`"),
-            mode.startswith("read-only"),
-            "rshared" in mode,
-        )
-        for host, container, mode, _ in rows
-    }
-    assert documented == set(CONTRACT)
+def test_the_mount_tables_list_the_contract_mounts() -> None:
+    """The tables of the mounts (host path, path in the container, mode) in the README and
+    docs/paths.md say what the one list says."""
+    for path in (ROOT / "README.md", ROOT / "docs" / "paths.md"):
+        text = path.read_text()
+        table = text[text.index("| host path | in the container | mode |") :].split("\n\n")[0]
+        rows = [
+            [cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]
+        ]
+        documented = {
+            (
+                host.strip("`"),
+                container.strip("`"),
+                mode.startswith("read-only"),
+                "rshared" in mode,
+            )
+            for host, container, mode, _ in rows
+        }
+        assert documented == set(CONTRACT), path.name
