@@ -452,9 +452,12 @@ def test_the_gpu_operator_values_fit_the_clusterpolicy_schema() -> None:
 
 def documented_docker_runs(path: Path) -> list[DockerRun]:
     """The `docker run` command lines of a Markdown file's code blocks (indented or fenced),
-    continuation lines joined, each split as the shell would."""
+    or of a Dockerfile's comments; continuation lines joined, each split as the shell would."""
+    dockerfile = path.name == "Dockerfile"
     lines, pending, fenced = [], "", False
     for line in path.read_text().splitlines():
+        if dockerfile:
+            line = "    " + line[1:].strip() if line.startswith("#") else ""
         if line.lstrip().startswith("```"):
             fenced = not fenced
             continue
@@ -475,14 +478,15 @@ def documented_docker_runs(path: Path) -> list[DockerRun]:
 
 
 def documented_driver_runs() -> dict[Path, list[DockerRun]]:
-    """Every `docker run` of the driver image (an image named nvidia-driver) in the docs."""
+    """Every `docker run` of the driver image (an image named nvidia-driver) in the docs and
+    in the Dockerfile's comments."""
     return {
         path: [
             run
             for run in documented_docker_runs(path)
             if run.image.split("/")[-1].split(":")[0] == "nvidia-driver"
         ]
-        for path in DOCS
+        for path in [*DOCS, ROOT / "Dockerfile"]
     }
 
 
