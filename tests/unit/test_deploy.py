@@ -211,20 +211,15 @@ def env_file(text: str) -> dict[str, str]:
 DOCKER_RUN_VALUE_OPTIONS = {
     "--cap-add",
     "--device-cgroup-rule",
-    "--entrypoint",
-    "--env",
-    "--env-file",
     "--gpus",
     "--name",
-    "--network",
-    "--restart",
     "--runtime",
     "--stop-timeout",
     "--volume",
     "-e",
     "-v",
 }
-DOCKER_RUN_FLAGS = {"--detach", "--privileged", "--rm", "-d", "--pid=host"}
+DOCKER_RUN_FLAGS = {"--privileged", "--rm", "-d", "--pid=host"}
 
 
 @dataclasses.dataclass(frozen=True)
