@@ -1,18 +1,21 @@
-"""The deployment files: Flatcar's Butane config and unit, the Kubernetes DaemonSet.
+"""The deployment files and the documentation of how to run the driver container.
 
-Each is checked by the real validator of its format: Ignition's own JSON schema (spec
+Each file is checked by the real validator of its format: Ignition's own JSON schema (spec
 3.4.0, what Flatcar reads) for the Ignition config made from the Butane config,
 `systemd-analyze verify` for the unit, the Kubernetes API schemas (`kubernetes-validate`)
-for the manifest. The butane binary is not available here: the Butane config is turned
-into Ignition by a converter below for the subset it uses, which refuses any other key.
-And the unit and the DaemonSet must give the container the same mounts: the container
-contract (README, "Paths").
+for the DaemonSet, the GPU Operator's ClusterPolicy CRD schema for its Helm values. The
+butane binary is not available here: the Butane config is turned into Ignition by a
+converter below for the subset it uses, which refuses any other key.
+
+And everything that runs the container gives it the same mounts, the container contract
+(docs/paths.md): the unit, the DaemonSet, every `docker run` of the image in the README
+and docs/, and the paths doc's own table are each compared with one list, CONTRACT.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
+import dataclasses
 import json
 import os
 import re
@@ -39,19 +42,28 @@ FLATCAR = ROOT / "deploy" / "flatcar"
 BUTANE = FLATCAR / "nvidia-driver.bu"
 UNIT = FLATCAR / "nvidia-driver.service"
 DAEMONSET = ROOT / "deploy" / "kubernetes" / "daemonset.yaml"
-IGNITION_SCHEMA = Path(__file__).parent / "data" / "ignition-v3_4.schema.json"
+OPERATOR_VALUES = ROOT / "deploy" / "kubernetes" / "gpu-operator-values.yaml"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DATA = Path(__file__).parent / "data"
+IGNITION_SCHEMA = DATA / "ignition-v3_4.schema.json"
+# The GPU Operator's ClusterPolicy CRD, spec.driver (data/README.md says from where).
+OPERATOR_DRIVER_SCHEMA = DATA / "gpu-operator-clusterpolicy-driver.schema.json"
 
-# The container's mounts (host path, container path, read-only, shared): SPEC section 7.
-CONTRACT = {
+# The container's mounts (host path, container path, read-only, shared): the container
+# contract (docs/paths.md). The one list every deployment file and every documented
+# `docker run` of the driver image is compared with.
+CONTRACT = (
     ("/run/nvidia", "/run/nvidia", False, True),
     ("/etc/os-release", "/host-etc/os-release", True, False),
     ("/etc/flatcar", "/host-etc/flatcar", True, False),
+    ("/usr/share/flatcar", "/host-usr/share/flatcar", True, False),
     ("/lib/modules", "/lib/modules", True, False),
     ("/dev", "/dev", False, False),
     ("/var/lib/nvidia-driver", "/var/lib/nvidia-driver", False, False),
     ("/var/cache/nvidia-driver", "/var/cache/nvidia-driver", False, False),
     ("/etc/nvidia-driver/modules", "/drivers", True, False),
-}
+)
+Mount = tuple[str, str, bool, bool]
 # What a clean unload may take at the limits of its steps: nvidia-persistenced's stop,
 # one rmmod, one unmount.
 UNLOAD_BUDGET = STOP_TIMEOUT + TIMEOUTS["rmmod"] + TOOL_TIMEOUT
@@ -134,8 +146,11 @@ def test_the_butane_config_makes_a_valid_ignition_3_4_config() -> None:
 
 def test_the_ignition_config_installs_the_unit_and_its_settings() -> None:
     config = butane_to_ignition(BUTANE, FLATCAR)
-    (unit,) = config["systemd"]["units"]
-    assert unit["name"] == UNIT.name
+    units = {u["name"]: u for u in config["systemd"]["units"]}
+    assert set(units) == {UNIT.name, "nvidia.service"}
+    # Flatcar's own driver unit would load a second driver: masked.
+    assert units["nvidia.service"] == {"name": "nvidia.service", "mask": True}
+    unit = units[UNIT.name]
     assert unit["enabled"] is True
     assert unit["contents"] == UNIT.read_text()
     files = {
@@ -190,29 +205,77 @@ def env_file(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#")
 
 
-def docker_run() -> list[str]:
-    (start,) = directive(UNIT, "Service", "ExecStart")
-    argv = shlex.split(start)
-    assert argv[:2] == ["docker", "run"], argv
-    return argv
+# `docker run` options that take a value (as the next word or after `=`), and those that
+# do not: what the documented command lines use. Any other option is an error, so that a
+# mount given some other way cannot slip past the comparison.
+DOCKER_RUN_VALUE_OPTIONS = {
+    "--cap-add",
+    "--device-cgroup-rule",
+    "--gpus",
+    "--name",
+    "--runtime",
+    "--stop-timeout",
+    "--volume",
+    "-e",
+    "-v",
+}
+DOCKER_RUN_FLAGS = {"--privileged", "--rm", "-d", "--pid=host"}
 
 
-def unit_mounts() -> set[tuple[str, str, bool, bool]]:
-    argv = docker_run()
-    mounts = set()
-    for flag, value in itertools.pairwise(argv):
-        if flag in ("-v", "--volume"):
+@dataclasses.dataclass(frozen=True)
+class DockerRun:
+    """One `docker run` command line: its options, the image and the command."""
+
+    options: tuple[tuple[str, str | None], ...]
+    image: str
+    command: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> DockerRun:
+        assert argv[:2] == ["docker", "run"], argv
+        options: list[tuple[str, str | None]] = []
+        words = iter(argv[2:])
+        for word in words:
+            if not word.startswith("-"):
+                return cls(tuple(options), word, tuple(words))
+            name, eq, value = word.partition("=")
+            if word in DOCKER_RUN_FLAGS:
+                options.append((word, None))
+            elif name in DOCKER_RUN_VALUE_OPTIONS:
+                options.append((name, value if eq else next(words)))
+            else:
+                raise AssertionError(f"docker run option {word!r} is not known to this test")
+        raise AssertionError(f"no image in {argv}")
+
+    def flags(self) -> set[str]:
+        return {name for name, _ in self.options}
+
+    def values(self, option: str) -> list[str]:
+        return [v for n, v in self.options if n == option and v is not None]
+
+    def mounts(self) -> set[Mount]:
+        found = set()
+        for value in self.values("-v") + self.values("--volume"):
             host, container, *options = value.split(":")
             opts = set(",".join(options).split(",")) - {""}
-            mounts.add((host, container, "ro" in opts, bool(opts & {"shared", "rshared"})))
-    return mounts
+            found.add((host, container, "ro" in opts, bool(opts & {"shared", "rshared"})))
+        return found
+
+
+def docker_run() -> DockerRun:
+    (start,) = directive(UNIT, "Service", "ExecStart")
+    return DockerRun.parse(shlex.split(start))
+
+
+def unit_mounts() -> set[Mount]:
+    return docker_run().mounts()
 
 
 def test_the_unit_runs_the_driver_container_with_the_contract_mounts() -> None:
-    argv = docker_run()
-    assert {"--privileged", "--pid=host", "--rm"} <= set(argv)
-    assert argv[-1] == "init"
-    assert unit_mounts() == CONTRACT
+    run = docker_run()
+    assert {"--privileged", "--pid=host", "--rm"} <= run.flags()
+    assert run.command == ("init",)
+    assert unit_mounts() == set(CONTRACT)
     # The host directories it mounts for the node's packages and cache are the unit's own
     # (systemd creates them).
     assert directive(UNIT, "Service", "StateDirectory") == ["nvidia-driver"]
@@ -233,8 +296,7 @@ def _seconds(value: str) -> float:
 
 
 def test_the_stop_timeouts_leave_time_for_a_clean_unload() -> None:
-    argv = docker_run()
-    stop_timeout = float(argv[argv.index("--stop-timeout") + 1])
+    (stop_timeout,) = map(float, docker_run().values("--stop-timeout"))
     stops = [shlex.split(v) for v in directive(UNIT, "Service", "ExecStop")]
     stops += [
         shlex.split(v.lstrip("-"))
@@ -295,7 +357,7 @@ def manifests() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d]
 
 
-def daemonset_mounts(daemonset: dict[str, Any]) -> set[tuple[str, str, bool, bool]]:
+def daemonset_mounts(daemonset: dict[str, Any]) -> set[Mount]:
     pod = daemonset["spec"]["template"]["spec"]
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     (container,) = pod["containers"]
@@ -324,7 +386,7 @@ def test_the_daemonset_passes_the_kubernetes_schemas() -> None:
 
 def test_the_daemonset_honours_the_operator_contract() -> None:
     (daemonset,) = [r for r in manifests() if r["kind"] == "DaemonSet"]
-    assert daemonset_mounts(daemonset) == CONTRACT == unit_mounts()
+    assert daemonset_mounts(daemonset) == set(CONTRACT) == unit_mounts()
     pod = daemonset["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["hostPID"] is True
@@ -337,3 +399,147 @@ def test_the_daemonset_honours_the_operator_contract() -> None:
     # The same image as the Flatcar unit's settings.
     image = env_file((FLATCAR / "nvidia-driver.env").read_text())["NVIDIA_DRIVER_IMAGE"]
     assert container["image"] == image
+
+
+# --- the GPU Operator's values --------------------------------------------------------------
+
+
+def crd_errors(obj: object, schema: dict[str, Any], where: str) -> list[str]:
+    """`obj` against a CRD's OpenAPI v3 schema: types, enums and bounds (jsonschema; the
+    keywords it shares with draft 4), and every field the schema does not declare, which the
+    API server would drop without a word (a structural schema prunes unknown fields)."""
+    validator = jsonschema.Draft4Validator(schema)
+    errors = [
+        f"{where}.{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(obj)
+    ]
+
+    def undeclared(value: object, sub: dict[str, Any], path: str) -> None:
+        if isinstance(value, dict) and "properties" in sub:
+            for key, item in value.items():
+                if key in sub["properties"]:
+                    undeclared(item, sub["properties"][key], f"{path}.{key}")
+                elif not sub.get("additionalProperties"):
+                    errors.append(f"{path}.{key}: not a field of the schema")
+        elif isinstance(value, list) and isinstance(sub.get("items"), dict):
+            for i, item in enumerate(value):
+                undeclared(item, sub["items"], f"{path}[{i}]")
+
+    undeclared(obj, schema, where)
+    return errors
+
+
+def test_the_gpu_operator_values_fit_the_clusterpolicy_schema() -> None:
+    values = yaml.safe_load(OPERATOR_VALUES.read_text())
+    # Only sections this test checks: the chart passes `driver` through to the
+    # ClusterPolicy's spec.driver field by field.
+    assert set(values) == {"driver"}
+    schema = json.loads(OPERATOR_DRIVER_SCHEMA.read_text())
+    assert crd_errors(values["driver"], schema, "driver") == []
+    # The operator runs no driver pod of its own: this repository's DaemonSet is the driver.
+    assert values["driver"]["enabled"] is False
+    # The check is the schema's, not a pass-through: a wrong type and a misspelt field fail.
+    assert crd_errors({"enabled": "false"}, schema, "driver")
+    assert crd_errors({"enabled": False, "startupProbe": {"periodSecond": 10}}, schema, "driver")
+
+
+# --- the documentation -------------------------------------------------------------------
+
+
+def documented_docker_runs(path: Path) -> list[DockerRun]:
+    """The `docker run` command lines of a Markdown file's code blocks (indented or fenced),
+    or of a Dockerfile's comments; continuation lines joined, each split as the shell would."""
+    dockerfile = path.name == "Dockerfile"
+    lines, pending, fenced = [], "", False
+    for line in path.read_text().splitlines():
+        if dockerfile:
+            line = "    " + line[1:].strip() if line.startswith("#") else ""
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not (fenced or line.startswith("    ")):
+            pending = ""
+            continue
+        text = pending + line.strip()
+        if text.endswith("\\"):
+            pending = text[:-1] + " "
+            continue
+        pending = ""
+        lines.append(text)
+    return [
+        DockerRun.parse(shlex.split(text, comments=True))
+        for text in lines
+        if text.startswith("docker run ")
+    ]
+
+
+def documented_driver_runs() -> dict[Path, list[DockerRun]]:
+    """Every `docker run` of the driver image (an image named nvidia-driver) in the docs and
+    in the Dockerfile's comments."""
+    return {
+        path: [
+            run
+            for run in documented_docker_runs(path)
+            if run.image.split("/")[-1].split(":")[0] == "nvidia-driver"
+        ]
+        for path in [*DOCS, ROOT / "Dockerfile"]
+    }
+
+
+def test_the_documented_docker_runs_use_the_contract_mounts() -> None:
+    runs = documented_driver_runs()
+    # The README's plain Docker run, the seed's update (privileged, and with the capability
+    # flags of a host that refuses --privileged) and the committed image's run; the paths doc.
+    assert len(runs[ROOT / "README.md"]) == 4
+    assert len(runs[ROOT / "docs" / "paths.md"]) == 1
+    for path, found in runs.items():
+        for run in found:
+            assert run.mounts() == set(CONTRACT), (path.name, run.image, run.command)
+            privileged = "--privileged" in run.flags()
+            # Without --privileged only the loop-device flags that work there (docs).
+            assert privileged or (
+                set(run.values("--cap-add")) >= {"SYS_ADMIN", "MKNOD"}
+                and "b 7:* rmw" in run.values("--device-cgroup-rule")
+            ), (path.name, run.command)
+            if privileged:
+                assert "--pid=host" in run.flags(), (path.name, run.command)
+
+
+def test_the_docs_parser_sees_a_mount_that_is_missing(tmp_path: Path) -> None:
+    """The comparison above can fail: a README whose run lacks one mount is caught."""
+    readme = (ROOT / "README.md").read_text()
+    broken = tmp_path / "README.md"
+    broken.write_text(readme.replace("        -v /dev:/dev \\\n", "", 1))
+    (run, *_) = documented_docker_runs(broken)
+    assert set(CONTRACT) - run.mounts() == {("/dev", "/dev", False, False)}
+
+
+def test_the_docs_link_only_what_is_in_the_repository() -> None:
+    """Operators have the repository, not the sessions' shared notes: every relative link
+    of the README and docs/ resolves inside it."""
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" in target:
+                continue
+            resolved = (path.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT) and resolved.exists(), (path.name, target)
+
+
+def test_the_mount_tables_list_the_contract_mounts() -> None:
+    """The tables of the mounts (host path, path in the container, mode) in the README and
+    docs/paths.md say what the one list says."""
+    for path in (ROOT / "README.md", ROOT / "docs" / "paths.md"):
+        text = path.read_text()
+        table = text[text.index("| host path | in the container | mode |") :].split("\n\n")[0]
+        rows = [
+            [cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]
+        ]
+        documented = {
+            (
+                host.strip("`"),
+                container.strip("`"),
+                mode.startswith("read-only"),
+                "rshared" in mode,
+            )
+            for host, container, mode, _ in rows
+        }
+        assert documented == set(CONTRACT), path.name
