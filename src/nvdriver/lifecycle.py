@@ -29,7 +29,7 @@ from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import linker_for
 from nvdriver.errors import DriverError, Interrupted
-from nvdriver.flatcar import fetch, release
+from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading
 from nvdriver.kmod.firmware import set_firmware_path
@@ -289,6 +289,8 @@ def prune_packages(config: Config, keep_kernels: set[str]) -> list[Path]:
 def _prune_images(config: Config) -> list[Path]:
     """Each developer container is gigabytes: keep the running release's (a rebuild for
     this kernel needs it) and the newest one (built ahead for the next reboot) per board."""
+    from nvdriver.flatcar import fetch  # http, ssl: not on the init path
+
     running = release.host_version(config)
     removed = []
     for dirs in fetch.cached_versions(config).values():
