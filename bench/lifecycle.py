@@ -106,8 +106,8 @@ measure() {{
     say "$1" "$last"
 }}
 unload_floor() {{ rmmod nvidia_modeset nvidia_uvm nvidia 2>/dev/null; rm -rf {floor_dir}; }}
-real() {{ env NVIDIA_DRIVER_SOURCE={real_source} PRECOMPILED_DIR={real_store} \
-    NVIDIA_DRIVER_CACHE={real_cache} DRIVER_VERSION={real_version} "$@"; }}
+real() {{ (export NVIDIA_DRIVER_SOURCE={real_source} PRECOMPILED_DIR={real_store} \
+    NVIDIA_DRIVER_CACHE={real_cache} DRIVER_VERSION={real_version}; "$@"); }}
 
 progress "kernel $(uname -r), $(nproc) CPUs, {rounds} rounds"
 for r in $(seq {rounds}); do
