@@ -15,6 +15,7 @@ the last lines say what was proven, each with its evidence. Exit 0 when all was.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -158,7 +159,10 @@ def main() -> int:
         server = stack.enter_context(serve_mirror(mirror))
         step(f"serving it on {server.url}; on the host: nvidia-driver update --kernel {kernel}")
         argv = [str(TOOL), "update", "--kernel", kernel]
-        rc, out = stream(argv, {**env, **server.env()}, "update | ")
+        inherited = {
+            k: v for k, v in os.environ.items() if k not in ("DRIVER_VERSION", "HOST_ROOT")
+        }
+        rc, out = stream(argv, {**inherited, **env, **server.env()}, "update | ")
         if rc != 0:
             step(f"update exited {rc}")
             return 1
