@@ -148,14 +148,14 @@ def _prepare(config: Config) -> DriverPlan:
     package = _find_package(config, kernel, source, flavour)
     base = _module_base(config, version)
     tree = ModuleTree(base, kernel.release)
-    if _loaded_from(config, tree, package):
-        return _plan(config, version, flavour, package, tree)
-    linker = linker_for(config.cache_dir, package.manifest.linker)
-    link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
+    kept = _loaded_from(config, tree, package)
+    if not kept:
+        linker = linker_for(config.cache_dir, package.manifest.linker)
+        link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
     _pause_at(options, "linked")
 
     plan = _plan(config, version, flavour, package, tree)
-    loaded = loaded_modules(config)
+    loaded = [] if kept else loaded_modules(config)  # kept: loaded from this very tree
     same_flavour = loaded_flavour(config) in (None, flavour)
     if loaded and same_flavour and tree.matches_loaded(loaded):
         log.info(
