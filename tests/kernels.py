@@ -72,3 +72,10 @@ def missing_ci_series(releases: list[str]) -> list[str]:
     """The series of `CI_SERIES` that none of `releases` belongs to."""
     have = {series(r) for r in releases}
     return [s for s in CI_SERIES if s not in have]
+
+
+def preferred_kernel() -> str | None:
+    """The kernel a demo or a benchmark boots: the newest pair of the newest series CI
+    covers (6.12, the series Flatcar stable runs), else of the next (6.1); else None."""
+    newest = {series(r): r for r in kernels_under_test()}
+    return next((newest[s] for s in reversed(CI_SERIES) if s in newest), None)

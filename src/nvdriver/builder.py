@@ -23,7 +23,6 @@ from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import save_linker
 from nvdriver.errors import DriverError, UsageError
 from nvdriver.flatcar import image, release
-from nvdriver.flatcar.fetch import fetch_developer_container
 from nvdriver.host import KernelIdentity, KernelTree, resolve_in
 from nvdriver.run import run
 
@@ -159,6 +158,8 @@ def _in_developer_container(
 ) -> BuildOutput:
     kernel = config.kernel or release.running_kernel()
     flatcar = release.resolve(config, kernel)
+    from nvdriver.flatcar.fetch import fetch_developer_container  # http, ssl: only to build
+
     dev_image = fetch_developer_container(config, flatcar)
     resolv = config.host("/etc/resolv.conf")
     binds = {"/etc/resolv.conf": resolv} if config.emerge_sources and resolv.is_file() else {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nvdriver import builder, daemons, lock, rootfs, signals
-from nvdriver.atomic import TEMP_PREFIX
+from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
 from nvdriver.driver import link
@@ -29,7 +30,7 @@ from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import linker_for
 from nvdriver.errors import DriverError, Interrupted
-from nvdriver.flatcar import fetch, release
+from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading
 from nvdriver.kmod.firmware import set_firmware_path
@@ -85,6 +86,7 @@ class DriverPlan:
 
     version: str
     flavour: Flavour
+    package: Package
     tree: ModuleTree
     modules: tuple[str, ...]
     params: Mapping[str, Sequence[str]]
@@ -135,7 +137,8 @@ def _prepare(config: Config) -> DriverPlan:
     """Find (or build) the package, link it into the private tree; unload other drivers.
 
     Modules already loaded from this very package (same version and srcversion)
-    are kept: a restarted container must not disturb running GPU work.
+    are kept: a restarted container must not disturb running GPU work. When an earlier
+    run loaded them from this package's linked tree (its stamp), nothing is relinked.
     """
     options = config.options
     source, choice = _choose(config)
@@ -143,15 +146,16 @@ def _prepare(config: Config) -> DriverPlan:
     kernel = KernelIdentity.running(config)
     _remove_stale(config, version)
     package = _find_package(config, kernel, source, flavour)
-    linker = linker_for(config.cache_dir, package.manifest.linker)
     base = _module_base(config, version)
-    link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
     tree = ModuleTree(base, kernel.release)
+    kept = _loaded_from(config, tree, package)
+    if not kept:
+        linker = linker_for(config.cache_dir, package.manifest.linker)
+        link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
     _pause_at(options, "linked")
 
-    params = {m: read_params(config.module_params_dir, m) for m in tree.modules()}
-    modules = wanted_modules(tree, params, options.gpu_direct_rdma)
-    loaded = loaded_modules(config)
+    plan = _plan(config, version, flavour, package, tree)
+    loaded = [] if kept else loaded_modules(config)  # kept: loaded from this very tree
     same_flavour = loaded_flavour(config) in (None, flavour)
     if loaded and same_flavour and tree.matches_loaded(loaded):
         log.info(
@@ -165,8 +169,70 @@ def _prepare(config: Config) -> DriverPlan:
         )
         daemons.stop_persistenced(config)
         unload_modules(config)
-    set_firmware_path(config, rootfs.FIRMWARE_DIR, params.get("nvidia", ()))
-    return DriverPlan(version, flavour, tree, tuple(modules), params)
+    set_firmware_path(config, rootfs.FIRMWARE_DIR, plan.params.get("nvidia", ()))
+    return plan
+
+
+def _plan(
+    config: Config, version: str, flavour: Flavour, package: Package, tree: ModuleTree
+) -> DriverPlan:
+    """Which modules of the linked tree to load, with their parameters."""
+    params = {m: read_params(config.module_params_dir, m) for m in tree.modules()}
+    modules = wanted_modules(tree, params, config.options.gpu_direct_rdma)
+    return DriverPlan(version, flavour, package, tree, tuple(modules), params)
+
+
+# In the linked tree: which package it was linked from and what the kernel showed once
+# its modules were loaded (written after each successful load).
+_LOADED_STAMP = ".loaded-from.json"
+
+
+def _package_identity(package: Package) -> dict[str, object]:
+    st = package.path.stat()
+    return {"package": str(package.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _stamp_loaded(config: Config, plan: DriverPlan) -> None:
+    """Record that the modules now loaded came from `package` through `plan.tree`, so that
+    a restart with the same driver loaded skips the unpack, verify and relink."""
+    stamp = {
+        **_package_identity(plan.package),
+        "flavour": plan.flavour,
+        "srcversion": {m.name: m.srcversion for m in loaded_modules(config)},
+    }
+    write_atomically(plan.tree.directory / _LOADED_STAMP, json.dumps(stamp).encode())
+
+
+def _loaded_from(config: Config, tree: ModuleTree, package: Package) -> bool:
+    """Whether the NVIDIA modules loaded now are the ones an earlier run linked from this
+    very package (the same file, flavour and srcversions) and loaded from `tree`.
+
+    Then nothing needs unpacking, verifying or linking (the package was verified when it
+    was linked): a restart goes straight to readiness without touching the driver.
+    """
+    try:
+        stamp = json.loads((tree.directory / _LOADED_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    loaded = loaded_modules(config)
+    flavour = package.manifest.flavour
+    recorded = stamp.get("srcversion") if isinstance(stamp, dict) else None
+    if (
+        not isinstance(recorded, dict)
+        or {k: stamp.get(k) for k in ("package", "size", "mtime_ns")} != _package_identity(package)
+        or stamp.get("flavour") != flavour
+        or loaded_flavour(config) not in (None, flavour)
+        or not loaded
+        or any(m.srcversion is None or recorded.get(m.name) != m.srcversion for m in loaded)
+        or not tree.modules()
+    ):
+        return False
+    log.info(
+        "The modules of %s are loaded already (%s); keeping them, nothing to link",
+        package.path,
+        ", ".join(m.name for m in loaded),
+    )
+    return True
 
 
 def init(config: Config) -> None:
@@ -186,6 +252,7 @@ def init(config: Config) -> None:
         stack.enter_context(rootfs.exposed_root(config, options.container_root))
         _pause_at(options, "mounted")
         stack.enter_context(loading.driver_loaded(config, plan.tree, plan.modules, plan.params))
+        _stamp_loaded(config, plan)
         _pause_at(options, "loaded")
         stack.enter_context(daemons.persistenced(config))
         _pause_at(options, "persistenced")
@@ -210,7 +277,9 @@ def load(config: Config) -> list[str]:
     with lock.instance_lock(config):
         plan = _prepare(config)
         with rootfs.exposed_root(config, config.options.container_root, keep=True):
-            return loading.load(config, plan.tree, plan.modules, plan.params)
+            loaded = loading.load(config, plan.tree, plan.modules, plan.params)
+            _stamp_loaded(config, plan)
+            return loaded
 
 
 def unload(config: Config) -> None:
@@ -289,6 +358,8 @@ def prune_packages(config: Config, keep_kernels: set[str]) -> list[Path]:
 def _prune_images(config: Config) -> list[Path]:
     """Each developer container is gigabytes: keep the running release's (a rebuild for
     this kernel needs it) and the newest one (built ahead for the next reboot) per board."""
+    from nvdriver.flatcar import fetch  # http, ssl: not on the init path
+
     running = release.host_version(config)
     removed = []
     for dirs in fetch.cached_versions(config).values():

@@ -115,6 +115,11 @@ def test_a_driver_in_use_is_never_unloaded_and_a_restart_keeps_it(
     body = r"""
     nv load 2>$LOGS/load.log; say load_rc $?
     before=$(text_address)
+    nv load 2>$LOGS/load-again.log; say again_rc $?
+    say again_kept "$([ "$(text_address)" = "$before" ] && echo yes || echo no)"
+    find "$PRECOMPILED_DIR" -name '*.tar.gz' -exec touch {} +  # another file: relink it
+    nv load 2>$LOGS/load-touched.log; say touched_rc $?
+    say touched_kept "$([ "$(text_address)" = "$before" ] && echo yes || echo no)"
     insmod $HOLDER; say holder_rc $?
     nv unload 2>$LOGS/unload-busy.log; say busy_rc $?
     say busy_modules "$(nvidia_modules)"
@@ -134,6 +139,10 @@ def test_a_driver_in_use_is_never_unloaded_and_a_restart_keeps_it(
         facts,
         {
             "load_rc": "0",
+            "again_rc": "0",
+            "again_kept": "yes",
+            "touched_rc": "0",
+            "touched_kept": "yes",
             "holder_rc": "0",
             "busy_rc": "3",
             "busy_modules": ORDER,
@@ -154,7 +163,15 @@ def test_a_driver_in_use_is_never_unloaded_and_a_restart_keeps_it(
     )
     busy = (tmp_path / "unload-busy.log").read_text()
     assert "in use" in busy and "nvidia_standin_holder" in busy, explain
-    assert "keeping them" in (tmp_path / "init.log").read_text(), explain
+    # The same package's modules loaded already: no unpack, verify or link (no `ld` run),
+    # straight to readiness; a package file that changed since is linked again.
+    linked = "Linked and installed"
+    assert linked in (tmp_path / "load.log").read_text(), explain
+    for again in ("load-again.log", "init.log"):
+        log = (tmp_path / again).read_text()
+        assert "nothing to link" in log and linked not in log, f"{again}\n{explain}"
+    touched = (tmp_path / "load-touched.log").read_text()
+    assert linked in touched and "keeping them" in touched, explain
 
 
 def test_a_killed_init_is_cleaned_up_by_the_next_one(

@@ -30,13 +30,15 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from nvdriver.atomic import TEMP_PREFIX, atomic_file
 from nvdriver.config import KERNEL_RELEASE_RE
-from nvdriver.driver.build import BuildOutput
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.host import KernelIdentity
+
+if TYPE_CHECKING:  # driver.build (subprocess, the compiler's world) is for `update` only
+    from nvdriver.driver.build import BuildOutput
 
 log = logging.getLogger(__name__)
 

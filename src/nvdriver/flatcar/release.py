@@ -16,10 +16,13 @@ import platform
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nvdriver.config import BOARDS, CHANNELS, Config
 from nvdriver.errors import DriverError, UnsupportedError, UsageError
-from nvdriver.flatcar.download import DEFAULT_RETRY, RetryPolicy, UrlNotFound, read_url
+
+if TYPE_CHECKING:  # download (http.client, ssl, email) is imported only to read the feed
+    from nvdriver.flatcar.download import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +152,12 @@ def feed_url(config: Config, channel: str) -> str:
     return config.releases_feed.replace("{channel}", channel)
 
 
-def load_feed(source: str, *, policy: RetryPolicy = DEFAULT_RETRY) -> dict[str, object]:
+def load_feed(source: str, *, policy: RetryPolicy | None = None) -> dict[str, object]:
     """The releases feed: a JSON object keyed by version. Any other shape is an error."""
+    from nvdriver.flatcar.download import DEFAULT_RETRY, UrlNotFound, read_url
+
     try:
-        data = read_url(source, policy=policy)
+        data = read_url(source, policy=policy or DEFAULT_RETRY)
     except UrlNotFound as e:
         raise DriverError(
             f"The Flatcar releases feed {source} does not exist.",
@@ -231,7 +236,7 @@ def running_kernel() -> str:
 
 
 def resolve(
-    config: Config, kernel: str | None = None, *, policy: RetryPolicy = DEFAULT_RETRY
+    config: Config, kernel: str | None = None, *, policy: RetryPolicy | None = None
 ) -> FlatcarRelease:
     """The Flatcar release that ships `kernel` (default: the running one).
 

@@ -65,12 +65,10 @@ def load(
     before = {m.name for m in loaded_modules(config)}
     host_before = loaded_names(config)
     try:
-        prerequisites = list(PREREQUISITES)
-        if platform.machine() in ("x86_64", "amd64"):
-            prerequisites.append("video")
-        depends, softdeps = tree.host_dependencies(modules)
-        _load_host_modules(config, prerequisites + softdeps, required=False)
-        _load_host_modules(config, depends, required=True)
+        # All loaded already (a restart): their host modules are too, and asking modinfo
+        # for them costs a process per module and field.
+        if any(sysfs_name(m) not in before for m in modules):
+            _load_host_dependencies(config, tree, modules)
         for module in modules:
             if sysfs_name(module) not in {m.name for m in loaded_modules(config)}:
                 _modprobe(config, tree, module, params.get(module, ()))
@@ -83,6 +81,15 @@ def load(
         log.info("Loaded %s", ", ".join(now))
     make_device_nodes(config, params.get("nvidia", ()))
     return now
+
+
+def _load_host_dependencies(config: Config, tree: ModuleTree, modules: Sequence[str]) -> None:
+    prerequisites = list(PREREQUISITES)
+    if platform.machine() in ("x86_64", "amd64"):
+        prerequisites.append("video")
+    depends, softdeps = tree.host_dependencies(modules)
+    _load_host_modules(config, prerequisites + softdeps, required=False)
+    _load_host_modules(config, depends, required=True)
 
 
 def _modprobe(config: Config, tree: ModuleTree, module: str, params: Sequence[str]) -> None:

@@ -1,0 +1,309 @@
+"""Start-to-ready, restart-to-ready and `status` on a real kernel, against a floor
+measured in the same guest run.
+
+One QEMU guest (tests/vm/guest.py) boots the kernel and runs, `--rounds` times
+(median reported):
+
+- the floor: a plain shell script that does what loading a package must do at
+  the least: untar the package, the same `ld -r` links (same linker, same
+  linker scripts, same core objects, the commands `link.link_command` gives),
+  the host prerequisites' `modprobe` and the `insmod`s, in order;
+- start-to-ready: `nvidia-driver init` from its start to the readiness file
+  (the stand-in driver, tests/standin), then a SIGTERM (not timed);
+- the real NVIDIA 535.261.03 package (tests/real_build.py), link-only: the guest
+  has no GPU, so the floor stops at `insmod nvidia.ko`'s ENODEV, and ours is
+  `nvidia-driver load` up to its exit 7;
+- restart-to-ready: `init` again while the driver is loaded and in use (the
+  stand-in holder module holds it, so each SIGTERM'd init keeps the modules
+  loaded, exit 3, as when GPU work runs across a container restart), and
+  `load` again with the driver loaded;
+- `nvidia-driver status` alone, the interpreter's bare start (`python -c pass`)
+  and the import of the CLI, to tell our overhead from Python's.
+
+Prints the medians, each ratio to its floor, and the exit codes seen (a run
+that did not reach readiness shows here, not as an assertion: a bench prints
+numbers). Progress lines come from the guest as it works.
+
+Run: .venv/bin/python -m bench.lifecycle [--rounds N] [--kernel RELEASE] [--no-real]
+(the real package is built once per kernel and product version, minutes; it
+needs what `tests/real_build.py` needs: root, the local Flatcar mirror).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from nvdriver.config import Config
+from nvdriver.driver.link import link_command
+from nvdriver.driver.package import read_manifest
+from nvdriver.driver.source import MODULE_ORDER, DriverSource
+from nvdriver.driver.toolchain import linker_for
+from nvdriver.kmod.loading import PREREQUISITES
+from tests.conftest import CACHE, standin_env, unpack_debian_source
+from tests.flatcar_mirror import build_mirror
+from tests.kernels import preferred_kernel
+from tests.real_build import build_real_535
+from tests.standin.tree import build_holder, build_standin, make_standin_source
+from tests.vm.follow import following
+from tests.vm.guest import run_in_guest
+from tests.vm.scenario import LIB, PERSISTENCED, VERSION, update_package
+
+FLOOR_DIR = "/tmp/bench-floor"  # the guest's own tmpfs
+BASE_MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")  # no nvidia-drm without modeset=1
+
+
+def floor_script(package: Path, source: Path, cache: Path, *, stop_at_nvidia: bool) -> str:
+    """Bash that does the package's untar, links and insmods, nothing else.
+
+    `stop_at_nvidia`: the real driver without a GPU, where `insmod nvidia.ko` fails
+    (ENODEV) and the modules that need it cannot follow."""
+    manifest = read_manifest(package)
+    flavour_dir = DriverSource.from_config(
+        Config.from_env({"NVIDIA_DRIVER_SOURCE": str(source)})
+    ).flavour_dir(manifest.flavour)
+    ld = linker_for(cache, manifest.linker).argv
+    w = Path(FLOOR_DIR)
+    lines = [f"rm -rf {w} && mkdir -p {w}", shlex.join(["tar", "-xzf", str(package), "-C", str(w)])]
+    built: dict[str, Path] = {}
+    for entry in manifest.modules:
+        if entry.name not in BASE_MODULES:
+            continue
+        if entry.core is None:
+            built[entry.name] = w / entry.file
+            continue
+        out = w / f"{entry.name}.ko"
+        scripts = [str(w / s) for s in manifest.ld_scripts]
+        core = str(flavour_dir / entry.core)
+        lines.append(shlex.join(link_command(ld, scripts, str(out), str(w / entry.file), core)))
+        built[entry.name] = out
+    prerequisites = [*PREREQUISITES, "video"]
+    lines.append(shlex.join(["modprobe", "-a", *prerequisites]) + " 2>/dev/null")
+    for name in (m for m in MODULE_ORDER if m in built):
+        insmod = shlex.join(["insmod", str(built[name])])
+        if stop_at_nvidia and name == "nvidia":
+            lines.append(f"{insmod} 2>/dev/null; echo floor_insmod_rc=$? >&2")
+            break
+        lines.append(insmod)
+    return "\n".join(lines) + "\n"
+
+
+GUEST = r"""
+set -u
+source {lib}
+progress() {{ echo "$*" >>$LOGS/progress.log; }}
+now() {{ echo "${{EPOCHREALTIME/./}}"; }}  # microseconds
+# measure KEY START: say KEY=<seconds since START> and keep it in $last.
+measure() {{
+    local us=$(($(now) - $2))
+    last=$(printf '%d.%06d' $((us / 1000000)) $((us % 1000000)))
+    say "$1" "$last"
+}}
+unload_floor() {{ rmmod nvidia_modeset nvidia_uvm nvidia 2>/dev/null; rm -rf {floor_dir}; }}
+real() {{ (export NVIDIA_DRIVER_SOURCE={real_source} PRECOMPILED_DIR={real_store} \
+    NVIDIA_DRIVER_CACHE={real_cache} DRIVER_VERSION={real_version}; "$@"); }}
+
+progress "kernel $(uname -r), $(nproc) CPUs, {rounds} rounds"
+for r in $(seq {rounds}); do
+    t=$(now); floor_standin; measure floor_standin_$r $t; unload_floor
+    progress "round $r: stand-in floor (untar, ld -r, insmod): $last s"
+    t=$(now); start_init $LOGS/init-$r.log; wait_ready; say init_ready_rc_$r $?
+    measure init_$r $t
+    stop_init TERM; say init_stop_rc_$r $INIT_RC
+    progress "round $r: init start-to-ready: $last s (SIGTERM: exit $INIT_RC)"
+    if [ {real} = yes ]; then
+        t=$(now); floor_real; measure floor_real_$r $t; unload_floor
+        progress "round $r: real 535 floor (untar, ld -r, insmod to ENODEV): $last s"
+        t=$(now); real nv load 2>>$LOGS/real-load.log; rc=$?; measure real_load_$r $t
+        say real_load_rc_$r $rc
+        progress "round $r: real 535 load to exit $rc: $last s"
+    fi
+done
+
+nv load 2>$LOGS/load.log; say preload_rc $?
+insmod $HOLDER; say holder_rc $?
+progress "driver loaded and held by a module (in use): restarts keep it"
+for r in $(seq {rounds}); do
+    t=$(now); start_init $LOGS/restart-$r.log; wait_ready; say restart_ready_rc_$r $?
+    measure restart_$r $t
+    stop_init TERM; say restart_stop_rc_$r $INIT_RC
+    progress "round $r: init restart-to-ready: $last s (SIGTERM: exit $INIT_RC)"
+    t=$(now); nv load 2>>$LOGS/reload.log; rc=$?; measure reload_$r $t; say reload_rc_$r $rc
+    progress "round $r: load again: $last s (exit $rc)"
+    t=$(now); nv status >/dev/null; rc=$?; measure status_$r $t; say status_rc_$r $rc
+    progress "round $r: status: $last s (exit $rc)"
+    t=$(now); $PY -c pass; measure python_$r $t
+    t=$(now); $PY -c 'import nvdriver.cli'; measure import_$r $t
+done
+rmmod nvidia_standin_holder; nv unload 2>>$LOGS/load.log; say unload_rc $?
+say relinked "$(cat $LOGS/restart-*.log $LOGS/reload.log | grep -c 'Linked and installed')"
+"""
+
+
+def _functions(standin: str, real: str) -> str:
+    def fn(name: str, body: str) -> str:
+        return f"{name}() {{\n{body}}}\n"
+
+    return fn("floor_standin", standin) + fn("floor_real", real or ":\n")
+
+
+def median(facts: dict[str, str], key: str, rounds: int) -> float | None:
+    values = [float(facts[f"{key}_{r}"]) for r in range(1, rounds + 1) if f"{key}_{r}" in facts]
+    return statistics.median(values) if values else None
+
+
+def codes(facts: dict[str, str], key: str, rounds: int) -> str:
+    return ",".join(facts.get(f"{key}_{r}", "?") for r in range(1, rounds + 1))
+
+
+def table(facts: dict[str, str], rounds: int, real: bool) -> list[str]:
+    def row(name: str, floor: float | None, ours: float | None, target: str) -> str:
+        f = f"{floor:7.2f} s" if floor is not None else "      - "
+        o = f"{ours:7.2f} s" if ours is not None else "   n/a  "
+        ratio = f"{ours / floor:6.2f}x" if floor and ours is not None else "     - "
+        return f"{name:<46} {f}  {o}  {ratio}  {target}"
+
+    m = {
+        k: median(facts, k, rounds)
+        for k in (
+            "floor_standin",
+            "init",
+            "floor_real",
+            "real_load",
+            "restart",
+            "reload",
+            "status",
+            "python",
+            "import",
+        )
+    }
+    lines = [
+        f"{'':<46} {'floor':>9}  {'ours':>9}  {'ratio':>7}  target",
+        row("start-to-ready, stand-in (init)", m["floor_standin"], m["init"], "<= 1.15x floor"),
+    ]
+    if real:
+        lines.append(
+            row(
+                "start-to-exit-7, real 535 link-only (load)",
+                m["floor_real"],
+                m["real_load"],
+                "<= 1.15x floor",
+            )
+        )
+    python = m["python"]
+    lines += [
+        row("restart-to-ready, driver loaded (init)", None, m["restart"], "< 1 s of our own"),
+        row("load again, driver loaded", None, m["reload"], ""),
+        row("status", None, m["status"], ""),
+        row("python -c pass (the interpreter's start)", None, python, ""),
+        row("python -c 'import nvdriver.cli'", None, m["import"], ""),
+    ]
+    if python is not None and m["restart"] is not None:
+        lines.append(
+            f"restart-to-ready beyond the interpreter's start: {m['restart'] - python:.2f} s"
+        )
+    lines.append(
+        "exit codes: init ready/stop "
+        + f"{codes(facts, 'init_ready_rc', rounds)}/{codes(facts, 'init_stop_rc', rounds)}, "
+        + f"restart ready/stop {codes(facts, 'restart_ready_rc', rounds)}/"
+        + f"{codes(facts, 'restart_stop_rc', rounds)} (3: kept, in use), "
+        + f"load again {codes(facts, 'reload_rc', rounds)}, "
+        + f"status {codes(facts, 'status_rc', rounds)}"
+        + (f", real load {codes(facts, 'real_load_rc', rounds)} (7: no GPU)" if real else "")
+        + f"; relinks on restart: {facts.get('relinked', '?')}"
+    )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.lifecycle", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kernel", help="kernel release to boot (default: newest 6.12, else 6.1)")
+    parser.add_argument("--no-real", action="store_true", help="skip the real 535 package")
+    parser.add_argument("--json", type=Path, help="also write the raw facts here")
+    args = parser.parse_args(argv)
+    kernel = args.kernel or preferred_kernel()
+    if kernel is None:
+        print("bench: no kernel pair (image, modules, headers) of 6.12 or 6.1", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="nvidia-driver-bench-"))
+    print(f"bench: kernel {kernel}; work in {work}", flush=True)
+    kernel_build = Path("/lib/modules") / kernel / "build"
+
+    print("bench: building the stand-in package and the holder module on the host", flush=True)
+    source = make_standin_source(work / "src", version=VERSION)
+    env = {**standin_env(work, source, VERSION), "KERNEL_MODULE_TYPE": "proprietary"}
+    update_package(env, kernel_build)
+    (package,) = (work / "precompiled").rglob("*.tar.gz")
+    holder_src = make_standin_source(work / "holder-src", version=VERSION, flavours=("kernel",))
+    build_standin(holder_src / "kernel", kernel_build)
+    holder = build_holder(work / "holder", kernel_build, holder_src / "kernel" / "Module.symvers")
+    (work / "bin").mkdir()
+    (work / "bin" / "nvidia-persistenced").write_text(PERSISTENCED)
+    (work / "bin" / "nvidia-persistenced").chmod(0o755)
+    (work / "params").mkdir()
+
+    real_floor, subst = "", {"real": "no", "real_source": "", "real_store": "", "real_cache": ""}
+    subst["real_version"] = ""
+    if not args.no_real:
+        print(
+            "bench: the real 535 package (built once per kernel and product: minutes)", flush=True
+        )
+        built = build_real_535(
+            kernel, build_mirror(kernel), unpack_debian_source("proprietary"), CACHE
+        )
+        real_source = DriverSource.from_config(
+            Config.from_env({"NVIDIA_DRIVER_SOURCE": str(built.source)})
+        )
+        real_floor = floor_script(built.package, built.source, built.cache, stop_at_nvidia=True)
+        subst = {
+            "real": "yes",
+            "real_source": shlex.quote(str(built.source)),
+            "real_store": shlex.quote(str(built.precompiled)),
+            "real_cache": shlex.quote(str(built.cache)),
+            "real_version": shlex.quote(real_source.version),
+        }
+    logs = work / "logs"
+    logs.mkdir()
+    script = logs / "bench.sh"
+    body = GUEST.format(lib=LIB, floor_dir=FLOOR_DIR, rounds=args.rounds, **subst)
+    standin_floor = floor_script(package, source, work / "cache", stop_at_nvidia=False)
+    script.write_text(_functions(standin_floor, real_floor) + body)
+    guest_env = {
+        "PY": sys.executable,
+        "LOGS": str(logs),
+        "HOLDER": str(holder),
+        "DRIVER_VERSION": VERSION,
+        "NVIDIA_DRIVER_SOURCE": str(source),
+        "PRECOMPILED_DIR": str(work / "precompiled"),
+        "NVIDIA_DRIVER_CACHE": str(work / "cache"),
+        "NVIDIA_MODULE_PARAMS_DIR": str(work / "params"),
+        "KERNEL_MODULE_TYPE": "proprietary",
+        "PATH": f"{work / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin",
+    }
+    print(f"bench: booting {kernel} in a guest (QEMU)", flush=True)
+    with following(logs / "progress.log", lambda line: print(f"guest | {line}", flush=True)):
+        result = run_in_guest(
+            ["bash", str(script)],
+            kernel=kernel,
+            env=guest_env,
+            shares={str(work): work},
+            timeout=3000,
+        )
+    facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    if args.json:
+        args.json.write_text(json.dumps(facts, indent=2) + "\n")
+    print(f"bench: guest exit {result.returncode}; logs in {logs}")
+    for line in table(facts, args.rounds, not args.no_real):
+        print(line)
+    return 0 if result.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
