@@ -48,30 +48,23 @@ RUN apt-get update \
         util-linux xz-utils \
  && rm -rf /var/lib/apt/lists/*
 
-COPY image-inputs/ /tmp/image-inputs/
 WORKDIR /tmp
 
-# Everything is fetched with the image's own Python: no download tool is added to the image.
-# NVIDIA's .run is only fetched (DRIVER_BASE_URL may be a local server), never copied in
-# from the build context: a COPY would keep the whole installer in a layer. Debian's packages
-# are pinned to DRIVER_VERSION by an apt preference (the `debian` case), not on the command line.
+# The driver, before anything of the build context: its layer does not change with the
+# program or the signing key. It is fetched with the image's own Python: no download tool
+# is added to the image. NVIDIA's .run is only fetched (DRIVER_BASE_URL may be a local
+# server), never copied in from the build context: a COPY would keep the whole installer
+# in a layer. Debian's packages are pinned to DRIVER_VERSION by an apt preference (the
+# `debian` case), not on the command line.
 # hadolint ignore=DL3008
-RUN fetch() { python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfileobj(u.urlopen(sys.argv[1], timeout=300), sys.stdout.buffer)' "$1"; } \
- && key=/usr/share/nvidia-driver/flatcar-image-signing-key.asc \
- && mkdir -p "${key%/*}" \
- && if [[ -f /tmp/image-inputs/flatcar-image-signing-key.asc ]]; then \
-        cp /tmp/image-inputs/flatcar-image-signing-key.asc "$key"; \
-    else \
-        fetch "${FLATCAR_SIGNING_KEY_URL}" > "$key"; \
-    fi \
- && gpg --batch --no-options --homedir /tmp --show-keys --with-fingerprint "$key" \
- && src="${NVIDIA_DRIVER_SOURCE}" \
+RUN src="${NVIDIA_DRIVER_SOURCE}" \
  && firmware="/usr/lib/firmware/nvidia/${DRIVER_VERSION}" \
  && mkdir -p "$src/supported-gpus" \
  && case "${DRIVER_SOURCE}" in \
     nvidia) \
         run="NVIDIA-Linux-$(uname -m)-${DRIVER_VERSION}" \
-        && fetch "${DRIVER_BASE_URL}/${DRIVER_VERSION}/$run.run" > "/tmp/$run.run" \
+        && python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfileobj(u.urlopen(sys.argv[1], timeout=300), sys.stdout.buffer)' \
+               "${DRIVER_BASE_URL}/${DRIVER_VERSION}/$run.run" > "/tmp/$run.run" \
         && sh "/tmp/$run.run" --silent --no-kernel-module --no-nouveau-check \
                --no-nvidia-modprobe --no-rpms --no-backup --no-check-for-alternate-installs \
                --no-libglx-indirect --no-install-libglvnd \
@@ -109,7 +102,7 @@ RUN fetch() { python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfi
     *) \
         echo "DRIVER_SOURCE=${DRIVER_SOURCE}: expected nvidia or debian" >&2; exit 2 ;; \
     esac \
- && find /tmp -mindepth 1 -maxdepth 1 ! -name image-inputs -exec rm -rf {} + \
+ && find /tmp -mindepth 1 -maxdepth 1 -exec rm -rf {} + \
  && for tree in kernel kernel-open; do \
         grep -Fq "NV_VERSION_STRING=\\\"${DRIVER_VERSION}\\\"" "$src/$tree/Kbuild" \
         || { echo "$src/$tree is not driver ${DRIVER_VERSION}" >&2; exit 1; }; \
@@ -120,12 +113,24 @@ RUN fetch() { python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfi
         echo 'a linked NVIDIA kernel module is in the image' >&2; exit 1; \
     fi
 
+COPY image-inputs/ /tmp/image-inputs/
+
+# Flatcar's image signing key: the build context's copy, else Flatcar's published one.
 # The program, from the wheels built beforehand: an offline, reproducible install.
-RUN python3 -m venv /opt/nvidia-driver \
+RUN key=/usr/share/nvidia-driver/flatcar-image-signing-key.asc \
+ && mkdir -p "${key%/*}" \
+ && if [[ -f /tmp/image-inputs/flatcar-image-signing-key.asc ]]; then \
+        cp /tmp/image-inputs/flatcar-image-signing-key.asc "$key"; \
+    else \
+        python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfileobj(u.urlopen(sys.argv[1], timeout=300), sys.stdout.buffer)' \
+            "${FLATCAR_SIGNING_KEY_URL}" > "$key"; \
+    fi \
+ && gpg --batch --no-options --homedir /tmp --show-keys --with-fingerprint "$key" \
+ && python3 -m venv /opt/nvidia-driver \
  && /opt/nvidia-driver/bin/pip install --no-cache-dir --no-index \
         --find-links /tmp/image-inputs/wheelhouse /tmp/image-inputs/wheelhouse/nvidia_driver-*.whl \
  && ln -s /opt/nvidia-driver/bin/nvidia-driver /usr/local/bin/nvidia-driver \
- && rm -rf /tmp/image-inputs
+ && find /tmp -mindepth 1 -maxdepth 1 -exec rm -rf {} +
 
 WORKDIR /
 ENTRYPOINT ["nvidia-driver"]

@@ -15,7 +15,7 @@ the node. This module does the host side of it with a real engine:
   It keeps its apt sources: the Dockerfile's `apt-get update` needs them.
 - `build_image(engine, variant)`: the repository's Dockerfile, unchanged, in its two
   driver sources: ``standin`` (DRIVER_SOURCE=nvidia, a stand-in NVIDIA .run served on
-  127.0.0.1, tests/standin_run.py) and ``real`` (DRIVER_SOURCE=debian, Debian's
+  127.0.0.1, `make_standin_run`) and ``real`` (DRIVER_SOURCE=debian, Debian's
   535.261.03 packages).
 - `committed_image(engine, kernel, variant)`: the seed's `update` in a container of that
   image against the local Flatcar mirror of `kernel`, committed with entrypoint `init`
@@ -28,9 +28,12 @@ starts the engine only when the cache lacks the image.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import http.server
 import json
 import logging
 import os
@@ -38,7 +41,9 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -320,6 +325,207 @@ def base_image(eng: Engine) -> str:
         started = time.monotonic()
         eng.docker("import", tar, name)
         log.warning("base image (docker import): %.1f s", time.monotonic() - started)
+    return name
+
+
+STANDIN_RUN = r"""#!/bin/sh
+# A stand-in for NVIDIA-Linux-x86_64-@VERSION@.run (tests/container.py): the options of
+# NVIDIA's installer that the Dockerfile passes, and the stand-in driver as its payload.
+set -eu
+name=NVIDIA-Linux-x86_64-@VERSION@
+payload() { sed '1,/^__PAYLOAD__$/d' "$0" | base64 -d | tar -xz "$@"; }
+extract=0 kernel_module=1
+for arg in "$@"; do
+    case "$arg" in
+        -x|--extract-only) extract=1 ;;
+        --no-kernel-module) kernel_module=0 ;;
+        -s|--silent|--no-nouveau-check|--no-nvidia-modprobe|--no-rpms|--no-backup) ;;
+        --no-check-for-alternate-installs|--no-libglx-indirect|--no-install-libglvnd) ;;
+        --x-prefix=*|--x-module-path=*|--x-library-path=*|--x-sysconfig-path=*) ;;
+        *) echo "$name.run: unrecognized option: '$arg'" >&2; exit 1 ;;
+    esac
+done
+if [ "$extract" = 1 ]; then
+    if [ -e "$name" ]; then echo "$name.run: $name exists" >&2; exit 1; fi
+    mkdir "$name"
+    payload -C "$name"
+    exit 0
+fi
+if [ "$kernel_module" = 1 ]; then
+    echo "$name.run: the stand-in builds no kernel module: pass --no-kernel-module" >&2
+    exit 1
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+payload -C "$tmp"
+lib=/usr/lib/x86_64-linux-gnu
+install -D -m 0755 -t /usr/bin "$tmp/nvidia-smi" "$tmp/nvidia-persistenced"
+install -D -m 0755 -t "$lib" "$tmp/libnvidia-ml.so.@VERSION@" "$tmp/libcuda.so.@VERSION@"
+ln -sf "libnvidia-ml.so.@VERSION@" "$lib/libnvidia-ml.so.1"
+ln -sf "libcuda.so.@VERSION@" "$lib/libcuda.so.1"
+install -D -m 0644 -t /usr/lib/firmware/nvidia/@VERSION@ "$tmp"/firmware/*.bin
+ldconfig
+exit 0
+__PAYLOAD__
+"""
+
+# The stand-in's user space: what the container toolkit looks for, without a GPU. The
+# libraries answer as NVIDIA's do on a machine whose driver sees no GPU.
+STANDIN_SMI = """#!/bin/sh
+echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2
+exit 9
+"""
+STANDIN_LIBS = {
+    "libcuda": "int cuInit(unsigned int flags) { (void)flags; return 100; }\n",
+    "libnvidia-ml": "int nvmlInit_v2(void) { return 9; }\n",
+}
+STANDIN_FIRMWARE = ("gsp_ga10x.bin", "gsp_tu10x.bin")
+GPU_LIST = ROOT / "tests" / "unit" / "data" / "supported-gpus-535.261.03.json"
+
+
+def make_standin_run(dest: Path, version: str = STANDIN_VERSION) -> Path:
+    """`dest/<version>/NVIDIA-Linux-x86_64-<version>.run`, laid out as DRIVER_BASE_URL
+    serves NVIDIA's: a shell script with the stand-in driver as its payload (kernel/ and
+    kernel-open/ of tests/standin, supported-gpus/, firmware/, LICENSE, the stand-in
+    nvidia-smi, nvidia-persistenced, libcuda and libnvidia-ml) that installs the user
+    space like NVIDIA's installer (`--no-kernel-module`) or unpacks (`--extract-only`)."""
+    from tests.standin.tree import make_standin_source  # deferred: it imports nvdriver
+    from tests.vm.scenario import PERSISTENCED  # deferred: it imports tests.conftest
+
+    name = f"NVIDIA-Linux-x86_64-{version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = make_standin_source(Path(tmp) / name, version=version)
+        (tree / "supported-gpus").mkdir()
+        shutil.copy(GPU_LIST, tree / "supported-gpus" / "supported-gpus.json")
+        (tree / "firmware").mkdir()
+        for firmware in STANDIN_FIRMWARE:
+            (tree / "firmware" / firmware).write_text(f"stand-in GSP firmware {version}\n")
+        (tree / "LICENSE").write_text("The stand-in driver of the nvidia-driver tests.\n")
+        for program, text in (("nvidia-smi", STANDIN_SMI), ("nvidia-persistenced", PERSISTENCED)):
+            (tree / program).write_text(text)
+            (tree / program).chmod(0o755)
+        for lib, source in STANDIN_LIBS.items():
+            c = Path(tmp) / f"{lib}.c"
+            c.write_text(source)
+            soname = f"{lib}.so.1"
+            subprocess.run(
+                [
+                    "gcc",
+                    "-shared",
+                    "-fPIC",
+                    f"-Wl,-soname,{soname}",
+                    "-o",
+                    tree / f"{lib}.so.{version}",
+                    c,
+                ],
+                check=True,
+            )
+        payload = subprocess.run(
+            ["tar", "-C", tree, "--sort=name", "--owner=0", "--group=0", "-cz", "."],
+            capture_output=True,
+            check=True,
+        ).stdout
+    run = dest / version / f"{name}.run"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    encoded = base64.encodebytes(payload).decode()
+    run.write_text(STANDIN_RUN.replace("@VERSION@", version) + encoded)
+    return run
+
+
+@contextlib.contextmanager
+def serve_directory(root: Path) -> Iterator[str]:
+    """Serve `root` over HTTP on 127.0.0.1 (an ephemeral port); yields the base URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def image_inputs_digest(variant: Variant, signing_key: Path) -> str:
+    """Every input of a built image: the Dockerfile, the program, the recipe (this file),
+    the driver (the stand-in's sources, or Debian's version), the signing key."""
+    driver = _tree_digest(ROOT / "tests" / "standin") if variant == "standin" else REAL_VERSION
+    return _digest(
+        DOCKERFILE.read_bytes(),
+        DOCKERIGNORE.read_bytes(),
+        Path(__file__).read_bytes(),
+        product_digest(),
+        (ROOT / "pyproject.toml").read_bytes(),
+        variant,
+        driver,
+        signing_key.read_bytes(),
+    )
+
+
+def build_image(eng: Engine, variant: Variant, signing_key: Path) -> str:
+    """The repository's Dockerfile built in `eng` (`docker build --network host`) from a
+    context of the program's wheel and `signing_key` (image-inputs/, as the README says);
+    the stand-in's .run is served on 127.0.0.1. Returns the image's name."""
+    base = base_image(eng)
+    name = f"nvidia-driver-test:{variant}-{image_inputs_digest(variant, signing_key)}"
+    if eng.has_image(name):
+        return name
+    args = {"BASE_IMAGE": base, "DRIVER_VERSION": VERSIONS[variant]}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        context = tmp / "context"
+        inputs = context / "image-inputs"
+        inputs.mkdir(parents=True)
+        shutil.copy(DOCKERIGNORE, context / ".dockerignore")
+        shutil.copy(signing_key, inputs / "flatcar-image-signing-key.asc")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--no-deps",
+                "--wheel-dir",
+                inputs / "wheelhouse",
+                ROOT,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        if variant == "standin":
+            make_standin_run(tmp / "driver")
+            args["DRIVER_SOURCE"] = "nvidia"
+            args["DRIVER_BASE_URL"] = stack.enter_context(serve_directory(tmp / "driver"))
+        else:
+            args["DRIVER_SOURCE"] = "debian"
+        started = time.monotonic()
+        eng.docker(
+            "build",
+            "--network",
+            "host",
+            "-f",
+            DOCKERFILE,
+            "-t",
+            name,
+            *(f"--build-arg={k}={v}" for k, v in args.items()),
+            context,
+        )
+        log.warning("docker build %s: %.1f s", variant, time.monotonic() - started)
     return name
 
 
