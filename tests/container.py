@@ -53,6 +53,7 @@ import pytest
 
 from tests.flatcar_mirror import (
     FlatcarMirror,
+    MirrorServer,
     _locked,
     apt_source_lines,
     build_mirror,
@@ -280,6 +281,14 @@ def first_run_packages(dockerfile: Path = DOCKERFILE) -> list[str]:
     return sorted(w for w in match.group(1).split() if not w.startswith("-"))
 
 
+def base_key() -> str:
+    """The base image's inputs: the host's sources and suite, the packages, mmdebstrap."""
+    mmdebstrap = subprocess.run(
+        ["mmdebstrap", "--version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return _digest("base", 1, apt_source_lines(), host_suite(), first_run_packages(), mmdebstrap)
+
+
 def base_image(eng: Engine) -> str:
     """The base image, imported into `eng`: a minbase Debian of the host's own suite and
     sources (all their components: the `debian` driver source needs contrib, non-free and
@@ -287,10 +296,7 @@ def base_image(eng: Engine) -> str:
     sources = apt_source_lines()
     suite = host_suite()
     packages = first_run_packages()
-    mmdebstrap = subprocess.run(
-        ["mmdebstrap", "--version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    key = _digest("base", 1, sources, suite, packages, mmdebstrap)
+    key = base_key()
     tar = CACHE / f"base-{key}.tar"
     with _locked(CACHE / f"base-{key}.lock"):
         if not tar.is_file():
@@ -529,11 +535,158 @@ def build_image(eng: Engine, variant: Variant, signing_key: Path) -> str:
     return name
 
 
-def committed_image(eng: Engine, kernel: str, variant: Variant) -> CommittedImage:
+@dataclasses.dataclass(frozen=True)
+class Updated:
+    """A finished `docker run ... update` container (removed when its block ends)."""
+
+    name: str
+    result: subprocess.CompletedProcess[str]
+    seconds: float
+
+    @property
+    def package(self) -> str:
+        """The package path `update` printed (a path inside the container)."""
+        lines = self.result.stdout.split()
+        return lines[-1] if lines else ""
+
+    def explain(self) -> str:
+        return (
+            f"update exited with status {self.result.returncode}\n--- stdout ---\n"
+            f"{self.result.stdout[-3000:]}\n--- stderr ---\n{self.result.stderr[-6000:]}"
+        )
+
+
+def developer_cache(mirror: FlatcarMirror) -> Path:
+    """The host directory mounted as NVIDIA_DRIVER_CACHE for `mirror`'s updates: the
+    developer container is downloaded once, as on a node whose cache is a host mount."""
+    path = CACHE / f"developer-cache-{mirror.root.parent.name}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def update_container(
+    eng: Engine,
+    image: str,
+    kernel: str,
+    server: MirrorServer,
+    *,
+    dev: bool = True,
+    run_args: tuple[str, ...] = (),
+    update_args: tuple[str, ...] = (),
+    create: Callable[[str], None] | None = None,
+) -> Iterator[Updated]:
+    """`nvidia-driver update --kernel KERNEL` in a container of `image`, as the seed runs
+    it: `--network host` (the mirror is on 127.0.0.1), the loop-mount flags of this VM
+    (LOOP_FLAGS, with `-v /dev:/dev` unless `dev` is false), the documented os-release and
+    cache mounts. The container is kept until the block ends (to `docker commit` it).
+    With `create`, the container is created, `create(name)` runs, then it is started."""
+    name = f"nvd-update-{os.getpid()}-{time.monotonic_ns()}"
+    env = {k: v for k, v in server.env().items() if k != "FLATCAR_SIGNING_KEY"}
+    argv = [
+        "--name",
+        name,
+        "--network",
+        "host",
+        *LOOP_FLAGS,
+        *(["-v", "/dev:/dev"] if dev else []),
+        "-v",
+        "/etc/os-release:/host-etc/os-release:ro",
+        "-v",
+        f"{developer_cache(server.mirror)}:{CACHE_MOUNT}",
+        *(f"--env={k}={v}" for k, v in sorted(env.items())),
+        *run_args,
+        image,
+        "update",
+        "--kernel",
+        kernel,
+        *update_args,
+    ]
+    try:
+        started = time.monotonic()
+        if create is None:
+            result = eng.docker("run", *argv, check=False, timeout=3600)
+        else:
+            eng.docker("create", *argv)
+            create(name)
+            result = eng.docker("start", "--attach", name, check=False, timeout=3600)
+        yield Updated(name, result, time.monotonic() - started)
+    finally:
+        eng.docker("rm", "--force", name, check=False)
+
+
+def _base_and_image_key(variant: Variant, signing_key: Path) -> str:
+    return _digest(base_key(), image_inputs_digest(variant, signing_key))
+
+
+def committed_image(
+    kernel: str, variant: Variant, get_engine: Callable[[], Engine]
+) -> CommittedImage:
     """The committed image of `variant` for `kernel`: from the cache when every input is
-    unchanged (Dockerfile, the program's code, the base image's recipe, the driver, the
-    kernel's Flatcar mirror), else built, updated, committed and saved now."""
-    raise NotImplementedError(eng, kernel, variant)
+    unchanged (the base image's recipe, the Dockerfile, the program's code, this recipe,
+    the driver, the kernel's Flatcar mirror), else made now in `get_engine()` (called only
+    then): `build_image`, `update --kernel KERNEL` in a container of it, `docker commit
+    --change 'ENTRYPOINT ["nvidia-driver","init"]' --change 'CMD []'`, `docker save`.
+    EngineError when a step fails (nothing is cached then)."""
+    mirror = build_mirror(kernel)
+    key = _digest(
+        "committed",
+        _base_and_image_key(variant, mirror.signing_key),
+        kernel,
+        mirror.root.parent.name,
+    )
+    stem = CACHE / f"committed-{variant}-{_tag(kernel)}-{key}"
+    tar, meta = stem.with_suffix(".tar"), stem.with_suffix(".json")
+    name = f"nvidia-driver:{variant}-{_tag(kernel)}"
+    with _locked(stem.with_suffix(".lock")):
+        if not (tar.is_file() and meta.is_file()):
+            eng = get_engine()
+            timings: dict[str, float] = {}
+            started = time.monotonic()
+            image = build_image(eng, variant, mirror.signing_key)
+            timings["build"] = time.monotonic() - started
+            with (
+                serve_mirror(mirror) as server,
+                update_container(eng, image, kernel, server) as updated,
+            ):
+                timings["update"] = updated.seconds
+                if updated.result.returncode != 0 or not updated.package:
+                    raise EngineError(updated.explain())
+                started = time.monotonic()
+                eng.docker(
+                    "commit",
+                    "--change",
+                    'ENTRYPOINT ["nvidia-driver","init"]',
+                    "--change",
+                    "CMD []",
+                    updated.name,
+                    name,
+                )
+            tmp = tar.with_name(f".tmp-{tar.name}-{os.getpid()}")
+            try:
+                eng.docker("save", "--output", tmp, name)
+                timings["commit_and_save"] = time.monotonic() - started
+                tmp.rename(tar)
+            finally:
+                tmp.unlink(missing_ok=True)
+            info = {
+                "name": name,
+                "package": updated.package,
+                "driver_version": VERSIONS[variant],
+                "timings": timings,
+                "bytes": tar.stat().st_size,
+            }
+            meta.write_text(json.dumps(info, indent=1) + "\n")
+            log.warning("committed image %s: %s", name, info)
+    info = json.loads(meta.read_text())
+    return CommittedImage(
+        tar=tar,
+        name=info["name"],
+        kernel=kernel,
+        variant=variant,
+        driver_version=info["driver_version"],
+        package=info["package"],
+    )
 
 
 CommittedImages = Callable[[str, Variant], CommittedImage]
@@ -550,4 +703,10 @@ def docker_engine() -> Iterator[Engine]:
         yield eng
 
 
-_unused = (FlatcarMirror, build_mirror, serve_mirror, product_digest)
+@pytest.fixture(scope="session")
+def committed_images(request: pytest.FixtureRequest) -> CommittedImages:
+    """`committed_images(kernel, variant)`: the seed's committed image (`committed_image`),
+    made once per inputs; the session's engine starts only when one must be made."""
+    return lambda kernel, variant: committed_image(
+        kernel, variant, lambda: request.getfixturevalue("docker_engine")
+    )
