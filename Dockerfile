@@ -9,6 +9,33 @@
 #
 # image-inputs/ is the whole build context (.dockerignore): the wheelhouse and, optionally,
 # flatcar-image-signing-key.asc (without it the key is fetched from FLATCAR_SIGNING_KEY_URL).
+#
+# The seed's workflow (README, "Plain Docker"): build the modules for a kernel in a
+# container of this image, commit it with entrypoint `init`, run the committed image:
+#
+#   docker run --name nvidia-update --privileged --network host \
+#       -v /etc/os-release:/host-etc/os-release:ro -v /dev:/dev \
+#       -v /var/cache/nvidia-driver:/var/cache/nvidia-driver \
+#       nvidia-driver:535.261.03 update --kernel "$(uname -r)"
+#   docker commit --change 'ENTRYPOINT ["nvidia-driver","init"]' --change 'CMD []' \
+#       nvidia-update "nvidia-driver:535.261.03-$(uname -r)"
+#
+# `update` needs only loop devices: where --privileged is refused (a VM whose engine
+# lacks CAP_SYS_MODULE), `--cap-add SYS_ADMIN --cap-add MKNOD --device-cgroup-rule
+# 'b 7:* rmw' --device-cgroup-rule 'c 10:237 rmw'` in its place is enough (the tests
+# run it so). `update --sign KEY` takes KEY from a mount (-v /path/key.pem:/keys/key.pem:ro):
+# a key on the container's own layer would be kept by `docker commit`, and is refused.
+# On the node the committed image runs with --privileged --pid=host and the mounts of
+# README, "The container contract":
+#
+#   docker run -d --name nvidia-driver --privileged --pid=host --restart=unless-stopped \
+#       -v /run/nvidia:/run/nvidia:rshared -v /etc/os-release:/host-etc/os-release:ro \
+#       -v /etc/flatcar:/host-etc/flatcar:ro -v /usr/share/flatcar:/host-usr/share/flatcar:ro \
+#       -v /lib/modules:/lib/modules:ro -v /dev:/dev \
+#       -v /var/lib/nvidia-driver:/var/lib/nvidia-driver \
+#       -v /var/cache/nvidia-driver:/var/cache/nvidia-driver \
+#       -v /etc/nvidia-driver/modules:/drivers:ro \
+#       "nvidia-driver:535.261.03-$(uname -r)"
 
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
