@@ -90,7 +90,6 @@ LOOP_FLAGS = (
     "c 10:237 rmw",
 )
 CACHE_MOUNT = "/var/cache/nvidia-driver"  # NVIDIA_DRIVER_CACHE's default
-KEY_MOUNT = "/keys/flatcar-image-signing-key.asc"
 
 
 class EngineError(RuntimeError):
