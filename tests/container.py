@@ -635,9 +635,9 @@ def committed_image(
         mirror.root.parent.name,
     )
     stem = CACHE / f"committed-{variant}-{_tag(kernel)}-{key}"
-    tar, meta = stem.with_suffix(".tar"), stem.with_suffix(".json")
+    tar, meta = (stem.with_name(f"{stem.name}{suffix}") for suffix in (".tar", ".json"))
     name = f"nvidia-driver:{variant}-{_tag(kernel)}"
-    with _locked(stem.with_suffix(".lock")):
+    with _locked(stem.with_name(f"{stem.name}.lock")):
         if not (tar.is_file() and meta.is_file()):
             eng = get_engine()
             timings: dict[str, float] = {}
