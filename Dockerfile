@@ -68,11 +68,14 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # when no linker of the developer container is saved in NVIDIA_DRIVER_CACHE); python3 and
 # ca-certificates (HTTPS downloads); xz-utils unpacks the driver. The base image's updates
 # decide these versions, so they are not pinned; the driver's packages are (DRIVER_VERSION).
+# `apt-get clean`: a base image without Debian's docker-clean hook keeps the downloaded
+# packages and apt's caches in the layer otherwise.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         binutils ca-certificates fdisk gpg gpgv kmod lbzip2 mount python3 python3-venv \
         util-linux xz-utils \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /tmp
@@ -124,6 +127,7 @@ RUN src="${NVIDIA_DRIVER_SOURCE}" \
         && mv /tmp/modules/nvidia-kernel "$src/kernel" \
         && mv /tmp/modules/nvidia-open-kernel "$src/kernel-open" \
         && apt-get purge -y nvidia-kernel-source nvidia-open-kernel-source \
+        && apt-get clean \
         && rm -rf /var/lib/apt/lists/* \
         ;; \
     *) \
