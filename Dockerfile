@@ -9,6 +9,33 @@
 #
 # image-inputs/ is the whole build context (.dockerignore): the wheelhouse and, optionally,
 # flatcar-image-signing-key.asc (without it the key is fetched from FLATCAR_SIGNING_KEY_URL).
+#
+# The seed's workflow (README, "Plain Docker"): build the modules for a kernel in a
+# container of this image, commit it with entrypoint `init`, run the committed image:
+#
+#   docker run --name nvidia-update --privileged --network host \
+#       -v /etc/os-release:/host-etc/os-release:ro -v /dev:/dev \
+#       -v /var/cache/nvidia-driver:/var/cache/nvidia-driver \
+#       nvidia-driver:535.261.03 update --kernel "$(uname -r)"
+#   docker commit --change 'ENTRYPOINT ["nvidia-driver","init"]' --change 'CMD []' \
+#       nvidia-update "nvidia-driver:535.261.03-$(uname -r)"
+#
+# `update` needs only loop devices: where --privileged is refused (a VM whose engine
+# lacks CAP_SYS_MODULE), `--cap-add SYS_ADMIN --cap-add MKNOD --device-cgroup-rule
+# 'b 7:* rmw' --device-cgroup-rule 'c 10:237 rmw'` in its place is enough (the tests
+# run it so). `update --sign KEY` takes KEY from a mount (-v /path/key.pem:/keys/key.pem:ro):
+# a key on the container's own layer would be kept by `docker commit`, and is refused.
+# On the node the committed image runs with --privileged --pid=host and the mounts of
+# README, "The container contract":
+#
+#   docker run -d --name nvidia-driver --privileged --pid=host --restart=unless-stopped \
+#       -v /run/nvidia:/run/nvidia:rshared -v /etc/os-release:/host-etc/os-release:ro \
+#       -v /etc/flatcar:/host-etc/flatcar:ro -v /usr/share/flatcar:/host-usr/share/flatcar:ro \
+#       -v /lib/modules:/lib/modules:ro -v /dev:/dev \
+#       -v /var/lib/nvidia-driver:/var/lib/nvidia-driver \
+#       -v /var/cache/nvidia-driver:/var/cache/nvidia-driver \
+#       -v /etc/nvidia-driver/modules:/drivers:ro \
+#       "nvidia-driver:535.261.03-$(uname -r)"
 
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
@@ -41,37 +68,33 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # when no linker of the developer container is saved in NVIDIA_DRIVER_CACHE); python3 and
 # ca-certificates (HTTPS downloads); xz-utils unpacks the driver. The base image's updates
 # decide these versions, so they are not pinned; the driver's packages are (DRIVER_VERSION).
+# `apt-get clean`: a base image without Debian's docker-clean hook keeps the downloaded
+# packages and apt's caches in the layer otherwise.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         binutils ca-certificates fdisk gpg gpgv kmod lbzip2 mount python3 python3-venv \
         util-linux xz-utils \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
-COPY image-inputs/ /tmp/image-inputs/
 WORKDIR /tmp
 
-# Everything is fetched with the image's own Python: no download tool is added to the image.
-# NVIDIA's .run is only fetched (DRIVER_BASE_URL may be a local server), never copied in
-# from the build context: a COPY would keep the whole installer in a layer. Debian's packages
-# are pinned to DRIVER_VERSION by an apt preference (the `debian` case), not on the command line.
+# The driver, before anything of the build context: its layer does not change with the
+# program or the signing key. It is fetched with the image's own Python: no download tool
+# is added to the image. NVIDIA's .run is only fetched (DRIVER_BASE_URL may be a local
+# server), never copied in from the build context: a COPY would keep the whole installer
+# in a layer. Debian's packages are pinned to DRIVER_VERSION by an apt preference (the
+# `debian` case), not on the command line.
 # hadolint ignore=DL3008
-RUN fetch() { python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfileobj(u.urlopen(sys.argv[1], timeout=300), sys.stdout.buffer)' "$1"; } \
- && key=/usr/share/nvidia-driver/flatcar-image-signing-key.asc \
- && mkdir -p "${key%/*}" \
- && if [[ -f /tmp/image-inputs/flatcar-image-signing-key.asc ]]; then \
-        cp /tmp/image-inputs/flatcar-image-signing-key.asc "$key"; \
-    else \
-        fetch "${FLATCAR_SIGNING_KEY_URL}" > "$key"; \
-    fi \
- && gpg --batch --no-options --homedir /tmp --show-keys --with-fingerprint "$key" \
- && src="${NVIDIA_DRIVER_SOURCE}" \
+RUN src="${NVIDIA_DRIVER_SOURCE}" \
  && firmware="/usr/lib/firmware/nvidia/${DRIVER_VERSION}" \
  && mkdir -p "$src/supported-gpus" \
  && case "${DRIVER_SOURCE}" in \
     nvidia) \
         run="NVIDIA-Linux-$(uname -m)-${DRIVER_VERSION}" \
-        && fetch "${DRIVER_BASE_URL}/${DRIVER_VERSION}/$run.run" > "/tmp/$run.run" \
+        && python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfileobj(u.urlopen(sys.argv[1], timeout=300), sys.stdout.buffer)' \
+               "${DRIVER_BASE_URL}/${DRIVER_VERSION}/$run.run" > "/tmp/$run.run" \
         && sh "/tmp/$run.run" --silent --no-kernel-module --no-nouveau-check \
                --no-nvidia-modprobe --no-rpms --no-backup --no-check-for-alternate-installs \
                --no-libglx-indirect --no-install-libglvnd \
@@ -104,12 +127,13 @@ RUN fetch() { python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfi
         && mv /tmp/modules/nvidia-kernel "$src/kernel" \
         && mv /tmp/modules/nvidia-open-kernel "$src/kernel-open" \
         && apt-get purge -y nvidia-kernel-source nvidia-open-kernel-source \
+        && apt-get clean \
         && rm -rf /var/lib/apt/lists/* \
         ;; \
     *) \
         echo "DRIVER_SOURCE=${DRIVER_SOURCE}: expected nvidia or debian" >&2; exit 2 ;; \
     esac \
- && find /tmp -mindepth 1 -maxdepth 1 ! -name image-inputs -exec rm -rf {} + \
+ && find /tmp -mindepth 1 -maxdepth 1 -exec rm -rf {} + \
  && for tree in kernel kernel-open; do \
         grep -Fq "NV_VERSION_STRING=\\\"${DRIVER_VERSION}\\\"" "$src/$tree/Kbuild" \
         || { echo "$src/$tree is not driver ${DRIVER_VERSION}" >&2; exit 1; }; \
@@ -120,12 +144,24 @@ RUN fetch() { python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfi
         echo 'a linked NVIDIA kernel module is in the image' >&2; exit 1; \
     fi
 
+COPY image-inputs/ /tmp/image-inputs/
+
+# Flatcar's image signing key: the build context's copy, else Flatcar's published one.
 # The program, from the wheels built beforehand: an offline, reproducible install.
-RUN python3 -m venv /opt/nvidia-driver \
+RUN key=/usr/share/nvidia-driver/flatcar-image-signing-key.asc \
+ && mkdir -p "${key%/*}" \
+ && if [[ -f /tmp/image-inputs/flatcar-image-signing-key.asc ]]; then \
+        cp /tmp/image-inputs/flatcar-image-signing-key.asc "$key"; \
+    else \
+        python3 -c 'import shutil, sys, urllib.request as u; shutil.copyfileobj(u.urlopen(sys.argv[1], timeout=300), sys.stdout.buffer)' \
+            "${FLATCAR_SIGNING_KEY_URL}" > "$key"; \
+    fi \
+ && gpg --batch --no-options --homedir /tmp --show-keys --with-fingerprint "$key" \
+ && python3 -m venv /opt/nvidia-driver \
  && /opt/nvidia-driver/bin/pip install --no-cache-dir --no-index \
         --find-links /tmp/image-inputs/wheelhouse /tmp/image-inputs/wheelhouse/nvidia_driver-*.whl \
  && ln -s /opt/nvidia-driver/bin/nvidia-driver /usr/local/bin/nvidia-driver \
- && rm -rf /tmp/image-inputs
+ && find /tmp -mindepth 1 -maxdepth 1 -exec rm -rf {} +
 
 WORKDIR /
 ENTRYPOINT ["nvidia-driver"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.container import committed_images, docker_engine
 from tests.integration.conftest_mirror import (
     Mirrors,
     flatcar_mirror,
@@ -23,7 +24,13 @@ from tests.integration.conftest_mirror import (
 from tests.kernels import header_kernels, kernel_pairs, kernels_under_test, missing_ci_series
 from tests.real_build import RealBuild, RealBuildFailed, build_real_535
 
-__all__ = ["flatcar_mirror", "flatcar_mirror_server", "mirrors"]
+__all__ = [
+    "committed_images",
+    "docker_engine",
+    "flatcar_mirror",
+    "flatcar_mirror_server",
+    "mirrors",
+]
 
 CACHE = Path.home() / ".cache" / "nvidia-driver-tests"
 DEBIAN_SOURCES = {
