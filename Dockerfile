@@ -13,10 +13,14 @@
 # The seed's workflow (README, "Plain Docker"): build the modules for a kernel in a
 # container of this image, commit it with entrypoint `init`, run the committed image:
 #
-#   docker run --name nvidia-update --privileged --network host \
-#       -v /etc/os-release:/host-etc/os-release:ro -v /dev:/dev \
+#   docker run --name nvidia-update --privileged --pid=host --network host \
+#       -v /run/nvidia:/run/nvidia:rshared -v /etc/os-release:/host-etc/os-release:ro \
+#       -v /etc/flatcar:/host-etc/flatcar:ro -v /usr/share/flatcar:/host-usr/share/flatcar:ro \
+#       -v /lib/modules:/lib/modules:ro -v /dev:/dev \
+#       -v /var/lib/nvidia-driver:/var/lib/nvidia-driver \
 #       -v /var/cache/nvidia-driver:/var/cache/nvidia-driver \
-#       nvidia-driver:535.261.03 update --kernel "$(uname -r)"
+#       -v /etc/nvidia-driver/modules:/drivers:ro \
+#       nvidia-driver:535.261.03 update
 #   docker commit --change 'ENTRYPOINT ["nvidia-driver","init"]' --change 'CMD []' \
 #       nvidia-update "nvidia-driver:535.261.03-$(uname -r)"
 #

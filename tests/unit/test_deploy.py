@@ -213,6 +213,8 @@ DOCKER_RUN_VALUE_OPTIONS = {
     "--device-cgroup-rule",
     "--gpus",
     "--name",
+    "--network",
+    "--restart",
     "--runtime",
     "--stop-timeout",
     "--volume",
