@@ -18,7 +18,7 @@ from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.build import BuildOutput, BuildRoot, build_modules
 from nvdriver.driver.package import Package, stores
-from nvdriver.driver.sign import check_key_location, sign_build
+from nvdriver.driver.sign import check_key, sign_build
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import save_linker
 from nvdriver.errors import DriverError, UsageError
@@ -138,7 +138,7 @@ def make_package(config: Config, source: DriverSource, flavour: Flavour, *, into
     flavour, once per command (lifecycle._choose), and the store (`update`: the image's;
     `init` and `load`: the node's)."""
     if config.sign_key is not None:  # before anything is fetched or built
-        check_key_location(config.sign_key)
+        check_key(config.sign_key)
     build = _in_developer_container if config.kernel_source is None else _from_kernel_tree
     with build_lock(config):
         _remove_stale_locked(config)

@@ -11,7 +11,7 @@ import pytest
 
 from nvdriver import cli, host, mounts
 from nvdriver.driver import sign
-from nvdriver.errors import ExitCode, UsageError
+from nvdriver.errors import DriverError, ExitCode, UsageError
 from tests.standin.tree import make_standin_source
 
 # /proc/self/mountinfo of `docker run --privileged -v /srv/keys/k.pem:/keys/k.pem:ro
@@ -75,23 +75,28 @@ def test_a_link_to_the_layer_from_a_mount_counts_where_it_points(tmp_path: Path)
 
 @pytest.fixture
 def container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Markers and mount table of a Docker container, under a temp root."""
+    """Markers and mount table of a Docker container, under a temp root: `layer/` is on
+    the root mount, `mounted/` a volume; a key file in each."""
     (tmp_path / ".dockerenv").touch()
     monkeypatch.setattr(
         host, "CONTAINER_MARKERS", (tmp_path / ".dockerenv", tmp_path / "run/.containerenv")
     )
-    (tmp_path / "mountinfo").write_text(DOCKER_MOUNTINFO)
+    for d in ("layer", "mounted"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "k.pem").write_text("a private key\n")
+    table = DOCKER_MOUNTINFO + f"1050 1021 0:80 / {tmp_path / 'mounted'} ro - tmpfs keys ro\n"
+    (tmp_path / "mountinfo").write_text(table)
     monkeypatch.setattr(sign, "MOUNTINFO", tmp_path / "mountinfo")
     return tmp_path
 
 
 def test_in_a_container_a_key_on_its_layer_is_refused_with_why(container: Path) -> None:
     with pytest.raises(UsageError) as info:
-        sign.check_key_location(Path("/root/k.pem"))
+        sign.check_key(container / "layer" / "k.pem")
     assert int(info.value.exit_code) == ExitCode.USAGE
     assert "docker commit" in info.value.message and "private key" in info.value.message
     assert info.value.hint is not None and ":ro" in info.value.hint
-    sign.check_key_location(Path("/keys/k.pem"))  # mounted: accepted
+    sign.check_key(container / "mounted" / "k.pem")  # mounted: accepted
 
 
 def test_podmans_marker_counts_as_a_container(container: Path) -> None:
@@ -99,12 +104,14 @@ def test_podmans_marker_counts_as_a_container(container: Path) -> None:
     (container / "run").mkdir()
     (container / "run/.containerenv").touch()
     with pytest.raises(UsageError):
-        sign.check_key_location(Path("/root/k.pem"))
+        sign.check_key(container / "layer" / "k.pem")
 
 
 def test_outside_a_container_any_key_is_accepted(container: Path) -> None:
     (container / ".dockerenv").unlink()
-    sign.check_key_location(Path("/root/k.pem"))
+    sign.check_key(container / "layer" / "k.pem")
+    with pytest.raises(DriverError, match="does not exist"):  # but it must exist
+        sign.check_key(container / "layer" / "missing.pem")
 
 
 def test_update_refuses_it_with_exit_2_before_building(
@@ -121,6 +128,7 @@ def test_update_refuses_it_with_exit_2_before_building(
         "HOST_ROOT": str(tmp_path / "host"),
     }.items():
         monkeypatch.setenv(name, value)
-    assert cli.main(["update", "--kernel-source", str(tmp_path), "--sign", "/root/k.pem"]) == 2
+    key = str(container / "layer" / "k.pem")
+    assert cli.main(["update", "--kernel-source", str(tmp_path), "--sign", key]) == 2
     assert not (tmp_path / "cache").exists()
     assert not (tmp_path / "precompiled").exists()

@@ -9,7 +9,7 @@ same inputs) and the signature is appended.
 
 In a container KEY must come from a mount: `docker commit` (the seed's workflow)
 keeps whatever lies on the container's own layer, a private key among it
-(`check_key_location`).
+(`check_key`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,16 @@ def on_root_mount(key: Path, mountinfo: str) -> bool:
     return held_by is None or held_by.mount_point == Path("/")
 
 
-def check_key_location(key: Path) -> None:
-    """Refuse (UsageError, exit 2) `--sign KEY` when this runs in a container (a marker of
-    host.CONTAINER_MARKERS exists) and KEY lies on the container's own layer (by
-    MOUNTINFO); outside a container any KEY is accepted."""
+def check_key(key: Path) -> None:
+    """Refuse `--sign KEY` before anything is built: a KEY that does not exist (exit 1),
+    and in a container (a marker of host.CONTAINER_MARKERS exists) a KEY on the
+    container's own layer (by MOUNTINFO; UsageError, exit 2). Outside a container any
+    existing KEY is accepted."""
+    if not key.is_file():
+        raise DriverError(
+            f"The signing key {key} does not exist.",
+            hint="--sign takes a PEM file with the private key and its X.509 certificate.",
+        )
     if not in_container():
         return
     try:
@@ -72,11 +78,6 @@ def sign_build(
         raise DriverError(
             f"The kernel tree {kernel.output} has no scripts/sign-file to sign modules with.",
             hint="Build against a kernel tree with its scripts prepared, or drop --sign.",
-        )
-    if not key.is_file():
-        raise DriverError(
-            f"The signing key {key} does not exist.",
-            hint="--sign takes a PEM file with the private key and its X.509 certificate.",
         )
     workdir.mkdir(parents=True, exist_ok=True)
     inner_key = workdir / "signing-key.pem"
