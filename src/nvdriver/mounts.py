@@ -370,9 +370,10 @@ def mount(
     """`mount [-t fstype] [-o options] [flags] what where`, unmounted on exit.
 
     `recursive` unmounts submounts too (for `--rbind`), as a slave: the unmount
-    never propagates.
+    never propagates. `where` is made a directory unless it is a file (a file's bind).
     """
-    where.mkdir(parents=True, exist_ok=True)
+    if not where.is_file():
+        where.mkdir(parents=True, exist_ok=True)
     cmd: list[str | Path] = ["mount", *flags]
     if fstype:
         cmd += ["-t", fstype]
