@@ -156,6 +156,7 @@ def standin_env(work: Path, source: Path, version: str) -> dict[str, str]:
         "DRIVER_VERSION": version,
         "NVIDIA_DRIVER_SOURCE": str(source),
         "PRECOMPILED_DIR": str(work / "precompiled"),
+        "NODE_PRECOMPILED_DIR": str(work / "node-precompiled"),
         "NVIDIA_DRIVER_CACHE": str(work / "cache"),
     }
 

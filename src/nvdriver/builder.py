@@ -17,8 +17,8 @@ from typing import IO
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.build import BuildOutput, BuildRoot, build_modules
-from nvdriver.driver.package import Package, PackageStore
-from nvdriver.driver.sign import sign_build
+from nvdriver.driver.package import Package, stores
+from nvdriver.driver.sign import check_key, sign_build
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import save_linker
 from nvdriver.errors import DriverError, UsageError
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Inside the developer root (its tmpfs overlay): where the driver tree is built.
 BUILD_DIR = "/var/tmp/nvidia-driver-build"
+# The container's own resolver configuration (not the host's: the container may run
+# with a network of its own), bound into the developer root for `--emerge-sources`.
+RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 def work_base(config: Config) -> Path:
@@ -89,7 +92,8 @@ def _remove_stale_locked(config: Config) -> None:
     """Undo what killed builds left: temp packages, mounts and loop devices of the work
     dirs, the dirs. Only under the build lock: then every one of them belongs to a dead run.
     """
-    PackageStore(config.precompiled_dir).remove_temp_files()
+    for store in stores(config):
+        store.remove_temp_files()
     base = work_base(config)
     for d in base.iterdir() if base.is_dir() else []:
         if d.is_dir():
@@ -127,15 +131,19 @@ def remove_stale_builds(config: Config) -> None:
             _remove_stale_locked(config)
 
 
-def make_package(config: Config, source: DriverSource, flavour: Flavour) -> Package:
+def make_package(config: Config, source: DriverSource, flavour: Flavour, *, into: Path) -> Package:
     """Build and pack the `flavour` package of `source` for `config.kernel` (default: the
-    running kernel). The caller chose both, once per command (lifecycle._choose)."""
+    running kernel) into the store directory `into`. The caller chose the source and the
+    flavour, once per command (lifecycle._choose), and the store (`update`: the image's;
+    `init` and `load`: the node's)."""
+    if config.sign_key is not None:  # before anything is fetched or built
+        check_key(config.sign_key)
     build = _in_developer_container if config.kernel_source is None else _from_kernel_tree
     with build_lock(config):
         _remove_stale_locked(config)
         with workdir(config, "build") as work:
             output = build(config, source, flavour, work)
-            return pkg.write_package(config.precompiled_dir, output, tag=config.tag)
+            return pkg.write_package(into, output, tag=config.tag)
 
 
 def _from_kernel_tree(
@@ -161,8 +169,9 @@ def _in_developer_container(
     from nvdriver.flatcar.fetch import fetch_developer_container  # http, ssl: only to build
 
     dev_image = fetch_developer_container(config, flatcar)
-    resolv = config.host("/etc/resolv.conf")
-    binds = {"/etc/resolv.conf": resolv} if config.emerge_sources and resolv.is_file() else {}
+    binds = (
+        {"/etc/resolv.conf": RESOLV_CONF} if config.emerge_sources and RESOLV_CONF.is_file() else {}
+    )
     with image.developer_root(dev_image, work / "mnt", binds) as root:
         build_root = BuildRoot(root)
         if config.emerge_sources:

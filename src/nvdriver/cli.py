@@ -14,7 +14,7 @@ from pathlib import Path
 from nvdriver import __version__, lifecycle, lock, signals
 from nvdriver import log as logsetup
 from nvdriver.config import Config
-from nvdriver.driver.package import PackageStore
+from nvdriver.driver.package import stores
 from nvdriver.errors import DriverError, ExitCode
 from nvdriver.run import set_timeouts
 
@@ -138,37 +138,45 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
 
 def _packages(args: argparse.Namespace, config: Config) -> int:
     if args.action == "list":
-        good, bad = PackageStore(config.precompiled_dir).packages()
-        rows = [
-            {
-                "path": str(p.path),
-                "kernel_release": p.manifest.kernel_release,
-                "driver_version": p.manifest.driver_version,
-                "flavour": p.manifest.flavour,
-                "tag": p.manifest.tag,
-                "created": p.manifest.created,
-                "size": p.size,
-                "modules": [m.name for m in p.manifest.modules],
-            }
-            for p in good
-        ]
+        rows, unreadable = [], []
+        for store in stores(config):
+            good, bad = store.packages()
+            rows += [
+                {
+                    "path": str(p.path),
+                    "store": store.kind,
+                    "kernel_release": p.manifest.kernel_release,
+                    "driver_version": p.manifest.driver_version,
+                    "flavour": p.manifest.flavour,
+                    "tag": p.manifest.tag,
+                    "created": p.manifest.created,
+                    "size": p.size,
+                    "modules": [m.name for m in p.manifest.modules],
+                }
+                for p in good
+            ]
+            unreadable += [(store, p, e) for p, e in bad]
         if args.json:
-            print(json.dumps({"packages": rows, "unreadable": [str(p) for p, _ in bad]}, indent=2))
+            listing = {
+                "packages": rows,
+                "unreadable": [{"path": str(p), "store": s.kind} for s, p, _ in unreadable],
+            }
+            print(json.dumps(listing, indent=2))
         else:
             for r in rows:
                 print(
                     f"{r['kernel_release']}\t{r['driver_version']}\t{r['flavour']}\t"
-                    f"{r['tag'] or '-'}\t{r['created']}\t{r['path']}"
+                    f"{r['tag'] or '-'}\t{r['created']}\t{r['store']}\t{r['path']}"
                 )
-            for p, e in bad:
-                print(f"unreadable\t{p}\t{e.message}")
+            for s, p, e in unreadable:
+                print(f"unreadable\t{s.kind}\t{p}\t{e.message}")
         return ExitCode.OK
     if args.action == "verify":
         report = lifecycle.verify_packages(config)
-        for path in report.good:
-            print(f"ok\t{path}")
-        for path, why in report.bad:
-            print(f"FAILED\t{path}\t{why}")
+        for store, path in report.good:
+            print(f"ok\t{store.kind}\t{path}")
+        for store, path, why in report.bad:
+            print(f"FAILED\t{store.kind}\t{path}\t{why}")
         if report.bad:
             log.error("%d package(s) failed verification and were moved aside", len(report.bad))
             return ExitCode.INTEGRITY

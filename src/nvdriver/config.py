@@ -1,7 +1,22 @@
 """Settings from the environment, then flags (SPEC.md section 3), validated once.
 
-The result is a frozen `Config`; nothing else reads `os.environ`. Every host
-path is built through `Config.host()` so that tests run on a temporary tree.
+The result is a frozen `Config`; nothing else reads `os.environ`.
+
+Every path the program uses is one of three kinds (docs: the container contract):
+
+* the kernel's (/proc, /sys, /dev) and the host's, shared by a documented mount
+  (/run/nvidia, /host-etc/os-release, /host-etc/flatcar, /host-usr/share/flatcar):
+  built with `Config.host()`, under HOST_ROOT (default /; tests point it at a tree);
+* the container's own root file system (the private module tree /opt/nvidia):
+  built with `Config.own()`, under CONTAINER_ROOT, the root bound at
+  /run/nvidia/driver (default /); never under HOST_ROOT;
+* the node store, the cache, the image store and the driver source: settings
+  (NODE_PRECOMPILED_DIR, NVIDIA_DRIVER_CACHE, PRECOMPILED_DIR, NVIDIA_DRIVER_SOURCE).
+
+Paths that another program fixes (nvidia-persistenced's pid file, the resolver
+configuration a build copies) are container-own module constants of the module
+that uses them (`daemons.PERSISTENCED_PID`, `builder.RESOLV_CONF`); unit tests
+patch those.
 """
 
 from __future__ import annotations
@@ -156,6 +171,7 @@ class Config:
     signing_key: Path | None
     cache_dir: Path
     precompiled_dir: Path
+    node_precompiled_dir: Path
     module_params_dir: Path
     driver_source: Path
     host_root: Path
@@ -206,6 +222,9 @@ class Config:
             signing_key=Path(key) if key else None,
             cache_dir=Path(get("NVIDIA_DRIVER_CACHE") or "/var/cache/nvidia-driver"),
             precompiled_dir=precompiled,
+            node_precompiled_dir=Path(
+                get("NODE_PRECOMPILED_DIR") or "/var/lib/nvidia-driver/precompiled"
+            ),
             module_params_dir=Path(get("NVIDIA_MODULE_PARAMS_DIR") or "/drivers"),
             driver_source=source,
             host_root=Path(get("HOST_ROOT") or "/"),
@@ -229,8 +248,22 @@ class Config:
             _check("--tag", self.tag, TAG_RE, "letters, digits, '.', '_' or '-' (64 at most)")
 
     def host(self, path: str | Path) -> Path:
-        """A host path under HOST_ROOT."""
+        """A path of the kernel's (/proc, /sys, /dev) or of a host directory shared by a
+        documented mount (/run/nvidia, /host-etc, /host-usr/share/flatcar), under HOST_ROOT.
+
+        Never for the container's own files (see `own`): inside the container those are
+        not the host's, and a HOST_ROOT that moved them would move them off the container.
+        """
         return self.host_root / Path(path).relative_to("/")
+
+    def own(self, path: str | Path) -> Path:
+        """A path on the container's own root file system, under CONTAINER_ROOT (the root
+        bound at /run/nvidia/driver, default /): the private module tree /opt/nvidia.
+
+        Not under HOST_ROOT: the modules are linked on the container's disk, where the
+        host's read-only /lib/modules is not involved, and tests give both roots apart.
+        """
+        return self.options.container_root / Path(path).relative_to("/")
 
     def require_driver_version(self) -> str:
         if self.driver_version is None:

@@ -23,7 +23,9 @@ from nvdriver.run import run, which
 log = logging.getLogger(__name__)
 
 PERSISTENCED = "nvidia-persistenced"
-PERSISTENCED_PID = "/var/run/nvidia-persistenced/nvidia-persistenced.pid"
+# Where the daemon writes its pid: its own fixed path in the container's file system
+# (never under HOST_ROOT, nor CONTAINER_ROOT: the daemon knows neither). Tests patch it.
+PERSISTENCED_PID = Path("/var/run/nvidia-persistenced/nvidia-persistenced.pid")
 STOP_TIMEOUT = 5.0
 START_TIMEOUT = 30.0
 POLL = 0.1
@@ -58,7 +60,7 @@ def running_pid(config: Config, pidfile: Path) -> int | None:
 
 def start_persistenced(config: Config) -> bool:
     """Start nvidia-persistenced unless it runs; False when it is not installed."""
-    pidfile = config.host(PERSISTENCED_PID)
+    pidfile = PERSISTENCED_PID
     if (pid := running_pid(config, pidfile)) is not None:
         log.info("%s is already running (pid %d)", PERSISTENCED, pid)
         return True
@@ -80,7 +82,7 @@ def start_persistenced(config: Config) -> bool:
 
 def stop_persistenced(config: Config) -> None:
     """SIGTERM the daemon of the pid file and wait up to 5 s for it to exit."""
-    pidfile = config.host(PERSISTENCED_PID)
+    pidfile = PERSISTENCED_PID
     pid = running_pid(config, pidfile)
     if pid is not None:
         log.info("Stopping %s (pid %d)", PERSISTENCED, pid)
@@ -111,7 +113,7 @@ def persistenced(config: Config) -> Iterator[None]:
     Leaving the block normally (a shutdown) stops the daemon; leaving it with an
     error stops it only if this block started it (a restart adopts a running one).
     """
-    pidfile = config.host(PERSISTENCED_PID)
+    pidfile = PERSISTENCED_PID
     adopted = running_pid(config, pidfile) is not None
     try:
         start_persistenced(config)

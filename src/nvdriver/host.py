@@ -16,6 +16,16 @@ DISPLAY_CLASSES = (0x0300, 0x0302)
 
 _DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.MULTILINE)
 
+# Files that container engines put into a container's root: Docker and Podman.
+# Container-own paths, never under HOST_ROOT; tests patch this constant.
+CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
+
+
+def in_container() -> bool:
+    """Whether this program runs in a container (a marker of CONTAINER_MARKERS exists):
+    then its own /etc is the image's, and its root file system what `docker commit` keeps."""
+    return any(marker.exists() for marker in CONTAINER_MARKERS)
+
 
 def read_optional(path: Path) -> str | None:
     """A small file's text, stripped (sysfs, procfs, pid files); None when unreadable

@@ -68,7 +68,9 @@ class _Unwinding(contextlib.ExitStack):
 
 
 def _module_base(config: Config, version: str) -> Path:
-    return link.module_tree_base(config.host("/opt/nvidia"), version)
+    """The private module tree: on the container's own disk (Flatcar's /lib/modules is
+    read-only), so under CONTAINER_ROOT and never under HOST_ROOT."""
+    return link.module_tree_base(config.own("/opt/nvidia"), version)
 
 
 def _remove_stale(config: Config, version: str) -> None:
@@ -105,31 +107,41 @@ def _choose(config: Config) -> tuple[DriverSource, FlavourChoice]:
 def _find_package(
     config: Config, kernel: KernelIdentity, source: DriverSource, flavour: Flavour
 ) -> Package:
-    """The package for the running kernel; built when there is none (and a build is possible)."""
+    """The package for the running kernel from the image's store, else the node's; built
+    into the node's store when neither has one (and a build is possible)."""
     version = source.version
-    store = PackageStore(config.precompiled_dir)
-    found = store.find(kernel, version, flavour, config.tag)
-    if found is not None:
-        log.info("Using the precompiled package %s", found.path)
-        return found
+    searched = pkg.stores(config)
+    for store in searched:
+        found = store.find(kernel, version, flavour, config.tag)
+        if found is not None:
+            log.info("Using the precompiled package %s from the %s's store", found.path, store.kind)
+            return found
+    where = " or ".join(str(s.root) for s in searched)
     log.info(
-        "No precompiled package for kernel %s (driver %s, %s) in %s; building one",
+        "No precompiled package for kernel %s (driver %s, %s) in %s; building one into %s",
         kernel.release,
         version,
         flavour,
-        store.root,
+        where,
+        config.node_precompiled_dir,
     )
     try:
-        return builder.make_package(dataclasses.replace(config, kernel=None), source, flavour)
+        return builder.make_package(
+            dataclasses.replace(config, kernel=None),
+            source,
+            flavour,
+            into=config.node_precompiled_dir,
+        )
     except Interrupted:
         raise
     except DriverError as e:
         raise DriverError(
             f"There is no precompiled package for kernel {kernel.release} (driver {version}, "
-            f"{flavour}) in {store.root}, and building one failed: {e.message}",
+            f"{flavour}) in {where}, and building one failed: {e.message}",
             hint=(f"{e.hint} " if e.hint else "")
             + "Or make the package with `nvidia-driver update` where the kernel tree or the "
-            "Flatcar developer container is available, and put it into PRECOMPILED_DIR.",
+            "Flatcar developer container is available, and put it into PRECOMPILED_DIR "
+            "or NODE_PRECOMPILED_DIR.",
         ) from e
 
 
@@ -299,59 +311,70 @@ def unload(config: Config) -> None:
 
 
 def update(config: Config) -> Package:
-    """Build and pack the precompiled package for a kernel; load nothing."""
+    """Build and pack the precompiled package for a kernel into the image's store
+    (PRECOMPILED_DIR: `docker commit` keeps it, the seed's workflow); load nothing."""
     source, choice = _choose(config)
-    return builder.make_package(config, source, choice.flavour)
+    return builder.make_package(config, source, choice.flavour, into=config.precompiled_dir)
 
 
 @dataclasses.dataclass(frozen=True)
 class VerifyReport:
-    good: list[Path]
-    bad: list[tuple[Path, str]]
+    good: list[tuple[PackageStore, Path]]
+    bad: list[tuple[PackageStore, Path, str]]
 
 
 def verify_packages(config: Config) -> VerifyReport:
-    """Verify every package of the store; failed ones are moved aside."""
-    store = PackageStore(config.precompiled_dir)
+    """Verify every package of both stores; failed ones are moved aside."""
     good, bad = [], []
-    for path in store.package_files():
-        try:
-            pkg.verify(path)
-            good.append(path)
-        except DriverError as e:
-            bad.append((path, e.message))
+    for store in pkg.stores(config):
+        for path in store.package_files():
+            try:
+                pkg.verify(path)
+                good.append((store, path))
+            except DriverError as e:
+                bad.append((store, path, e.message))
     return VerifyReport(good, bad)
 
 
 def prune_packages(config: Config, keep_kernels: set[str]) -> list[Path]:
-    """Remove leftovers, failed packages, packages of other driver versions, and the
-    developer containers of releases other than the running and the newest cached one.
+    """Remove, from both stores, leftovers, failed packages and packages of other driver
+    versions, and the developer containers of releases other than the running and the
+    newest cached one.
 
     Packages of other kernels of this driver version stay: they may be built ahead
     for the next Flatcar release. Kernels in `keep_kernels` are never touched. While a
     build runs, what it may be using is left alone: temp files, the kernel directories
     it may be about to write into, and the developer containers.
     """
-    store = PackageStore(config.precompiled_dir)
+    removed: list[Path] = []
     with builds_idle(config) as idle:
-        removed = [p for p in store.leftovers() if idle or not p.name.startswith(TEMP_PREFIX)]
-        good, bad = store.packages()
-        removed += [p for p, _ in bad]
-        removed += [
-            p.path
-            for p in good
-            if config.driver_version is not None
-            and p.manifest.driver_version != config.driver_version
-            and p.manifest.kernel_release not in keep_kernels
-        ]
-        for p in removed:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        for store in pkg.stores(config):
+            removed += _prune_store(config, store, keep_kernels, idle=idle)
         if idle:
-            for d in store.root.iterdir() if store.root.is_dir() else []:
-                if d.is_dir() and not any(d.iterdir()):
-                    d.rmdir()
             removed += _prune_images(config)
+    return removed
+
+
+def _prune_store(
+    config: Config, store: PackageStore, keep_kernels: set[str], *, idle: bool
+) -> list[Path]:
+    removed = [p for p in store.leftovers() if idle or not p.name.startswith(TEMP_PREFIX)]
+    good, bad = store.packages()
+    removed += [p for p, _ in bad]
+    removed += [
+        p.path
+        for p in good
+        if config.driver_version is not None
+        and p.manifest.driver_version != config.driver_version
+        and p.manifest.kernel_release not in keep_kernels
+    ]
+    for p in removed:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    if idle:
+        for d in store.root.iterdir() if store.root.is_dir() else []:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
     return removed
 
 

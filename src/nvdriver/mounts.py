@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -87,22 +90,82 @@ def _acquired(
 # --- loop devices ---------------------------------------------------------------------------
 
 
+# The loop devices are this machine's real ones (losetup and mount act on them): not
+# under HOST_ROOT. In a container /dev may be a copy taken when it started, without the
+# nodes of loop devices the kernel made since; the kernel's sysfs knows them all.
+DEV = Path("/dev")
+LOOP_CONTROL = DEV / "loop-control"
+LOOP_CTL_GET_FREE = 0x4C82  # <linux/loop.h>
+SYS_BLOCK = Path("/sys/devices/virtual/block")
+SYS_MISC = Path("/sys/devices/virtual/misc")
+ATTACH_ATTEMPTS = 3
+_LOOP_HINT = (
+    "Loop devices are needed to mount the developer container: run the container "
+    "privileged (--privileged gives CAP_MKNOD and the device rule b 7:* rwm), and load the "
+    "loop module on the host (modprobe loop)."
+)
+
+
+def _device_node(node: Path, sysfs_dir: Path) -> Path:
+    """`node`, made (a block or char device, from `sysfs_dir/dev`, "major:minor") when the
+    container's /dev lacks it."""
+    if node.exists():
+        return node
+    kind = stat.S_IFBLK if sysfs_dir.parent == SYS_BLOCK else stat.S_IFCHR
+    try:
+        major, _, minor = (sysfs_dir / "dev").read_text().strip().partition(":")
+        os.mknod(node, 0o660 | kind, os.makedev(int(major), int(minor)))
+    except FileExistsError:  # another process made it meanwhile
+        pass
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"{sysfs_dir}/dev is malformed"
+        raise DriverError(f"Cannot make the device node {node}: {why}.", hint=_LOOP_HINT) from e
+    log.info("Made the device node %s (missing from this /dev)", node)
+    return node
+
+
+def free_loop_device() -> Path:
+    """The node of a free loop device, from /dev/loop-control (LOOP_CTL_GET_FREE, which
+    makes a new device when all are taken); the node is made when /dev lacks it."""
+    control = _device_node(LOOP_CONTROL, SYS_MISC / "loop-control")
+    try:
+        fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise DriverError(f"Cannot open {control}: {e.strerror}.", hint=_LOOP_HINT) from e
+    try:
+        number = fcntl.ioctl(fd, LOOP_CTL_GET_FREE)
+    except OSError as e:
+        raise DriverError(
+            f"{control} has no free loop device: {e.strerror}.", hint=_LOOP_HINT
+        ) from e
+    finally:
+        os.close(fd)
+    return _device_node(DEV / f"loop{number}", SYS_BLOCK / f"loop{number}")
+
+
 @contextlib.contextmanager
 def loop_device(image: Path, *, offset: int, size: int, read_only: bool = True) -> Iterator[Path]:
-    """A free loop device onto `size` bytes of `image` from `offset`, detached on exit."""
-    cmd: list[str | Path] = ["losetup", "--find", "--show"]
-    if read_only:
-        cmd.append("--read-only")
-    cmd += ["--offset", str(offset), "--sizelimit", str(size), image]
+    """A free loop device onto `size` bytes of `image` from `offset`, detached on exit.
+
+    The device is chosen here and named to losetup (not `losetup --find`, which fails
+    when the free device has no node in a container's /dev); another process may take it
+    first, so choosing and attaching are tried again, ATTACH_ATTEMPTS times in all.
+    """
+    options: list[str | Path] = ["--read-only"] if read_only else []
+    options += ["--offset", str(offset), "--sizelimit", str(size)]
 
     def attach() -> Path:
-        result = run(
-            cmd,
-            timeout=TOOL_TIMEOUT,
-            hint="Loop devices are needed to mount the developer container: run the container "
-            "privileged (or with CAP_SYS_ADMIN and the loop devices).",
-        )
-        return Path(result.stdout.strip())
+        attempt = 1
+        while True:
+            device = free_loop_device()
+            try:
+                run(["losetup", *options, device, image], timeout=TOOL_TIMEOUT, hint=_LOOP_HINT)
+                return device
+            except RunError as e:
+                if attempt >= ATTACH_ATTEMPTS:
+                    raise
+                attempt += 1
+                log.info("Could not attach %s (%s); trying another loop device", device, e)
 
     def detach(device: Path) -> None:
         run(["losetup", "--detach", device], timeout=TOOL_TIMEOUT)
@@ -210,6 +273,57 @@ def mount_table(tab_file: Path | None = None) -> tuple[Mount, ...]:
     return _findmnt("--list", *(() if tab_file is None else ("--tab-file", tab_file)))
 
 
+@dataclasses.dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/PID/mountinfo (proc(5)): which mount is where, from what."""
+
+    mount_id: int
+    parent_id: int
+    root: str  # the directory of the source file system that is mounted
+    mount_point: Path
+    fstype: str
+    source: str
+
+    @classmethod
+    def from_line(cls, line: str) -> MountInfo:
+        """`ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER`."""
+        fields = line.split()
+        try:
+            dash = fields.index("-", 6)
+            return cls(
+                mount_id=int(fields[0]),
+                parent_id=int(fields[1]),
+                root=_unescape(fields[3]),
+                mount_point=Path(_unescape(fields[4])),
+                fstype=fields[dash + 1],
+                source=_unescape(fields[dash + 2]) if len(fields) > dash + 2 else "",
+            )
+        except (ValueError, IndexError) as e:
+            raise DriverError(f"Could not read the mount table line {line!r}: {e}.") from e
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> tuple[MountInfo, ...]:
+    """The mounts of mountinfo text, in its order (a mount after the one it covers)."""
+    return tuple(MountInfo.from_line(line) for line in text.splitlines() if line.strip())
+
+
+def mount_holding(path: Path, table: Sequence[MountInfo]) -> MountInfo | None:
+    """The mount of `table` that `path` (absolute, links resolved) is on: the deepest
+    mount point at or above it, the last one mounted there when several are."""
+    found = None
+    for m in table:
+        if is_under(path, m.mount_point) and (
+            found is None or len(m.mount_point.parts) >= len(found.mount_point.parts)
+        ):
+            found = m
+    return found
+
+
 def is_under(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
@@ -256,9 +370,10 @@ def mount(
     """`mount [-t fstype] [-o options] [flags] what where`, unmounted on exit.
 
     `recursive` unmounts submounts too (for `--rbind`), as a slave: the unmount
-    never propagates.
+    never propagates. `where` is made a directory unless it is a file (a file's bind).
     """
-    where.mkdir(parents=True, exist_ok=True)
+    if not where.is_file():
+        where.mkdir(parents=True, exist_ok=True)
     cmd: list[str | Path] = ["mount", *flags]
     if fstype:
         cmd += ["-t", fstype]

@@ -7,10 +7,10 @@ from typing import Any
 from nvdriver import daemons, lock, mounts, rootfs
 from nvdriver.config import Config
 from nvdriver.driver.flavour import choose_flavour
-from nvdriver.driver.package import PackageStore
+from nvdriver.driver.package import stores
 from nvdriver.driver.source import DriverSource
 from nvdriver.errors import DriverError
-from nvdriver.flatcar.release import host_version, parse_env_file
+from nvdriver.flatcar.release import host_os_release, host_version
 from nvdriver.host import KernelIdentity, nvidia_gpus, read_optional
 from nvdriver.kmod.loaded import loaded_modules
 
@@ -32,7 +32,8 @@ def _driver_root_mounted(config: Config) -> bool | None:
 
 def collect(config: Config) -> dict[str, Any]:
     kernel = KernelIdentity.running(config)
-    osr = parse_env_file(read_optional(config.host("/etc/os-release")) or "")
+    os_release = host_os_release(config)
+    osr = os_release.values
     gpus = nvidia_gpus(config)
     report: dict[str, Any] = {
         "kernel": {"release": kernel.release, "version": kernel.version},
@@ -46,7 +47,7 @@ def collect(config: Config) -> dict[str, Any]:
             "warning": None,
         },
         "packages": [],
-        "flatcar": host_version(config),
+        "flatcar": host_version(config, os_release),
         "instance": {"pid": lock.holder(config)},
         "modules": [
             {
@@ -67,7 +68,7 @@ def collect(config: Config) -> dict[str, Any]:
             }
             for g in gpus
         ],
-        "persistenced": {"pid": daemons.running_pid(config, config.host(daemons.PERSISTENCED_PID))},
+        "persistenced": {"pid": daemons.running_pid(config, daemons.PERSISTENCED_PID)},
         "driver_root_mounted": _driver_root_mounted(config),
         "ready": _readiness(config) is not None,
         "readiness": _readiness(config),
@@ -84,16 +85,17 @@ def collect(config: Config) -> dict[str, Any]:
         )
     except DriverError as e:
         report["driver"]["error"] = e.message
-    good, _ = PackageStore(config.precompiled_dir).packages()
     report["packages"] = [
         {
             "path": str(p.path),
+            "store": store.kind,
             "driver_version": p.manifest.driver_version,
             "flavour": p.manifest.flavour,
             "tag": p.manifest.tag,
             "matches_kernel": p.manifest.kernel == kernel,
         }
-        for p in good
+        for store in stores(config)
+        for p in store.packages()[0]
         if p.manifest.kernel_release == kernel.release
     ]
     return report
@@ -118,7 +120,8 @@ def render(report: dict[str, Any]) -> str:
         f"packages:     {len(report['packages'])} for this kernel",
     ]
     lines += [
-        f"  {p['path']}{'' if p['matches_kernel'] else ' (other build of this kernel)'}"
+        f"  {p['path']} ({p['store']}'s store"
+        + (")" if p["matches_kernel"] else ", other build of this kernel)")
         for p in report["packages"]
     ]
     mods = report["modules"]

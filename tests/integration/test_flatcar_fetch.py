@@ -112,6 +112,11 @@ class Gpg:
             timeout=60,
         )  # fmt: skip
 
+    def fingerprint(self) -> str:
+        """The key's fingerprint, as gpg lists it for machines (--with-colons)."""
+        out = run(["gpg", "--batch", "--homedir", self.home, "--with-colons", "--list-keys"]).stdout
+        return next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
+
     def clearsign(self, text: str) -> bytes:
         (self.home / "in").write_text(text)
         self._gpg("--clearsign", "--output", str(self.home / "out"), str(self.home / "in"))
@@ -305,8 +310,28 @@ def test_digests_signed_by_another_key_are_exit_5(
     publish(mirror, other, compressed)
     cfg = config(mirror, tmp_path, trusted.public)
 
-    refused(cfg, r"signature of .*DIGESTS\.asc is not good")
+    error = refused(cfg, r"signature of .*DIGESTS\.asc is by key")
+    # What an operator needs when Flatcar has rotated its key: which key file is
+    # configured, its fingerprint, the signer's key, and what to do.
+    assert str(trusted.public) in error.message
+    assert trusted.fingerprint() in error.message
+    assert other.fingerprint()[-16:] in error.message  # gpgv names the signer by key id
+    assert error.hint is not None and "FLATCAR_SIGNING_KEY" in error.hint
+    assert "rebuild the driver image" in error.hint
     assert [p for p, _ in mirror.requests if p == BZ2] == []  # never downloaded
+
+
+def test_digests_changed_after_signing_are_exit_5_and_say_so(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path
+) -> None:
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    signed = mirror.files[BZ2 + ".DIGESTS.asc"]
+    mirror.files[BZ2 + ".DIGESTS.asc"] = signed.replace(b"# MD5 HASH", b"# MD6 HASH")
+    cfg = config(mirror, tmp_path, trusted.public)
+
+    error = refused(cfg, r"does not match its content")
+    assert trusted.fingerprint() in error.message
 
 
 def test_detached_signature_when_digests_are_missing(
@@ -332,7 +357,8 @@ def test_detached_signature_of_another_key_is_exit_5(
     del mirror.files[BZ2 + ".DIGESTS.asc"]
     cfg = config(mirror, tmp_path, trusted.public)
 
-    refused(cfg, "detached signature")
+    error = refused(cfg, "detached signature .* is by key")
+    assert str(trusted.public) in error.message and trusted.fingerprint() in error.message
 
 
 def test_no_signature_at_all_is_exit_5(

@@ -44,22 +44,25 @@ COMMANDS: list[tuple[str, ...]] = [
     ("validate",),
 ]
 
-# Host files the tool reads (under HOST_ROOT), and the module parameters.
+# Host files the tool reads (under HOST_ROOT: the kernel's and the host's mounts, and
+# /etc/os-release, read when the host's is not mounted), and the module parameters.
+# nvidia-persistenced's pid file is the container's own, at the daemon's fixed path:
+# tests/unit/test_rootfs_daemons.py meets it broken.
 HOST_FILES = [
     "proc/version",
     "proc/locks",
     "proc/modules",
     "proc/driver/nvidia/version",
+    "host-etc/os-release",
     "etc/os-release",
-    "etc/flatcar/update.conf",
-    "usr/share/flatcar/release",
+    "host-etc/flatcar/update.conf",
+    "host-usr/share/flatcar/release",
     "sys/module/nvidia/refcnt",
     "sys/module/nvidia/version",
     "sys/module/firmware_class/parameters/path",
     "sys/bus/pci/devices/0000:01:00.0/vendor",
     "sys/bus/pci/devices/0000:01:00.0/class",
     "run/nvidia/nvidia-driver.pid",
-    "var/run/nvidia-persistenced/nvidia-persistenced.pid",
     "drivers/nvidia.conf",
     "drivers/nvidia-drm.conf",
 ]
@@ -83,7 +86,7 @@ exit 1
 def sane_host(host: Path) -> Path:
     """A HOST_ROOT that is a plain Debian-like machine with one NVIDIA GPU on the bus."""
     write(host / "proc/version", RUNNING.version + "\n")
-    write(host / "etc/os-release", "ID=debian\nVERSION_ID=12\n")
+    write(host / "host-etc/os-release", "ID=debian\nVERSION_ID=12\n")
     gpu = host / "sys/bus/pci/devices/0000:01:00.0"
     write(gpu / "vendor", "0x10de\n")
     write(gpu / "device", "0x20b0\n")  # A100
@@ -207,11 +210,12 @@ def full_host(tmp: Path, env: dict[str, str], stack: contextlib.ExitStack) -> No
     env["NVIDIA_MODULE_PARAMS_DIR"] = str(full / "drivers")
 
 
-def host_opt(*options: str) -> Scenario:
-    """The module tree's disk (HOST_ROOT/opt) a tmpfs: read-only, or full."""
+def container_opt(*options: str) -> Scenario:
+    """The module tree's disk (CONTAINER_ROOT/opt: the container's own) a tmpfs: read-only,
+    or full."""
 
     def apply(tmp: Path, env: dict[str, str], stack: contextlib.ExitStack) -> None:
-        opt = stack.enter_context(mounted_tmpfs(Path(env["HOST_ROOT"]) / "opt", *options))
+        opt = stack.enter_context(mounted_tmpfs(Path(env["CONTAINER_ROOT"]) / "opt", *options))
         with contextlib.suppress(OSError), (opt / "filler").open("wb") as f:
             while True:
                 f.write(bytes(4096))
@@ -224,8 +228,8 @@ SCENARIOS: dict[str, Scenario] = {
     "HOST_ROOT a file": setting("HOST_ROOT", a_file),
     "HOST_ROOT read-only": read_only_host,
     "HOST_ROOT full": full_host,
-    "HOST_ROOT/opt read-only": host_opt("ro"),
-    "HOST_ROOT/opt full": host_opt("size=64k"),
+    "CONTAINER_ROOT/opt read-only": container_opt("ro"),
+    "CONTAINER_ROOT/opt full": container_opt("size=64k"),
     **{f"garbage in {rel}": garbage_in(rel) for rel in HOST_FILES},
     **{f"a directory at {rel}": directory_at(rel) for rel in HOST_FILES},
     **{f"a symlink loop at {rel}": symlink_loop_at(rel) for rel in HOST_FILES},
@@ -237,6 +241,8 @@ SCENARIOS: dict[str, Scenario] = {
     "PRECOMPILED_DIR missing": setting("PRECOMPILED_DIR", lambda t: str(t / "none" / "store")),
     "PRECOMPILED_DIR a file": setting("PRECOMPILED_DIR", a_file),
     "PRECOMPILED_DIR read-only": read_only_mount_for("PRECOMPILED_DIR"),
+    "NODE_PRECOMPILED_DIR a file": setting("NODE_PRECOMPILED_DIR", a_file),
+    "NODE_PRECOMPILED_DIR read-only": read_only_mount_for("NODE_PRECOMPILED_DIR"),
     "NVIDIA_DRIVER_CACHE a file": setting("NVIDIA_DRIVER_CACHE", a_file),
     "NVIDIA_DRIVER_CACHE read-only": read_only_mount_for("NVIDIA_DRIVER_CACHE"),
     "NVIDIA_MODULE_PARAMS_DIR a file": setting("NVIDIA_MODULE_PARAMS_DIR", a_file),
@@ -277,6 +283,7 @@ def base_env(tmp: Path) -> dict[str, str]:
         "HOST_ROOT": str(host),
         "NVIDIA_DRIVER_SOURCE": str(minimal_source(tmp / f"nvidia-{VERSION}")),
         "PRECOMPILED_DIR": str(tmp / "precompiled"),
+        "NODE_PRECOMPILED_DIR": str(tmp / "node-precompiled"),
         "NVIDIA_DRIVER_CACHE": str(tmp / "cache"),
         "NVIDIA_MODULE_PARAMS_DIR": str(host / "drivers"),
         "CONTAINER_ROOT": str(tmp / "container"),

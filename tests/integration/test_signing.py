@@ -4,6 +4,7 @@ although they are stored unlinked (the signature is appended after linking on th
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from nvdriver.driver import package as pkg
 from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
 from nvdriver.errors import IntegrityError
+from nvdriver.host import in_container
 from tests.conftest import run_tool, standin_env
 from tests.standin.tree import make_standin_source
 
@@ -19,9 +21,21 @@ VERSION = "535.999.02"
 
 
 @pytest.fixture(scope="module")
-def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throw-away key and certificate in one PEM file, as sign-file takes them."""
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A throw-away key and certificate in one PEM file, as sign-file takes them; on a
+    mount of its own, as a key must be given in a container (this machine may be one:
+    a key on its root mount would be refused, tests/unit/test_sign_key.py)."""
     d = tmp_path_factory.mktemp("key")
+    if in_container():
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "keys", d], check=True)
+    try:
+        yield _make_key(d)
+    finally:
+        if in_container():
+            subprocess.run(["umount", "--lazy", d], check=True)
+
+
+def _make_key(d: Path) -> Path:
     key = d / "signing.pem"
     subprocess.run(
         [

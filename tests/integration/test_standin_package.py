@@ -78,12 +78,12 @@ def test_packages_list_and_verify(built, nvidia_driver, kernel_release):
     listed = nvidia_driver("packages", "list", "--json", env=env)
     assert listed.returncode == 0
     rows = json.loads(listed.stdout)["packages"]
-    assert [(r["path"], r["kernel_release"], r["flavour"]) for r in rows] == [
-        (str(path), kernel_release, "proprietary")
+    assert [(r["path"], r["store"], r["kernel_release"], r["flavour"]) for r in rows] == [
+        (str(path), "image", kernel_release, "proprietary")  # `update` fills the image's store
     ]
     verified = nvidia_driver("packages", "verify", env=env)
     assert verified.returncode == 0, verified.stderr
-    assert f"ok\t{path}" in verified.stdout
+    assert f"ok\timage\t{path}" in verified.stdout
 
 
 def test_linked_modules_have_the_kernels_vermagic_and_dependencies(

@@ -131,7 +131,7 @@ def test_an_interrupted_download_resumes(env, tmp_path, flatcar_mirror_server, k
     ("variant", "code", "message"),
     [
         (make_bad_digest_variant, 5, "changed or damaged"),
-        (make_wrong_key_variant, 5, "signature"),
+        (make_wrong_key_variant, 5, "which the configured Flatcar signing key"),
         (make_truncated_variant, 5, "did not decompress (truncated or corrupt)"),
     ],
 )

@@ -46,7 +46,17 @@ def test_defaults_follow_the_driver_version_and_host_root(tmp_path):
     assert c.driver_source == Path("/usr/src/nvidia-535.261.03")
     assert c.precompiled_dir == Path("/usr/src/nvidia-535.261.03/kernel/precompiled")
     assert c.host("/run/nvidia/driver") == tmp_path / "run/nvidia/driver"
+    assert c.node_precompiled_dir == Path("/var/lib/nvidia-driver/precompiled")
     assert c.kernel_module_type == "auto"
+
+
+def test_container_own_paths_follow_container_root_never_host_root(tmp_path):
+    c = Config.from_env(
+        {"HOST_ROOT": str(tmp_path / "host"), "CONTAINER_ROOT": str(tmp_path / "root")}
+    )
+    assert c.own("/opt/nvidia") == tmp_path / "root/opt/nvidia"
+    assert c.host("/proc/version") == tmp_path / "host/proc/version"
+    assert Config.from_env({"HOST_ROOT": str(tmp_path)}).own("/opt/nvidia") == Path("/opt/nvidia")
     assert c.log_format == "text"
 
 

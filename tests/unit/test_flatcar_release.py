@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nvdriver import host as host_module
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, ExitCode, UnsupportedError, UsageError
 from nvdriver.flatcar import release
@@ -103,11 +104,37 @@ def test_feed_channel_comes_from_update_conf(tmp_path: Path, host: Path) -> None
     _write_feed(tmp_path, "lts", {"4081.3.5": _entry("6.6.95", "lts")})
     _write(
         host,
-        "/etc/flatcar/update.conf",
+        "/host-etc/flatcar/update.conf",
         "SERVER=https://public.update.flatcar-linux.net\nGROUP=lts\n",
     )
+    _write(host, "/etc/flatcar/update.conf", "GROUP=stable\n")  # not the host's: ignored
     config = _config(host, _feed_template(tmp_path))
     assert resolve(config, "6.6.95-flatcar") == FlatcarRelease("4081.3.5", "lts", "amd64-usr")
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        # Flatcar's default (host /usr/share/flatcar) when the node's /etc/flatcar has none.
+        {"/host-usr/share/flatcar/update.conf": "GROUP=beta\n", "/etc/os-release": "ID=x\n"},
+        # The node's own choice beats the default.
+        {
+            "/host-etc/flatcar/update.conf": "GROUP=beta\n",
+            "/host-usr/share/flatcar/update.conf": "GROUP=stable\n",
+        },
+        # Run on the host itself (no container): the host's paths as they are.
+        {"/usr/share/flatcar/update.conf": "GROUP=beta\n"},
+    ],
+    ids=["host-usr-default", "host-etc-over-default", "outside-a-container"],
+)
+def test_update_conf_is_read_from_the_documented_mounts_first(
+    tmp_path: Path, host: Path, files: dict[str, str]
+) -> None:
+    _write_feed(tmp_path, "beta", {"4300.1.1": _entry("6.12.60", "beta")})
+    for path, text in files.items():
+        _write(host, path, text)
+    config = _config(host, _feed_template(tmp_path))
+    assert resolve(config, "6.12.60-flatcar") == FlatcarRelease("4300.1.1", "beta", "amd64-usr")
 
 
 def test_feed_channel_defaults_to_stable(tmp_path: Path, host: Path) -> None:
@@ -118,7 +145,7 @@ def test_feed_channel_defaults_to_stable(tmp_path: Path, host: Path) -> None:
 
 def test_explicit_channel_beats_update_conf(tmp_path: Path, host: Path) -> None:
     _write_feed(tmp_path, "alpha", {"4400.0.0": _entry("6.12.70", "alpha")})
-    _write(host, "/etc/flatcar/update.conf", "GROUP=stable\n")
+    _write(host, "/host-etc/flatcar/update.conf", "GROUP=stable\n")
     config = _config(host, _feed_template(tmp_path), FLATCAR_CHANNEL="alpha")
     assert resolve(config, "6.12.70-flatcar") == FlatcarRelease("4400.0.0", "alpha", "amd64-usr")
 
@@ -128,7 +155,7 @@ def test_running_kernel_uses_the_hosts_own_version(tmp_path: Path, host: Path) -
     _write_feed(tmp_path, "stable", {"4230.2.9": _entry("6.12.102")})
     _write(
         host,
-        "/etc/os-release",
+        "/host-etc/os-release",
         'NAME="Flatcar Container Linux by Kinvolk"\nID=flatcar\nVERSION=4081.3.5\n',
     )
     config = _config(host, _feed_template(tmp_path))
@@ -136,31 +163,74 @@ def test_running_kernel_uses_the_hosts_own_version(tmp_path: Path, host: Path) -
     assert resolve(config, RUNNING) == FlatcarRelease("4081.3.5", "lts", "amd64-usr")
 
 
-def test_running_kernel_version_from_usr_share_flatcar_release(host: Path) -> None:
-    _write(
-        host,
-        "/usr/share/flatcar/release",
-        "FLATCAR_RELEASE_VERSION=4230.2.3\nFLATCAR_RELEASE_BOARD=amd64-usr\n",
+def test_the_hosts_os_release_is_not_hidden_by_the_images(tmp_path: Path, host: Path) -> None:
+    """In the container /etc/os-release is the image's (Debian): an LTS node read through
+    it looked like no Flatcar at all, and its kernel was looked up in the stable feed
+    (exit 6 for an LTS kernel, or a stable release that shares the kernel)."""
+    _write_feed(tmp_path, "stable", {"4230.2.9": _entry("6.12.102")})
+    _write(host, "/host-etc/os-release", "ID=flatcar\nVERSION=4081.3.5\n")
+    _write(host, "/etc/os-release", 'ID=debian\nVERSION="12 (bookworm)"\n')
+    assert resolve(_config(host, _feed_template(tmp_path))) == FlatcarRelease(
+        "4081.3.5", "lts", "amd64-usr"
     )
+
+
+@pytest.fixture
+def in_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as in a container: a /.dockerenv (container-own: the constant is patched)."""
+    marker = tmp_path / ".dockerenv"
+    marker.touch()
+    monkeypatch.setattr(host_module, "CONTAINER_MARKERS", (marker,))
+
+
+@pytest.fixture
+def on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_module, "CONTAINER_MARKERS", (tmp_path / "no-marker",))
+
+
+def test_without_the_mount_etc_os_release_is_read_quietly_on_the_host(
+    host: Path, on_the_host: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(host, "/etc/os-release", "ID=flatcar\nVERSION=4081.3.5\n")
+    assert resolve(_config(host, "/nonexistent/{channel}.json")).version == "4081.3.5"
+    assert "not mounted" not in caplog.text
+
+
+def test_without_the_mount_a_container_warns_naming_it(
+    tmp_path: Path, host: Path, in_container: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(host, "/etc/os-release", "ID=debian\nVERSION=12\n")
+    _write_feed(tmp_path, "stable", {"4230.2.9": _entry("6.12.102")})
+    assert resolve(_config(host, _feed_template(tmp_path))).version == "4230.2.9"
+    assert "The host's os-release is not mounted at /host-etc/os-release" in caplog.text
+    assert "-v /etc/os-release:/host-etc/os-release:ro" in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/host-usr/share/flatcar/release", "/usr/share/flatcar/release"])
+def test_running_kernel_version_from_flatcars_release_file(host: Path, path: str) -> None:
+    """Without a Flatcar os-release (the image's own, say): Flatcar's release file, at
+    its mount, else where it is on the host itself."""
+    _write(host, "/etc/os-release", "ID=debian\n")
+    _write(host, path, "FLATCAR_RELEASE_VERSION=4230.2.3\nFLATCAR_RELEASE_BOARD=amd64-usr\n")
     config = _config(host, "/nonexistent/{channel}.json")
     assert resolve(config) == FlatcarRelease("4230.2.3", "stable", "amd64-usr")
 
 
 def test_explicit_channel_overrides_the_version_digit(host: Path) -> None:
-    _write(host, "/etc/os-release", "ID=flatcar\nVERSION=4230.2.3\n")
+    _write(host, "/host-etc/os-release", "ID=flatcar\nVERSION=4230.2.3\n")
     config = _config(host, "/nonexistent/{channel}.json", FLATCAR_CHANNEL="beta")
     assert resolve(config).channel == "beta"
 
 
 def test_non_flatcar_host_falls_back_to_the_feed(tmp_path: Path, host: Path) -> None:
-    _write(host, "/etc/os-release", "ID=debian\nVERSION=12\n")
+    _write(host, "/host-etc/os-release", "ID=debian\nVERSION=12\n")
     _write_feed(tmp_path, "stable", {"4230.2.9": _entry("6.12.102")})
     config = _config(host, _feed_template(tmp_path))
     assert resolve(config).version == "4230.2.9"
 
 
 def test_malformed_host_version_is_a_clear_error(host: Path) -> None:
-    _write(host, "/etc/os-release", "ID=flatcar\nVERSION=latest\n")
+    _write(host, "/host-etc/os-release", "ID=flatcar\nVERSION=latest\n")
     with pytest.raises(DriverError, match=r"os-release.*'latest'"):
         resolve(_config(host, "/nonexistent/{channel}.json"))
 

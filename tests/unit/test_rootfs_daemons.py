@@ -16,8 +16,13 @@ from nvdriver.errors import DriverError, UsageError
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """HOST_ROOT a tree with this machine's /proc; the daemon's pid file (a container-own
+    path, fixed by the daemon) moved to a container tree beside it."""
     (tmp_path / "proc").symlink_to("/proc")
+    monkeypatch.setattr(
+        daemons, "PERSISTENCED_PID", tmp_path / "container" / "var/run/nvidia-persistenced/x.pid"
+    )
     return Config.from_env({"HOST_ROOT": str(tmp_path)})
 
 
@@ -59,11 +64,30 @@ def test_nvidia_smi_of_the_driver_root_must_pass(tmp_path: Path) -> None:
 # --- the daemon's pid file -------------------------------------------------------------
 
 
-def write_pidfile(config: Config, pid: int) -> Path:
-    pidfile = config.host(daemons.PERSISTENCED_PID)
+def write_pidfile(config: Config, pid: int, pidfile: Path | None = None) -> Path:
+    pidfile = pidfile or daemons.PERSISTENCED_PID
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(f"{pid}\n")
     return pidfile
+
+
+def test_the_pid_file_is_the_containers_own_never_under_host_root(config: Config) -> None:
+    """nvidia-persistenced writes its pid file in the container's /var/run: a pid file
+    under HOST_ROOT (the host's, seen through `-v /:/host`) is not this container's
+    daemon and is left alone (it used to be the one read, and its process stopped)."""
+    other = subprocess.Popen(["sleep", "60"])
+    ours = subprocess.Popen(["sleep", "60"])
+    try:
+        hosts = write_pidfile(config, other.pid, config.host("/var/run/nvidia-persistenced/x.pid"))
+        write_pidfile(config, ours.pid)
+        daemons.stop_persistenced(config)
+        assert ours.wait(timeout=1) == -signal.SIGTERM
+        assert other.poll() is None and hosts.exists()
+    finally:
+        other.kill()
+        other.wait()
+        ours.kill()
+        ours.wait()
 
 
 def test_a_pid_file_of_a_dead_process_is_stale(config: Config) -> None:
@@ -106,7 +130,20 @@ def test_without_the_binary_the_daemon_is_skipped(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with daemons.persistenced(config):
-        assert daemons.running_pid(config, config.host(daemons.PERSISTENCED_PID)) is None
+        assert daemons.running_pid(config, daemons.PERSISTENCED_PID) is None
+
+
+@pytest.mark.parametrize("broken", ["garbage", "directory", "loop"])
+def test_a_broken_pid_file_means_no_daemon(config: Config, broken: str) -> None:
+    pidfile = daemons.PERSISTENCED_PID
+    pidfile.parent.mkdir(parents=True)
+    if broken == "garbage":
+        pidfile.write_bytes(bytes(range(256)))
+    elif broken == "directory":
+        pidfile.mkdir()
+    else:
+        pidfile.symlink_to(pidfile.name)
+    assert daemons.running_pid(config, pidfile) is None
 
 
 def test_our_own_pid_or_init_is_never_taken_for_the_daemon(config: Config) -> None:

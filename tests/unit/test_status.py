@@ -5,16 +5,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nvdriver import status
+import pytest
+
+from nvdriver import daemons, status
 from nvdriver.config import Config
+from nvdriver.driver import package as pkg
+from nvdriver.host import KernelIdentity
+from tests.packaging import fake_build
 
 
-def test_status_reports_modules_daemon_readiness_and_flatcar(tmp_path: Path) -> None:
+def test_status_reports_modules_daemon_readiness_and_flatcar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     host = tmp_path
     (host / "proc").mkdir()
     (host / "proc" / "version").write_text("Linux version 6.12.102-flatcar (build@host) #1 SMP\n")
-    (host / "etc").mkdir()
-    (host / "etc" / "os-release").write_text('ID=flatcar\nVERSION="4230.2.3"\n')
+    (host / "host-etc").mkdir()
+    (host / "host-etc" / "os-release").write_text('ID=flatcar\nVERSION="4230.2.3"\n')
+    (host / "etc").mkdir()  # the image's own, which must not hide the host's
+    (host / "etc" / "os-release").write_text('ID=debian\nVERSION="12 (bookworm)"\n')
     for name, refcnt, holders in (
         ("nvidia", 2, ["nvidia_modeset", "nvidia_uvm"]),
         ("nvidia_uvm", 0, []),
@@ -26,7 +35,8 @@ def test_status_reports_modules_daemon_readiness_and_flatcar(tmp_path: Path) -> 
         (d / "version").write_text("535.261.03\n")
         for h in holders:
             (d / "holders" / h).mkdir()
-    pidfile = host / "var" / "run" / "nvidia-persistenced" / "nvidia-persistenced.pid"
+    pidfile = tmp_path / "container" / "nvidia-persistenced.pid"  # container-own: patched
+    monkeypatch.setattr(daemons, "PERSISTENCED_PID", pidfile)
     pidfile.parent.mkdir(parents=True)
     pidfile.write_text(f"{os.getppid()}\n")  # a live process that is not us
     (host / "proc" / str(os.getppid())).symlink_to(f"/proc/{os.getppid()}")
@@ -39,6 +49,7 @@ def test_status_reports_modules_daemon_readiness_and_flatcar(tmp_path: Path) -> 
 
     report = status.collect(config)
     assert report["flatcar"] == "4230.2.3"
+    assert report["os"] == {"id": "flatcar", "version": "4230.2.3"}
     assert [(m["name"], m["refcnt"], m["holders"]) for m in report["modules"]] == [
         ("nvidia", 2, ["nvidia_modeset", "nvidia_uvm"]),
         ("nvidia_uvm", 0, []),
@@ -51,3 +62,25 @@ def test_status_reports_modules_daemon_readiness_and_flatcar(tmp_path: Path) -> 
     assert "flatcar:      4230.2.3" in text
     assert "nvidia 535.261.03 (refcnt 2, used by nvidia_modeset nvidia_uvm)" in text
     assert "ready:        yes (GDRCOPY_ENABLED=false" in text
+
+
+def test_status_lists_this_kernels_packages_of_both_stores(tmp_path: Path) -> None:
+    (tmp_path / "proc").symlink_to("/proc")
+    config = Config.from_env(
+        {
+            "HOST_ROOT": str(tmp_path),
+            "PRECOMPILED_DIR": str(tmp_path / "image-store"),
+            "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
+        }
+    )
+    running = fake_build(tmp_path / "a", kernel=KernelIdentity.running(config))
+    in_image = pkg.write_package(config.precompiled_dir, running, tag=None)
+    in_node = pkg.write_package(config.node_precompiled_dir, running, tag="node-built")
+    report = status.collect(config)
+    assert [(p["store"], p["path"]) for p in report["packages"]] == [
+        ("image", str(in_image.path)),
+        ("node", str(in_node.path)),
+    ]
+    text = status.render(report)
+    assert f"  {in_image.path} (image's store)" in text
+    assert f"  {in_node.path} (node's store)" in text

@@ -29,6 +29,7 @@ def test_prune_removes_leftovers_failures_and_other_driver_versions(tmp_path):
         "DRIVER_VERSION": "535.261.03",
         "PRECOMPILED_DIR": str(store),
         "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+        "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
     }
     result = run_tool("packages", "prune", env=env)
     assert result.returncode == 0, result.stderr
@@ -45,6 +46,46 @@ def test_prune_removes_leftovers_failures_and_other_driver_versions(tmp_path):
     )
 
 
+def test_list_verify_and_prune_cover_both_stores_and_name_each(tmp_path):
+    """The image's store (PRECOMPILED_DIR) and the node's (NODE_PRECOMPILED_DIR)."""
+    image_store, node_store = tmp_path / "image-store", tmp_path / "node-store"
+    in_image = pkg.write_package(image_store, fake_build(tmp_path / "a"), tag=None)
+    ahead = dataclasses.replace(KERNEL, release="6.1.0-100-amd64")
+    in_node = pkg.write_package(node_store, fake_build(tmp_path / "b", kernel=ahead), tag=None)
+    old_build = dataclasses.replace(fake_build(tmp_path / "c"), driver_version="535.100.01")
+    old_in_node = pkg.write_package(node_store, old_build, tag=None)
+    broken = node_store / KERNEL.release / "nvidia-535.261.03-open.tar.gz"
+    broken.write_bytes(b"not a package")
+    env = {
+        "DRIVER_VERSION": "535.261.03",
+        "PRECOMPILED_DIR": str(image_store),
+        "NODE_PRECOMPILED_DIR": str(node_store),
+        "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache"),
+    }
+    listed = json.loads(run_tool("packages", "list", "--json", env=env).stdout)
+    assert sorted((r["store"], r["path"]) for r in listed["packages"]) == sorted(
+        [
+            ("image", str(in_image.path)),
+            ("node", str(in_node.path)),
+            ("node", str(old_in_node.path)),
+        ]
+    )
+    assert listed["unreadable"] == [{"path": str(broken), "store": "node"}]
+    text = run_tool("packages", "list", env=env).stdout
+    assert f"\timage\t{in_image.path}" in text and f"\tnode\t{in_node.path}" in text
+
+    verified = run_tool("packages", "verify", env=env)
+    assert verified.returncode == 5
+    assert f"ok\timage\t{in_image.path}" in verified.stdout
+    assert f"ok\tnode\t{in_node.path}" in verified.stdout
+    assert f"FAILED\tnode\t{broken}" in verified.stdout
+
+    pruned = run_tool("packages", "prune", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert not old_in_node.path.exists(), "another driver version goes, from the node's store too"
+    assert in_image.path.exists() and in_node.path.exists()
+
+
 def cached_image(cache: Path, version: str, board: str = "amd64-usr") -> Path:
     """A developer container in the cache's layout (its content does not matter to prune)."""
     image = cache / "flatcar" / board / version / "flatcar_developer_container.bin"
@@ -56,8 +97,8 @@ def cached_image(cache: Path, version: str, board: str = "amd64-usr") -> Path:
 
 def host_on_flatcar(tmp_path: Path, version: str) -> Path:
     host = tmp_path / "host"
-    (host / "etc").mkdir(parents=True)
-    (host / "etc" / "os-release").write_text(f"ID=flatcar\nVERSION={version}\n")
+    (host / "host-etc").mkdir(parents=True)
+    (host / "host-etc" / "os-release").write_text(f"ID=flatcar\nVERSION={version}\n")
     return host
 
 
@@ -73,6 +114,7 @@ def test_prune_keeps_the_developer_containers_of_the_running_and_the_newest_rele
     )
     env = {
         "PRECOMPILED_DIR": str(tmp_path / "precompiled"),
+        "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
         "NVIDIA_DRIVER_CACHE": str(cache),
         "HOST_ROOT": str(host_on_flatcar(tmp_path, "4081.2.9")),
     }
@@ -100,6 +142,7 @@ def test_prune_leaves_what_a_running_build_may_use(tmp_path):
     env = {
         "DRIVER_VERSION": "535.261.03",
         "PRECOMPILED_DIR": str(store),
+        "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
         "NVIDIA_DRIVER_CACHE": str(cache),
         "HOST_ROOT": str(tmp_path / "host"),
     }

@@ -1,6 +1,8 @@
 """The precompiled package (SPEC.md section 5).
 
-One file per (driver version, flavour, tag) under PRECOMPILED_DIR/<kernel-release>/:
+One file per (driver version, flavour, tag) under <store>/<kernel-release>/, in one of
+two stores of the same layout (`stores`): the image's (PRECOMPILED_DIR) and the node's
+(NODE_PRECOMPILED_DIR). Each package is
 a gzip'd tar whose first member is `manifest.json`. The manifest names the kernel
 (release and full `/proc/version` string), the toolchain, every module and the
 SHA-256 of every member. Proprietary modules are stored unlinked (interface
@@ -33,7 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
 
 from nvdriver.atomic import TEMP_PREFIX, atomic_file
-from nvdriver.config import KERNEL_RELEASE_RE
+from nvdriver.config import KERNEL_RELEASE_RE, Config
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.host import KernelIdentity
 
@@ -224,7 +226,7 @@ def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Pa
             raise
         raise DriverError(
             f"No space left in {kernel_dir} to write the package {final.name}: {e.strerror}.",
-            hint="Free space in PRECOMPILED_DIR (nvidia-driver packages prune) and run again.",
+            hint=f"Free space in {store_dir} (nvidia-driver packages prune) and run again.",
         ) from e
     log.info("Packed %s", final)
     return Package(final, manifest)
@@ -382,11 +384,20 @@ def move_aside(path: Path) -> Path | None:
     return None
 
 
-class PackageStore:
-    """PRECOMPILED_DIR: one directory per kernel release holding packages."""
+IMAGE_STORE = "image"
+NODE_STORE = "node"
 
-    def __init__(self, root: Path) -> None:
+
+class PackageStore:
+    """One directory per kernel release holding packages; `kind` says which store it is
+    (IMAGE_STORE or NODE_STORE), for the people who read listings and logs."""
+
+    def __init__(self, root: Path, kind: str = IMAGE_STORE) -> None:
         self.root = root
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.root} (the {self.kind}'s store)"
 
     def package_files(self) -> list[Path]:
         if not self.root.is_dir():
@@ -463,3 +474,16 @@ class PackageStore:
             if p.name.startswith(TEMP_PREFIX):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+
+
+def stores(config: Config) -> tuple[PackageStore, ...]:
+    """The stores in the order `init` and `load` look: the image's (PRECOMPILED_DIR, filled
+    by `update` and kept by `docker commit`: the seed's workflow), then the node's
+    (NODE_PRECOMPILED_DIR, a host directory: what is built on the node survives pod
+    recreation and image upgrades). One store when both settings name the same directory.
+    """
+    image = PackageStore(config.precompiled_dir, IMAGE_STORE)
+    node = PackageStore(config.node_precompiled_dir, NODE_STORE)
+    if os.path.realpath(image.root) == os.path.realpath(node.root):
+        return (image,)
+    return (image, node)

@@ -6,25 +6,67 @@ packing. Split modules are never stored linked (FACTS: license), so they are
 linked here once, signed, and only the signature is kept, with the SHA-256 of
 the module it covers; linking on the node gives the same bytes (same linker,
 same inputs) and the signature is appended.
+
+In a container KEY must come from a mount: `docker commit` (the seed's workflow)
+keeps whatever lies on the container's own layer, a private key among it
+(`check_key`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from pathlib import Path
 
+from nvdriver import mounts
 from nvdriver.driver.build import Artifact, BuildOutput, BuildRoot
 from nvdriver.driver.link import link_command
 from nvdriver.driver.package import sha256_file
-from nvdriver.errors import DriverError
-from nvdriver.host import KernelTree
+from nvdriver.errors import DriverError, UsageError
+from nvdriver.host import KernelTree, in_container
 from nvdriver.run import run
 
 log = logging.getLogger(__name__)
 
 HASH = "sha512"
+# This process's own mount table (its container's, whatever HOST_ROOT says). Tests patch it.
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def on_root_mount(key: Path, mountinfo: str) -> bool:
+    """Whether `key` lies on the root mount `/` of the mount table `mountinfo` (the text
+    of /proc/self/mountinfo): in a container, that is its own layer, which `docker commit`
+    keeps. `key` is made absolute and its links resolved first, as the kernel sees it."""
+    held_by = mounts.mount_holding(Path(os.path.realpath(key)), mounts.parse_mountinfo(mountinfo))
+    return held_by is None or held_by.mount_point == Path("/")
+
+
+def check_key(key: Path) -> None:
+    """Refuse `--sign KEY` before anything is built: a KEY that does not exist (exit 1),
+    and in a container (a marker of host.CONTAINER_MARKERS exists) a KEY on the
+    container's own layer (by MOUNTINFO; UsageError, exit 2). Outside a container any
+    existing KEY is accepted."""
+    if not key.is_file():
+        raise DriverError(
+            f"The signing key {key} does not exist.",
+            hint="--sign takes a PEM file with the private key and its X.509 certificate.",
+        )
+    if not in_container():
+        return
+    try:
+        table = MOUNTINFO.read_text()
+    except OSError as e:
+        raise DriverError(f"Cannot read the mount table {MOUNTINFO}: {e.strerror}.") from e
+    if on_root_mount(key, table):
+        raise UsageError(
+            f"The signing key {key} lies on the container's own file system (its root "
+            "mount): `docker commit` would keep the private key in the image, and anyone "
+            "with the image would have it.",
+            hint="Mount the key into the container instead and give that path, e.g. "
+            "`-v /path/on/the/host/key.pem:/keys/key.pem:ro` and `--sign /keys/key.pem`.",
+        )
 
 
 def sign_build(
@@ -36,11 +78,6 @@ def sign_build(
         raise DriverError(
             f"The kernel tree {kernel.output} has no scripts/sign-file to sign modules with.",
             hint="Build against a kernel tree with its scripts prepared, or drop --sign.",
-        )
-    if not key.is_file():
-        raise DriverError(
-            f"The signing key {key} does not exist.",
-            hint="--sign takes a PEM file with the private key and its X.509 certificate.",
         )
     workdir.mkdir(parents=True, exist_ok=True)
     inner_key = workdir / "signing-key.pem"

@@ -392,7 +392,7 @@ class _Verification:
     source: str
 
 
-def _verification(url: str, ring: Path, policy: RetryPolicy) -> _Verification:
+def _verification(url: str, ring: gpg.Keyring, policy: RetryPolicy) -> _Verification:
     """The SHA-512 from the clear-signed DIGESTS, or the detached `.sig` when those are missing."""
     digests_url = f"{url}.DIGESTS.asc"
     try:
@@ -417,7 +417,7 @@ def _download_once(
     url: str,
     final: Path,
     check: _Verification,
-    ring: Path,
+    ring: gpg.Keyring,
     *,
     threads: int,
     policy: RetryPolicy,

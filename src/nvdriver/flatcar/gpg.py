@@ -6,11 +6,18 @@ GnuPG home and only that key can make a signature good. A clear-signed file
 is verified and its *signed* text returned (never the raw file, which may
 carry unsigned text around the signed part); a detached signature can be
 checked over a stream while it downloads.
+
+A signature the key does not verify is refused (exit 5) with what an operator needs:
+which key file is configured, its fingerprints (from `gpg --show-keys --with-colons`),
+which key made the signature (gpgv's status lines), and what to do: Flatcar rotates
+its image signing key, and an image built with an old copy no longer verifies new
+releases.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -21,7 +28,7 @@ from typing import IO
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.flatcar.pipes import FedChild, fed_child
-from nvdriver.run import RunError, run
+from nvdriver.run import run
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,77 @@ def _valid_signers(status: str) -> list[str]:
     ]
 
 
+def parse_status(status: str) -> dict[str, list[str]]:
+    """gpgv's `[GNUPG:] KEYWORD ARGS...` status lines: the first arguments per keyword."""
+    found: dict[str, list[str]] = {}
+    for line in status.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "[GNUPG:]":
+            found.setdefault(words[1], words[2:])
+    return found
+
+
+def parse_fingerprints(colons: str) -> list[str]:
+    """The primary keys' fingerprints of `gpg --show-keys --with-colons` output (an
+    `fpr` record, field 10, right after each `pub` record)."""
+    fingerprints, after_pub = [], False
+    for line in colons.splitlines():
+        fields = line.split(":")
+        if fields[0] == "fpr" and after_pub and len(fields) > 9:
+            fingerprints.append(fields[9])
+        after_pub = fields[0] == "pub"
+    return fingerprints
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyring:
+    """A throw-away keyring (`path`, for `gpgv --keyring`) made of one key file (`key`)."""
+
+    path: Path
+    key: Path
+
+    def fingerprints(self) -> list[str]:
+        """The key file's primary fingerprints; empty when gpg cannot list them."""
+        with tempfile.TemporaryDirectory(prefix="nvdriver-gpg-") as tmp:
+            result = run(
+                ["gpg", "--batch", "--no-options", "--homedir", tmp, "--with-colons",
+                 "--show-keys", self.key],
+                timeout=GPG_TIMEOUT,
+                check=False,
+            )  # fmt: skip
+        return parse_fingerprints(result.stdout) if result.returncode == 0 else []
+
+    def rejection(self, source: str, status: str, stderr: str) -> IntegrityError:
+        """Why gpgv refused the signature of `source`, from its status lines: signed by
+        a key that the configured key file lacks, or a signature that does not match."""
+        lines = parse_status(status)
+        fprs = ", ".join(self.fingerprints()) or "none that gpg can read"
+        named = f"the configured Flatcar signing key {self.key} (fingerprint {fprs})"
+        no_key = lines.get("NO_PUBKEY")  # with ERRSIG: the signer is not in the keyring
+        if no_key:
+            return IntegrityError(
+                f"The signature of {source} is by key {no_key[0]}, which {named} does not "
+                "hold: the release cannot be verified and nothing from it was used.",
+                hint="Flatcar signs its releases with a key it rotates: rebuild the driver "
+                "image so that it fetches Flatcar's current image signing key, or set "
+                "FLATCAR_SIGNING_KEY to a mounted copy of the current key (check its "
+                "fingerprint against Flatcar's published one).",
+            )
+        if "BADSIG" in lines:
+            return IntegrityError(
+                f"The signature of {source} by key {lines['BADSIG'][0]} does not match its "
+                f"content ({named}): it was changed on the way or on the mirror.",
+                hint="Nothing from it was used; check the mirror at FLATCAR_RELEASE_URL.",
+            )
+        return IntegrityError(
+            f"The signature of {source} is not good ({named}): {stderr.strip() or 'gpgv failed'}",
+            hint="The file was changed or not signed with the trusted key "
+            "(FLATCAR_SIGNING_KEY); nothing from it was used.",
+        )
+
+
 @contextlib.contextmanager
-def keyring(key: Path) -> Iterator[Path]:
+def keyring(key: Path) -> Iterator[Keyring]:
     """A temporary keyring that holds only `key` (armored or binary) for `gpgv --keyring`."""
     with tempfile.TemporaryDirectory(prefix="nvdriver-gpg-") as tmp:
         ring = Path(tmp) / "trusted.gpg"
@@ -69,27 +145,24 @@ def keyring(key: Path) -> Iterator[Path]:
             )  # fmt: skip
         else:
             shutil.copyfile(key, ring)
-        yield ring
+        yield Keyring(ring, key)
 
 
-def _gpgv(ring: Path, home: str) -> list[str | Path]:
-    return ["gpgv", "--homedir", home, "--keyring", ring, "--status-fd", "1"]
+def _gpgv(ring: Keyring, home: str) -> list[str | Path]:
+    return ["gpgv", "--homedir", home, "--keyring", ring.path, "--status-fd", "1"]
 
 
-def verify_clearsigned(signed: bytes, ring: Path, *, source: str) -> str:
+def verify_clearsigned(signed: bytes, ring: Keyring, *, source: str) -> str:
     """The signed text of a clear-signed document; IntegrityError unless its signature is good."""
     with tempfile.TemporaryDirectory(prefix="nvdriver-gpgv-") as tmp:
         signed_file = Path(tmp) / "signed.asc"
         signed_file.write_bytes(signed)
         output = Path(tmp) / "signed.txt"
-        try:
-            result = run([*_gpgv(ring, tmp), "--output", output, signed_file], timeout=GPG_TIMEOUT)
-        except RunError as e:
-            raise IntegrityError(
-                f"The signature of {source} is not good: {e.stderr.strip() or e}",
-                hint="The file was changed or not signed with the trusted key "
-                "(FLATCAR_SIGNING_KEY); nothing from it was used.",
-            ) from e
+        result = run(
+            [*_gpgv(ring, tmp), "--output", output, signed_file], timeout=GPG_TIMEOUT, check=False
+        )
+        if result.returncode != 0:
+            raise ring.rejection(source, result.stdout, result.stderr)
         log.debug("%s: good signature by %s", source, ", ".join(_valid_signers(result.stdout)))
         return output.read_text(errors="replace")
 
@@ -97,10 +170,11 @@ def verify_clearsigned(signed: bytes, ring: Path, *, source: str) -> str:
 class StreamVerifier:
     """Checks a detached signature over bytes fed to it as they arrive (gpgv reads stdin)."""
 
-    def __init__(self, gpgv: FedChild, status: IO[bytes], source: str) -> None:
+    def __init__(self, gpgv: FedChild, status: IO[bytes], source: str, ring: Keyring) -> None:
         self._gpgv = gpgv
         self._status = status
         self._source = source
+        self._ring = ring
 
     def update(self, data: bytes) -> None:
         try:
@@ -114,20 +188,18 @@ class StreamVerifier:
     def finish(self) -> None:
         """Raise IntegrityError unless the signature over everything fed is good."""
         self._gpgv.close_input()
-        if self._gpgv.proc.wait(timeout=GPG_TIMEOUT) != 0:
-            raise IntegrityError(
-                f"The detached signature {self._source} does not match the download: "
-                f"{self._gpgv.stderr()}",
-                hint="The file was changed or not signed with the trusted key "
-                "(FLATCAR_SIGNING_KEY); nothing from it was used.",
-            )
+        failed = self._gpgv.proc.wait(timeout=GPG_TIMEOUT) != 0
         self._status.seek(0)
-        signers = _valid_signers(self._status.read().decode(errors="replace"))
-        log.debug("%s: good signature by %s", self._source, ", ".join(signers))
+        status = self._status.read().decode(errors="replace")
+        if failed:
+            raise self._ring.rejection(
+                f"the detached signature {self._source}", status, self._gpgv.stderr()
+            )
+        log.debug("%s: good signature by %s", self._source, ", ".join(_valid_signers(status)))
 
 
 @contextlib.contextmanager
-def detached_verifier(signature: bytes, ring: Path, *, source: str) -> Iterator[StreamVerifier]:
+def detached_verifier(signature: bytes, ring: Keyring, *, source: str) -> Iterator[StreamVerifier]:
     """A `StreamVerifier` of `signature` (the bytes of `source`, a `.sig` file)."""
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="nvdriver-gpgv-"))
@@ -135,4 +207,4 @@ def detached_verifier(signature: bytes, ring: Path, *, source: str) -> Iterator[
         sig_file.write_bytes(signature)
         status: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
         gpgv = stack.enter_context(fed_child([*_gpgv(ring, tmp), sig_file, "-"], stdout=status))
-        yield StreamVerifier(gpgv, status, source)
+        yield StreamVerifier(gpgv, status, source, ring)

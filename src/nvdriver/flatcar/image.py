@@ -1,7 +1,8 @@
 """Mount a developer container image as a writable root for a chroot build.
 
 The image stays untouched: its ROOT partition is attached read-only through
-a loop device (`losetup --find`, never a fixed device), mounted read-only,
+a free loop device (asked of /dev/loop-control, never a fixed device; its node
+made when a container's /dev lacks it: `mounts.free_loop_device`), mounted read-only,
 and covered by an overlay whose upper layer lives on a tmpfs — no `dd`, no
 `resize2fs`. Every step is a context manager of `nvdriver.mounts` that
 undoes itself on every exit path. All mount points live under one work

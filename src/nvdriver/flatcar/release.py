@@ -1,8 +1,11 @@
 """Which Flatcar release ships a kernel.
 
-For the running kernel the host says so itself (`/etc/os-release`): several
-releases share one kernel (an LTS and a stable one, say), and only the host
-knows which of them it runs. For another kernel (`update --kernel X`) the
+For the running kernel the host says so itself (its os-release, mounted into the
+container at /host-etc/os-release): several releases share one kernel (an LTS
+and a stable one, say), and only the host knows which of them it runs. The
+container's own /etc/os-release is the image's (Debian, say): it is read only
+when the host's is not mounted, which is right outside a container and is
+warned about inside one. For another kernel (`update --kernel X`) the
 channel's releases feed is searched and the newest release with that kernel
 wins, whatever the order of the feed's keys.
 """
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from nvdriver.config import BOARDS, CHANNELS, Config
 from nvdriver.errors import DriverError, UnsupportedError, UsageError
+from nvdriver.host import in_container
 
 if TYPE_CHECKING:  # download (http.client, ssl, email) is imported only to read the feed
     from nvdriver.flatcar.download import RetryPolicy
@@ -29,9 +33,18 @@ log = logging.getLogger(__name__)
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 # The minor number of a Flatcar version names its channel: 3975.2.1 is stable.
 CHANNEL_OF_MINOR = {"0": "alpha", "1": "beta", "2": "stable", "3": "lts"}
+# Host files, each at its documented mount first (host /etc/os-release at
+# /host-etc/os-release, host /etc/flatcar at /host-etc/flatcar, host /usr/share/flatcar
+# at /host-usr/share/flatcar), then where it is when the program runs on the host.
+HOST_OS_RELEASE = "/host-etc/os-release"
 OS_RELEASE = "/etc/os-release"
-FLATCAR_RELEASE = "/usr/share/flatcar/release"
-UPDATE_CONF = ("/etc/flatcar/update.conf", "/usr/share/flatcar/update.conf")
+FLATCAR_RELEASE = ("/host-usr/share/flatcar/release", "/usr/share/flatcar/release")
+UPDATE_CONF = (
+    "/host-etc/flatcar/update.conf",
+    "/host-usr/share/flatcar/update.conf",
+    "/etc/flatcar/update.conf",
+    "/usr/share/flatcar/update.conf",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,23 +119,68 @@ def parse_env_file(text: str) -> dict[str, str]:
     return values
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
+def _env_file(path: Path) -> dict[str, str] | None:
+    """The values of an env file; None when it does not exist, an error when it is unreadable."""
     try:
         return parse_env_file(path.read_text(errors="replace"))
     except FileNotFoundError:
-        return {}
+        return None
     except OSError as e:
         raise DriverError(f"Could not read {path}: {e.strerror}.") from e
 
 
-def host_version(config: Config) -> str | None:
-    """The host's Flatcar version, or None when the host is not Flatcar."""
-    path = config.host(OS_RELEASE)
-    os_release = _read_env_file(path)
-    version = os_release.get("VERSION") if os_release.get("ID") in ("flatcar", "coreos") else None
-    if version is None:
-        path = config.host(FLATCAR_RELEASE)
+def _read_env_file(path: Path) -> dict[str, str]:
+    return _env_file(path) or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class OsRelease:
+    """The host's os-release: which file was read (None: neither exists), and its values."""
+
+    path: Path | None
+    values: Mapping[str, str]
+
+    @property
+    def is_flatcar(self) -> bool:
+        return self.values.get("ID") in ("flatcar", "coreos")
+
+
+def host_os_release(config: Config) -> OsRelease:
+    """The host's os-release: HOST_ROOT/host-etc/os-release, else HOST_ROOT/etc/os-release.
+
+    Inside a container the second one is the image's own, which makes a Flatcar node look
+    like another system: that is warned about, naming the mount that is missing.
+    """
+    mounted = config.host(HOST_OS_RELEASE)
+    values = _env_file(mounted)
+    if values is not None:
+        return OsRelease(mounted, values)
+    own = config.host(OS_RELEASE)
+    if in_container():
+        log.warning(
+            "The host's os-release is not mounted at %s; reading %s, which in a container "
+            "is the image's: the host's Flatcar release cannot be told from it. Mount it: "
+            "-v /etc/os-release:%s:ro",
+            HOST_OS_RELEASE,
+            own,
+            HOST_OS_RELEASE,
+        )
+    values = _env_file(own)
+    return OsRelease(None if values is None else own, values or {})
+
+
+def host_version(config: Config, os_release: OsRelease | None = None) -> str | None:
+    """The host's Flatcar version (os-release VERSION, else FLATCAR_RELEASE_VERSION of
+    Flatcar's release file), or None when the host is not Flatcar. `os_release`: the one
+    the caller read already (`host_os_release`)."""
+    osr = os_release or host_os_release(config)
+    path = osr.path
+    version = osr.values.get("VERSION") if osr.is_flatcar else None
+    for candidate in FLATCAR_RELEASE if version is None else ():
+        path = config.host(candidate)
         version = _read_env_file(path).get("FLATCAR_RELEASE_VERSION")
+        if version is not None:
+            break
     if version is not None and not VERSION_RE.match(version):
         raise DriverError(
             f"{path} names Flatcar version {version!r}: expected a version like 4230.2.3.",
