@@ -52,8 +52,8 @@ def link_package(
             f"Cannot write the module tree under {base}: {e.strerror}"
             + (f" ({e.filename})" if e.filename else "")
             + ".",
-            hint="The host's /opt/nvidia must be a writable directory with free space "
-            "(a few hundred MiB).",
+            hint="The container's /opt/nvidia (under CONTAINER_ROOT) must be a writable directory "
+            "with free space (a few hundred MiB).",
         ) from e
 
 
