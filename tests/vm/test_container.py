@@ -11,17 +11,24 @@ seconds under TCG. The guest's kernel traces every exec and module load (tracefs
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest_mirror import Mirrors
+
 from .conftest import Guest
+from .guest import PROJECT
 from .scenario import explain_run
+from .serve_mirror import mirror_json
 
 LIFECYCLE = Path(__file__).with_name("lifecycle.sh")
 ENGINE = Path(__file__).with_name("engine.sh")
-# The stand-in's modules are small, the image is not: layers unpacked on tmpfs.
+# The stand-in's modules are small, the image is not: its layers are unpacked on tmpfs
+# (and a build on the node adds the developer container's image to the node's cache).
 GUEST_MEMORY_MB = 6144
+BUILD_GUEST_MEMORY_MB = 8192
 COMPILERS = r"^(cc|c89|c99|gcc|gcc-[0-9.]+|cc1|cc1plus|as|make|gmake|x86_64-linux-gnu-gcc.*)$"
 LINKERS = r"^(ld|ld\.bfd|x86_64-linux-gnu-ld(\.bfd)?)$"
 
@@ -33,7 +40,9 @@ def image_tar(kernel: str, variant: str) -> Path:
     return committed_image(kernel, variant)
 
 
-def run_scenario(guest: Guest, logs: Path, image: Path, body: str) -> tuple[dict[str, str], str]:
+def run_scenario(
+    guest: Guest, logs: Path, image: Path, body: str, *, memory_mb: int = GUEST_MEMORY_MB
+) -> tuple[dict[str, str], str]:
     """Boot the guest, start the engine, load `image`, run `body`; its KEY=VALUE facts."""
     script = logs / "container.sh"
     script.write_text(
@@ -45,10 +54,10 @@ def run_scenario(guest: Guest, logs: Path, image: Path, body: str) -> tuple[dict
     )
     result = guest(
         ["bash", str(script)],
-        env={"LOGS": str(logs)},
+        env={"LOGS": str(logs), "PY": sys.executable, "PROJECT": str(PROJECT)},
         shares={str(logs): logs},
-        timeout=900,
-        memory_mb=GUEST_MEMORY_MB,
+        timeout=1500,
+        memory_mb=memory_mb,
     )
     facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line[:40])
     return facts, explain_run(result, logs)
@@ -155,3 +164,55 @@ def test_committed_real_image_exits_7_without_a_gpu(
     assert facts.get("exited_rc") == "0", explain
     assert facts["exit_code"] == "7", explain
     assert (facts["after_modules"], facts["after_mounted"]) == ("", "no"), explain
+
+
+def test_uncommitted_image_builds_from_the_mirror_into_the_node_store(
+    guest: Guest, mirrors: Mirrors, tmp_path: Path
+) -> None:
+    """`init` of the image as `docker build` made it (no package): with the local Flatcar
+    mirror on the node's 127.0.0.1 (`--network host`), it fetches the developer container,
+    builds in it inside the running container, loads, and puts the package into the
+    node's store (a host directory), which outlives the container."""
+    mirror = mirrors(guest.kernel)  # its developer root has the guest kernel's headers
+    image = image_tar(guest.kernel, "standin-plain")
+    (tmp_path / "mirror.json").write_text(mirror_json(mirror))
+    body = r"""
+    (cd "$PROJECT" && exec "$PY" -m tests.vm.serve_mirror $LOGS/mirror.json $LOGS/mirror.args) &
+    until_true '[ -s $LOGS/mirror.args ]' 120 || exit 1
+    mapfile -t mirror_env <$LOGS/mirror.args
+    start_trace || exit 1
+    t=$(now)
+    $DOCKER run -d --name nvidia-driver --privileged --pid=host --network host \
+        "${mirror_env[@]}" "${DRIVER_MOUNTS[@]}" "$IMAGE" >&2 || exit 1
+    until_true '[ -e $READY ]' 1200 nvidia-driver; say ready_rc $?
+    say run_to_ready_s $(since $t)
+    say modules "$(nvidia_modules)"
+    say mounted "$(is_mounted)"
+    say compiled "$(trace_execs | grep -cE "$COMPILERS")"
+    say node_packages "$(find $NODE_STORE -name '*.tar.gz' -path "*/$(uname -r)/*" | wc -l)"
+    say image_packages "$($DOCKER exec nvidia-driver sh -c \
+        'find "${PRECOMPILED_DIR:-$NVIDIA_DRIVER_SOURCE/kernel/precompiled}" -name "*.tar.gz" \
+        2>/dev/null | wc -l')"
+    $DOCKER stop -t 120 nvidia-driver >&2
+    say exit_code "$(exit_code nvidia-driver)"
+    state after
+    say kept_packages "$(find $NODE_STORE -name '*.tar.gz' | wc -l)"
+    say lost_events "$(lost_events)"
+    $DOCKER logs nvidia-driver >$LOGS/container.log 2>&1
+    """
+    facts, explain = run_scenario(
+        guest,
+        tmp_path,
+        image,
+        f"COMPILERS='{COMPILERS}'\n" + body,
+        memory_mb=BUILD_GUEST_MEMORY_MB,
+    )
+    print({k: v for k, v in facts.items() if k.endswith("_s") or k == "storage_driver"})
+    assert facts.get("ready_rc") == "0", explain
+    assert facts["lost_events"] == "0", "the kernel's trace dropped events: it proves nothing"
+    assert int(facts["compiled"]) >= 1, "no compiler ran: nothing was built\n" + explain
+    assert facts["modules"] == "nvidia,nvidia_uvm,nvidia_modeset", explain
+    assert facts["mounted"] == "yes", explain
+    stores = {k: facts[k] for k in ("node_packages", "image_packages", "kept_packages")}
+    assert stores == {"node_packages": "1", "image_packages": "0", "kept_packages": "1"}, explain
+    assert (facts["exit_code"], facts["after_modules"]) == ("0", ""), explain
