@@ -27,15 +27,23 @@ now() { date +%s.%N; }
 # since START: seconds from START to now, one decimal.
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# until_true TEST SECONDS WHAT: poll `eval TEST`; on timeout print WHAT's diagnostics.
+# until_true TEST SECONDS [CONTAINER]: poll `eval TEST`; give up early when CONTAINER
+# has stopped (checked every 5 s: each docker call costs under TCG); on failure print
+# the diagnostics of the engine and CONTAINER.
 until_true() {
     local i
     for ((i = 0; i < $2 * 5; i++)); do
         eval "$1" && return 0
+        if [ -n "${3:-}" ] && ((i % 25 == 24)) && ! running "$3"; then
+            eval "$1" && return 0
+            echo "container $3 stopped (exit code $(exit_code "$3")) before: $1" >&2
+            engine_diagnostics "$3" >&2
+            return 1
+        fi
         sleep 0.2
     done
     echo "timed out after $2 s waiting for: $1" >&2
-    engine_diagnostics "$3" >&2
+    engine_diagnostics "${3:-}" >&2
     return 1
 }
 
@@ -49,7 +57,7 @@ engine_diagnostics() {
         echo "--- docker ps -a ---"
         timeout 20 $DOCKER ps -a
         echo "--- docker logs $1 (tail) ---"
-        timeout 20 $DOCKER logs "$1" 2>&1 | tail -n 40
+        timeout 20 $DOCKER logs "$1" 2>&1 | tail -n 60
     fi
     echo "--- dockerd.log (tail) ---"
     tail -n 20 "$LOGS/dockerd.log"
