@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.container import CommittedImages, Engine, build_image
 from tests.integration.conftest_mirror import Mirrors
 
 from .conftest import Guest
@@ -31,13 +32,6 @@ GUEST_MEMORY_MB = 6144
 BUILD_GUEST_MEMORY_MB = 8192
 COMPILERS = r"^(cc|c89|c99|gcc|gcc-[0-9.]+|cc1|cc1plus|as|make|gmake|x86_64-linux-gnu-gcc.*)$"
 LINKERS = r"^(ld|ld\.bfd|x86_64-linux-gnu-ld(\.bfd)?)$"
-
-
-def image_tar(kernel: str, variant: str) -> Path:
-    """The `docker save` tar of the committed image of `variant` for `kernel`."""
-    from tests.container import committed_image  # builds it on the host, once, cached
-
-    return committed_image(kernel, variant)
 
 
 def run_scenario(
@@ -63,13 +57,15 @@ def run_scenario(
     return facts, explain_run(result, logs)
 
 
-def test_committed_standin_image_runs_restarts_and_stops(guest: Guest, tmp_path: Path) -> None:
+def test_committed_standin_image_runs_restarts_and_stops(
+    guest: Guest, committed_images: CommittedImages, tmp_path: Path
+) -> None:
     """`docker run -d` of the committed stand-in image: the committed package is linked
     and loaded, no compiler runs, the root and the readiness file appear on the node's
     side. With a GPU workload holding the driver, `docker restart` keeps the modules (the
     old container finds the driver in use, the new one finds its package loaded); after
     the workload, `docker stop` unloads everything and the container exits 0."""
-    image = image_tar(guest.kernel, "standin")
+    image = committed_images(guest.kernel, "standin").tar
     body = r"""
     start_trace || exit 1
     run=(--privileged --pid=host --network none "${DRIVER_MOUNTS[@]}")
@@ -145,13 +141,12 @@ def test_committed_standin_image_runs_restarts_and_stops(guest: Guest, tmp_path:
     }, explain
 
 
-@pytest.mark.parametrize("variant", ["real-535"])
 def test_committed_real_image_exits_7_without_a_gpu(
-    guest: Guest, tmp_path: Path, variant: str
+    guest: Guest, committed_images: CommittedImages, tmp_path: Path
 ) -> None:
     """The committed image of the real 535.261.03 driver on a node without a GPU: the
     kernel refuses nvidia.ko (ENODEV), `init` exits 7 and leaves no NVIDIA module."""
-    image = image_tar(guest.kernel, variant)
+    image = committed_images(guest.kernel, "real").tar
     body = r"""
     $DOCKER run -d --name nvidia-driver --privileged --pid=host --network none \
         "${DRIVER_MOUNTS[@]}" "$IMAGE" >&2 || exit 1
@@ -166,15 +161,26 @@ def test_committed_real_image_exits_7_without_a_gpu(
     assert (facts["after_modules"], facts["after_mounted"]) == ("", "no"), explain
 
 
+@pytest.fixture
+def uncommitted_standin(
+    docker_engine: Engine, mirrors: Mirrors, guest: Guest, tmp_path: Path
+) -> Path:
+    """The stand-in image as `docker build` makes it (no package), saved for the guest."""
+    name = build_image(docker_engine, "standin", mirrors(guest.kernel).signing_key)
+    tar = tmp_path / "image.tar"
+    docker_engine.docker("save", "-o", tar, name)
+    return tar
+
+
 def test_uncommitted_image_builds_from_the_mirror_into_the_node_store(
-    guest: Guest, mirrors: Mirrors, tmp_path: Path
+    guest: Guest, mirrors: Mirrors, uncommitted_standin: Path, tmp_path: Path
 ) -> None:
     """`init` of the image as `docker build` made it (no package): with the local Flatcar
     mirror on the node's 127.0.0.1 (`--network host`), it fetches the developer container,
     builds in it inside the running container, loads, and puts the package into the
     node's store (a host directory), which outlives the container."""
     mirror = mirrors(guest.kernel)  # its developer root has the guest kernel's headers
-    image = image_tar(guest.kernel, "standin-plain")
+    image = uncommitted_standin
     (tmp_path / "mirror.json").write_text(mirror_json(mirror))
     body = r"""
     (cd "$PROJECT" && exec "$PY" -m tests.vm.serve_mirror $LOGS/mirror.json $LOGS/mirror.args) &
