@@ -69,11 +69,12 @@ engine_diagnostics() {
 start_engine() {
     local d
     mount --make-rshared /
-    for d in /var/lib/docker /var/lib/containerd; do
+    # The guest's / is an overlay: what needs a disk's file system (overlay2's layers,
+    # a build's overlay on the developer container) gets a fresh tmpfs, the node's disk.
+    for d in /var/lib/docker /var/lib/containerd "$NODE_STORE" /var/cache/nvidia-driver; do
         mkdir -p "$d" && mount -t tmpfs -o mode=0711 tmpfs "$d" || return 1
     done
-    mkdir -p /run/nvidia /etc/flatcar /usr/share/flatcar "$NODE_STORE" \
-        /var/cache/nvidia-driver /etc/nvidia-driver/modules
+    mkdir -p /run/nvidia /etc/flatcar /usr/share/flatcar /etc/nvidia-driver/modules
     containerd >"$LOGS/containerd.log" 2>&1 &
     until_true '[ -S /run/containerd/containerd.sock ]' 60 || return 1
     dockerd --containerd /run/containerd/containerd.sock --host "$DOCKER_HOST" \
