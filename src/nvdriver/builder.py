@@ -203,18 +203,14 @@ def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:
     Releases up to 3115.0.0 kept modules in /usr/lib64/modules (FACTS).
     """
     for modules in ("/lib/modules", "/usr/lib/modules", "/usr/lib64/modules"):
-        candidate = Path(modules) / kernel
-        # `build` is an absolute link (/usr/src/linux-...): follow it inside the root,
-        # not on the node, which has no such tree (or another one).
-        if any(resolve_in(root, candidate / link).exists() for link in ("build", "source")):
-            return KernelTree.from_dir(candidate, root=root)
-    present = sorted(  # a set: /lib is a link to usr/lib in Flatcar's root
-        {
-            p.name
-            for m in ("/lib/modules", "/usr/lib/modules")
-            if (d := resolve_in(root, Path(m))).is_dir()
-            for p in d.iterdir()
-        }
+        candidate = resolve_in(root, Path(modules) / kernel)
+        if (candidate / "build").exists() or (candidate / "source").exists():
+            return KernelTree.from_dir(Path(modules) / kernel, root=root)
+    present = sorted(
+        p.name
+        for m in ("/lib/modules", "/usr/lib/modules")
+        if (d := resolve_in(root, Path(m))).is_dir()
+        for p in d.iterdir()
     )
     raise DriverError(
         f"The Flatcar {version} developer container has no kernel tree for {kernel} "
