@@ -203,9 +203,11 @@ def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:
     Releases up to 3115.0.0 kept modules in /usr/lib64/modules (FACTS).
     """
     for modules in ("/lib/modules", "/usr/lib/modules", "/usr/lib64/modules"):
-        candidate = resolve_in(root, Path(modules) / kernel)
-        if (candidate / "build").exists() or (candidate / "source").exists():
-            return KernelTree.from_dir(Path(modules) / kernel, root=root)
+        # `build` is an absolute link (to /usr/src/linux-headers-...): resolved inside the
+        # root, never on the host, which may lack those headers (a container always does).
+        candidate = Path(modules) / kernel
+        if any(resolve_in(root, candidate / link).exists() for link in ("build", "source")):
+            return KernelTree.from_dir(candidate, root=root)
     present = sorted(
         p.name
         for m in ("/lib/modules", "/usr/lib/modules")
