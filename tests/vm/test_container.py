@@ -42,6 +42,7 @@ def run_scenario(
     script.write_text(
         "set -u\n"
         f"source {LIFECYCLE}\nsource {ENGINE}\n"
+        "trap 'say memory_used_mb $(free -m | awk \"/^Mem:/ {print \\$3 + \\$5}\")' EXIT\n"
         "t=$(now); start_engine || exit 1; say engine_s $(since $t)\n"
         f"t=$(now); load_image {image} || exit 1; say load_s $(since $t)\n"
         f"{body}\n"
@@ -116,7 +117,7 @@ def test_committed_standin_image_runs_restarts_and_stops(
         "'{{range .Config.Env}}{{println .}}{{end}}' \"$IMAGE\" "
         "| sed -n 's/^NVIDIA_DRIVER_SOURCE=//p')\n" + body,
     )
-    print({k: v for k, v in facts.items() if k.endswith("_s") or k == "storage_driver"})
+    print({k: v for k, v in facts.items() if k.endswith(("_s", "_mb")) or k == "storage_driver"})
     assert facts.get("ready_rc") == "0", explain
     assert facts["lost_events"] == "0", "the kernel's trace dropped events: it proves nothing"
     assert facts["modules"] == "nvidia,nvidia_uvm,nvidia_modeset", explain
@@ -213,7 +214,7 @@ def test_uncommitted_image_builds_from_the_mirror_into_the_node_store(
         f"COMPILERS='{COMPILERS}'\n" + body,
         memory_mb=BUILD_GUEST_MEMORY_MB,
     )
-    print({k: v for k, v in facts.items() if k.endswith("_s") or k == "storage_driver"})
+    print({k: v for k, v in facts.items() if k.endswith(("_s", "_mb")) or k == "storage_driver"})
     assert facts.get("ready_rc") == "0", explain
     assert facts["lost_events"] == "0", "the kernel's trace dropped events: it proves nothing"
     assert int(facts["compiled"]) >= 1, "no compiler ran: nothing was built\n" + explain
