@@ -176,7 +176,8 @@ def uncommitted_standin(
 def test_uncommitted_image_builds_from_the_mirror_into_the_node_store(
     guest: Guest, mirrors: Mirrors, uncommitted_standin: Path, tmp_path: Path
 ) -> None:
-    """`init` of the image as `docker build` made it (no package): with the local Flatcar
+    """`init` of the image as `docker build` made it (no package; its entrypoint is
+    `nvidia-driver`, so the command is `init`): with the local Flatcar
     mirror on the node's 127.0.0.1 (`--network host`), it fetches the developer container,
     builds in it inside the running container, loads, and puts the package into the
     node's store (a host directory), which outlives the container."""
@@ -190,7 +191,7 @@ def test_uncommitted_image_builds_from_the_mirror_into_the_node_store(
     start_trace || exit 1
     t=$(now)
     $DOCKER run -d --name nvidia-driver --privileged --pid=host --network host \
-        "${mirror_env[@]}" "${DRIVER_MOUNTS[@]}" "$IMAGE" >&2 || exit 1
+        "${mirror_env[@]}" "${DRIVER_MOUNTS[@]}" "$IMAGE" init >&2 || exit 1
     until_true '[ -e $READY ]' 1200 nvidia-driver; say ready_rc $?
     say run_to_ready_s $(since $t)
     say modules "$(nvidia_modules)"
