@@ -376,7 +376,14 @@ __PAYLOAD__
 
 # The stand-in's user space: what the container toolkit looks for, without a GPU. The
 # libraries answer as NVIDIA's do on a machine whose driver sees no GPU.
+# The stand-in nvidia-smi answers as NVIDIA's does by whether the driver is loaded: it passes
+# (the readiness check) while the stand-in nvidia module is live, and fails with NVIDIA's
+# message and status 9 otherwise. It stands in for a GPU, which cannot exist here.
 STANDIN_SMI = """#!/bin/sh
+if [ "$(cat /sys/module/nvidia/initstate 2>/dev/null)" = live ]; then
+    echo "NVIDIA-SMI stand-in: driver $(cat /sys/module/nvidia/version 2>/dev/null) loaded"
+    exit 0
+fi
 echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2
 exit 9
 """
