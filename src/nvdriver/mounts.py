@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -273,52 +272,14 @@ def mount_table(tab_file: Path | None = None) -> tuple[Mount, ...]:
     return _findmnt("--list", *(() if tab_file is None else ("--tab-file", tab_file)))
 
 
-@dataclasses.dataclass(frozen=True)
-class MountInfo:
-    """One line of /proc/PID/mountinfo (proc(5)): which mount is where, from what."""
-
-    mount_id: int
-    parent_id: int
-    root: str  # the directory of the source file system that is mounted
-    mount_point: Path
-    fstype: str
-    source: str
-
-    @classmethod
-    def from_line(cls, line: str) -> MountInfo:
-        """`ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER`."""
-        fields = line.split()
-        try:
-            dash = fields.index("-", 6)
-            return cls(
-                mount_id=int(fields[0]),
-                parent_id=int(fields[1]),
-                root=_unescape(fields[3]),
-                mount_point=Path(_unescape(fields[4])),
-                fstype=fields[dash + 1],
-                source=_unescape(fields[dash + 2]) if len(fields) > dash + 2 else "",
-            )
-        except (ValueError, IndexError) as e:
-            raise DriverError(f"Could not read the mount table line {line!r}: {e}.") from e
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> tuple[MountInfo, ...]:
-    """The mounts of mountinfo text, in its order (a mount after the one it covers)."""
-    return tuple(MountInfo.from_line(line) for line in text.splitlines() if line.strip())
-
-
-def mount_holding(path: Path, table: Sequence[MountInfo]) -> MountInfo | None:
-    """The mount of `table` that `path` (absolute, links resolved) is on: the deepest
-    mount point at or above it, the last one mounted there when several are."""
+def mount_holding(path: Path, table: Sequence[Mount]) -> Mount | None:
+    """The mount of `table` (`mount_table`) that `path` (absolute, links resolved) is on:
+    the deepest mount point at or above it, the last one mounted there when several are.
+    Unlike `holding_mount`, `path` need not exist here (`table` may be another's)."""
     found = None
     for m in table:
-        if is_under(path, m.mount_point) and (
-            found is None or len(m.mount_point.parts) >= len(found.mount_point.parts)
+        if is_under(path, m.target) and (
+            found is None or len(m.target.parts) >= len(found.target.parts)
         ):
             found = m
     return found

@@ -27,17 +27,28 @@ DOCKER_MOUNTINFO = """\
 """
 
 
-def test_mountinfo_lines_are_parsed_with_their_escapes() -> None:
-    table = mounts.parse_mountinfo(DOCKER_MOUNTINFO)
-    assert [m.mount_point for m in table][:2] == [Path("/"), Path("/proc")]
-    assert table[0].fstype == "overlay" and table[0].source == "overlay"
-    assert table[3].root == "/srv/keys/k.pem" and table[3].source == "/dev/vda1"
-    assert table[5].mount_point == Path("/mnt/with space")
+def mountinfo(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mountinfo"
+    path.write_text(text)
+    return path
 
 
-def test_the_mount_holding_a_path_is_the_deepest_and_the_last_mounted() -> None:
-    table = mounts.parse_mountinfo(
-        DOCKER_MOUNTINFO + "1040 1031 0:70 / /var/lib/nvidia-driver rw - tmpfs over rw\n"
+def test_mountinfo_lines_are_read_with_their_escapes(tmp_path: Path) -> None:
+    table = mounts.mount_table(mountinfo(tmp_path, DOCKER_MOUNTINFO))
+    assert [m.target for m in table][:2] == [Path("/"), Path("/proc")]
+    assert table[0].source == "overlay"
+    assert (
+        table[3].target == Path("/keys/k.pem") and table[3].source == "/dev/vda1[/srv/keys/k.pem]"
+    )
+    assert table[5].target == Path("/mnt/with space")
+
+
+def test_the_mount_holding_a_path_is_the_deepest_and_the_last_mounted(tmp_path: Path) -> None:
+    table = mounts.mount_table(
+        mountinfo(
+            tmp_path,
+            DOCKER_MOUNTINFO + "1040 1031 0:70 / /var/lib/nvidia-driver rw - tmpfs over rw\n",
+        )
     )
     holding = mounts.mount_holding(Path("/var/lib/nvidia-driver/precompiled/x"), table)
     assert holding is not None and holding.source == "over"  # it covers the bind
@@ -55,8 +66,10 @@ def test_the_mount_holding_a_path_is_the_deepest_and_the_last_mounted() -> None:
         ("/keys", True),  # not under the bind of /keys/k.pem
     ],
 )
-def test_a_key_is_on_the_layer_when_the_root_mount_holds_it(key: str, on_layer: bool) -> None:
-    assert sign.on_root_mount(Path(key), DOCKER_MOUNTINFO) is on_layer
+def test_a_key_is_on_the_layer_when_the_root_mount_holds_it(
+    key: str, on_layer: bool, tmp_path: Path
+) -> None:
+    assert sign.on_root_mount(Path(key), mountinfo(tmp_path, DOCKER_MOUNTINFO)) is on_layer
 
 
 def test_a_link_to_the_layer_from_a_mount_counts_where_it_points(tmp_path: Path) -> None:
@@ -65,9 +78,10 @@ def test_a_link_to_the_layer_from_a_mount_counts_where_it_points(tmp_path: Path)
     link = tmp_path / "mounted" / "k.pem"
     link.parent.mkdir()
     link.symlink_to(tmp_path / "layer" / "k.pem")
-    table = (
-        f"1 0 0:1 / / rw - overlay overlay rw\n"
-        f"2 1 0:2 / {tmp_path / 'mounted'} rw - tmpfs tmpfs rw\n"
+    table = mountinfo(
+        tmp_path,
+        "1 0 0:1 / / rw - overlay overlay rw\n"
+        f"2 1 0:2 / {tmp_path / 'mounted'} rw - tmpfs tmpfs rw\n",
     )
     assert sign.on_root_mount(link, table)
     assert not sign.on_root_mount(tmp_path / "mounted" / "other.pem", table)

@@ -35,12 +35,13 @@ HASH = "sha512"
 MOUNTINFO = Path("/proc/self/mountinfo")
 
 
-def on_root_mount(key: Path, mountinfo: str) -> bool:
-    """Whether `key` lies on the root mount `/` of the mount table `mountinfo` (the text
-    of /proc/self/mountinfo): in a container, that is its own layer, which `docker commit`
-    keeps. `key` is made absolute and its links resolved first, as the kernel sees it."""
-    held_by = mounts.mount_holding(Path(os.path.realpath(key)), mounts.parse_mountinfo(mountinfo))
-    return held_by is None or held_by.mount_point == Path("/")
+def on_root_mount(key: Path, mountinfo: Path | None = None) -> bool:
+    """Whether `key` lies on the root mount `/` of this process's mount table (or of the
+    mountinfo-format file `mountinfo`): in a container, that is its own layer, which
+    `docker commit` keeps. `key` is made absolute and its links resolved first, as the
+    kernel sees it."""
+    held_by = mounts.mount_holding(Path(os.path.realpath(key)), mounts.mount_table(mountinfo))
+    return held_by is None or held_by.target == Path("/")
 
 
 def check_key(key: Path) -> None:
@@ -55,11 +56,7 @@ def check_key(key: Path) -> None:
         )
     if not in_container():
         return
-    try:
-        table = MOUNTINFO.read_text()
-    except OSError as e:
-        raise DriverError(f"Cannot read the mount table {MOUNTINFO}: {e.strerror}.") from e
-    if on_root_mount(key, table):
+    if on_root_mount(key, MOUNTINFO):
         raise UsageError(
             f"The signing key {key} lies on the container's own file system (its root "
             "mount): `docker commit` would keep the private key in the image, and anyone "
