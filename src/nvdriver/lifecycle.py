@@ -34,7 +34,7 @@ from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading
 from nvdriver.kmod.firmware import set_firmware_path
-from nvdriver.kmod.loaded import loaded_flavour, loaded_modules
+from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
 from nvdriver.kmod.params import read_params
 from nvdriver.kmod.tree import ModuleTree, wanted_modules
 from nvdriver.kmod.unloading import unload as unload_modules
@@ -160,14 +160,16 @@ def _prepare(config: Config) -> DriverPlan:
     package = _find_package(config, kernel, source, flavour)
     base = _module_base(config, version)
     tree = ModuleTree(base, kernel.release)
-    kept = _loaded_from(config, tree, package)
+    loaded = loaded_modules(config)
+    kept = _loaded_from(config, tree, package, loaded)
     if not kept:
         linker = linker_for(config.cache_dir, package.manifest.linker)
         link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
     _pause_at(options, "linked")
 
     plan = _plan(config, version, flavour, package, tree)
-    loaded = [] if kept else loaded_modules(config)  # kept: loaded from this very tree
+    if kept:  # loaded from this very tree: nothing to compare or unload
+        loaded = []
     same_flavour = loaded_flavour(config) in (None, flavour)
     if loaded and same_flavour and tree.matches_loaded(loaded):
         log.info(
@@ -215,7 +217,9 @@ def _stamp_loaded(config: Config, plan: DriverPlan) -> None:
     write_atomically(plan.tree.directory / _LOADED_STAMP, json.dumps(stamp).encode())
 
 
-def _loaded_from(config: Config, tree: ModuleTree, package: Package) -> bool:
+def _loaded_from(
+    config: Config, tree: ModuleTree, package: Package, loaded: Sequence[LoadedModule]
+) -> bool:
     """Whether the NVIDIA modules loaded now are the ones an earlier run linked from this
     very package (the same file, flavour and srcversions) and loaded from `tree`.
 
@@ -226,7 +230,6 @@ def _loaded_from(config: Config, tree: ModuleTree, package: Package) -> bool:
         stamp = json.loads((tree.directory / _LOADED_STAMP).read_text())
     except (OSError, ValueError):
         return False
-    loaded = loaded_modules(config)
     flavour = package.manifest.flavour
     recorded = stamp.get("srcversion") if isinstance(stamp, dict) else None
     if (
