@@ -15,7 +15,7 @@ from nvdriver import fleet, status
 from nvdriver.builder import _release_kernel_tree
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
-from nvdriver.errors import DriverError, UsageError
+from nvdriver.errors import DriverError, UnsupportedError, UsageError
 from nvdriver.flatcar import release
 from tests.conftest import run_tool
 from tests.packaging import KERNEL, fake_build
@@ -79,9 +79,21 @@ def test_a_named_release_comes_with_its_feeds_kernel(tmp_path: Path) -> None:
 def test_a_release_without_a_kernel_in_the_feed_leaves_it_to_the_developer_container(
     tmp_path: Path, version: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    named = release.release_by_version(_config(tmp_path, None), version)
+    published = tmp_path / "mirror" / "amd64-usr" / version
+    published.mkdir(parents=True)
+    (published / "version.txt").write_text(f"FLATCAR_VERSION={version}\n")
+    config = _config(tmp_path, None, FLATCAR_RELEASE_URL=str(tmp_path / "mirror"))
+    named = release.release_by_version(config, version)
     assert (named.release.version, named.kernel) == (version, None)
     assert "kernel tree decides" in caplog.text
+
+
+def test_a_release_neither_in_the_feed_nor_published_is_unsupported(tmp_path: Path) -> None:
+    config = _config(tmp_path, None, FLATCAR_RELEASE_URL=str(tmp_path / "mirror"))
+    with pytest.raises(UnsupportedError) as e:
+        release.release_by_version(config, "4000.2.7")
+    assert "no Flatcar stable release 4000.2.7" in e.value.message
+    assert str(tmp_path / "mirror" / "amd64-usr" / "4000.2.7" / "version.txt") in e.value.message
 
 
 def test_next_is_the_newest_newer_release_with_another_kernel(tmp_path: Path) -> None:

@@ -359,6 +359,7 @@ def release_by_version(
     kernels = _feed_releases(source, load_feed(source, policy=policy))
     kernel = kernels.get(version)
     if version not in kernels:
+        _check_published(config, flatcar, source, policy)
         log.warning(
             "Flatcar %s is not in the %s releases feed %s: its developer container's "
             "kernel tree decides the kernel",
@@ -376,6 +377,26 @@ def release_by_version(
     else:
         log.info("Flatcar %s (%s) ships kernel %s", version, flatcar.channel, kernel)
     return NamedRelease(flatcar, kernel)
+
+
+def _check_published(
+    config: Config, flatcar: FlatcarRelease, source: str, policy: RetryPolicy | None
+) -> None:
+    """A release the feed does not list must at least be published (its version.txt):
+    a typo in the version is "no such release" (exit 6), not a failed verification."""
+    from nvdriver.flatcar.download import DEFAULT_RETRY, UrlNotFound, read_url
+    from nvdriver.flatcar.fetch import release_base_url
+
+    url = f"{release_base_url(config, flatcar)}/version.txt"
+    try:
+        read_url(url, policy=policy or DEFAULT_RETRY)
+    except UrlNotFound as e:
+        raise UnsupportedError(
+            f"There is no Flatcar {flatcar.channel} release {flatcar.version}: the releases "
+            f"feed {source} does not list it and {url} does not exist.",
+            hint="Check the version (and FLATCAR_CHANNEL), or use --next for the channel's "
+            "next release.",
+        ) from e
 
 
 def next_release(config: Config, *, policy: RetryPolicy | None = None) -> NamedRelease | None:
