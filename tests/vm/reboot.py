@@ -89,13 +89,16 @@ set -u
 source {LIB}
 source {ENGINE}
 mkdir -p /host-etc && printf 'ID=flatcar\\nVERSION=%s\\n' "$RELEASE" >/host-etc/os-release
+progress() {{ echo "$*" >>$LOGS/progress.log; }}
 boot_to_ready() {{
     start_trace || return 1
-    local t=$(now)
+    local t=$(now) rc s
     start_init $LOGS/$1.log
-    wait_ready "${{2:-300}}"; say $1_ready_rc $?
-    say $1_s $(since $t)
+    wait_ready "${{2:-300}}"; rc=$?; s=$(since $t)
+    say $1_ready_rc $rc
+    say $1_s $s
     say $1_compiled "$(trace_execs | grep -cE "$COMPILERS")"
     say $1_lost "$(lost_events)"
+    progress "$1: init start-to-ready $s s (ready: exit $rc)"
 }}
 """
