@@ -9,7 +9,7 @@ every exec (tracefs), so "no compiler ran" is what the kernel saw; the Flatcar m
 is a dead port on the guest's 127.0.0.1 and the developer container was removed from
 the cache, so a build could not even start without failing.
 
-Shared by tests/vm/test_build_ahead.py (the proof) and bench/fleet.py (the timing).
+Shared by tests/vm/test_reboot.py (the proof) and bench/fleet.py (the timing).
 """
 
 from __future__ import annotations
