@@ -19,6 +19,7 @@ from tests.integration.conftest_mirror import (
     Mirrors,
     flatcar_mirror,
     flatcar_mirror_server,
+    fleet_mirror,
     mirrors,
 )
 from tests.kernels import header_kernels, kernel_pairs, kernels_under_test, missing_ci_series
@@ -29,6 +30,7 @@ __all__ = [
     "docker_engine",
     "flatcar_mirror",
     "flatcar_mirror_server",
+    "fleet_mirror",
     "mirrors",
 ]
 

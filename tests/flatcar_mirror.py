@@ -55,7 +55,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tests.kernels import header_kernels
+from tests.kernels import header_kernels, kernels_under_test
 
 log = logging.getLogger(__name__)
 
@@ -954,6 +954,130 @@ def _padded_tree(rootfs: Path, tree: Path, content_bytes: int) -> Path:
     return tree
 
 
+# --------------------------------------------------------------------------- the fleet mirror
+
+FLEET_NEXT_VERSION = "4230.2.1"
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetMirror:
+    """Two releases of one channel in one published tree, one feed, one signing key:
+    `running` (the release a node runs) and `next` (a newer one with another kernel,
+    the newest of the feed, so `update --next` picks it). Each is a FlatcarMirror whose
+    `root`, `feed` and keys are the fleet's: `serve_mirror(fleet.running)` serves both."""
+
+    running: FlatcarMirror
+    next: FlatcarMirror
+
+
+def fleet_kernels() -> tuple[str, str] | None:
+    """(running, next): the kernels under test (tests/kernels.py) of the oldest and the
+    newest series, the node's before and after its update; None with fewer than two."""
+    kernels = kernels_under_test()
+    return (kernels[0], kernels[-1]) if len(kernels) >= 2 else None
+
+
+def fleet_feed(running: FlatcarMirror, next_version: str, next_kernel: str) -> dict[str, Any]:
+    """The channel's feed: the running release (and an older one with its kernel), the
+    next release with the other kernel as the newest (and `current`), older decoys with
+    other kernels; no release newer than `next_version`."""
+    build, branch, _ = split_version(running.version)
+    kernel = running.kernel_upstream
+    decoys = [k for k in ("6.6.95", "5.15.186") if k not in (kernel, next_kernel)]
+    entries = {
+        f"{build - 71}.{branch}.0": _feed_entry(
+            running.channel, "2025-03-04 12:00:00 +0000", decoys[0], "Older, other kernel."
+        ),
+        next_version: _feed_entry(
+            running.channel, "2026-01-20 09:08:07 +0000", next_kernel, "The next release."
+        ),
+        running.older_version: _feed_entry(
+            running.channel, "2025-09-02 10:11:12 +0000", kernel, "Same kernel, older release."
+        ),
+        running.version: _feed_entry(
+            running.channel, "2025-10-21 13:42:00 +0000", kernel, "The running release."
+        ),
+    }
+    return {"current": entries[next_version], **entries}
+
+
+def build_fleet_mirror(
+    running_kernel: str, next_kernel: str, *, next_version: str = FLEET_NEXT_VERSION
+) -> FleetMirror:
+    """The fleet mirror of two kernels, made (once; cached) from their single-release
+    mirrors: the images are hard links, only the next release's signatures, digests and
+    version.txt are made anew (with the running mirror's key)."""
+    running = build_mirror(running_kernel)
+    following = build_mirror(next_kernel)
+    if split_version(next_version) <= split_version(running.version):
+        raise ValueError(f"{next_version} is not newer than {running.version}")
+    key = _hash(
+        {
+            "script": SCRIPT_VERSION,
+            "running": str(running.root),
+            "next": str(following.root),
+            "next_version": next_version,
+        }
+    )
+    final = cache_base() / "fleets" / key
+    with _locked(cache_base() / "fleets" / f"{key}.lock"):
+        if not (final / "complete").exists():
+            log.info("building the fleet mirror %s in %s", key, final)
+
+            def build(tmp: Path) -> None:
+                _link_tree(running.root.parent / "keys", tmp / "keys")
+                _link_tree(running.release_dir, tmp / "mirror" / running.board / running.version)
+                release = tmp / "mirror" / following.board / next_version
+                release.mkdir(parents=True)
+                _link(following.image, release / IMAGE_NAME)
+                (release / VERSION_TXT).write_text(version_txt(next_version))
+                with Signer(running.signing_secret) as signer:
+                    publish_artifact(signer, release / IMAGE_NAME)
+                    publish_artifact(signer, release / VERSION_TXT)
+                feed = tmp / "mirror" / running.feed.relative_to(running.root)
+                feed.parent.mkdir(parents=True)
+                feed.write_text(
+                    json.dumps(fleet_feed(running, next_version, following.kernel_upstream))
+                )
+                (tmp / "complete").write_text(key + "\n")
+
+            _build_atomically(final, build)
+    keys = final / "keys"
+    shared = {
+        "root": final / "mirror",
+        "feed": final / "mirror" / running.feed.relative_to(running.root),
+        **{
+            f: keys / getattr(running, f).name
+            for f in (
+                "signing_key",
+                "signing_keyring",
+                "wrong_key",
+                "wrong_keyring",
+                "signing_secret",
+                "wrong_secret",
+            )
+        },
+    }
+    return FleetMirror(
+        running=dataclasses.replace(running, **shared),
+        next=dataclasses.replace(
+            following, version=next_version, older_version=running.version, **shared
+        ),
+    )
+
+
+def _link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """A hard link (the cache is one file system), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=_link, symlinks=True)
+
+
 # --------------------------------------------------------------------------- hostile variants
 
 
@@ -964,13 +1088,7 @@ def clone_mirror(mirror: FlatcarMirror, dest: Path) -> FlatcarMirror:
     if root.exists():
         raise FileExistsError(root)
 
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(mirror.root, root, copy_function=link, symlinks=True)
+    _link_tree(mirror.root, root)
     return dataclasses.replace(mirror, root=root, feed=root / mirror.feed.relative_to(mirror.root))
 
 

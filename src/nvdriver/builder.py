@@ -131,18 +131,28 @@ def remove_stale_builds(config: Config) -> None:
             _remove_stale_locked(config)
 
 
-def make_package(config: Config, source: DriverSource, flavour: Flavour, *, into: Path) -> Package:
+def make_package(
+    config: Config,
+    source: DriverSource,
+    flavour: Flavour,
+    *,
+    into: Path,
+    target: release.NamedRelease | None = None,
+) -> Package:
     """Build and pack the `flavour` package of `source` for `config.kernel` (default: the
-    running kernel) into the store directory `into`. The caller chose the source and the
-    flavour, once per command (lifecycle._choose), and the store (`update`: the image's;
+    running kernel), or for the kernel of the Flatcar release `target`, into the store
+    directory `into`. The caller chose the source and the flavour, once per command
+    (lifecycle._choose), and the store (`update`: the image's unless --store node;
     `init` and `load`: the node's)."""
     if config.sign_key is not None:  # before anything is fetched or built
         check_key(config.sign_key)
-    build = _in_developer_container if config.kernel_source is None else _from_kernel_tree
     with build_lock(config):
         _remove_stale_locked(config)
         with workdir(config, "build") as work:
-            output = build(config, source, flavour, work)
+            if config.kernel_source is not None:
+                output = _from_kernel_tree(config, source, flavour, work)
+            else:
+                output = _in_developer_container(config, source, flavour, work, target)
             return pkg.write_package(into, output, tag=config.tag)
 
 
@@ -162,10 +172,17 @@ def _from_kernel_tree(
 
 
 def _in_developer_container(
-    config: Config, source: DriverSource, flavour: str, work: Path
+    config: Config,
+    source: DriverSource,
+    flavour: str,
+    work: Path,
+    target: release.NamedRelease | None,
 ) -> BuildOutput:
-    kernel = config.kernel or release.running_kernel()
-    flatcar = release.resolve(config, kernel)
+    """Build in the developer container of `target`'s release against the kernel tree
+    the feed names for it, or (no target) of the release that ships `config.kernel`
+    (default: the running kernel) against that kernel's tree."""
+    kernel = None if target is not None else config.kernel or release.running_kernel()
+    flatcar = target.release if target is not None else release.resolve(config, kernel)
     from nvdriver.flatcar.fetch import fetch_developer_container  # http, ssl: only to build
 
     dev_image = fetch_developer_container(config, flatcar)
@@ -174,7 +191,10 @@ def _in_developer_container(
     )
     with image.developer_root(dev_image, work / "mnt", binds) as root:
         build_root = BuildRoot(root)
-        if config.emerge_sources:
+        if kernel is None:
+            assert target is not None
+            tree = _release_kernel_tree(root, target.kernel, flatcar.version)
+        elif config.emerge_sources:
             tree = _emerged_kernel_tree(build_root, kernel)
         else:
             tree = _developer_kernel_tree(root, kernel, flatcar.version)
@@ -207,20 +227,35 @@ def _kept(output: BuildOutput, dest: Path) -> BuildOutput:
     )
 
 
-def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:
-    """The prepared kernel tree of the developer container: /lib/modules/KERNEL/build.
+# Releases up to 3115.0.0 kept modules in /usr/lib64/modules (FACTS).
+MODULE_DIRS = ("/lib/modules", "/usr/lib/modules", "/usr/lib64/modules")
 
-    Releases up to 3115.0.0 kept modules in /usr/lib64/modules (FACTS).
-    """
-    for modules in ("/lib/modules", "/usr/lib/modules", "/usr/lib64/modules"):
-        # `build` is an absolute link (to /usr/src/linux-headers-...): resolved inside the
-        # root, never on the host, which may lack those headers (a container always does).
-        candidate = Path(modules) / kernel
-        if any(resolve_in(root, candidate / link).exists() for link in ("build", "source")):
-            return KernelTree.from_dir(candidate, root=root)
+
+def _kernel_trees(root: Path) -> dict[str, Path]:
+    """Each kernel release of the developer root that has a tree (a `build` or `source`
+    link in /lib/modules/RELEASE), with that directory (a path inside the root)."""
+    trees: dict[str, Path] = {}
+    for modules in MODULE_DIRS:
+        directory = resolve_in(root, Path(modules))
+        for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
+            candidate = Path(modules) / entry.name
+            # `build` is an absolute link (to /usr/src/linux-headers-...): resolved inside
+            # the root, never on the host, which may lack those headers (a container does).
+            if entry.name not in trees and any(
+                resolve_in(root, candidate / link).exists() for link in ("build", "source")
+            ):
+                trees[entry.name] = candidate
+    return trees
+
+
+def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:
+    """The prepared kernel tree of the developer container: /lib/modules/KERNEL/build."""
+    trees = _kernel_trees(root)
+    if kernel in trees:
+        return KernelTree.from_dir(trees[kernel], root=root)
     present = sorted(
         p.name
-        for m in ("/lib/modules", "/usr/lib/modules")
+        for m in MODULE_DIRS[:2]
         if (d := resolve_in(root, Path(m))).is_dir()
         for p in d.iterdir()
     )
@@ -229,6 +264,24 @@ def _developer_kernel_tree(root: Path, kernel: str, version: str) -> KernelTree:
         f"(it has: {', '.join(present) or 'none'}).",
         hint="Check that the kernel release belongs to this Flatcar release; releases "
         "before the developer container shipped kernel trees need --emerge-sources.",
+    )
+
+
+def _release_kernel_tree(root: Path, kernel: str | None, version: str) -> KernelTree:
+    """The kernel tree of a release named by its version: the one whose upstream version
+    is the feed's `kernel` (`6.12.54` for /lib/modules/6.12.54-flatcar), or the only one
+    when the feed names none. The package's identity then comes from that tree."""
+    trees = _kernel_trees(root)
+    matching = [r for r in trees if kernel is None or release.upstream_kernel(r) == kernel]
+    if len(matching) == 1:
+        log.info("Flatcar %s: building for its kernel %s", version, matching[0])
+        return KernelTree.from_dir(trees[matching[0]], root=root)
+    wanted = f"kernel {kernel} (its releases feed's)" if kernel else "one kernel"
+    raise DriverError(
+        f"The Flatcar {version} developer container has no single kernel tree for {wanted} "
+        f"(it has: {', '.join(sorted(trees)) or 'none'}).",
+        hint="Check the release version and FLATCAR_RELEASES_FEED; give the kernel with "
+        "--kernel RELEASE instead when the release ships several.",
     )
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nvdriver import __version__, lifecycle, lock, signals
+from nvdriver import __version__, fleet, lifecycle, lock, signals
 from nvdriver import log as logsetup
 from nvdriver.config import Config
 from nvdriver.driver.package import stores
@@ -56,6 +56,24 @@ def _build_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="get the kernel tree with `emerge coreos-sources` in the developer container "
         "(old releases without /lib/modules/KERNEL/build; needs network)",
+    )
+    p.add_argument(
+        "--flatcar-version",
+        metavar="V",
+        help="build for the kernel of Flatcar release V (in its developer container)",
+    )
+    p.add_argument(
+        "--next",
+        action="store_true",
+        default=None,
+        help="build for the newest release of the host's channel with another kernel "
+        "(ahead of the reboot); nothing to do when there is none",
+    )
+    p.add_argument(
+        "--store",
+        choices=("image", "node"),
+        help="write into the image's store (PRECOMPILED_DIR, default) or the node's "
+        "(NODE_PRECOMPILED_DIR)",
     )
 
 
@@ -102,6 +120,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "sign_key": getattr(args, "sign", None),
         "tag": getattr(args, "tag", None),
         "debug": args.debug or None,
+        "flatcar_version": getattr(args, "flatcar_version", None),
+        "next_release": getattr(args, "next", None),
+        "store": getattr(args, "store", None),
     }
     return Config.from_env(env, **flags)
 
@@ -119,7 +140,8 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
         return ExitCode.OK
     if command in ("update", "build"):
         package = lifecycle.update(config)
-        print(package.path)
+        if package is not None:  # --next with nothing newer prints nothing
+            print(package.path)
         return ExitCode.OK
     if command == "packages":
         return _packages(args, config)
@@ -152,6 +174,7 @@ def _packages(args: argparse.Namespace, config: Config) -> int:
                     "created": p.manifest.created,
                     "size": p.size,
                     "modules": [m.name for m in p.manifest.modules],
+                    "origin": fleet.origin(store.kind, p.path),
                 }
                 for p in good
             ]
@@ -181,7 +204,7 @@ def _packages(args: argparse.Namespace, config: Config) -> int:
             log.error("%d package(s) failed verification and were moved aside", len(report.bad))
             return ExitCode.INTEGRITY
         return ExitCode.OK
-    for path in lifecycle.prune_packages(config, keep_kernels={os.uname().release}):
+    for path in lifecycle.prune_packages(config):
         print(f"removed\t{path}")
     return ExitCode.OK
 

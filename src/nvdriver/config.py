@@ -36,6 +36,8 @@ DRIVER_VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
 # of safe characters (never a path separator or whitespace).
 KERNEL_RELEASE_RE = re.compile(r"^\d+\.\d+(\.\d+)?([-+~._][A-Za-z0-9._+~-]*)?$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FLATCAR_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+STORES = ("image", "node")
 MODULE_TYPES = ("auto", "open", "proprietary")
 CHANNELS = ("stable", "beta", "alpha", "lts")
 BOARDS = ("amd64-usr", "arm64-usr")
@@ -188,6 +190,11 @@ class Config:
     tag: str | None = None
     debug: bool = False
     options: Options = Options()
+    # Building ahead (issue 12): a named Flatcar release (--flatcar-version), the channel's
+    # next release (--next), and the store `update` writes into (--store).
+    flatcar_version: str | None = None
+    next_release: bool = False
+    store: str = "image"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: object) -> Config:
@@ -246,6 +253,42 @@ class Config:
             )
         if self.tag is not None:
             _check("--tag", self.tag, TAG_RE, "letters, digits, '.', '_' or '-' (64 at most)")
+        if self.flatcar_version is not None:
+            _check(
+                "--flatcar-version",
+                self.flatcar_version,
+                FLATCAR_VERSION_RE,
+                "a Flatcar version like 4230.2.3",
+            )
+        _choice("--store", self.store, STORES)
+        self._check_exclusive()
+
+    def _check_exclusive(self) -> None:
+        """The ways of naming what to build for that contradict each other (exit 2)."""
+        given = {
+            "--flatcar-version": self.flatcar_version is not None,
+            "--next": self.next_release,
+            "--kernel": self.kernel is not None,
+            "--kernel-source": self.kernel_source is not None,
+            "--emerge-sources": self.emerge_sources,
+        }
+        # --kernel with --kernel-source (the tree must be that kernel's) and --kernel with
+        # --emerge-sources are the seed's combinations; a named release brings its own kernel.
+        for a, b in (
+            ("--flatcar-version", "--next"),
+            ("--flatcar-version", "--kernel"),
+            ("--flatcar-version", "--kernel-source"),
+            ("--flatcar-version", "--emerge-sources"),
+            ("--next", "--kernel"),
+            ("--next", "--kernel-source"),
+            ("--next", "--emerge-sources"),
+        ):
+            if given[a] and given[b]:
+                raise UsageError(
+                    f"{a} and {b} cannot be given together.",
+                    hint="Give one of --flatcar-version, --next, --kernel (with "
+                    "--kernel-source or --emerge-sources if needed).",
+                )
 
     def host(self, path: str | Path) -> Path:
         """A path of the kernel's (/proc, /sys, /dev) or of a host directory shared by a

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, lock, rootfs, signals
+from nvdriver import builder, daemons, fleet, lock, rootfs, signals
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
@@ -313,11 +313,35 @@ def unload(config: Config) -> None:
         rootfs.remove_stale(config)
 
 
-def update(config: Config) -> Package:
+def update(config: Config) -> Package | None:
     """Build and pack the precompiled package for a kernel into the image's store
-    (PRECOMPILED_DIR: `docker commit` keeps it, the seed's workflow); load nothing."""
+    (PRECOMPILED_DIR: `docker commit` keeps it, the seed's workflow), or the node's with
+    `--store node`; load nothing, touch no loaded driver.
+
+    The kernel: the running one, `--kernel`, the one of the Flatcar release
+    `--flatcar-version` names, or of the channel's next release (`--next`; None when the
+    feed has none with another kernel: nothing to do). A release newer than the host's
+    is recorded as the next one (fleet.py), for `status` and `packages prune`.
+    """
+    target = None
+    if config.next_release:
+        target = release.next_release(config)
+        if target is None:
+            log.info("Nothing to build ahead: the host runs the newest release of its channel")
+            return None
+    elif config.flatcar_version is not None:
+        target = release.release_by_version(config, config.flatcar_version)
     source, choice = _choose(config)
-    return builder.make_package(config, source, choice.flavour, into=config.precompiled_dir)
+    ahead = target is not None and fleet.is_ahead(config, target)
+    if ahead:
+        assert target is not None
+        fleet.write_next(config, target, None)
+    into = config.node_precompiled_dir if config.store == pkg.NODE_STORE else config.precompiled_dir
+    package = builder.make_package(config, source, choice.flavour, into=into, target=target)
+    if ahead:
+        assert target is not None
+        fleet.write_next(config, target, package.manifest.kernel_release)
+    return package
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,17 +363,17 @@ def verify_packages(config: Config) -> VerifyReport:
     return VerifyReport(good, bad)
 
 
-def prune_packages(config: Config, keep_kernels: set[str]) -> list[Path]:
-    """Remove, from both stores, leftovers, failed packages and packages of other driver
-    versions, and the developer containers of releases other than the running and the
-    newest cached one.
+def prune_packages(config: Config) -> list[Path]:
+    """Remove, from both stores, leftovers, failed packages, packages of kernels other
+    than the running one and the next release's (fleet.kept_kernels), packages of other
+    driver versions, origin records without their package, and the developer containers
+    of releases other than the running and the next one.
 
-    Packages of other kernels of this driver version stay: they may be built ahead
-    for the next Flatcar release. Kernels in `keep_kernels` are never touched. While a
-    build runs, what it may be using is left alone: temp files, the kernel directories
-    it may be about to write into, and the developer containers.
+    While a build runs, what it may be using is left alone: temp files, the kernel
+    directories it may be about to write into, and the developer containers.
     """
     removed: list[Path] = []
+    keep_kernels = fleet.kept_kernels(config)
     with builds_idle(config) as idle:
         for store in pkg.stores(config):
             removed += _prune_store(config, store, keep_kernels, idle=idle)
@@ -367,13 +391,15 @@ def _prune_store(
     removed += [
         p.path
         for p in good
-        if config.driver_version is not None
-        and p.manifest.driver_version != config.driver_version
-        and p.manifest.kernel_release not in keep_kernels
+        if p.manifest.kernel_release not in keep_kernels
+        or (
+            config.driver_version is not None and p.manifest.driver_version != config.driver_version
+        )
     ]
     for p in removed:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+    removed += fleet.remove_orphan_origins(store.root)
     if idle:
         for d in store.root.iterdir() if store.root.is_dir() else []:
             if d.is_dir() and not any(d.iterdir()):
@@ -383,17 +409,14 @@ def _prune_store(
 
 def _prune_images(config: Config) -> list[Path]:
     """Each developer container is gigabytes: keep the running release's (a rebuild for
-    this kernel needs it) and the newest one (built ahead for the next reboot) per board."""
+    this kernel needs it) and the next release's (built ahead for the reboot)."""
     from nvdriver.flatcar import fetch  # http, ssl: not on the init path
 
-    running = release.host_version(config)
+    kept = fleet.kept_releases(config)
     removed = []
     for dirs in fetch.cached_versions(config).values():
-        if not dirs:
-            continue
-        newest = max(dirs, key=lambda d: release.version_key(d.name)).name
         for d in dirs:
-            if d.name not in (running, newest):
+            if d.name not in kept:
                 log.info("Removing the Flatcar %s developer container %s", d.name, d)
                 shutil.rmtree(d, ignore_errors=True)
                 if not d.exists():

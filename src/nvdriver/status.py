@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvdriver import daemons, lock, mounts, rootfs
+from nvdriver import daemons, fleet, lock, mounts, rootfs
 from nvdriver.config import Config
 from nvdriver.driver.flavour import choose_flavour
 from nvdriver.driver.package import stores
@@ -98,6 +98,7 @@ def collect(config: Config) -> dict[str, Any]:
         for p in store.packages()[0]
         if p.manifest.kernel_release == kernel.release
     ]
+    report["releases"] = fleet.releases(config, kernel.release)
     return report
 
 
@@ -124,6 +125,17 @@ def render(report: dict[str, Any]) -> str:
         + (")" if p["matches_kernel"] else ", other build of this kernel)")
         for p in report["packages"]
     ]
+    following = report["releases"]["next"]
+    lines.append(
+        "next release: "
+        + (
+            f"Flatcar {following['version']}, kernel "
+            f"{following['kernel_release'] or following['kernel'] or '?'}, "
+            f"{len(following['packages'])} package(s)"
+            if following
+            else "none recorded (nvidia-driver update --next)"
+        )
+    )
     mods = report["modules"]
     lines.append(
         "modules:      "

@@ -15,6 +15,10 @@ there is one (else the running kernel if its headers are here, else the newest;
 `$FLATCAR_MIRROR_KERNEL` overrides that fallback). A test that runs once per kernel
 (the `kernel` fixture) takes `mirrors(kernel)` instead.
 
+`fleet_mirror` (session): two releases in one feed under one key (the running one with
+the oldest kernel under test, the next with the newest: tests/flatcar_mirror.py
+`build_fleet_mirror`), made from the two single-release mirrors.
+
 `flatcar_mirror_server` (function): a fresh `MirrorServer` serving it on
 127.0.0.1, its fault knobs clear; `.env()` gives FLATCAR_RELEASE_URL,
 FLATCAR_RELEASES_FEED, FLATCAR_SIGNING_KEY and FLATCAR_BOARD.
@@ -28,10 +32,13 @@ import pytest
 
 from tests.flatcar_mirror import (
     FlatcarMirror,
+    FleetMirror,
     MirrorServer,
     MirrorUnavailable,
+    build_fleet_mirror,
     build_mirror,
     default_kernel_release,
+    fleet_kernels,
     serve_mirror,
 )
 
@@ -68,3 +75,17 @@ def flatcar_mirror(request: pytest.FixtureRequest, mirrors: Mirrors) -> FlatcarM
 def flatcar_mirror_server(flatcar_mirror: FlatcarMirror) -> Iterator[MirrorServer]:
     with serve_mirror(flatcar_mirror) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def fleet_mirror() -> FleetMirror:
+    from tests.conftest import need
+
+    kernels = fleet_kernels()
+    need(kernels is not None, "the fleet mirror needs kernels of two series (tests/kernels.py)")
+    assert kernels is not None
+    try:
+        return build_fleet_mirror(*kernels)
+    except MirrorUnavailable as e:
+        need(False, f"no local Flatcar fleet mirror for {kernels}: {e}")
+        raise

@@ -7,7 +7,10 @@ container's own /etc/os-release is the image's (Debian, say): it is read only
 when the host's is not mounted, which is right outside a container and is
 warned about inside one. For another kernel (`update --kernel X`) the
 channel's releases feed is searched and the newest release with that kernel
-wins, whatever the order of the feed's keys.
+wins, whatever the order of the feed's keys. A release named by its version
+(`update --flatcar-version V`) and the channel's next release (`update --next`)
+come with the kernel the feed lists for them (`NamedRelease`): which kernel tree of
+the developer container to build against, before anything is downloaded.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ import dataclasses
 import json
 import logging
 import platform
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nvdriver.config import BOARDS, CHANNELS, Config
+from nvdriver.config import BOARDS, CHANNELS, FLATCAR_VERSION_RE, Config
 from nvdriver.errors import DriverError, UnsupportedError, UsageError
 from nvdriver.host import in_container
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:  # download (http.client, ssl, email) is imported only to read
 
 log = logging.getLogger(__name__)
 
-VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+VERSION_RE = FLATCAR_VERSION_RE
 # The minor number of a Flatcar version names its channel: 3975.2.1 is stable.
 CHANNEL_OF_MINOR = {"0": "alpha", "1": "beta", "2": "stable", "3": "lts"}
 # Host files, each at its documented mount first (host /etc/os-release at
@@ -263,17 +265,7 @@ def release_from_feed(
 ) -> FlatcarRelease:
     """The newest release of `feed` that ships `kernel`."""
     wanted = upstream_kernel(kernel)
-    matches = []
-    for version, entry in feed.items():
-        if version == "current":
-            continue
-        if not VERSION_RE.match(version):
-            raise DriverError(
-                f"The Flatcar releases feed {source} is malformed: "
-                f"{version!r} is not a release version."
-            )
-        if _feed_kernel(source, version, entry) == wanted:
-            matches.append(version)
+    matches = [v for v, k in _feed_releases(source, feed).items() if k == wanted]
     if not matches:
         raise UnsupportedError(
             f"No Flatcar {channel} release ships kernel {kernel} "
@@ -324,3 +316,128 @@ def resolve(
     )
     log.info("Kernel %s ships with Flatcar %s (%s)", kernel, release.version, release.channel)
     return release
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedRelease:
+    """A release to build for, and the upstream kernel version the feed lists for it
+    (`6.12.54`); None when the feed does not know the release or lists no kernel: then
+    its developer container's only kernel tree decides."""
+
+    release: FlatcarRelease
+    kernel: str | None
+
+
+def _feed_releases(source: str, feed: Mapping[str, object]) -> dict[str, str | None]:
+    """Each release version of the feed with its kernel (None: the entry lists none)."""
+    releases = {}
+    for version, entry in feed.items():
+        if version == "current":
+            continue
+        if not VERSION_RE.match(version):
+            raise DriverError(
+                f"The Flatcar releases feed {source} is malformed: "
+                f"{version!r} is not a release version."
+            )
+        releases[version] = _feed_kernel(source, version, entry)
+    return releases
+
+
+def release_by_version(
+    config: Config, version: str, *, policy: RetryPolicy | None = None
+) -> NamedRelease:
+    """Flatcar `version` (its channel: FLATCAR_CHANNEL, else the one its minor number
+    names) and the kernel its channel's feed lists for it.
+
+    A release the feed does not list is not refused here: its artifacts may still be
+    published (an older release the feed dropped); the download says if they are not.
+    """
+    flatcar = FlatcarRelease.from_version(
+        version, config.flatcar_board, channel=config.flatcar_channel
+    )
+    source = feed_url(config, flatcar.channel)
+    kernels = _feed_releases(source, load_feed(source, policy=policy))
+    kernel = kernels.get(version)
+    if version not in kernels:
+        _check_published(config, flatcar, source, policy)
+        log.warning(
+            "Flatcar %s is not in the %s releases feed %s: its developer container's "
+            "kernel tree decides the kernel",
+            version,
+            flatcar.channel,
+            source,
+        )
+    elif kernel is None:
+        log.warning(
+            "The releases feed %s lists no kernel for Flatcar %s: its developer "
+            "container's kernel tree decides the kernel",
+            source,
+            version,
+        )
+    else:
+        log.info("Flatcar %s (%s) ships kernel %s", version, flatcar.channel, kernel)
+    return NamedRelease(flatcar, kernel)
+
+
+def _check_published(
+    config: Config, flatcar: FlatcarRelease, source: str, policy: RetryPolicy | None
+) -> None:
+    """A release the feed does not list must at least be published (its version.txt):
+    a typo in the version is "no such release" (exit 6), not a failed verification."""
+    from nvdriver.flatcar.download import DEFAULT_RETRY, UrlNotFound, read_url
+    from nvdriver.flatcar.fetch import release_base_url
+
+    url = f"{release_base_url(config, flatcar)}/version.txt"
+    try:
+        read_url(url, policy=policy or DEFAULT_RETRY)
+    except UrlNotFound as e:
+        raise UnsupportedError(
+            f"There is no Flatcar {flatcar.channel} release {flatcar.version}: the releases "
+            f"feed {source} does not list it and {url} does not exist.",
+            hint="Check the version (and FLATCAR_CHANNEL), or use --next for the channel's "
+            "next release.",
+        ) from e
+
+
+def next_release(config: Config, *, policy: RetryPolicy | None = None) -> NamedRelease | None:
+    """The release this node boots into after its next update: the newest of the host's
+    channel (FLATCAR_CHANNEL, else update.conf's GROUP, else the host version's own)
+    that is newer than the host's version and whose kernel is not the running one's
+    (the same kernel needs no new package). None when the feed has no such release.
+    """
+    osr = host_os_release(config)
+    running = host_version(config, osr)
+    if running is None:
+        raise UsageError(
+            "--next needs the host's Flatcar release, and this host is not Flatcar "
+            f"(no Flatcar VERSION in {osr.path or config.host(HOST_OS_RELEASE)}).",
+            hint="Mount the host's /etc/os-release at /host-etc/os-release, or name the "
+            "release with --flatcar-version.",
+        )
+    chan = config.flatcar_channel or host_channel(config) or channel_of_version(running)
+    chan = chan or "stable"
+    source = feed_url(config, chan)
+    kernels = _feed_releases(source, load_feed(source, policy=policy))
+    current = upstream_kernel(running_kernel())
+    newer = [
+        v
+        for v, k in kernels.items()
+        if version_key(v) > version_key(running) and k is not None and k != current
+    ]
+    if not newer:
+        log.info(
+            "No Flatcar %s release newer than the host's %s with a kernel other than %s in %s",
+            chan,
+            running,
+            current,
+            source,
+        )
+        return None
+    version = max(newer, key=version_key)
+    kernel = kernels[version]
+    log.info(
+        "The next Flatcar %s release after %s is %s, with kernel %s", chan, running, version, kernel
+    )
+    return NamedRelease(
+        FlatcarRelease(version=version, channel=chan, board=config.flatcar_board), kernel
+    )
