@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, lock, rootfs, signals
+from nvdriver import builder, daemons, lock, rootfs, signals, watch
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
@@ -275,8 +275,7 @@ def init(config: Config) -> None:
         stack.enter_context(rootfs.ready(config, options.readiness))
         log.info("NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour)
         try:
-            while True:
-                signal.pause()
+            watch.wait(config)  # builds ahead for the next Flatcar release meanwhile
         except Interrupted as e:
             log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
     log.info("Shut down cleanly")
