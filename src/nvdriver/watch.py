@@ -10,7 +10,7 @@ so that the reboot into that release finds it and loads without a compile:
   --next` builds for the newest release of the node's channel;
 * every BUILD_AHEAD_STAGED_POLL seconds update_engine is asked (staged.py); a
   release it has staged for the reboot is built at once, `update --store node
-  --flatcar-version V`, once per release (a failed build is tried again after the
+  --flatcar-version=V`, once per release (a failed build is tried again after the
   next interval).
 
 In `init` rather than in a second container: this process holds the instance
@@ -127,7 +127,7 @@ class Watcher:
         self.staged_poll = config.options.build_ahead_staged_poll
         self.rng = rng or random.Random()
         self.update_engine = staged.UpdateEngine(config)
-        self.built: set[str] = set()
+        self.handled: set[str] = set()  # staged releases built (or refused): not again
         self.retry_at: dict[str, float] = {}
 
     def first_delay(self) -> float:
@@ -161,11 +161,17 @@ class Watcher:
 
     def _staged(self, now: float) -> None:
         version = self.update_engine.staged()
-        if version is None or version in self.built or now < self.retry_at.get(version, now):
+        if version is None or version in self.handled or now < self.retry_at.get(version, now):
+            return
+        if not release.VERSION_RE.match(version):  # the host's word, into a command line
+            log.warning(
+                "update_engine staged %r, which is not a Flatcar version; ignoring it", version
+            )
+            self.handled.add(version)
             return
         log.info("Flatcar %s is staged for the next boot (update_engine)", version)
-        if build(self.config, "--flatcar-version", version):
-            self.built.add(version)
+        if build(self.config, f"--flatcar-version={version}"):
+            self.handled.add(version)
             self.retry_at.pop(version, None)
             staged_built(self.config, version)
         else:

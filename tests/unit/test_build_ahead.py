@@ -286,8 +286,7 @@ def test_a_staged_update_starts_a_low_priority_build_at_once_and_sigterm_ends_it
             "update",
             "--store",
             "node",
-            "--flatcar-version",
-            STAGED,
+            f"--flatcar-version={STAGED}",
             "-m",
             "1",
         ]
@@ -335,3 +334,14 @@ def test_a_staged_release_is_built_once_and_a_failing_child_does_not_stop_the_wa
             assert w.stop() == 0
         assert w.text().count("failed with status 1") >= 4
         assert "watcher: caught signal 15" in w.text()
+
+
+def test_a_staged_version_that_is_not_a_flatcar_version_is_not_built(host_root: Path) -> None:
+    """NEW_VERSION is the host's word and goes into a command line: only a version passes."""
+    with update_engine(host_root) as service:
+        service.stage("--kernel-source=/tmp/x")
+        with watching(host_root, "ok", BUILD_AHEAD_INTERVAL="3600", SEED="1") as w:
+            wait_for(lambda: service.calls >= 5, "the watcher to ask update_engine")
+            assert w.children() == []
+            assert w.stop() == 0
+        assert w.text().count("which is not a Flatcar version") == 1
