@@ -79,6 +79,12 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) 
         time.sleep(0.05)
 
 
+def bus_config(socket: Path, extra_policy: str = "") -> str:
+    """dbus-daemon's configuration of a system bus on `socket` that lets anyone own and
+    call anything (plus `extra_policy`)."""
+    return _CONFIG.format(socket=socket, extra=extra_policy)
+
+
 @contextlib.contextmanager
 def system_bus(host_root: Path, *, extra_policy: str = "") -> Iterator[Path]:
     """A dbus-daemon listening at HOST_ROOT/run/dbus/system_bus_socket; yields the socket."""
@@ -88,7 +94,7 @@ def system_bus(host_root: Path, *, extra_policy: str = "") -> Iterator[Path]:
     socket = host_root / SOCKET
     socket.parent.mkdir(parents=True, exist_ok=True)
     config = host_root / "bus.conf"
-    config.write_text(_CONFIG.format(socket=socket, extra=extra_policy))
+    config.write_text(bus_config(socket, extra_policy))
     proc = subprocess.Popen(
         [DBUS_DAEMON, "--nofork", "--nopidfile", f"--config-file={config}"],
         stdin=subprocess.DEVNULL,
@@ -104,6 +110,15 @@ def system_bus(host_root: Path, *, extra_policy: str = "") -> Iterator[Path]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def write_status(path: Path, operation: str, version: str) -> None:
+    """The stand-in update_engine's next GetStatus answer, written whole (a rename)."""
+    data = {"last_checked_time": 1764640000, "progress": 1.0, "operation": operation}
+    data.update(new_version=version, new_size=123456789)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(path)
 
 
 class UpdateEngine:
@@ -123,11 +138,7 @@ class UpdateEngine:
         assert self.proc.stdout.readline() == "ready\n", "the stand-in update_engine did not start"
 
     def set(self, operation: str, version: str) -> None:
-        data = {"last_checked_time": 1764640000, "progress": 1.0, "operation": operation}
-        data.update(new_version=version, new_size=123456789)
-        tmp = self.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.rename(self.state)
+        write_status(self.state, operation, version)
 
     def stage(self, version: str) -> None:
         self.set(NEED_REBOOT, version)
