@@ -38,7 +38,7 @@ from typing import NoReturn
 
 from nvdriver import run, staged
 from nvdriver.config import Config
-from nvdriver.errors import DriverError
+from nvdriver.errors import DriverError, Interrupted
 from nvdriver.flatcar import release
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,11 @@ def build(config: Config, *args: str) -> bool:
     started = time.monotonic()
     try:
         with run.spawn(argv, process_group=True, terminate_timeout=CHILD_STOP_TIMEOUT) as child:
-            status = child.wait()
+            try:
+                status = child.wait()
+            except Interrupted:  # spawn terminates it on the way out, and waits
+                log.info("Stopping the build ahead (pid %d) first", child.pid)
+                raise
     except run.RunError as e:  # ionice, nice or the program missing
         log.error("Building ahead could not start: %s", e.message)
         return False

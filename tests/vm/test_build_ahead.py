@@ -85,8 +85,9 @@ def test_init_builds_ahead_for_a_staged_update_at_low_priority_and_stops_it_firs
     # SIGTERM reached the build (it cleans up), and init waited for it before it went on
     # to shut the driver down.
     (terminated,) = [r["time"] for r in records if r.get("terminated") == signal.SIGTERM]
-    caught = _logged_at((tmp_path / "init.log").read_text(), "Caught SIGTERM")
-    assert terminated <= caught, explain
+    log = (tmp_path / "init.log").read_text()
+    assert f"Stopping the build ahead (pid {records[0]['pid']}) first" in log, explain
+    assert terminated <= _logged_at(log, "Caught SIGTERM") <= _logged_at(log, "Unloading")
 
 
 def _logged_at(text: str, message: str) -> float:
