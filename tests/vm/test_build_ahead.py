@@ -43,11 +43,11 @@ def test_init_builds_ahead_for_a_staged_update_at_low_priority_and_stops_it_firs
         BUILD_AHEAD_STAGED_POLL=0.5 PYTHONPATH={ROOT} \
         "NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND=$PY -m tests.buildahead child" \
         BUILD_AHEAD_TEST_RECORD=$LOGS/children.jsonl BUILD_AHEAD_TEST_CHILD=sleep
-    wait_ready 300; say ready_rc $?
-    wait_for '[ "$(cat $LOGS/ue.calls 2>/dev/null || echo 0)" -ge 2 ]' 120; say asked_rc $?
+    wait_ready; say ready_rc $?
+    wait_for '[ "$(cat $LOGS/ue.calls 2>/dev/null || echo 0)" -ge 2 ]' 30; say asked_rc $?
     say children_idle "$(cat $LOGS/children.jsonl 2>/dev/null | wc -l)"
     mv $LOGS/staged.json $LOGS/ue.json
-    wait_for '[ -s $LOGS/children.jsonl ]' 120; say child_rc $?
+    wait_for '[ -s $LOGS/children.jsonl ]' 30; say child_rc $?
     pid=$(sed -n 's/^{{"pid": \([0-9]*\),.*/\1/p' $LOGS/children.jsonl | head -n 1)
     say child_nice "$(awk '{{print $19}}' /proc/$pid/stat)"
     say child_io "$(ionice -p $pid)"
