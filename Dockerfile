@@ -4,10 +4,11 @@
 #
 # Build it from the repository root after preparing image-inputs/ (README, "The image"):
 #
-#   .venv/bin/pip wheel --no-deps --wheel-dir image-inputs/wheelhouse .
+#   .venv/bin/pip wheel --wheel-dir image-inputs/wheelhouse .
 #   docker build --build-arg DRIVER_VERSION=535.261.03 -t nvidia-driver:535.261.03 .
 #
-# image-inputs/ is the whole build context (.dockerignore): the wheelhouse and, optionally,
+# image-inputs/ is the whole build context (.dockerignore): the wheelhouse (the program's wheel
+# and its one dependency's, jeepney) and, optionally,
 # flatcar-image-signing-key.asc (without it the key is fetched from FLATCAR_SIGNING_KEY_URL).
 #
 # The seed's workflow (README, "Plain Docker"): build the modules for a kernel in a
@@ -20,6 +21,7 @@
 #       -v /var/lib/nvidia-driver:/var/lib/nvidia-driver \
 #       -v /var/cache/nvidia-driver:/var/cache/nvidia-driver \
 #       -v /etc/nvidia-driver/modules:/drivers:ro \
+#       -v /run/dbus/system_bus_socket:/run/dbus/system_bus_socket:ro \
 #       nvidia-driver:535.261.03 update
 #   docker commit --change 'ENTRYPOINT ["nvidia-driver","init"]' --change 'CMD []' \
 #       nvidia-update "nvidia-driver:535.261.03-$(uname -r)"
@@ -39,6 +41,7 @@
 #       -v /var/lib/nvidia-driver:/var/lib/nvidia-driver \
 #       -v /var/cache/nvidia-driver:/var/cache/nvidia-driver \
 #       -v /etc/nvidia-driver/modules:/drivers:ro \
+#       -v /run/dbus/system_bus_socket:/run/dbus/system_bus_socket:ro \
 #       "nvidia-driver:535.261.03-$(uname -r)"
 
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -67,7 +70,8 @@ ENV DRIVER_VERSION=${DRIVER_VERSION} \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # The programs nvidia-driver runs (README, "Dependencies"): kmod (modprobe, rmmod, depmod,
-# modinfo), mount (mount, umount, losetup), util-linux (findmnt), fdisk (sfdisk), gpg and gpgv
+# modinfo), mount (mount, umount, losetup), util-linux (findmnt; ionice, and coreutils' nice, for
+# the builds ahead), fdisk (sfdisk), gpg and gpgv
 # (Flatcar's signatures), lbzip2 (the developer container), binutils (ld: links the modules
 # when no linker of the developer container is saved in NVIDIA_DRIVER_CACHE); python3 and
 # ca-certificates (HTTPS downloads); xz-utils unpacks the driver. The base image's updates

@@ -511,7 +511,6 @@ def build_image(eng: Engine, variant: Variant, signing_key: Path) -> str:
                 "pip",
                 "wheel",
                 "-q",
-                "--no-deps",
                 "--wheel-dir",
                 inputs / "wheelhouse",
                 ROOT,

@@ -25,6 +25,7 @@ import dataclasses
 import os
 import platform
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,6 +43,7 @@ MODULE_TYPES = ("auto", "open", "proprietary")
 CHANNELS = ("stable", "beta", "alpha", "lts")
 BOARDS = ("amd64-usr", "arm64-usr")
 LOG_FORMATS = ("text", "json")
+BUILD_AHEAD_MODES = ("auto", "on", "off")
 
 DEFAULT_RELEASE_URL = "https://{channel}.release.flatcar-linux.net"
 DEFAULT_RELEASES_FEED = "https://www.flatcar.org/releases-json/releases-{channel}.json"
@@ -95,6 +97,15 @@ class Options:
     GPUDirect RDMA also loads nvidia-peermem. pause_at
     (NVIDIA_DRIVER_TEST_PAUSE_AT, tests only): a step of PAUSE_STEPS where
     `init` stops until a signal.
+
+    Building ahead while `init` waits (watch.py): build_ahead (BUILD_AHEAD, auto|on|off;
+    auto: on when the host is Flatcar), build_ahead_interval (BUILD_AHEAD_INTERVAL,
+    seconds between the feed-driven builds, jittered), build_ahead_staged_poll
+    (BUILD_AHEAD_STAGED_POLL, seconds between two looks at update_engine's status),
+    build_ahead_threads (BUILD_AHEAD_THREADS, the build's -m). build_ahead_command
+    (NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND, tests only): the command line that stands
+    in for `nvidia-driver` in the build's child, so that tests can watch a child of
+    their own.
     """
 
     container_root: Path = Path("/")
@@ -102,6 +113,11 @@ class Options:
     gds: bool = False
     gdrcopy: bool = False
     pause_at: str | None = None
+    build_ahead: str = "auto"
+    build_ahead_interval: float = 21600.0
+    build_ahead_staged_poll: float = 60.0
+    build_ahead_threads: int = 1
+    build_ahead_command: tuple[str, ...] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Options:
@@ -111,6 +127,7 @@ class Options:
                 f"NVIDIA_DRIVER_TEST_PAUSE_AT={pause_at!r} is not a step: expected one of "
                 f"{', '.join(PAUSE_STEPS)}."
             )
+        command = env.get("NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND")
         root = Path(env.get("CONTAINER_ROOT") or "/")
         if not root.is_absolute():
             raise UsageError(f"CONTAINER_ROOT={str(root)!r} is not an absolute path.")
@@ -120,6 +137,11 @@ class Options:
             gds=_flag(env, "GDS_ENABLED"),
             gdrcopy=_flag(env, "GDRCOPY_ENABLED"),
             pause_at=pause_at,
+            build_ahead=_choice("BUILD_AHEAD", env.get("BUILD_AHEAD") or "auto", BUILD_AHEAD_MODES),
+            build_ahead_interval=_seconds(env, "BUILD_AHEAD_INTERVAL", 21600.0),
+            build_ahead_staged_poll=_seconds(env, "BUILD_AHEAD_STAGED_POLL", 60.0),
+            build_ahead_threads=_count(env, "BUILD_AHEAD_THREADS", 1),
+            build_ahead_command=tuple(shlex.split(command)) if command else None,
         )
 
     @property
@@ -138,6 +160,32 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     if value in _FALSE:
         return False
     raise UsageError(f"{name}={env[name]!r} is not valid: expected true or false.")
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    value = env.get(name) or ""
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise UsageError(
+            f"{name}={value!r} is not valid: expected a positive number of seconds.",
+            hint=f"Fix {name} in the container's environment.",
+        )
+    return seconds
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name) or ""
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(
+            f"{name}={value!r} is not valid: expected a positive whole number.",
+            hint=f"Fix {name} in the container's environment.",
+        )
+    return int(value)
 
 
 def parse_timeouts(

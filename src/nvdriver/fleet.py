@@ -20,8 +20,9 @@ from typing import Any
 
 from nvdriver.atomic import write_atomically
 from nvdriver.config import Config
-from nvdriver.driver.package import IMAGE_STORE, Package, stores
+from nvdriver.driver.package import IMAGE_STORE, Package, PackageStore, stores
 from nvdriver.flatcar import release
+from nvdriver.host import KernelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +42,55 @@ def record_path(config: Config) -> Path:
 def write_next(
     config: Config,
     target: release.NamedRelease,
-    kernel_release: str | None,
+    kernel: KernelIdentity | None,
     *,
     source: str = "feed",
 ) -> None:
     """Record `target` as the release this node boots into next (`source`: where that was
-    learnt, `feed` or `update_engine`); `kernel_release` once a build found its tree."""
+    learnt, `feed` or `update_engine`); `kernel` once a build found its tree: then a
+    second build ahead for the same release finds its package (`built_ahead`)."""
     record = {
         "version": target.release.version,
         "channel": target.release.channel,
         "kernel": target.kernel,
-        "kernel_release": kernel_release,
+        "kernel_release": kernel.release if kernel else None,
+        "kernel_version": kernel.version if kernel else None,
         "checked": _now(),
         "source": source,
     }
-    config.cache_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(record_path(config), (json.dumps(record, indent=2) + "\n").encode())
+    _write_record(config, record)
     log.info(
         "Recorded Flatcar %s as the next release in %s", target.release.version, record_path(config)
+    )
+
+
+def _write_record(config: Config, record: dict[str, Any]) -> None:
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(record_path(config), (json.dumps(record, indent=2) + "\n").encode())
+
+
+def learnt_from(config: Config, version: str, source: str) -> None:
+    """Say in the record of `version` where it was learnt (the watcher: `update_engine`
+    after a staged build; the child it ran only knew the feed)."""
+    record = next_record(config)
+    if record is not None and record["version"] == version and record.get("source") != source:
+        _write_record(config, {**record, "source": source})
+
+
+def built_ahead(
+    config: Config, target: release.NamedRelease, store: Path, driver_version: str, flavour: str
+) -> Package | None:
+    """The package a build ahead for `target` already made into `store` (the record names
+    its kernel, release and full version), so that the watcher's periodic `update --next`
+    and a staged build after it do not compile the same package again."""
+    record = next_record(config)
+    if record is None or record["version"] != target.release.version:
+        return None
+    kernel_release, kernel_version = record.get("kernel_release"), record.get("kernel_version")
+    if not isinstance(kernel_release, str) or not isinstance(kernel_version, str):
+        return None
+    return PackageStore(store).find(
+        KernelIdentity(kernel_release, kernel_version), driver_version, flavour, config.tag
     )
 
 
@@ -143,8 +175,20 @@ def kept_releases(config: Config) -> set[str]:
 
 
 def staged_release(config: Config) -> dict[str, Any] | None:
-    """The release update_engine has staged for the next reboot; the watcher fills this in."""
-    return None
+    """The release update_engine has staged for the next reboot (a local call on the host's
+    bus, bounded by staged.TIMEOUT; None without a bus, update_engine or a staged update),
+    with the kernel the next-release record names for it once its package was built."""
+    from nvdriver.staged import UpdateEngine  # jeepney: only where the bus is asked
+
+    status = UpdateEngine(config).status()
+    version = status.staged if status is not None else None
+    if version is None:
+        return None
+    record = next_record(config)
+    kernel_release = (
+        record.get("kernel_release") if record and record["version"] == version else None
+    )
+    return {"version": version, "kernel_release": kernel_release}
 
 
 def _package_row(kind: str, package: Package) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, fleet, lock, rootfs, signals
+from nvdriver import builder, daemons, fleet, lock, rootfs, signals, watch
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
@@ -275,8 +275,7 @@ def init(config: Config) -> None:
         stack.enter_context(rootfs.ready(config, options.readiness))
         log.info("NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour)
         try:
-            while True:
-                signal.pause()
+            watch.wait(config)  # builds ahead for the next Flatcar release meanwhile
         except Interrupted as e:
             log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
     log.info("Shut down cleanly")
@@ -333,14 +332,22 @@ def update(config: Config) -> Package | None:
         target = release.release_by_version(config, config.flatcar_version)
     source, choice = _choose(config)
     ahead = target is not None and fleet.is_ahead(config, target)
+    into = config.node_precompiled_dir if config.store == pkg.NODE_STORE else config.precompiled_dir
     if ahead:
         assert target is not None
+        built = fleet.built_ahead(config, target, into, source.version, choice.flavour)
+        if built is not None:
+            log.info(
+                "The package for Flatcar %s is there already: %s",
+                target.release.version,
+                built.path,
+            )
+            return built
         fleet.write_next(config, target, None)
-    into = config.node_precompiled_dir if config.store == pkg.NODE_STORE else config.precompiled_dir
     package = builder.make_package(config, source, choice.flavour, into=into, target=target)
     if ahead:
         assert target is not None
-        fleet.write_next(config, target, package.manifest.kernel_release)
+        fleet.write_next(config, target, package.manifest.kernel)
     return package
 
 

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,17 +107,31 @@ def holder(config: Config) -> int | None:
     return None
 
 
+def _is_our_stderr(path: Path) -> bool:
+    """Whether `path` (another process's output) is the file our stderr writes to."""
+    try:
+        theirs, ours = os.stat(path), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):  # a stderr without a file descriptor (a test's capture)
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 @contextlib.contextmanager
 def mirror_to_running_instance(config: Config) -> Iterator[int | None]:
     """While a `with` block runs, also send our log lines to the running instance's log.
 
     Yields the instance's pid, or None when none runs (or its output cannot be opened).
+    A child of the instance (its build ahead, watch.py) writes to that output already:
+    its lines are not sent twice.
     """
     pid = holder(config)
     if pid is None or pid == os.getpid():
         yield None
         return
     output = config.host(f"/proc/{pid}/fd/2")
+    if _is_our_stderr(output):
+        yield pid
+        return
     try:
         stream = open(output, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
     except OSError as e:

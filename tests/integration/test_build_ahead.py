@@ -114,6 +114,17 @@ def test_update_next_builds_ahead_into_the_node_store_which_status_shows_and_pru
     )
     assert not (tmp_path / "precompiled").exists(), "nothing in the image's store"
 
+    # The watcher runs `update --next` every interval: the package is there, nothing is
+    # fetched or compiled again (the record names the kernel the build found).
+    built_at, fetched = path.stat().st_mtime_ns, image_requests(server, following.version)
+    again = run_tool("update", "--next", "--store", "node", env=env)
+    assert (again.returncode, again.stdout.strip()) == (0, str(path)), again.stderr
+    assert f"The package for Flatcar {following.version} is there already" in again.stderr
+    assert (path.stat().st_mtime_ns, image_requests(server, following.version)) == (
+        built_at,
+        fetched,
+    )
+
     report = json.loads(run_tool("status", "--json", env=env).stdout)["releases"]
     assert (report["running"]["version"], report["running"]["packages"]) == (running.version, [])
     assert (report["next"]["version"], report["next"]["kernel_release"]) == (

@@ -35,6 +35,7 @@ from nvdriver.daemons import STOP_TIMEOUT
 from nvdriver.mounts import TOOL_TIMEOUT
 from nvdriver.rootfs import READY_FILE
 from nvdriver.run import TIMEOUTS
+from nvdriver.watch import CHILD_STOP_TIMEOUT
 from tests.conftest import need
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,11 +63,12 @@ CONTRACT = (
     ("/var/lib/nvidia-driver", "/var/lib/nvidia-driver", False, False),
     ("/var/cache/nvidia-driver", "/var/cache/nvidia-driver", False, False),
     ("/etc/nvidia-driver/modules", "/drivers", True, False),
+    ("/run/dbus/system_bus_socket", "/run/dbus/system_bus_socket", True, False),
 )
 Mount = tuple[str, str, bool, bool]
-# What a clean unload may take at the limits of its steps: nvidia-persistenced's stop,
-# one rmmod, one unmount.
-UNLOAD_BUDGET = STOP_TIMEOUT + TIMEOUTS["rmmod"] + TOOL_TIMEOUT
+# What a clean shutdown may take at the limits of its steps: a build ahead's cleanup,
+# nvidia-persistenced's stop, one rmmod, one unmount.
+UNLOAD_BUDGET = CHILD_STOP_TIMEOUT + STOP_TIMEOUT + TIMEOUTS["rmmod"] + TOOL_TIMEOUT
 
 
 # --- Butane to Ignition ------------------------------------------------------------------

@@ -218,7 +218,7 @@ def test_status_shows_the_running_and_the_next_release_with_their_packages(
     target = release.NamedRelease(
         release.FlatcarRelease("4230.2.1", "stable", "amd64-usr"), "6.12.54"
     )
-    fleet.write_next(config, target, following.release)
+    fleet.write_next(config, target, following)
 
     releases = status.collect(config)["releases"]
     assert releases["running"]["version"] == "4152.2.3"

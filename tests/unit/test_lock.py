@@ -97,6 +97,35 @@ def test_update_logs_into_the_running_instances_output(config: Config, tmp_path:
     assert "after the update" not in text
 
 
+@pytest.mark.usefixtures("our_logger")
+def test_a_child_of_the_instance_logs_each_line_once(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init's build ahead (watch.py) runs `update` with init's own output as its stderr:
+    mirroring its lines into that output as well would show each of them twice."""
+    path = config.host(lock.LOCK_FILE)
+    path.parent.mkdir(parents=True)
+    instance_log = tmp_path / "instance.log"
+    with instance_log.open("a", buffering=1) as shared:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(path)],
+            stdout=subprocess.PIPE,
+            stderr=shared,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+            monkeypatch.setattr(sys, "stderr", shared)
+            logsetup.setup("text", stream=shared)
+            with lock.mirror_to_running_instance(config) as pid:
+                assert pid == proc.pid
+                logging.getLogger("nvdriver.test").error("building for kernel 6.12 failed")
+        finally:
+            proc.kill()
+            proc.wait()
+    assert instance_log.read_text().count("building for kernel 6.12 failed") == 1
+
+
 def test_no_instance_no_mirror(config: Config) -> None:
     with lock.mirror_to_running_instance(config) as pid:
         assert pid is None
