@@ -40,6 +40,7 @@ MODULE_TYPES = ("auto", "open", "proprietary")
 CHANNELS = ("stable", "beta", "alpha", "lts")
 BOARDS = ("amd64-usr", "arm64-usr")
 LOG_FORMATS = ("text", "json")
+FABRIC_MANAGER_MODES = ("auto", "off")
 
 DEFAULT_RELEASE_URL = "https://{channel}.release.flatcar-linux.net"
 DEFAULT_RELEASES_FEED = "https://www.flatcar.org/releases-json/releases-{channel}.json"
@@ -100,6 +101,8 @@ class Options:
     gds: bool = False
     gdrcopy: bool = False
     pause_at: str | None = None
+    fabric_manager: str = "auto"
+    fabric_manager_timeout: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Options:
@@ -118,6 +121,10 @@ class Options:
             gds=_flag(env, "GDS_ENABLED"),
             gdrcopy=_flag(env, "GDRCOPY_ENABLED"),
             pause_at=pause_at,
+            fabric_manager=_choice(
+                "FABRIC_MANAGER", env.get("FABRIC_MANAGER") or "auto", FABRIC_MANAGER_MODES
+            ),
+            fabric_manager_timeout=_seconds(env, "FABRIC_MANAGER_TIMEOUT", 300.0),
         )
 
     @property
@@ -127,6 +134,20 @@ class Options:
             "GDS_ENABLED": self.gds,
             "GPU_DIRECT_RDMA_ENABLED": self.gpu_direct_rdma,
         }
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise UsageError(
+            f"{name}={env[name]!r} is not valid: expected a positive number of seconds.",
+            hint=f"Fix {name} in the container's environment.",
+        )
+    return value
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
