@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -25,8 +26,8 @@ from typing import Any
 import pytest
 
 from nvdriver import cli, daemons, fabric, lifecycle, rootfs, status
-from nvdriver.config import Config
-from nvdriver.errors import DriverError, UnsupportedError
+from nvdriver.config import Config, Options
+from nvdriver.errors import DriverError, UnsupportedError, UsageError
 from nvdriver.kmod import loading
 from tests import sysfs
 from tests.standin import fabric as standin
@@ -519,3 +520,26 @@ def test_load_leaves_the_fabric_manager_running_and_unload_stops_it_before_persi
     assert not alive(node, pid)
     stops = [e for e in node.events() if e.endswith("stopped")]
     assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FABRIC_MANAGER": "on"}, "FABRIC_MANAGER='on' is not valid: expected one of auto, off"),
+        ({"FABRIC_MANAGER_TIMEOUT": "soon"}, "FABRIC_MANAGER_TIMEOUT='soon' is not valid"),
+        ({"FABRIC_MANAGER_TIMEOUT": "-5"}, "expected a positive number of seconds"),
+        ({"FABRIC_MANAGER_TIMEOUT": "inf"}, "expected a positive number of seconds"),
+    ],
+)
+def test_bad_fabric_manager_settings_are_usage_errors(
+    env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=re.escape(message)) as e:
+        Options.from_env(dict(os.environ))
+    assert e.value.exit_code == 2
+    assert Options.from_env({"FABRIC_MANAGER_TIMEOUT": "90"}).fabric_manager_timeout == 90
