@@ -13,10 +13,10 @@ Every path the program uses is one of three kinds (docs: the container contract)
 * the node store, the cache, the image store and the driver source: settings
   (NODE_PRECOMPILED_DIR, NVIDIA_DRIVER_CACHE, PRECOMPILED_DIR, NVIDIA_DRIVER_SOURCE).
 
-Paths that another program fixes (nvidia-persistenced's pid file, the resolver
-configuration a build copies) are container-own module constants of the module
-that uses them (`daemons.PERSISTENCED_PID`, `builder.RESOLV_CONF`); unit tests
-patch those.
+Paths that another program fixes (nvidia-persistenced's and nv-fabricmanager's pid
+files, the resolver configuration a build copies) are container-own module constants
+of the module that uses them (`daemons.PERSISTENCED_PID`, `fabric.FM_PID`,
+`builder.RESOLV_CONF`); unit tests patch those.
 """
 
 from __future__ import annotations
