@@ -258,13 +258,20 @@ def test_a_fabric_manager_that_fails_to_start_fails_with_its_message(
     assert daemons.running_pid(node.config(), fabric.FM_PID) is None
 
 
-@pytest.mark.parametrize("version", ["535.261.03", "570.172.08", "580.82.07"])
-def test_the_package_named_is_the_one_nvidia_ships_for_the_branch(version: str) -> None:
+@pytest.mark.parametrize(
+    ("version", "package"),
+    [
+        ("535.261.03", "nvidia-fabricmanager-535"),
+        ("570.172.08", "nvidia-fabricmanager-570"),
+        ("580.82.07", "nvidia-fabricmanager"),
+    ],
+)
+def test_the_package_named_is_the_one_nvidia_ships_for_the_branch(
+    version: str, package: str
+) -> None:
     """NVIDIA's CUDA repository: per-branch names before 580, one name from 580 on
     (gpu-driver-container's local-repo.sh)."""
-    branch = int(version.partition(".")[0])
-    expected = "nvidia-fabricmanager" if branch >= 580 else f"nvidia-fabricmanager-{branch}"
-    assert fabric.fm_package(version) == expected
+    assert fabric.fm_package(version) == package
 
 
 # --- NVLink5 ----------------------------------------------------------------------------
