@@ -185,7 +185,7 @@ def test_a_fabric_that_never_comes_up_fails_after_the_timeout_and_nothing_is_lef
         fabric.fabric_manager(node.config(FABRIC_MANAGER_TIMEOUT="1")),
     ):
         raise AssertionError("the block must not run: the fabric is not up")
-    assert time.monotonic() - start < 5  # bounded: the timeout, not forever
+    assert time.monotonic() - start < 10  # bounded: the 1 s timeout and the stop, not forever
     assert "The NVLink fabric is not up 1 s after nv-fabricmanager started" in e.value.message
     assert "00000000:01:00.0: In Progress" in e.value.message
     assert "FABRIC_MANAGER_TIMEOUT" in (e.value.hint or "")
@@ -454,7 +454,10 @@ def stopped_when_ready(node: Node, within: float = 30) -> Iterator[list[list[str
         while not done.wait(0.01):
             if ready.exists() or time.monotonic() > deadline:
                 seen.append(node.events() + (["ready"] if ready.exists() else []))
-                os.kill(os.getpid(), signal.SIGTERM)
+                # init writes the file, logs, then waits: a SIGTERM in between is a failed
+                # start (exit 1), not the shutdown under test.
+                if not done.wait(0.3):
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return
 
     thread = threading.Thread(target=watch, daemon=True)
