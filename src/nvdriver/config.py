@@ -13,10 +13,10 @@ Every path the program uses is one of three kinds (docs: the container contract)
 * the node store, the cache, the image store and the driver source: settings
   (NODE_PRECOMPILED_DIR, NVIDIA_DRIVER_CACHE, PRECOMPILED_DIR, NVIDIA_DRIVER_SOURCE).
 
-Paths that another program fixes (nvidia-persistenced's pid file, the resolver
-configuration a build copies) are container-own module constants of the module
-that uses them (`daemons.PERSISTENCED_PID`, `builder.RESOLV_CONF`); unit tests
-patch those.
+Paths that another program fixes (nvidia-persistenced's and nv-fabricmanager's pid
+files, the resolver configuration a build copies) are container-own module constants
+of the module that uses them (`daemons.PERSISTENCED_PID`, `fabric.FM_PID`,
+`builder.RESOLV_CONF`); unit tests patch those.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ CHANNELS = ("stable", "beta", "alpha", "lts")
 BOARDS = ("amd64-usr", "arm64-usr")
 LOG_FORMATS = ("text", "json")
 BUILD_AHEAD_MODES = ("auto", "on", "off")
+FABRIC_MANAGER_MODES = ("auto", "off")
 
 DEFAULT_RELEASE_URL = "https://{channel}.release.flatcar-linux.net"
 DEFAULT_RELEASES_FEED = "https://www.flatcar.org/releases-json/releases-{channel}.json"
@@ -118,6 +119,8 @@ class Options:
     build_ahead_staged_poll: float = 60.0
     build_ahead_threads: int = 1
     build_ahead_command: tuple[str, ...] | None = None
+    fabric_manager: str = "auto"
+    fabric_manager_timeout: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Options:
@@ -142,6 +145,10 @@ class Options:
             build_ahead_staged_poll=_seconds(env, "BUILD_AHEAD_STAGED_POLL", 60.0),
             build_ahead_threads=_count(env, "BUILD_AHEAD_THREADS", 1),
             build_ahead_command=tuple(shlex.split(command)) if command else None,
+            fabric_manager=_choice(
+                "FABRIC_MANAGER", env.get("FABRIC_MANAGER") or "auto", FABRIC_MANAGER_MODES
+            ),
+            fabric_manager_timeout=_seconds(env, "FABRIC_MANAGER_TIMEOUT", 300.0),
         )
 
     @property
@@ -153,6 +160,20 @@ class Options:
         }
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise UsageError(
+            f"{name}={env[name]!r} is not valid: expected a positive number of seconds.",
+            hint=f"Fix {name} in the container's environment.",
+        )
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     value = env.get(name, "").strip().lower()
     if value in _TRUE:
@@ -160,20 +181,6 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     if value in _FALSE:
         return False
     raise UsageError(f"{name}={env[name]!r} is not valid: expected true or false.")
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    value = env.get(name) or ""
-    try:
-        seconds = float(value) if value else default
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds < float("inf"):
-        raise UsageError(
-            f"{name}={value!r} is not valid: expected a positive number of seconds.",
-            hint=f"Fix {name} in the container's environment.",
-        )
-    return seconds
 
 
 def _count(env: Mapping[str, str], name: str, default: int) -> int:

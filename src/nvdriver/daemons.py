@@ -1,6 +1,7 @@
-"""nvidia-persistenced: started after the modules load, stopped before they unload.
+"""The driver's daemons: started after the modules load, stopped before they unload.
 
-The daemon forks into the background and writes its pid file; it is stopped
+nvidia-persistenced here; nv-fabricmanager and nvlsm (fabric.py) by the same rules.
+Each daemon forks into the background and writes its pid file; it is stopped
 by that pid file (SIGTERM, then up to 5 s for it to go), so a daemon that a
 killed run left behind is found and stopped as well.
 """
@@ -8,17 +9,18 @@ killed run left behind is found and stopped as well.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError
 from nvdriver.host import read_optional
-from nvdriver.run import run, which
+from nvdriver.run import PathLike, run, which
 
 log = logging.getLogger(__name__)
 
@@ -58,41 +60,46 @@ def running_pid(config: Config, pidfile: Path) -> int | None:
     return pid
 
 
-def start_persistenced(config: Config) -> bool:
-    """Start nvidia-persistenced unless it runs; False when it is not installed."""
-    pidfile = PERSISTENCED_PID
-    if (pid := running_pid(config, pidfile)) is not None:
-        log.info("%s is already running (pid %d)", PERSISTENCED, pid)
-        return True
-    binary = which(PERSISTENCED)
-    if binary is None:
-        log.info("%s is not installed; running without it", PERSISTENCED)
-        return False
-    log.info("Starting %s", PERSISTENCED)
-    run([binary, "--persistence-mode"], timeout=START_TIMEOUT)
+@dataclasses.dataclass(frozen=True)
+class Daemon:
+    """A daemon that forks into the background and writes its pid file at a path it fixes
+    (nvidia-persistenced, nv-fabricmanager, nvlsm): found, and stopped, by that file."""
+
+    name: str
+    pidfile: Path
+
+
+def start_daemon(config: Config, daemon: Daemon, argv: Sequence[PathLike]) -> int | None:
+    """Run `argv`, which forks the daemon, unless it runs already; its pid, once its pid
+    file names a live process (None, with a warning, when none did within 5 s)."""
+    if (pid := running_pid(config, daemon.pidfile)) is not None:
+        log.info("%s is already running (pid %d)", daemon.name, pid)
+        return pid
+    log.info("Starting %s", daemon.name)
+    run(argv, timeout=START_TIMEOUT)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while (pid := running_pid(config, pidfile)) is None and time.monotonic() < deadline:
+    while (pid := running_pid(config, daemon.pidfile)) is None and time.monotonic() < deadline:
         time.sleep(POLL)
     if pid is None:
-        log.warning("%s started but wrote no pid file %s", PERSISTENCED, pidfile)
+        log.warning("%s started but wrote no pid file %s", daemon.name, daemon.pidfile)
     else:
-        log.info("%s runs as pid %d", PERSISTENCED, pid)
-    return True
+        log.info("%s runs as pid %d", daemon.name, pid)
+    return pid
 
 
-def stop_persistenced(config: Config) -> None:
+def stop_daemon(config: Config, daemon: Daemon) -> None:
     """SIGTERM the daemon of the pid file and wait up to 5 s for it to exit."""
-    pidfile = PERSISTENCED_PID
+    pidfile = daemon.pidfile
     pid = running_pid(config, pidfile)
     if pid is not None:
-        log.info("Stopping %s (pid %d)", PERSISTENCED, pid)
+        log.info("Stopping %s (pid %d)", daemon.name, pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         while _alive(config, pid):
             if time.monotonic() >= deadline:
                 raise DriverError(
-                    f"{PERSISTENCED} (pid {pid}) did not exit within {STOP_TIMEOUT:g} s "
+                    f"{daemon.name} (pid {pid}) did not exit within {STOP_TIMEOUT:g} s "
                     "of SIGTERM; the driver stays loaded.",
                     hint=f"See why it hangs (its log), kill it (kill -9 {pid}) and run "
                     "`nvidia-driver unload`.",
@@ -107,22 +114,49 @@ def stop_persistenced(config: Config) -> None:
 
 
 @contextlib.contextmanager
-def persistenced(config: Config) -> Iterator[None]:
-    """nvidia-persistenced for the duration of a `with` block.
+def running(
+    config: Config, daemon: Daemon, start: Callable[[], object], *, keep: bool = False
+) -> Iterator[None]:
+    """`daemon`, started by `start()`, for the duration of a `with` block.
 
-    Leaving the block normally (a shutdown) stops the daemon; leaving it with an
-    error stops it only if this block started it (a restart adopts a running one).
+    Leaving the block normally (a shutdown) stops the daemon, unless `keep` (`load`
+    leaves it to `unload`); leaving it with an error stops it only if this block
+    started it (a restart adopts a running one).
     """
-    pidfile = PERSISTENCED_PID
-    adopted = running_pid(config, pidfile) is not None
+    adopted = running_pid(config, daemon.pidfile) is not None
     try:
-        start_persistenced(config)
+        start()
         yield
     except BaseException:
         if not adopted:
             try:
-                stop_persistenced(config)
+                stop_daemon(config, daemon)
             except DriverError as e:
                 log.error("%s", e)
         raise
-    stop_persistenced(config)
+    if not keep:
+        stop_daemon(config, daemon)
+
+
+def _persistenced() -> Daemon:
+    return Daemon(PERSISTENCED, PERSISTENCED_PID)  # read at each call: tests patch the path
+
+
+def start_persistenced(config: Config) -> bool:
+    """Start nvidia-persistenced unless it runs; False when it is not installed."""
+    binary = which(PERSISTENCED)
+    if binary is None and running_pid(config, PERSISTENCED_PID) is None:
+        log.info("%s is not installed; running without it", PERSISTENCED)
+        return False
+    start_daemon(config, _persistenced(), [binary or PERSISTENCED, "--persistence-mode"])
+    return True
+
+
+def stop_persistenced(config: Config) -> None:
+    """SIGTERM the daemon of the pid file and wait up to 5 s for it to exit."""
+    stop_daemon(config, _persistenced())
+
+
+def persistenced(config: Config) -> contextlib.AbstractContextManager[None]:
+    """nvidia-persistenced for the duration of a `with` block (see `running`)."""
+    return running(config, _persistenced(), lambda: start_persistenced(config))

@@ -13,6 +13,9 @@ from nvdriver.errors import DriverError
 NVIDIA_VENDOR = 0x10DE
 # PCI display controllers: 0x0300xx VGA, 0x0302xx 3D.
 DISPLAY_CLASSES = (0x0300, 0x0302)
+# NVSwitches: PCI_CLASS_BRIDGE_OTHER, the class NVIDIA's nvidia-nvswitch driver binds
+# (kernel-open/nvidia/linux_nvswitch.c, export_nvswitch.h PCI_CLASS_BRIDGE_NVSWITCH).
+NVSWITCH_CLASS = 0x0680
 
 _DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.MULTILINE)
 
@@ -175,6 +178,10 @@ class PciDevice:
         return self.vendor == NVIDIA_VENDOR and (self.pci_class >> 8) in DISPLAY_CLASSES
 
     @property
+    def is_nvswitch(self) -> bool:
+        return self.vendor == NVIDIA_VENDOR and (self.pci_class >> 8) == NVSWITCH_CLASS
+
+    @property
     def pci_id(self) -> str:
         """`10de:2330`, as the kernel and lspci -n write it."""
         return f"{self.vendor:04x}:{self.device:04x}"
@@ -191,9 +198,9 @@ def _hex(path: Path) -> int | None:
         return None
 
 
-def nvidia_gpus(config: Config) -> list[PciDevice]:
-    """NVIDIA GPUs on the PCI bus, from sysfs (vendor 0x10de, class VGA or 3D), with the
-    driver each is bound to (the name of its `driver` link)."""
+def pci_devices(config: Config) -> list[PciDevice]:
+    """Every device on the PCI bus, from sysfs, with the driver each is bound to (the name
+    of its `driver` link)."""
     root = config.host("/sys/bus/pci/devices")
     found = []
     if not root.is_dir():
@@ -206,18 +213,29 @@ def nvidia_gpus(config: Config) -> list[PciDevice]:
             driver: str | None = Path(os.readlink(dev / "driver")).name
         except OSError:
             driver = None
-        d = PciDevice(
-            address=dev.name,
-            vendor=vendor,
-            device=device,
-            pci_class=pci_class,
-            subsystem_vendor=_hex(dev / "subsystem_vendor"),
-            subsystem_device=_hex(dev / "subsystem_device"),
-            driver=driver,
+        found.append(
+            PciDevice(
+                address=dev.name,
+                vendor=vendor,
+                device=device,
+                pci_class=pci_class,
+                subsystem_vendor=_hex(dev / "subsystem_vendor"),
+                subsystem_device=_hex(dev / "subsystem_device"),
+                driver=driver,
+            )
         )
-        if d.is_nvidia_gpu:
-            found.append(d)
     return found
+
+
+def nvidia_gpus(config: Config) -> list[PciDevice]:
+    """NVIDIA GPUs on the PCI bus (vendor 0x10de, class VGA or 3D)."""
+    return [d for d in pci_devices(config) if d.is_nvidia_gpu]
+
+
+def nvswitches(config: Config) -> list[PciDevice]:
+    """NVIDIA NVSwitches on the PCI bus (vendor 0x10de, class 0x0680): an HGX/DGX board
+    whose GPUs need the fabric manager before CUDA can use them."""
+    return [d for d in pci_devices(config) if d.is_nvswitch]
 
 
 def resolve_in(root: Path | None, path: Path) -> Path:

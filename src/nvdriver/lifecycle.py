@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, fleet, lock, rootfs, signals, watch
+from nvdriver import builder, daemons, fabric, fleet, lock, rootfs, signals, watch
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
@@ -181,6 +181,7 @@ def _prepare(config: Config) -> DriverPlan:
             "Other NVIDIA modules are loaded (%s); unloading them first",
             ", ".join(f"{m.name} {m.version or ''}".strip() for m in loaded),
         )
+        fabric.stop(config)  # it holds the NVSwitches: before the modules go
         daemons.stop_persistenced(config)
         unload_modules(config)
     set_firmware_path(config, rootfs.FIRMWARE_DIR, plan.params.get("nvidia", ()))
@@ -271,10 +272,18 @@ def init(config: Config) -> None:
         _pause_at(options, "loaded")
         stack.enter_context(daemons.persistenced(config))
         _pause_at(options, "persistenced")
+        # NVSwitch boards: the GPUs are not usable until the fabric is up; readiness waits.
+        stack.enter_context(fabric.fabric_manager(config))
         rootfs.check_nvidia_smi(options.container_root)
-        stack.enter_context(rootfs.ready(config, options.readiness))
-        log.info("NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour)
         try:
+            # A stop from here on is the normal one (exit 0), also one that comes while
+            # the readiness file is written: held back until it is and its removal is
+            # on the stack.
+            with signals.deferred():
+                stack.enter_context(rootfs.ready(config, options.readiness))
+                log.info(
+                    "NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour
+                )
             watch.wait(config)  # builds ahead for the next Flatcar release meanwhile
         except Interrupted as e:
             log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
@@ -293,17 +302,21 @@ def load(config: Config) -> list[str]:
         with rootfs.exposed_root(config, config.options.container_root, keep=True):
             loaded = loading.load(config, plan.tree, plan.modules, plan.params)
             _stamp_loaded(config, plan)
-            return loaded
+            # An NVSwitch board's GPUs are unusable without the fabric manager: it stays
+            # running, as the root stays bound, until `unload`.
+            with fabric.fabric_manager(config, keep=True):
+                return loaded
 
 
 def unload(config: Config) -> None:
-    """Stop the daemon, unload the modules (unless in use), then unmount the driver root
-    and remove the readiness file.
+    """Stop the daemons (the fabric manager first), unload the modules (unless in use),
+    then unmount the driver root and remove the readiness file.
 
     A driver in use (BusyError, exit 3) keeps its root bound: the loaded driver reads
     its GSP firmware through it at a GPU's next first open, and the toolkit its files.
     """
     with lock.instance_lock(config):
+        fabric.stop(config)  # first: it holds the NVSwitches
         try:
             daemons.stop_persistenced(config)
         except DriverError as e:

@@ -47,16 +47,21 @@ def exposed_root(config: Config, container_root: Path, *, keep: bool = False) ->
         yield target
 
 
-def find_nvidia_smi(container_root: Path) -> Path | None:
-    """The driver root's nvidia-smi, if it has one; its links resolved inside the root
-    (Debian's /usr/bin/nvidia-smi is an absolute alternatives link)."""
+def find_program(container_root: Path, name: str) -> Path | None:
+    """The driver root's program `name` (nvidia-smi, nv-fabricmanager), if it has one; its
+    links resolved inside the root (Debian's /usr/bin/nvidia-smi is an absolute
+    alternatives link)."""
     if container_root == Path("/"):
-        return which("nvidia-smi")
+        return which(name)
     found = [
-        resolve_in(container_root, container_root / d / "nvidia-smi")
-        for d in ("usr/bin", "bin", "usr/sbin")
+        resolve_in(container_root, container_root / d / name)
+        for d in ("usr/bin", "bin", "usr/sbin", "sbin")
     ]
     return next((p for p in found if p.is_file() and os.access(p, os.X_OK)), None)
+
+
+def find_nvidia_smi(container_root: Path) -> Path | None:
+    return find_program(container_root, "nvidia-smi")
 
 
 def check_nvidia_smi(container_root: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvdriver import daemons, fleet, lock, mounts, rootfs
+from nvdriver import daemons, fabric, fleet, lock, mounts, rootfs
 from nvdriver.config import Config
 from nvdriver.driver.flavour import choose_flavour
 from nvdriver.driver.package import stores
@@ -69,6 +69,7 @@ def collect(config: Config) -> dict[str, Any]:
             for g in gpus
         ],
         "persistenced": {"pid": daemons.running_pid(config, daemons.PERSISTENCED_PID)},
+        "fabric_manager": fabric.report(config),
         "driver_root_mounted": _driver_root_mounted(config),
         "ready": _readiness(config) is not None,
         "readiness": _readiness(config),
@@ -162,6 +163,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"warning:      {d['warning']}")
     pid = report["persistenced"]["pid"]
     lines.append(f"persistenced: {'running, pid ' + str(pid) if pid else 'not running'}")
+    lines.append(_render_fabric(report["fabric_manager"]))
     mounted = report["driver_root_mounted"]
     lines.append(f"driver root:  {rootfs.DRIVER_ROOT} {'mounted' if mounted else 'not mounted'}")
     ready = report["readiness"]
@@ -170,3 +172,23 @@ def render(report: dict[str, Any]) -> str:
         + ("yes (" + ", ".join(f"{k}={v}" for k, v in ready.items()) + ")" if ready else "no")
     )
     return "\n".join(lines)
+
+
+def _render_fabric(fm: dict[str, Any]) -> str:
+    """One line: none, or the NVSwitches / NVLink5 trays, the daemon, what is missing."""
+    if not fm["nvswitches"] and not fm["nvlink5"]:
+        return "fabric:       no NVSwitch (no fabric manager needed)"
+    devices = [f"{len(fm['nvswitches'])} NVSwitch(es)"] if fm["nvswitches"] else []
+    devices += [f"NVLink5 switch tray port(s) {', '.join(fm['nvlink5'])}"] if fm["nvlink5"] else []
+    missing = fm["missing"] + fm["nvlsm"]["missing"]
+    return (
+        f"fabric:       {', '.join(devices)}; "
+        + (
+            f"nv-fabricmanager running, pid {fm['pid']}"
+            if fm["pid"]
+            else "nv-fabricmanager not running"
+        )
+        + (f"; nvlsm pid {fm['nvlsm']['pid']}" if fm["nvlsm"]["pid"] else "")
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + ("; FABRIC_MANAGER=off" if fm["mode"] == "off" else "")
+    )

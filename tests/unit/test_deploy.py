@@ -67,8 +67,8 @@ CONTRACT = (
 )
 Mount = tuple[str, str, bool, bool]
 # What a clean shutdown may take at the limits of its steps: a build ahead's cleanup,
-# nvidia-persistenced's stop, one rmmod, one unmount.
-UNLOAD_BUDGET = CHILD_STOP_TIMEOUT + STOP_TIMEOUT + TIMEOUTS["rmmod"] + TOOL_TIMEOUT
+# the fabric manager's, nvlsm's and nvidia-persistenced's stops, one rmmod, one unmount.
+UNLOAD_BUDGET = CHILD_STOP_TIMEOUT + 3 * STOP_TIMEOUT + TIMEOUTS["rmmod"] + TOOL_TIMEOUT
 
 
 # --- Butane to Ignition ------------------------------------------------------------------

@@ -81,14 +81,18 @@ def apt_installed(text: str) -> set[str]:
 RUNNERS = {"run", "spawn", "fed_child"}
 # make runs in the Flatcar developer container (chroot), or, for `update --kernel-source`,
 # with a toolchain of the container's own, which the image does not ship (README, "The image").
-NOT_IN_THE_IMAGE = {"make"}
+# NVIDIA's Fabric Manager and NVLink Subnet Manager come from NVIDIA's CUDA repository,
+# which this Debian image does not use: an image for NVSwitch systems adds them (README,
+# "NVSwitch systems"); without them `init` refuses an NVSwitch node (exit 6).
+NOT_IN_THE_IMAGE = {"make", "nv-fabricmanager", "nvlsm", "nvidia-fabricmanager-start.sh"}
 
 
 def programs_run(src: Path) -> set[str]:
     """The programs the code runs in the image: the first word of the command given to
     run/spawn/fed_child (a list display, a local `cmd = [...]`, or `[*helper(...), ...]`
-    where helper returns one), and the names given to which(). A command wrapped in
-    `build_root.argv([...])` runs in the developer container: the image runs chroot."""
+    where helper returns one), and the names given to which() or rootfs.find_program(). A
+    command wrapped in `build_root.argv([...])` runs in the developer container: the image
+    runs chroot."""
     programs: set[str] = set()
     for path in src.rglob("*.py"):
         programs |= _programs_in(ast.parse(path.read_text()))
@@ -139,7 +143,9 @@ def _programs_in(module: ast.Module) -> set[str]:
         name, arg = _name(node.func), node.args[0]
         if name in RUNNERS:
             found |= first_words(arg)
-        elif name == "which" and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        if name == "find_program" and len(node.args) == 2:  # (root, program)
+            name, arg = "which", node.args[1]
+        if name == "which" and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
             found.add(arg.value)
         elif name == "which" and isinstance(arg, ast.Name) and arg.id in constants:
             found.add(constants[arg.id])

@@ -1,0 +1,174 @@
+"""A stand-in NVIDIA Fabric Manager (and the nvidia-smi that reports its fabric) in a
+driver root: no NVSwitch and no GPU can exist on the test machine, so the daemon that
+trains their NVLinks cannot run here. What stands in behaves as NVIDIA's does where the
+product depends on it (docs/fabric-manager.md):
+
+* `nv-fabricmanager -c CONFIG` fails without a readable config, else forks into the
+  background (DAEMONIZE=1, the shipped default) and returns; the daemon writes its pid
+  file, then registers the GPUs with the "fabric": "In Progress", after
+  STANDIN_FM_DELAY seconds "Completed" (with STANDIN_FM_STATUS, default "Success"),
+  never with STANDIN_FM_NEVER_UP; SIGTERM ends it and removes its pid file. With
+  STANDIN_FM_FAIL_START it prints that and exits 1 instead of forking.
+* `nvidia-smi -q -x` prints nvidia-smi's XML (nvsmi_device_v12.dtd: gpu/fabric/state
+  and status) for the GPUs of `STANDIN_FABRIC_DIR/gpus`; plain `nvidia-smi` (the
+  readiness check) passes.
+* NVLink5's `nvidia-fabricmanager-start.sh` starts a stand-in nvlsm (its pid file from
+  --nvlsm-pid-file) and then the fabric manager (--fm-pid-file).
+
+Each program appends what it did to `STANDIN_FABRIC_DIR/events`, so a test sees the
+order of starts, checks and stops. The pid file paths come from the environment
+(STANDIN_FM_PIDFILE, STANDIN_NVLSM_PIDFILE): the real daemons fix theirs, the tests
+move them (fabric.FM_PID, fabric.NVLSM_PID) into a temporary tree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nvdriver import fabric
+
+# A daemon: `NAME ARGS` forks `NAME --standin-daemon`, which writes $PIDFILE_VAR's file and
+# runs BODY, then idles until SIGTERM (sleeping in short waits, so that the trap runs).
+_DAEMON = r"""#!/bin/sh
+# Stand-in @NAME@ (tests/standin/fabric.py): no NVSwitch can exist here.
+dir=${STANDIN_FABRIC_DIR:?}
+pidfile=${@PIDFILE_VAR@:?}
+if [ "$1" = --standin-daemon ]; then
+    sleeper=
+    stop() {
+        kill $sleeper 2>/dev/null
+        rm -f "$pidfile"
+        echo "@NAME@ stopped" >>"$dir/events"
+        exit 0
+    }
+    trap stop TERM
+    mkdir -p "$(dirname "$pidfile")"
+    echo $$ >"$pidfile"
+@BODY@
+    while :; do sleep 1 & sleeper=$!; wait $sleeper; done
+fi
+echo "@NAME@ started: $*" >>"$dir/events"
+@CHECK@
+setsid "$0" --standin-daemon </dev/null >/dev/null 2>&1 &
+exit 0
+"""
+
+_FM_BODY = r"""    printf 'In Progress\nN/A\n' >"$dir/fabric-state"
+    if [ -z "${STANDIN_FM_NEVER_UP:-}" ]; then
+        sleep "${STANDIN_FM_DELAY:-0.5}" & sleeper=$!; wait $sleeper
+        printf 'Completed\n%s\n' "${STANDIN_FM_STATUS:-Success}" >"$dir/fabric-state"
+    fi"""
+_FM_CHECK = r"""if [ "$1" != -c ] || [ ! -r "$2" ]; then
+    echo "nv-fabricmanager: cannot open the config file '${2:-}'" >&2
+    exit 1
+fi
+if [ -n "${STANDIN_FM_FAIL_START:-}" ]; then
+    echo "$STANDIN_FM_FAIL_START" >&2
+    exit 1
+fi"""
+
+_SMI = r"""#!/bin/sh
+# Stand-in nvidia-smi (tests/standin/fabric.py): reports the stand-in fabric's state.
+dir=${STANDIN_FABRIC_DIR:?}
+state="Not Started"; status="N/A"
+if [ -r "$dir/fabric-state" ]; then
+    { read -r state; read -r status; } <"$dir/fabric-state"
+fi
+echo "nvidia-smi${*:+ $*} (fabric $state)" >>"$dir/events"
+[ "$*" = "-q -x" ] || exit 0
+echo '<?xml version="1.0" ?>'
+echo '<!DOCTYPE nvidia_smi_log SYSTEM "nvsmi_device_v12.dtd">'
+echo '<nvidia_smi_log>'
+echo "<attached_gpus>$(wc -l <"$dir/gpus")</attached_gpus>"
+while read -r bus name; do
+    echo "<gpu id=\"$bus\"><product_name>$name</product_name>"
+    echo "<fabric><state>$state</state><status>$status</status></fabric></gpu>"
+done <"$dir/gpus"
+echo '</nvidia_smi_log>'
+"""
+
+_START = r"""#!/bin/sh
+# Stand-in nvidia-fabricmanager-start.sh (tests/standin/fabric.py): nvlsm, then the FM.
+dir=${STANDIN_FABRIC_DIR:?}
+echo "nvidia-fabricmanager-start.sh $*" >>"$dir/events"
+while [ $# -gt 0 ]; do
+    case $1 in
+        --mode) mode=$2 ;;
+        --fm-config-file) fm_config=$2 ;;
+        --fm-pid-file) fm_pid=$2 ;;
+        --nvlsm-config-file) nvlsm_config=$2 ;;
+        --nvlsm-pid-file) nvlsm_pid=$2 ;;
+    esac
+    shift 2
+done
+[ "$mode" = start ] && [ -r "$nvlsm_config" ] || { echo "usage" >&2; exit 1; }
+bin=$(dirname "$0")
+STANDIN_NVLSM_PIDFILE=$nvlsm_pid "$bin/../sbin/nvlsm" -F "$nvlsm_config" || exit 1
+STANDIN_FM_PIDFILE=$fm_pid exec "$bin/nv-fabricmanager" -c "$fm_config"
+"""
+
+
+def _daemon(name: str, pidfile_var: str, body: str = "", check: str = "") -> str:
+    return (
+        _DAEMON.replace("@NAME@", name)
+        .replace("@PIDFILE_VAR@", pidfile_var)
+        .replace("@BODY@", body)
+        .replace("@CHECK@", check)
+    )
+
+
+FABRIC_MANAGER = _daemon("nv-fabricmanager", "STANDIN_FM_PIDFILE", _FM_BODY, _FM_CHECK)
+NVLSM = _daemon("nvlsm", "STANDIN_NVLSM_PIDFILE")
+PERSISTENCED = _daemon("nvidia-persistenced", "STANDIN_PERSISTENCED_PIDFILE")
+
+
+def _program(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def driver_root(
+    root: Path,
+    state: Path,
+    gpus: dict[str, str],
+    *,
+    fabric_manager: bool = True,
+    nvlink5: bool = False,
+) -> Path:
+    """A driver root with the stand-in nvidia-smi and (`fabric_manager`) nv-fabricmanager
+    with its config at NVIDIA's path; `nvlink5` adds nvlsm, its config and the start
+    script. `gpus`: bus id → name, what nvidia-smi reports; `state`: the stand-ins'
+    directory (STANDIN_FABRIC_DIR)."""
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "gpus").write_text("".join(f"{bus} {name}\n" for bus, name in gpus.items()))
+    (state / "events").touch()
+    _program(root / "usr/bin/nvidia-smi", _SMI)
+    if fabric_manager:
+        _program(root / "usr/bin/nv-fabricmanager", FABRIC_MANAGER)
+        config = root / fabric.FM_CONFIG.lstrip("/")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("LOG_LEVEL=4\nLOG_FILE_NAME=/var/log/fabricmanager.log\nDAEMONIZE=1\n")
+    if nvlink5:
+        _program(root / "usr/sbin/nvlsm", NVLSM)
+        _program(root / "usr/bin/nvidia-fabricmanager-start.sh", _START)
+        config = root / fabric.NVLSM_CONFIG.lstrip("/")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("# stand-in nvlsm.conf\n")
+    return root
+
+
+def events(state: Path) -> list[str]:
+    return (state / "events").read_text().splitlines()
+
+
+def environment(state: Path, fm_pid: Path, nvlsm_pid: Path) -> dict[str, str]:
+    """What the stand-ins read from the environment (run() passes ours on)."""
+    return {
+        "STANDIN_FABRIC_DIR": str(state),
+        "STANDIN_FM_PIDFILE": str(fm_pid),
+        "STANDIN_NVLSM_PIDFILE": str(nvlsm_pid),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }

@@ -1,0 +1,555 @@
+"""NVSwitch systems: the fabric manager is started after the modules load, the fabric is up
+before readiness, and the daemon is stopped first at shutdown.
+
+No NVSwitch, GPU or NVLink can exist on this machine: the PCI devices are synthetic sysfs
+entries with real device ids (tests/sysfs.py), and nv-fabricmanager, nvlsm, NVIDIA's
+start script and the nvidia-smi that reports the fabric state are stand-ins
+(tests/standin/fabric.py) that behave as NVIDIA's do where the product depends on it.
+Everything else is the product's own code, the daemon handling and the wait included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import threading
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nvdriver import cli, daemons, fabric, lifecycle, rootfs, status
+from nvdriver.config import Config, Options
+from nvdriver.errors import DriverError, UnsupportedError, UsageError
+from nvdriver.kmod import loading
+from tests import sysfs
+from tests.standin import fabric as standin
+
+DRIVER_VERSION = "535.261.03"
+# What nvidia-smi calls the GPUs (its bus ids) of an HGX H100 board.
+H100_GPUS = {f"00000000:{n:02X}:00.0": "NVIDIA-H100-80GB-HBM3" for n in range(1, 9)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    host: Path  # HOST_ROOT: this machine's /proc, a synthetic /sys
+    root: Path  # CONTAINER_ROOT: the driver root with the stand-ins
+    state: Path  # the stand-ins' directory (STANDIN_FABRIC_DIR)
+
+    def config(self, **env: str) -> Config:
+        return Config.from_env(
+            {
+                "HOST_ROOT": str(self.host),
+                "CONTAINER_ROOT": str(self.root),
+                "DRIVER_VERSION": DRIVER_VERSION,
+                **env,
+            }
+        )
+
+    def events(self) -> list[str]:
+        return standin.events(self.state)
+
+    def hgx_h100(self, **kwargs: Any) -> None:
+        """8 H100 and 4 NVSwitches (LS10, 0x22a3) on the bus; the driver root's user space."""
+        sysfs.gpus(self.host, *[sysfs.H100] * 8, driver="nvidia")
+        sysfs.nvswitches(self.host, *[sysfs.NVSWITCH_H100] * 4)
+        standin.driver_root(self.root, self.state, H100_GPUS, **kwargs)
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "proc").symlink_to("/proc")
+    root = tmp_path / "root"
+    run_dir = root / "var" / "run"
+    pidfiles = {
+        "FM_PID": run_dir / "nvidia-fabricmanager" / "nv-fabricmanager.pid",
+        "NVLSM_PID": run_dir / "nvidia-fabricmanager" / "nvlsm.pid",
+    }
+    for name, path in pidfiles.items():
+        monkeypatch.setattr(fabric, name, path)
+    persistenced_pid = run_dir / "nvidia-persistenced" / "nvidia-persistenced.pid"
+    monkeypatch.setattr(daemons, "PERSISTENCED_PID", persistenced_pid)
+    monkeypatch.setattr(fabric, "POLL", 0.05)
+    state = tmp_path / "standin"
+    env = standin.environment(state, pidfiles["FM_PID"], pidfiles["NVLSM_PID"])
+    env["STANDIN_PERSISTENCED_PIDFILE"] = str(persistenced_pid)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    yield Node(host, root, state)
+    # Whatever a failing test left running goes (SIGKILL: no trap of the stand-ins).
+    config = Config.from_env({"HOST_ROOT": str(host)})
+    for pidfile in (*pidfiles.values(), persistenced_pid):
+        if (pid := daemons.running_pid(config, pidfile)) is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+def alive(node: Node, pid: int) -> bool:
+    return daemons._alive(node.config(), pid)
+
+
+def started_pid(node: Node, pidfile: Path) -> int:
+    pid = daemons.running_pid(node.config(), pidfile)
+    assert pid is not None, f"no live process in {pidfile}"
+    return pid
+
+
+# --- without an NVLink fabric: nothing --------------------------------------------------
+
+
+def test_without_nvswitches_the_fabric_manager_is_not_started(node: Node) -> None:
+    """GPUs alone (a PCIe board): the driver root's fabric manager stays unused."""
+    sysfs.gpus(node.host, sysfs.H100, sysfs.A100, driver="nvidia")
+    standin.driver_root(node.root, node.state, H100_GPUS)
+    with fabric.fabric_manager(node.config()) as found:
+        assert found is None
+    assert node.events() == []
+
+
+def test_fabric_manager_off_starts_nothing_even_with_nvswitches(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.hgx_h100()
+    with fabric.fabric_manager(node.config(FABRIC_MANAGER="off")) as found:
+        assert found is None
+    assert node.events() == []
+    assert "FABRIC_MANAGER=off: not starting nv-fabricmanager" in caplog.text
+
+
+def test_nvswitches_are_found_by_vendor_and_class() -> None:
+    """0x10de with class 0x0680 is an NVSwitch whatever its device id; a GPU, another
+    vendor's bridge of the same class, or an NVIDIA bridge of another class is not."""
+    from nvdriver.host import PciDevice
+
+    def device(vendor: int, pci_class: int, device: int = 0x22A3) -> PciDevice:
+        return PciDevice("0000:80:00.0", vendor, device, pci_class)
+
+    assert device(0x10DE, 0x068000).is_nvswitch
+    assert device(0x10DE, 0x068000, sysfs.NVSWITCH_A100).is_nvswitch
+    assert not device(0x10DE, 0x030200, sysfs.H100).is_nvswitch
+    assert not device(0x8086, 0x068000).is_nvswitch
+    assert not device(0x10DE, 0x060400, 0x22A8).is_nvswitch  # LS10's PCI-PCI bridge function
+
+
+# --- with NVSwitches --------------------------------------------------------------------
+
+
+def test_the_fabric_manager_starts_with_the_roots_config_and_the_fabric_is_up_before_the_block(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STANDIN_FM_DELAY", "0.6")
+    node.hgx_h100()
+    config = node.config()
+    start = time.monotonic()
+    with fabric.fabric_manager(config) as found:
+        waited = time.monotonic() - start
+        assert found is not None and len(found.nvswitches) == 4
+        pid = started_pid(node, fabric.FM_PID)
+        events = node.events()
+        # Its config from the driver root, at NVIDIA's path.
+        cfg = node.root / "usr/share/nvidia/nvswitch/fabricmanager.cfg"
+        assert events[0] == f"nv-fabricmanager started: -c {cfg}"
+        # The block began only once nvidia-smi showed the fabric up, having seen it not up.
+        assert "nvidia-smi -q -x (fabric In Progress)" in events
+        assert events[-1] == "nvidia-smi -q -x (fabric Completed)"
+        assert waited >= 0.6
+    assert not alive(node, pid)
+    assert not fabric.FM_PID.exists()
+    assert node.events()[-1] == "nv-fabricmanager stopped"
+
+
+def test_a_fabric_that_never_comes_up_fails_after_the_timeout_and_nothing_is_left_running(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STANDIN_FM_NEVER_UP", "1")
+    node.hgx_h100()
+    pids: list[int] = []
+    real_wait = fabric.wait_for_fabric
+
+    def wait(config: Config, timeout: float) -> None:
+        pids.append(started_pid(node, fabric.FM_PID))
+        real_wait(config, timeout)
+
+    monkeypatch.setattr(fabric, "wait_for_fabric", wait)
+    start = time.monotonic()
+    with (
+        pytest.raises(DriverError) as e,
+        fabric.fabric_manager(node.config(FABRIC_MANAGER_TIMEOUT="1")),
+    ):
+        raise AssertionError("the block must not run: the fabric is not up")
+    assert time.monotonic() - start < 10  # bounded: the 1 s timeout and the stop, not forever
+    assert "The NVLink fabric is not up 1 s after nv-fabricmanager started" in e.value.message
+    assert "00000000:01:00.0: In Progress" in e.value.message
+    assert "FABRIC_MANAGER_TIMEOUT" in (e.value.hint or "")
+    assert e.value.exit_code == 1
+    assert pids and not alive(node, pids[0])
+    assert node.events()[-1] == "nv-fabricmanager stopped"
+
+
+def test_a_failed_registration_fails_at_once_naming_the_gpus(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STANDIN_FM_DELAY", "0")
+    monkeypatch.setenv("STANDIN_FM_STATUS", "Unknown Error")
+    node.hgx_h100()
+    start = time.monotonic()
+    with (
+        pytest.raises(DriverError, match=r"00000000:08:00\.0: Completed \(Unknown Error\)"),
+        fabric.fabric_manager(node.config(FABRIC_MANAGER_TIMEOUT="60")),
+    ):
+        pass
+    assert time.monotonic() - start < 10
+    assert daemons.running_pid(node.config(), fabric.FM_PID) is None
+
+
+def test_a_fabric_manager_that_dies_fails_the_wait_at_once(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STANDIN_FM_NEVER_UP", "1")
+    node.hgx_h100()
+    real_states = fabric.fabric_states
+
+    def states(smi: Path) -> tuple[list[fabric.GpuFabric] | None, str]:
+        os.kill(started_pid(node, fabric.FM_PID), signal.SIGKILL)  # it crashes
+        return real_states(smi)
+
+    monkeypatch.setattr(fabric, "fabric_states", states)
+    with (
+        pytest.raises(DriverError, match=r"nv-fabricmanager is not running .* it exited before"),
+        fabric.fabric_manager(node.config(FABRIC_MANAGER_TIMEOUT="60")),
+    ):
+        pass
+
+
+def test_without_the_fabric_manager_nvswitches_are_refused_naming_the_package(
+    node: Node,
+) -> None:
+    node.hgx_h100(fabric_manager=False)
+    with pytest.raises(UnsupportedError) as e, fabric.fabric_manager(node.config()):
+        pass
+    assert e.value.exit_code == 6
+    assert "0000:80:00.0 (PCI ID 10de:22a3)" in e.value.message
+    assert f"{node.root} has no nv-fabricmanager and no {fabric.FM_CONFIG}" in e.value.message
+    assert "nvidia-fabricmanager-535=535.261.03*" in (e.value.hint or "")
+    assert node.events() == []
+
+
+def test_a_fabric_manager_that_fails_to_start_fails_with_its_message(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What NVIDIA's prints where it cannot bring the fabric up (an NVLink5 board
+    without nvlsm, the FM user guide): its message ends up in the error."""
+    monkeypatch.setenv("STANDIN_FM_FAIL_START", "request to start FM failed: NV_WARN_NOTHING_TO_DO")
+    node.hgx_h100()
+    with (
+        pytest.raises(DriverError, match=r"nv-fabricmanager -c .* exited with status 1") as e,
+        fabric.fabric_manager(node.config()),
+    ):
+        pass
+    assert "NV_WARN_NOTHING_TO_DO" in e.value.message
+    assert daemons.running_pid(node.config(), fabric.FM_PID) is None
+
+
+@pytest.mark.parametrize(
+    ("version", "package"),
+    [
+        ("535.261.03", "nvidia-fabricmanager-535"),
+        ("570.172.08", "nvidia-fabricmanager-570"),
+        ("580.82.07", "nvidia-fabricmanager"),
+    ],
+)
+def test_the_package_named_is_the_one_nvidia_ships_for_the_branch(
+    version: str, package: str
+) -> None:
+    """NVIDIA's CUDA repository: per-branch names before 580, one name from 580 on
+    (gpu-driver-container's local-repo.sh)."""
+    assert fabric.fm_package(version) == package
+
+
+# --- NVLink5 ----------------------------------------------------------------------------
+
+
+def nvlink5_board(node: Node, **kwargs: Any) -> None:
+    """HGX B200: no NVSwitch on the host's bus; an InfiniBand port of a switch tray."""
+    sysfs.nvlink5_tray(node.host)
+    standin.driver_root(node.root, node.state, H100_GPUS, **kwargs)
+
+
+def test_nvlink5_without_nvlsm_is_refused_naming_what_to_install(node: Node) -> None:
+    nvlink5_board(node)
+    sysfs.modules(node.host, *fabric.NVLINK5_MODULES)
+    with pytest.raises(UnsupportedError) as e, fabric.fabric_manager(node.config()):
+        pass
+    assert "This is an NVLink5 system (InfiniBand mlx5_0 (NVLink5 switch tray))" in str(e.value)
+    assert "has no nvlsm and no /usr/share/nvidia/nvlsm/nvlsm.conf and no" in e.value.message
+    assert "nvlsm and infiniband-diags" in (e.value.hint or "")
+    assert e.value.exit_code == 6
+    assert node.events() == []
+
+
+def test_nvlink5_without_its_infiniband_modules_fails_naming_them(node: Node) -> None:
+    nvlink5_board(node, nvlink5=True)
+    sysfs.modules(node.host, "mlx5_core")
+    with (
+        pytest.raises(DriverError, match="ib_umad that nvlsm reaches") as e,
+        fabric.fabric_manager(node.config()),
+    ):
+        pass
+    assert e.value.exit_code == 1
+    assert node.events() == []
+
+
+def test_nvlink5_starts_nvlsm_and_the_fabric_manager_through_nvidias_script_and_stops_both(
+    node: Node,
+) -> None:
+    nvlink5_board(node, nvlink5=True)
+    sysfs.modules(node.host, *fabric.NVLINK5_MODULES)
+    with fabric.fabric_manager(node.config()) as found:
+        assert found is not None and found.nvlink5 == ("mlx5_0",)
+        fm, nvlsm = (started_pid(node, p) for p in (fabric.FM_PID, fabric.NVLSM_PID))
+        root = node.root
+        assert node.events()[0] == (
+            f"nvidia-fabricmanager-start.sh --mode start "
+            f"--fm-config-file {root}/usr/share/nvidia/nvswitch/fabricmanager.cfg "
+            f"--fm-pid-file {fabric.FM_PID} "
+            f"--nvlsm-config-file {root}/usr/share/nvidia/nvlsm/nvlsm.conf "
+            f"--nvlsm-pid-file {fabric.NVLSM_PID}"
+        )
+    assert not alive(node, fm) and not alive(node, nvlsm)
+    assert node.events()[-2:] == ["nv-fabricmanager stopped", "nvlsm stopped"]
+
+
+# --- nvidia-smi's fabric state ----------------------------------------------------------
+
+# The layout of `nvidia-smi -q -x` (its DTD nvsmi_device_v12.dtd: nvidia_smi_log/gpu with
+# a `fabric` of `state` and `status`), cut to what is read: an A100 of an NVLink3 board
+# reports no fabric state (N/A), an H100 its registration.
+SMI_XML = """<?xml version="1.0" ?>
+<!DOCTYPE nvidia_smi_log SYSTEM "nvsmi_device_v12.dtd">
+<nvidia_smi_log>
+  <driver_version>535.261.03</driver_version>
+  <attached_gpus>3</attached_gpus>
+  <gpu id="00000000:07:00.0"><product_name>NVIDIA A100-SXM4-80GB</product_name>
+    <fabric><state>N/A</state><status>N/A</status></fabric></gpu>
+  <gpu id="00000000:18:00.0"><product_name>NVIDIA H100 80GB HBM3</product_name>
+    <fabric><state>Completed</state><status>Success</status></fabric></gpu>
+  <gpu id="00000000:2A:00.0"><product_name>NVIDIA H100 80GB HBM3</product_name>
+    <fabric><state>In Progress</state><status>N/A</status></fabric></gpu>
+</nvidia_smi_log>
+"""
+
+
+def test_the_fabric_state_is_read_from_nvidia_smis_xml() -> None:
+    states = fabric.parse_fabric_states(SMI_XML)
+    assert [(s.gpu, s.state, s.up) for s in states] == [
+        ("00000000:07:00.0", "N/A", True),  # nothing to register: up once the daemon runs
+        ("00000000:18:00.0", "Completed", True),
+        ("00000000:2A:00.0", "In Progress", False),
+    ]
+    assert not any(s.failed for s in states)
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+def test_status_shows_the_nvswitches_the_daemon_and_what_is_missing(node: Node) -> None:
+    nvlink5_board(node)  # the fabric manager, not nvlsm
+    sysfs.nvswitches(node.host, sysfs.NVSWITCH_H100)
+    report = status.collect(node.config())["fabric_manager"]
+    assert report == {
+        "mode": "auto",
+        "nvswitches": [
+            {"address": "0000:80:00.0", "device": "0x22a3", "driver": "nvidia-nvswitch"}
+        ],
+        "pid": None,
+        "missing": [],
+        "nvlink5": ["mlx5_0"],
+        "nvlsm": {
+            "needed": True,
+            "pid": None,
+            "missing": [
+                "nvlsm",
+                fabric.NVLSM_CONFIG,
+                fabric.FM_START_SCRIPT,
+                "mlx5_core",
+                "ib_umad",
+            ],
+        },
+    }
+    assert "fabric:" in status.render(status.collect(node.config()))
+    json.dumps(report)
+
+
+# --- the lifecycle: init, load, unload --------------------------------------------------
+# Loading kernel modules cannot happen here (no CAP_SYS_MODULE; tests/vm does it in a
+# guest): finding the package and loading are replaced by steps that write "modules
+# loaded"/"modules unloaded" into the stand-ins' event log. Everything after them is real.
+
+
+@pytest.fixture
+def without_modules(node: Node, monkeypatch: pytest.MonkeyPatch) -> Node:
+    events = node.state / "events"
+
+    def note(line: str) -> None:
+        with events.open("a") as f:
+            f.write(line + "\n")
+
+    @contextlib.contextmanager
+    def driver_loaded(*args: object) -> Iterator[list[str]]:
+        note("modules loaded")
+        try:
+            yield ["nvidia"]
+        finally:  # as the real one: a failure unloads what it loaded
+            note("modules unloaded")
+
+    def load(*args: object) -> list[str]:
+        note("modules loaded")
+        return ["nvidia"]
+
+    plan = types.SimpleNamespace(tree=None, modules=(), params={}, version="x", flavour="open")
+    monkeypatch.setattr(lifecycle, "_prepare", lambda config: plan)
+    monkeypatch.setattr(lifecycle, "_stamp_loaded", lambda config, plan: None)
+    monkeypatch.setattr(rootfs, "exposed_root", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(loading, "driver_loaded", driver_loaded)
+    monkeypatch.setattr(loading, "load", load)
+    # A stand-in nvidia-persistenced on PATH (the daemon needs a GPU).
+    bin_dir = node.root.parent / "bin"
+    standin._program(bin_dir / "nvidia-persistenced", standin.PERSISTENCED)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    env = {"HOST_ROOT": node.host, "CONTAINER_ROOT": node.root, "DRIVER_VERSION": DRIVER_VERSION}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    node.hgx_h100()
+    return node
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """cli.main installs init's handlers; they go when the test does."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def stopped_when_ready(node: Node, within: float = 30) -> Iterator[list[list[str]]]:
+    """SIGTERM to us once the readiness file is there, noting the events at that moment
+    (the list yielded gets them); after `within` seconds in any case (an init that waits
+    wrongly then fails rather than hangs); nothing once the block is left."""
+    ready = node.host / rootfs.READY_FILE.lstrip("/")
+    seen: list[list[str]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + within
+        while not done.wait(0.01):
+            if ready.exists() or time.monotonic() > deadline:
+                seen.append(node.events() + (["ready"] if ready.exists() else []))
+                # init writes the file, logs, then waits: a SIGTERM in between is a failed
+                # start (exit 1), not the shutdown under test.
+                if not done.wait(0.3):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_init_starts_fabric_manager_after_persistenced_readies_after_fabric_and_stops_it_first(
+    without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = without_modules
+    monkeypatch.setenv("STANDIN_FM_DELAY", "0.5")
+    with stopped_when_ready(node) as seen:
+        assert cli.main(["init"]) == 0
+    at_ready, events = seen[0][:-1], node.events()
+    assert seen[0][-1] == "ready"
+    order = [e for e in events if not e.startswith("nvidia-smi -q -x")]
+    assert order == [
+        "modules loaded",
+        "nvidia-persistenced started: --persistence-mode",
+        f"nv-fabricmanager started: -c {node.root}/usr/share/nvidia/nvswitch/fabricmanager.cfg",
+        "nvidia-smi (fabric Completed)",  # the readiness check, once the fabric is up
+        "nv-fabricmanager stopped",  # at shutdown: first
+        "nvidia-persistenced stopped",
+        "modules unloaded",
+    ]
+    # Readiness came after the fabric was up, and the wait saw it not up before.
+    assert at_ready[-1] == "nvidia-smi (fabric Completed)"
+    assert "nvidia-smi -q -x (fabric In Progress)" in at_ready
+    assert not (node.host / rootfs.READY_FILE.lstrip("/")).exists()
+
+
+def test_init_whose_fabric_never_comes_up_exits_1_announcing_nothing_and_stopping_all(
+    without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = without_modules
+    monkeypatch.setenv("STANDIN_FM_NEVER_UP", "1")
+    monkeypatch.setenv("FABRIC_MANAGER_TIMEOUT", "1")
+    with stopped_when_ready(node, within=20) as seen:
+        assert cli.main(["init"]) == 1
+    assert seen == []  # it failed by itself, never announced ready
+    events = [e for e in node.events() if not e.startswith("nvidia-smi -q -x")]
+    assert events[-3:] == [
+        "nv-fabricmanager stopped",
+        "nvidia-persistenced stopped",
+        "modules unloaded",
+    ]
+    assert "nvidia-smi (fabric" not in " ".join(events)  # never announced
+    assert not (node.host / rootfs.READY_FILE.lstrip("/")).exists()
+    config = node.config()
+    assert daemons.running_pid(config, fabric.FM_PID) is None
+    assert daemons.running_pid(config, daemons.PERSISTENCED_PID) is None
+
+
+def test_load_leaves_the_fabric_manager_running_and_unload_stops_it_before_persistenced(
+    without_modules: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = without_modules
+    config = node.config()
+    lifecycle.load(config)
+    pid = started_pid(node, fabric.FM_PID)
+    assert node.events()[-1] == "nvidia-smi -q -x (fabric Completed)"
+    # persistenced as a restarted init would have left it, to see the order at unload
+    daemons.start_persistenced(config)
+    lifecycle.unload(config)
+    assert not alive(node, pid)
+    stops = [e for e in node.events() if e.endswith("stopped")]
+    assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FABRIC_MANAGER": "on"}, "FABRIC_MANAGER='on' is not valid: expected one of auto, off"),
+        ({"FABRIC_MANAGER_TIMEOUT": "soon"}, "FABRIC_MANAGER_TIMEOUT='soon' is not valid"),
+        ({"FABRIC_MANAGER_TIMEOUT": "-5"}, "expected a positive number of seconds"),
+        ({"FABRIC_MANAGER_TIMEOUT": "inf"}, "expected a positive number of seconds"),
+    ],
+)
+def test_bad_fabric_manager_settings_are_usage_errors(
+    env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=re.escape(message)) as e:
+        Options.from_env(dict(os.environ))
+    assert e.value.exit_code == 2
+    assert Options.from_env({"FABRIC_MANAGER_TIMEOUT": "90"}).fabric_manager_timeout == 90
