@@ -57,6 +57,21 @@ def _build_flags(p: argparse.ArgumentParser) -> None:
         help="get the kernel tree with `emerge coreos-sources` in the developer container "
         "(old releases without /lib/modules/KERNEL/build; needs network)",
     )
+    p.add_argument(
+        "--push",
+        metavar="REF",
+        help="push the package, signed with PRECOMPILED_SIGNING_KEY, to the OCI registry "
+        "repository REF (HOST[:PORT]/REPO)",
+    )
+
+
+def _pull_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pull",
+        metavar="REF",
+        help="look for the package in the OCI registry repository REF (HOST[:PORT]/REPO) "
+        "before building one (as PRECOMPILED_REGISTRY)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-a", "--accept-license", action="store_true", help="accept NVIDIA's license")
     p.add_argument("-m", "--max-threads", metavar="N", type=_positive, help="build jobs")
+    _pull_flag(p)
 
     for name, text in (
         ("update", "build and pack the precompiled package for a kernel"),
@@ -81,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
     ):
         _build_flags(sub.add_parser(name, parents=[common], help=text, description=text))
 
-    sub.add_parser("load", parents=[common], help="link, install and load from a package")
+    _pull_flag(
+        sub.add_parser("load", parents=[common], help="link, install and load from a package")
+    )
     sub.add_parser("unload", parents=[common], help="stop daemons, unload modules, unmount")
     p = sub.add_parser("status", parents=[common], help="kernel, driver, packages, modules, GPUs")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -102,6 +120,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "sign_key": getattr(args, "sign", None),
         "tag": getattr(args, "tag", None),
         "debug": args.debug or None,
+        "push": getattr(args, "push", None),
+        "registry": getattr(args, "pull", None),
     }
     return Config.from_env(env, **flags)
 

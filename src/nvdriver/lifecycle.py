@@ -29,7 +29,7 @@ from nvdriver.driver.flavour import FlavourChoice, choose_flavour
 from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import linker_for
-from nvdriver.errors import DriverError, Interrupted
+from nvdriver.errors import DriverError, IntegrityError, Interrupted
 from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading
@@ -117,16 +117,24 @@ def _find_package(
             log.info("Using the precompiled package %s from the %s's store", found.path, store.kind)
             return found
     where = " or ".join(str(s.root) for s in searched)
+    refused = None
+    if config.registry is not None:
+        try:
+            return _pull(config, kernel, version, flavour)
+        except Interrupted:
+            raise
+        except DriverError as e:
+            refused = e
     log.info(
         "No precompiled package for kernel %s (driver %s, %s) in %s; building one into %s",
         kernel.release,
         version,
         flavour,
-        where,
+        where + (f" or the registry {config.registry}" if config.registry else ""),
         config.node_precompiled_dir,
     )
     try:
-        return builder.make_package(
+        package = builder.make_package(
             dataclasses.replace(config, kernel=None),
             source,
             flavour,
@@ -135,14 +143,60 @@ def _find_package(
     except Interrupted:
         raise
     except DriverError as e:
-        raise DriverError(
+        # A refused registry package that nothing could replace is the integrity failure
+        # it was (exit 5): someone pushed a bad or untrusted package under this tag.
+        error = IntegrityError if isinstance(refused, IntegrityError) else DriverError
+        also = (
+            f" The registry {config.registry} had no usable package either: {refused.message}"
+            if refused is not None
+            else ""
+        )
+        raise error(
             f"There is no precompiled package for kernel {kernel.release} (driver {version}, "
-            f"{flavour}) in {where}, and building one failed: {e.message}",
+            f"{flavour}) in {where}, and building one failed: {e.message}{also}",
             hint=(f"{e.hint} " if e.hint else "")
             + "Or make the package with `nvidia-driver update` where the kernel tree or the "
             "Flatcar developer container is available, and put it into PRECOMPILED_DIR "
-            "or NODE_PRECOMPILED_DIR.",
+            "or NODE_PRECOMPILED_DIR"
+            + (" or push it to the registry (update --push)." if config.registry else "."),
         ) from e
+    if config.registry is not None and config.registry_push:
+        _push_built(config, package, config.registry)
+    return package
+
+
+def _pull(config: Config, kernel: KernelIdentity, version: str, flavour: Flavour) -> Package:
+    """The package from the registry (PRECOMPILED_REGISTRY), pulled into the node's store;
+    a failure is logged in one line (registry, reference, reason) and raised."""
+    from nvdriver import registry  # http, ssl: only with a registry
+
+    assert config.registry is not None
+    ref = registry.Reference.parse(config.registry)
+    wanted = registry.Wanted(kernel, version, flavour, config.tag)
+    try:
+        return registry.pull(config, ref, wanted, config.node_precompiled_dir)
+    except DriverError as e:
+        log.warning(
+            "Registry %s: not using %s:%s: %s",
+            config.registry,
+            ref,
+            wanted.artifact_tag,
+            " ".join(e.message.split()),
+        )
+        raise
+
+
+def _push_built(config: Config, package: Package, reference: str) -> None:
+    """Share what this node built (PRECOMPILED_REGISTRY_PUSH): the fleet compiles once.
+    A failed push is logged; the node has its package and goes on."""
+    from nvdriver import registry  # http, ssl: only with a registry
+
+    try:
+        registry.push(config, package, registry.Reference.parse(reference))
+    except Interrupted:
+        raise
+    except DriverError as e:
+        log.error("Could not share %s: %s", package.path.name, e)
 
 
 def _prepare(config: Config) -> DriverPlan:
@@ -317,7 +371,12 @@ def update(config: Config) -> Package:
     """Build and pack the precompiled package for a kernel into the image's store
     (PRECOMPILED_DIR: `docker commit` keeps it, the seed's workflow); load nothing."""
     source, choice = _choose(config)
-    return builder.make_package(config, source, choice.flavour, into=config.precompiled_dir)
+    package = builder.make_package(config, source, choice.flavour, into=config.precompiled_dir)
+    if config.push is not None:
+        from nvdriver import registry  # http, ssl: only to push
+
+        registry.push(config, package, registry.Reference.parse(config.push, "--push"))
+    return package
 
 
 @dataclasses.dataclass(frozen=True)
