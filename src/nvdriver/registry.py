@@ -382,7 +382,8 @@ class Client:
                 out.write(chunk)
         if got != descriptor.size:
             raise RegistryError(
-                f"The blob {descriptor.digest} ended after {got} of {descriptor.size} bytes."
+                f"The connection broke after {got} of {descriptor.size} bytes of the blob "
+                f"{descriptor.digest} (it closed early)."
             )
         if "sha256:" + h.hexdigest() != descriptor.digest:
             raise IntegrityError(
@@ -459,7 +460,7 @@ class Descriptor:
         return cls(media, digest, size, {str(k): str(v) for k, v in annotations.items()})
 
 
-def _descriptor_of(media_type: str, data: bytes | Path, **annotations: str) -> Descriptor:
+def descriptor_of(media_type: str, data: bytes | Path, **annotations: str) -> Descriptor:
     if isinstance(data, Path):
         return Descriptor(
             media_type, "sha256:" + pkg.sha256_file(data), data.stat().st_size, annotations
@@ -490,7 +491,7 @@ def artifact_manifest(
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "artifactType": ARTIFACT_TYPE,
-        "config": _descriptor_of(EMPTY_TYPE, EMPTY).to_json(),
+        "config": descriptor_of(EMPTY_TYPE, EMPTY).to_json(),
         "layers": [d.to_json() for d in layers],
         "annotations": dict(annotations),
     }
@@ -506,10 +507,10 @@ def push(config: Config, package: Package, ref: Reference) -> str:
     tag = artifact_tag(m.driver_version, m.kernel_release, m.flavour, m.tag)
     signature = trust.sign(package.path, config.fleet_signing_key)
     client = Client.for_config(config, ref)
-    layer = _descriptor_of(PACKAGE_LAYER, package.path, **{TITLE: package.path.name})
-    sig = _descriptor_of(SIGNATURE_LAYER, signature, **{TITLE: package.path.name + ".asc"})
+    layer = descriptor_of(PACKAGE_LAYER, package.path, **{TITLE: package.path.name})
+    sig = descriptor_of(SIGNATURE_LAYER, signature, **{TITLE: package.path.name + ".asc"})
     try:
-        client.push_blob(_descriptor_of(EMPTY_TYPE, EMPTY).digest, EMPTY)
+        client.push_blob(descriptor_of(EMPTY_TYPE, EMPTY).digest, EMPTY)
         client.push_blob(layer.digest, package.path)
         client.push_blob(sig.digest, signature)
         digest = client.push_manifest(tag, artifact_manifest(layer, sig, annotations_for(m)))

@@ -15,7 +15,6 @@ written into a package, an artifact layer, the cache or a log.
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,6 @@ from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError, UsageError
 from nvdriver.flatcar import gpg
 from nvdriver.run import RunError, run
-
-log = logging.getLogger(__name__)
 
 SECRET_HEADER = b"-----BEGIN PGP PRIVATE KEY BLOCK-----"
 
@@ -123,4 +120,3 @@ def verify(path: Path, signature: bytes, trusted: Path, *, source: str) -> None:
         while chunk := f.read(1 << 20):
             verifier.update(chunk)
         verifier.finish()
-    log.debug("The signature of %s is good (PRECOMPILED_TRUSTED_KEYS %s)", source, trusted)
