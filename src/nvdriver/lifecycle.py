@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, lock, rootfs, signals
+from nvdriver import builder, daemons, lock, rootfs, signals, trust
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
@@ -133,6 +133,9 @@ def _find_package(
         where + (f" or the registry {config.registry}" if config.registry else ""),
         config.node_precompiled_dir,
     )
+    pushes = config.registry is not None and config.registry_push
+    if pushes and config.fleet_signing_key is not None:
+        trust.check_signing_key(config.fleet_signing_key)  # exit 2 before anything is built
     try:
         package = builder.make_package(
             dataclasses.replace(config, kernel=None),
@@ -160,7 +163,8 @@ def _find_package(
             "or NODE_PRECOMPILED_DIR"
             + (" or push it to the registry (update --push)." if config.registry else "."),
         ) from e
-    if config.registry is not None and config.registry_push:
+    if pushes:
+        assert config.registry is not None
         _push_built(config, package, config.registry)
     return package
 
@@ -370,6 +374,8 @@ def unload(config: Config) -> None:
 def update(config: Config) -> Package:
     """Build and pack the precompiled package for a kernel into the image's store
     (PRECOMPILED_DIR: `docker commit` keeps it, the seed's workflow); load nothing."""
+    if config.push is not None and config.fleet_signing_key is not None:
+        trust.check_signing_key(config.fleet_signing_key)  # exit 2 before anything is built
     source, choice = _choose(config)
     package = builder.make_package(config, source, choice.flavour, into=config.precompiled_dir)
     if config.push is not None:

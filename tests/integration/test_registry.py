@@ -249,15 +249,26 @@ def test_update_push_then_pull_byte_exact_with_auth_and_tls(
     assert pulled.path == b.store / m.kernel_release / built.name
 
 
-def test_update_push_without_a_signing_key_is_a_usage_error_before_building(make_node) -> None:
+@pytest.mark.parametrize(
+    "key,expected",
+    [
+        ("", "--push needs PRECOMPILED_SIGNING_KEY"),
+        ("public", "is not an armored OpenPGP secret key"),
+        ("/nonexistent-key.asc", "cannot be read"),
+    ],
+)
+def test_update_push_without_a_usable_signing_key_is_a_usage_error_before_building(
+    make_node, keys, key: str, expected: str
+) -> None:
     a = make_node("a")
-    env = {**a.env, "PRECOMPILED_SIGNING_KEY": ""}
+    key = str(keys["fleet"].public) if key == "public" else key
+    env = {**a.env, "PRECOMPILED_SIGNING_KEY": key}
     tool = run_tool(
         "update", "--kernel-source", "/nonexistent", "--push", a.config.registry, env=env
     )
     assert tool.returncode == 2, tool.stderr
-    assert "--push needs PRECOMPILED_SIGNING_KEY" in tool.stderr
-    assert "/nonexistent" not in tool.stderr  # refused before the build looked at the tree
+    assert expected in tool.stderr
+    assert "/nonexistent " not in tool.stderr  # refused before the build looked at the tree
 
 
 # --- credentials are never shown
