@@ -639,10 +639,15 @@ def pull(config: Config, ref: Reference, wanted: Wanted, store_root: Path) -> Pa
         kernel_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(final, check=check) as out:
             client.fetch_blob(layer, out)
-    except BaseException:
+    except BaseException as e:
         if created:
             with contextlib.suppress(OSError):
                 kernel_dir.rmdir()
+        if isinstance(e, OSError):  # the store's disk, not the registry
+            raise DriverError(
+                f"Cannot write the package {where} into {kernel_dir}: {e.strerror or e}.",
+                hint="NODE_PRECOMPILED_DIR must be writable and have free space.",
+            ) from e
         raise
     write_origin(
         final.with_name(final.name + ORIGIN_SUFFIX),

@@ -30,6 +30,7 @@ from nvdriver.driver import package as pkg
 from nvdriver.driver.build import BuildOutput
 from nvdriver.driver.package import Package
 from nvdriver.driver.source import DriverSource, Flavour
+from nvdriver.errors import DriverError
 from nvdriver.host import KernelIdentity
 from tests.conftest import need, run_tool, standin_env
 from tests.packaging import fake_build
@@ -522,3 +523,18 @@ def test_bad_registry_settings_are_usage_errors(make_node) -> None:
         tool = run_tool("init", env={**node.env, **env})
         assert tool.returncode == 2, tool.stderr
         assert expected in tool.stderr and "Traceback" not in tool.stderr
+
+
+def test_a_store_that_cannot_be_written_is_a_clear_error(make_node, tmp_path: Path) -> None:
+    """A node store that is not a directory (or is full): a DriverError naming it, not a
+    traceback, and no temporary file anywhere."""
+    a = make_node("a")
+    registry.push(a.config, running_package(a), registry.Reference.parse(a.config.registry))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    node = make_node("node", NODE_PRECOMPILED_DIR=str(blocker))
+    with pytest.raises(DriverError, match=r"Cannot write the package .* into .*not-a-dir"):
+        registry.pull(
+            node.config, registry.Reference.parse(node.config.registry), wanted_for(node), blocker
+        )
+    assert blocker.read_text() == ""
