@@ -538,3 +538,15 @@ def test_a_store_that_cannot_be_written_is_a_clear_error(make_node, tmp_path: Pa
             node.config, registry.Reference.parse(node.config.registry), wanted_for(node), blocker
         )
     assert blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("command", ["init", "load"])
+def test_pull_flag_is_the_same_as_the_setting(make_node, command: str) -> None:
+    a = make_node("a")
+    registry.push(a.config, running_package(a), registry.Reference.parse(a.config.registry))
+    node = make_node("node")
+    env = {k: v for k, v in node.env.items() if k != "PRECOMPILED_REGISTRY"}
+    tool = run_tool(command, "--pull", node.env["PRECOMPILED_REGISTRY"], env=env)
+    # Pulled, then the link of the stand-in's plain files fails (they are no objects).
+    assert "Pulled nvidia-535.999.01-proprietary.tar.gz from the registry" in tool.stderr
+    assert "building one" not in tool.stderr
