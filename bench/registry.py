@@ -36,7 +36,7 @@ from pathlib import Path
 from nvdriver import registry
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
-from nvdriver.driver.source import read_version
+from nvdriver.driver.source import DriverSource
 from tests.flatcar_mirror import build_mirror, default_kernel_release, serve_mirror
 from tests.registry import make_key, serve_registry
 from tests.standin.tree import make_standin_source
@@ -113,7 +113,9 @@ def main() -> int:
             from tests.conftest import unpack_debian_source
 
             source = unpack_debian_source("proprietary")
-            version = read_version(source / "kernel")
+            version = DriverSource.from_config(
+                Config.from_env({"NVIDIA_DRIVER_SOURCE": str(source)})
+            ).version
         else:
             source = make_standin_source(work / f"nvidia-{VERSION}", version=VERSION)
             version = VERSION
