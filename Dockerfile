@@ -74,15 +74,17 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # the builds ahead), fdisk (sfdisk), gpg and gpgv
 # (Flatcar's signatures), lbzip2 (the developer container), binutils (ld: links the modules
 # when no linker of the developer container is saved in NVIDIA_DRIVER_CACHE); python3 and
-# ca-certificates (HTTPS downloads); xz-utils unpacks the driver. The base image's updates
+# ca-certificates (HTTPS downloads); xz-utils unpacks the driver; gpg-agent and gpgconf
+# (`update --push` signs packages with the fleet's key: gpg needs its agent, gpgconf stops
+# it). The base image's updates
 # decide these versions, so they are not pinned; the driver's packages are (DRIVER_VERSION).
 # `apt-get clean`: a base image without Debian's docker-clean hook keeps the downloaded
 # packages and apt's caches in the layer otherwise.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-        binutils ca-certificates fdisk gpg gpgv kmod lbzip2 mount python3 python3-venv \
-        util-linux xz-utils \
+        binutils ca-certificates fdisk gpg gpg-agent gpgconf gpgv kmod lbzip2 mount \
+        python3 python3-venv util-linux xz-utils \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 

@@ -16,7 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -36,13 +36,18 @@ def fsync_directory(directory: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(
-    final: Path, *, prefix: str = TEMP_PREFIX, mode: int = 0o644
+    final: Path,
+    *,
+    prefix: str = TEMP_PREFIX,
+    mode: int = 0o644,
+    check: Callable[[Path], None] | None = None,
 ) -> Iterator[IO[bytes]]:
     """A file open for writing that appears as `final` when the block ends normally.
 
-    Flushed and fsync'd, given `mode`, renamed over `final`, the directory fsync'd;
-    when the block (or any of that) fails, the temporary file is removed and the
-    error goes on, so that a full disk leaves nothing behind.
+    Flushed and fsync'd, given `mode`, passed to `check` (which raises to refuse it: a
+    download verified before anyone can see it under its name), renamed over `final`,
+    the directory fsync'd; when the block (or any of that) fails, the temporary file is
+    removed and the error goes on, so that a full disk leaves nothing behind.
     """
     fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
     tmp = Path(name)
@@ -52,6 +57,8 @@ def atomic_file(
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

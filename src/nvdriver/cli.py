@@ -75,6 +75,21 @@ def _build_flags(p: argparse.ArgumentParser) -> None:
         help="write into the image's store (PRECOMPILED_DIR, default) or the node's "
         "(NODE_PRECOMPILED_DIR)",
     )
+    p.add_argument(
+        "--push",
+        metavar="REF",
+        help="push the package, signed with PRECOMPILED_SIGNING_KEY, to the OCI registry "
+        "repository REF (HOST[:PORT]/REPO)",
+    )
+
+
+def _pull_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pull",
+        metavar="REF",
+        help="look for the package in the OCI registry repository REF (HOST[:PORT]/REPO) "
+        "before building one (as PRECOMPILED_REGISTRY)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-a", "--accept-license", action="store_true", help="accept NVIDIA's license")
     p.add_argument("-m", "--max-threads", metavar="N", type=_positive, help="build jobs")
+    _pull_flag(p)
 
     for name, text in (
         ("update", "build and pack the precompiled package for a kernel"),
@@ -99,7 +115,9 @@ def parser() -> argparse.ArgumentParser:
     ):
         _build_flags(sub.add_parser(name, parents=[common], help=text, description=text))
 
-    sub.add_parser("load", parents=[common], help="link, install and load from a package")
+    _pull_flag(
+        sub.add_parser("load", parents=[common], help="link, install and load from a package")
+    )
     sub.add_parser("unload", parents=[common], help="stop daemons, unload modules, unmount")
     p = sub.add_parser("status", parents=[common], help="kernel, driver, packages, modules, GPUs")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -123,6 +141,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "flatcar_version": getattr(args, "flatcar_version", None),
         "next_release": getattr(args, "next", None),
         "store": getattr(args, "store", None),
+        "push": getattr(args, "push", None),
+        "registry": getattr(args, "pull", None),
     }
     return Config.from_env(env, **flags)
 

@@ -28,6 +28,7 @@ import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
 from nvdriver.errors import UsageError
 from nvdriver.run import TIMEOUTS
@@ -39,6 +40,13 @@ KERNEL_RELEASE_RE = re.compile(r"^\d+\.\d+(\.\d+)?([-+~._][A-Za-z0-9._+~-]*)?$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FLATCAR_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 STORES = ("image", "node")
+# HOST[:PORT]/REPO[/...] (an OCI repository: lower-case path components; no scheme, no tag).
+_REPO_PART = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+REGISTRY_REF_RE = re.compile(
+    r"^(?P<host>(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?)"
+    rf"/(?P<repo>{_REPO_PART}(?:/{_REPO_PART})*)$"
+)
 MODULE_TYPES = ("auto", "open", "proprietary")
 CHANNELS = ("stable", "beta", "alpha", "lts")
 BOARDS = ("amd64-usr", "arm64-usr")
@@ -195,6 +203,40 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
+class _RegistrySettings(TypedDict):
+    registry: str | None
+    registry_push: bool
+    registry_ca: Path | None
+    registry_auth_file: Path | None
+    registry_plain_http: bool
+    trusted_keys: Path | None
+    fleet_signing_key: Path | None
+
+
+def _registry_settings(env: Mapping[str, str]) -> _RegistrySettings:
+    """The registry's settings of `Config` (credentials are not among them: the registry
+    module reads them at use, so that no repr of Config holds them)."""
+
+    def path(name: str) -> Path | None:
+        value = env.get(name)
+        return Path(value) if value else None
+
+    auth = path("REGISTRY_AUTH_FILE")
+    if auth is None and env.get("DOCKER_CONFIG"):
+        auth = Path(env["DOCKER_CONFIG"]) / "config.json"
+    if auth is None and env.get("HOME"):
+        auth = Path(env["HOME"]) / ".docker" / "config.json"
+    return {
+        "registry": env.get("PRECOMPILED_REGISTRY") or None,
+        "registry_push": _flag(env, "PRECOMPILED_REGISTRY_PUSH"),
+        "registry_ca": path("PRECOMPILED_REGISTRY_CA"),
+        "registry_auth_file": auth,
+        "registry_plain_http": _flag(env, "PRECOMPILED_REGISTRY_PLAIN_HTTP"),
+        "trusted_keys": path("PRECOMPILED_TRUSTED_KEYS"),
+        "fleet_signing_key": path("PRECOMPILED_SIGNING_KEY"),
+    }
+
+
 def parse_timeouts(
     value: str, name: str = "NVIDIA_DRIVER_TIMEOUTS"
 ) -> tuple[tuple[str, float], ...]:
@@ -250,6 +292,15 @@ class Config:
     flatcar_version: str | None = None
     next_release: bool = False
     store: str = "image"
+    # The registry (registry.py, trust.py): PRECOMPILED_REGISTRY or --pull, --push.
+    registry: str | None = None
+    push: str | None = None
+    registry_push: bool = False
+    registry_ca: Path | None = None
+    registry_auth_file: Path | None = None
+    registry_plain_http: bool = False
+    trusted_keys: Path | None = None
+    fleet_signing_key: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: object) -> Config:
@@ -293,6 +344,7 @@ class Config:
             log_format=log_format,
             timeouts=parse_timeouts(get("NVIDIA_DRIVER_TIMEOUTS") or ""),
             options=Options.from_env(env),
+            **_registry_settings(env),
         )
         given = {k: v for k, v in flags.items() if v is not None}
         config = dataclasses.replace(config, **given)  # type: ignore[arg-type]
@@ -317,6 +369,7 @@ class Config:
             )
         _choice("--store", self.store, STORES)
         self._check_exclusive()
+        self._validate_registry()
 
     def _check_exclusive(self) -> None:
         """The ways of naming what to build for that contradict each other (exit 2)."""
@@ -344,6 +397,22 @@ class Config:
                     hint="Give one of --flatcar-version, --next, --kernel (with "
                     "--kernel-source or --emerge-sources if needed).",
                 )
+
+    def _validate_registry(self) -> None:
+        """A push needs the fleet's signing key: refused before anything is built."""
+        expected = "HOST[:PORT]/REPOSITORY (no scheme, no tag; lower-case repository)"
+        if self.registry is not None:
+            _check("PRECOMPILED_REGISTRY (or --pull)", self.registry, REGISTRY_REF_RE, expected)
+        if self.push is not None:
+            _check("--push", self.push, REGISTRY_REF_RE, expected)
+        pushes = self.push is not None or (self.registry_push and self.registry is not None)
+        if pushes and self.fleet_signing_key is None:
+            what = "--push" if self.push is not None else "PRECOMPILED_REGISTRY_PUSH=true"
+            raise UsageError(
+                f"{what} needs PRECOMPILED_SIGNING_KEY: packages are pushed signed by the "
+                "fleet's key, which nodes verify (PRECOMPILED_TRUSTED_KEYS).",
+                hint="Point PRECOMPILED_SIGNING_KEY at the fleet's armored secret key file.",
+            )
 
     def host(self, path: str | Path) -> Path:
         """A path of the kernel's (/proc, /sys, /dev) or of a host directory shared by a

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, fabric, fleet, lock, rootfs, signals, watch
+from nvdriver import builder, daemons, fabric, fleet, lock, rootfs, signals, trust, watch
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
@@ -29,7 +29,7 @@ from nvdriver.driver.flavour import FlavourChoice, choose_flavour
 from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.driver.toolchain import linker_for
-from nvdriver.errors import DriverError, Interrupted
+from nvdriver.errors import DriverError, IntegrityError, Interrupted
 from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading
@@ -117,16 +117,27 @@ def _find_package(
             log.info("Using the precompiled package %s from the %s's store", found.path, store.kind)
             return found
     where = " or ".join(str(s.root) for s in searched)
+    refused = None
+    if config.registry is not None:
+        try:
+            return _pull(config, kernel, version, flavour)
+        except Interrupted:
+            raise
+        except DriverError as e:
+            refused = e
     log.info(
         "No precompiled package for kernel %s (driver %s, %s) in %s; building one into %s",
         kernel.release,
         version,
         flavour,
-        where,
+        where + (f" or the registry {config.registry}" if config.registry else ""),
         config.node_precompiled_dir,
     )
+    pushes = config.registry is not None and config.registry_push
+    if pushes and config.fleet_signing_key is not None:
+        trust.check_signing_key(config.fleet_signing_key)  # exit 2 before anything is built
     try:
-        return builder.make_package(
+        package = builder.make_package(
             dataclasses.replace(config, kernel=None),
             source,
             flavour,
@@ -135,14 +146,61 @@ def _find_package(
     except Interrupted:
         raise
     except DriverError as e:
-        raise DriverError(
+        # A refused registry package that nothing could replace is the integrity failure
+        # it was (exit 5): someone pushed a bad or untrusted package under this tag.
+        error = IntegrityError if isinstance(refused, IntegrityError) else DriverError
+        also = (
+            f" The registry {config.registry} had no usable package either: {refused.message}"
+            if refused is not None
+            else ""
+        )
+        raise error(
             f"There is no precompiled package for kernel {kernel.release} (driver {version}, "
-            f"{flavour}) in {where}, and building one failed: {e.message}",
+            f"{flavour}) in {where}, and building one failed: {e.message}{also}",
             hint=(f"{e.hint} " if e.hint else "")
             + "Or make the package with `nvidia-driver update` where the kernel tree or the "
             "Flatcar developer container is available, and put it into PRECOMPILED_DIR "
-            "or NODE_PRECOMPILED_DIR.",
+            "or NODE_PRECOMPILED_DIR"
+            + (" or push it to the registry (update --push)." if config.registry else "."),
         ) from e
+    if pushes:
+        assert config.registry is not None
+        _push_built(config, package, config.registry)
+    return package
+
+
+def _pull(config: Config, kernel: KernelIdentity, version: str, flavour: Flavour) -> Package:
+    """The package from the registry (PRECOMPILED_REGISTRY), pulled into the node's store;
+    a failure is logged in one line (registry, reference, reason) and raised."""
+    from nvdriver import registry  # http, ssl: only with a registry
+
+    assert config.registry is not None
+    ref = registry.Reference.parse(config.registry)
+    wanted = registry.Wanted(kernel, version, flavour, config.tag)
+    try:
+        return registry.pull(config, ref, wanted, config.node_precompiled_dir)
+    except DriverError as e:
+        log.warning(
+            "Registry %s: not using %s:%s: %s",
+            config.registry,
+            ref,
+            wanted.artifact_tag,
+            " ".join(e.message.split()),
+        )
+        raise
+
+
+def _push_built(config: Config, package: Package, reference: str) -> None:
+    """Share what this node built (PRECOMPILED_REGISTRY_PUSH): the fleet compiles once.
+    A failed push is logged; the node has its package and goes on."""
+    from nvdriver import registry  # http, ssl: only with a registry
+
+    try:
+        registry.push(config, package, registry.Reference.parse(reference))
+    except Interrupted:
+        raise
+    except DriverError as e:
+        log.error("Could not share %s: %s", package.path.name, e)
 
 
 def _prepare(config: Config) -> DriverPlan:
@@ -328,13 +386,16 @@ def unload(config: Config) -> None:
 def update(config: Config) -> Package | None:
     """Build and pack the precompiled package for a kernel into the image's store
     (PRECOMPILED_DIR: `docker commit` keeps it, the seed's workflow), or the node's with
-    `--store node`; load nothing, touch no loaded driver.
+    `--store node`; load nothing, touch no loaded driver; with `--push`, push it.
 
     The kernel: the running one, `--kernel`, the one of the Flatcar release
     `--flatcar-version` names, or of the channel's next release (`--next`; None when the
     feed has none with another kernel: nothing to do). A release newer than the host's
-    is recorded as the next one (fleet.py), for `status` and `packages prune`.
+    is recorded as the next one (fleet.py), for `status` and `packages prune`; when the
+    record names its package already (built ahead before), that package is the result.
     """
+    if config.push is not None and config.fleet_signing_key is not None:
+        trust.check_signing_key(config.fleet_signing_key)  # exit 2 before anything is built
     target = None
     if config.next_release:
         target = release.next_release(config)
@@ -346,21 +407,27 @@ def update(config: Config) -> Package | None:
     source, choice = _choose(config)
     ahead = target is not None and fleet.is_ahead(config, target)
     into = config.node_precompiled_dir if config.store == pkg.NODE_STORE else config.precompiled_dir
+    package = None
     if ahead:
         assert target is not None
-        built = fleet.built_ahead(config, target, into, source.version, choice.flavour)
-        if built is not None:
+        package = fleet.built_ahead(config, target, into, source.version, choice.flavour)
+        if package is not None:
             log.info(
                 "The package for Flatcar %s is there already: %s",
                 target.release.version,
-                built.path,
+                package.path,
             )
-            return built
-        fleet.write_next(config, target, None)
-    package = builder.make_package(config, source, choice.flavour, into=into, target=target)
-    if ahead:
-        assert target is not None
-        fleet.write_next(config, target, package.manifest.kernel)
+        else:
+            fleet.write_next(config, target, None)
+    if package is None:
+        package = builder.make_package(config, source, choice.flavour, into=into, target=target)
+        if ahead:
+            assert target is not None
+            fleet.write_next(config, target, package.manifest.kernel)
+    if config.push is not None:
+        from nvdriver import registry  # http, ssl: only to push
+
+        registry.push(config, package, registry.Reference.parse(config.push, "--push"))
     return package
 
 

@@ -346,12 +346,14 @@ def _cannot_extract(dest: object, error: OSError) -> DriverError:
     )
 
 
-def verify(path: Path) -> Manifest:
-    """Verify every member's SHA-256; on failure move the package aside and raise."""
+def verify(path: Path, *, keep_failed: bool = True) -> Manifest:
+    """Verify every member's SHA-256; on failure move the package aside (unless not
+    `keep_failed`: a download that its caller removes) and raise."""
     try:
         return _unpack(path, None)
     except IntegrityError:
-        move_aside(path)
+        if keep_failed:
+            move_aside(path)
         raise
 
 

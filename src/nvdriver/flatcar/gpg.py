@@ -81,11 +81,35 @@ def parse_fingerprints(colons: str) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyRole:
+    """Whose key a keyring holds, for the messages of a refused signature: what the key
+    is called, and what an operator does about a signer it lacks or a bad signature."""
+
+    label: str
+    no_key_hint: str
+    bad_hint: str
+    other_hint: str
+
+
+FLATCAR = KeyRole(
+    label="Flatcar signing key",
+    no_key_hint="Flatcar signs its releases with a key it rotates: rebuild the driver "
+    "image so that it fetches Flatcar's current image signing key, or set "
+    "FLATCAR_SIGNING_KEY to a mounted copy of the current key (check its "
+    "fingerprint against Flatcar's published one).",
+    bad_hint="Nothing from it was used; check the mirror at FLATCAR_RELEASE_URL.",
+    other_hint="The file was changed or not signed with the trusted key "
+    "(FLATCAR_SIGNING_KEY); nothing from it was used.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Keyring:
     """A throw-away keyring (`path`, for `gpgv --keyring`) made of one key file (`key`)."""
 
     path: Path
     key: Path
+    role: KeyRole = FLATCAR
 
     def fingerprints(self) -> list[str]:
         """The key file's primary fingerprints; empty when gpg cannot list them."""
@@ -103,33 +127,30 @@ class Keyring:
         a key that the configured key file lacks, or a signature that does not match."""
         lines = parse_status(status)
         fprs = ", ".join(self.fingerprints()) or "none that gpg can read"
-        named = f"the configured Flatcar signing key {self.key} (fingerprint {fprs})"
+        named = f"the configured {self.role.label} {self.key} (fingerprint {fprs})"
         no_key = lines.get("NO_PUBKEY")  # with ERRSIG: the signer is not in the keyring
         if no_key:
             return IntegrityError(
                 f"The signature of {source} is by key {no_key[0]}, which {named} does not "
-                "hold: the release cannot be verified and nothing from it was used.",
-                hint="Flatcar signs its releases with a key it rotates: rebuild the driver "
-                "image so that it fetches Flatcar's current image signing key, or set "
-                "FLATCAR_SIGNING_KEY to a mounted copy of the current key (check its "
-                "fingerprint against Flatcar's published one).",
+                "hold: it cannot be verified and nothing from it was used.",
+                hint=self.role.no_key_hint,
             )
         if "BADSIG" in lines:
             return IntegrityError(
                 f"The signature of {source} by key {lines['BADSIG'][0]} does not match its "
-                f"content ({named}): it was changed on the way or on the mirror.",
-                hint="Nothing from it was used; check the mirror at FLATCAR_RELEASE_URL.",
+                f"content ({named}): it was changed on the way or at its source.",
+                hint=self.role.bad_hint,
             )
         return IntegrityError(
             f"The signature of {source} is not good ({named}): {stderr.strip() or 'gpgv failed'}",
-            hint="The file was changed or not signed with the trusted key "
-            "(FLATCAR_SIGNING_KEY); nothing from it was used.",
+            hint=self.role.other_hint,
         )
 
 
 @contextlib.contextmanager
-def keyring(key: Path) -> Iterator[Keyring]:
-    """A temporary keyring that holds only `key` (armored or binary) for `gpgv --keyring`."""
+def keyring(key: Path, role: KeyRole = FLATCAR) -> Iterator[Keyring]:
+    """A temporary keyring that holds only `key` (armored or binary; one key or several)
+    for `gpgv --keyring`."""
     with tempfile.TemporaryDirectory(prefix="nvdriver-gpg-") as tmp:
         ring = Path(tmp) / "trusted.gpg"
         try:
@@ -145,7 +166,7 @@ def keyring(key: Path) -> Iterator[Keyring]:
             )  # fmt: skip
         else:
             shutil.copyfile(key, ring)
-        yield Keyring(ring, key)
+        yield Keyring(ring, key, role)
 
 
 def _gpgv(ring: Keyring, home: str) -> list[str | Path]:

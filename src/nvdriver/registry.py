@@ -1,0 +1,661 @@
+"""Packages shared through an OCI registry: the distribution API, spoken directly.
+
+Why no library: the API a package needs is six requests (GET/HEAD a manifest or a
+blob, POST+PUT a blob upload, PUT a manifest) plus the token dance, which `http.client`
+and `ssl` do in a few hundred lines; the image gains no dependency and no byte. PyPI's
+`oras` (with `requests`, `jsonschema`, ~7 MB) sent its blob PUT without credentials
+against a registry with basic auth over TLS (FACTS), and the `skopeo`/`oras` binaries
+are 20-40 MB each.
+
+A package is an OCI image manifest of artifact type ARTIFACT_TYPE: the OCI empty
+config, a layer with the package file and a layer with its detached OpenPGP signature
+by the fleet's key (trust.py), and annotations naming what it is for. A pull resolves
+the tag, computes the manifest's digest from its bytes and fetches by that digest; the
+annotations must name the kernel asked for before any blob is fetched; each blob is
+checked against its descriptor (digest and size) while it streams into a temporary
+file in the store; the signature is checked with gpgv before the package is opened;
+the package is verified and its own manifest checked again; only then does it appear
+under its name (an atomic rename). Any failure leaves nothing in the store.
+
+Credentials (PRECOMPILED_REGISTRY_USERNAME/PASSWORD, else the Docker-style auth file)
+are read at use, never kept in Config (logged under --debug) and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import ssl
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from nvdriver import fleet, trust
+from nvdriver.atomic import atomic_file
+from nvdriver.config import REGISTRY_REF_RE, Config
+from nvdriver.driver import package as pkg
+from nvdriver.driver.package import Manifest, Package
+from nvdriver.errors import DriverError, IntegrityError, UsageError
+from nvdriver.host import KernelIdentity
+
+log = logging.getLogger(__name__)
+
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+ARTIFACT_TYPE = "application/vnd.nvidia-driver.package.v1"
+PACKAGE_LAYER = "application/vnd.nvidia-driver.package.v1.tar"
+SIGNATURE_LAYER = "application/vnd.nvidia-driver.package.signature.v1.pgp"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY = b"{}"
+TITLE = "org.opencontainers.image.title"
+CREATED = "org.opencontainers.image.created"
+ANNOTATION = "org.nvidia-driver."
+DRIVER_VERSION = ANNOTATION + "driver-version"
+FLAVOUR = ANNOTATION + "flavour"
+KERNEL_RELEASE = ANNOTATION + "kernel-release"
+KERNEL_VERSION_SHA256 = ANNOTATION + "kernel-version-sha256"
+PACKAGE_TAG = ANNOTATION + "tag"
+
+TIMEOUT = 60.0
+CHUNK = 1 << 20
+MAX_MANIFEST = 4 << 20
+MAX_SIGNATURE = 64 << 10
+MAX_PACKAGE = 8 << 30
+MAX_REDIRECTS = 3
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class RegistryError(DriverError):
+    """The registry could not be used (down, refused credentials, no such tag, a cut
+    connection): nothing says the package is bad, so the fallback is a build (exit 1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """HOST[:PORT]/REPO[/...]: where a fleet keeps its packages."""
+
+    host: str  # with the port, as the auth file and the Host header name it
+    repository: str
+
+    @classmethod
+    def parse(cls, text: str, name: str = "PRECOMPILED_REGISTRY") -> Reference:
+        match = REGISTRY_REF_RE.fullmatch(text)
+        if not match:
+            raise UsageError(
+                f"{name}={text!r} is malformed: expected HOST[:PORT]/REPOSITORY "
+                "(lower-case repository path, no scheme, no tag).",
+                hint=f"Fix {name}, e.g. registry.example:5000/fleet/nvidia-driver.",
+            )
+        return cls(match["host"], match["repo"])
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.repository}"
+
+
+def artifact_tag(driver_version: str, kernel_release: str, flavour: str, tag: str | None) -> str:
+    """`<driver>-<kernel-release>-<flavour>[-<package tag>]`, every character an OCI tag
+    may not hold (`+` of Debian's releases) as `_`, at most 128 characters."""
+    raw = f"{driver_version}-{kernel_release}-{flavour}" + (f"-{tag}" if tag else "")
+    return _TAG_BAD.sub("_", raw)[:128]
+
+
+def kernel_digest(kernel: KernelIdentity) -> str:
+    return hashlib.sha256(kernel.version.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = dataclasses.field(repr=False)
+
+    def basic(self) -> str:
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
+
+def credentials(config: Config, host: str, env: Mapping[str, str]) -> Credentials | None:
+    """From PRECOMPILED_REGISTRY_USERNAME/PASSWORD, else the auth file's entry for `host`
+    (`auths.HOST.auth` = base64 of USER:PASSWORD, or `username`/`password`), else none."""
+    user, password = (
+        env.get("PRECOMPILED_REGISTRY_USERNAME"),
+        env.get("PRECOMPILED_REGISTRY_PASSWORD"),
+    )
+    if user and password is not None:
+        return Credentials(user, password)
+    path = config.registry_auth_file
+    if path is None or not path.is_file():
+        return None
+    try:
+        auths = json.loads(path.read_text()).get("auths", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise DriverError(
+            f"The registry auth file {path} cannot be read: {getattr(e, 'strerror', e)}.",
+            hint='It must be a Docker-style config.json ({"auths": {HOST: {"auth": ...}}}).',
+        ) from e
+    for key in (host, f"https://{host}", f"http://{host}"):
+        entry = auths.get(key) if isinstance(auths, dict) else None
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("auth"), str):
+            try:
+                name, sep, secret = base64.b64decode(entry["auth"]).decode().partition(":")
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise DriverError(
+                    f"The registry auth file {path} has a malformed auth entry for {host}.",
+                    hint="`auth` must be base64 of USER:PASSWORD.",
+                )
+            return Credentials(name, secret)
+        if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
+            return Credentials(entry["username"], entry["password"])
+    return None
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    """`Bearer realm="...",service="...",scope="..."` → ("bearer", {realm, service, scope})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    return scheme.lower(), params
+
+
+class Client:
+    """One registry repository over HTTPS (HTTP only with PRECOMPILED_REGISTRY_PLAIN_HTTP):
+    anonymous first, then what the registry's 401 challenge asks for (Basic, or a Bearer
+    token from its realm, fetched with the basic credentials)."""
+
+    def __init__(
+        self,
+        ref: Reference,
+        *,
+        creds: Credentials | None,
+        ca: Path | None = None,
+        plain_http: bool = False,
+    ) -> None:
+        self.ref = ref
+        self._creds = creds
+        self._scheme = "http" if plain_http else "https"
+        self._auth: str | None = None
+        self._tls = ssl.create_default_context()
+        if ca is not None:
+            try:
+                self._tls.load_verify_locations(cafile=str(ca))
+            except (OSError, ssl.SSLError) as e:
+                raise DriverError(
+                    f"The registry CA {ca} (PRECOMPILED_REGISTRY_CA) cannot be loaded: {e}.",
+                    hint="It must be a PEM file of the CA certificate(s) of the registry.",
+                ) from e
+
+    @classmethod
+    def for_config(cls, config: Config, ref: Reference) -> Client:
+        return cls(
+            ref,
+            creds=credentials(config, ref.host, os.environ),
+            ca=config.registry_ca,
+            plain_http=config.registry_plain_http,
+        )
+
+    # --- the transport
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        if scheme == "https":
+            return http.client.HTTPSConnection(netloc, timeout=TIMEOUT, context=self._tls)
+        if self._scheme != "http":
+            raise RegistryError(f"The registry sent us to plain http://{netloc}; refused.")
+        return http.client.HTTPConnection(netloc, timeout=TIMEOUT)
+
+    @contextlib.contextmanager
+    def _open(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | Path | None = None,
+        auth: bool = True,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """One request (following redirects), its response open for the block."""
+        with contextlib.ExitStack() as stack:
+            for _ in range(MAX_REDIRECTS + 1):
+                parts = urllib.parse.urlsplit(url)
+                conn = self._connection(parts.scheme, parts.netloc)
+                stack.callback(conn.close)
+                sent = dict(headers or {})
+                if auth and self._auth and parts.netloc == self.ref.host:
+                    sent["Authorization"] = self._auth
+                data: bytes | IO[bytes] | None
+                if isinstance(body, Path):
+                    data = stack.enter_context(body.open("rb"))
+                    sent["Content-Length"] = str(body.stat().st_size)
+                else:
+                    data = body
+                    if body is not None:
+                        sent["Content-Length"] = str(len(body))
+                path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+                try:
+                    conn.request(method, path, body=data, headers=sent)
+                    resp = conn.getresponse()
+                except (OSError, http.client.HTTPException) as e:
+                    raise RegistryError(_transport_reason(e)) from e
+                location = resp.getheader("Location")
+                if resp.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
+                    if not location:
+                        raise RegistryError(f"HTTP {resp.status} without a Location.")
+                    url = urllib.parse.urljoin(url, location)
+                    continue
+                yield resp
+                return
+            raise RegistryError(f"More than {MAX_REDIRECTS} redirects.")
+
+    def _url(self, path: str) -> str:
+        return f"{self._scheme}://{self.ref.host}/v2/{self.ref.repository}/{path}"
+
+    @contextlib.contextmanager
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | Path | None = None,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """A request, authorized as the registry's challenge asks when it answers 401."""
+        for attempt in range(2):
+            with self._open(method, url, headers=headers, body=body) as resp:
+                if resp.status != 401 or attempt:
+                    if resp.status == 401:
+                        raise RegistryError(
+                            f"The registry refused the credentials (HTTP 401{_errors(resp)}).",
+                            hint="Check PRECOMPILED_REGISTRY_USERNAME/PASSWORD or the auth "
+                            "file (REGISTRY_AUTH_FILE).",
+                        )
+                    yield resp
+                    return
+                challenge = resp.getheader("WWW-Authenticate") or ""
+                resp.read()
+            self._auth = self._authorize(challenge)
+
+    def _authorize(self, challenge: str) -> str:
+        scheme, params = _challenge(challenge)
+        if self._creds is None and scheme != "bearer":
+            raise RegistryError(
+                "The registry asks for credentials (HTTP 401) and none are configured.",
+                hint="Set PRECOMPILED_REGISTRY_USERNAME and PRECOMPILED_REGISTRY_PASSWORD, or "
+                "give a Docker-style auth file (REGISTRY_AUTH_FILE).",
+            )
+        if scheme == "basic" and self._creds is not None:
+            return self._creds.basic()
+        if scheme != "bearer" or "realm" not in params:
+            raise RegistryError(f"The registry's challenge is not understood: {scheme!r}.")
+        query = urllib.parse.urlencode(
+            [(k, params[k]) for k in ("service", "scope") if k in params]
+        )
+        realm = params["realm"] + ("&" if "?" in params["realm"] else "?") + query
+        headers = {"Authorization": self._creds.basic()} if self._creds else {}
+        with self._open("GET", realm, headers=headers, auth=False) as resp:
+            if resp.status != 200:
+                raise RegistryError(
+                    f"The registry's token service refused us (HTTP {resp.status}).",
+                    hint="Check PRECOMPILED_REGISTRY_USERNAME/PASSWORD or the auth file.",
+                )
+            try:
+                answer = json.loads(resp.read(MAX_MANIFEST))
+                token = answer.get("token") or answer["access_token"]
+            except (ValueError, KeyError, AttributeError) as e:
+                raise RegistryError("The registry's token service sent no token.") from e
+        return f"Bearer {token}"
+
+    # --- the API
+
+    def has_blob(self, digest: str) -> bool:
+        with self.request("HEAD", self._url(f"blobs/{digest}")) as resp:
+            resp.read()
+            return resp.status == 200
+
+    def push_blob(self, digest: str, body: bytes | Path) -> None:
+        """Upload a blob unless the registry has it (monolithic: POST, then PUT ?digest=)."""
+        if self.has_blob(digest):
+            return
+        with self.request("POST", self._url("blobs/uploads/")) as resp:
+            resp.read()
+            _expect(resp, 202, "starting a blob upload")
+            location = resp.getheader("Location") or ""
+        url = urllib.parse.urljoin(self._url("blobs/uploads/"), location)
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream"}
+        with self.request("PUT", url, headers=headers, body=body) as resp:
+            resp.read()
+            _expect(resp, 201, f"uploading the blob {digest}")
+
+    def push_manifest(self, tag: str, manifest: bytes) -> str:
+        headers = {"Content-Type": MANIFEST_TYPE}
+        with self.request(
+            "PUT", self._url(f"manifests/{tag}"), headers=headers, body=manifest
+        ) as r:
+            r.read()
+            _expect(r, 201, f"storing the manifest {tag}")
+        return "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    def get_manifest(self, reference: str) -> bytes:
+        headers = {"Accept": MANIFEST_TYPE}
+        with self.request("GET", self._url(f"manifests/{reference}"), headers=headers) as resp:
+            if resp.status == 404:
+                resp.read()
+                raise RegistryError(f"There is no package tagged {reference} (HTTP 404).")
+            _expect(resp, 200, f"fetching the manifest {reference}")
+            data = _read_limited(resp, MAX_MANIFEST, f"the manifest {reference}")
+        return data
+
+    def fetch_blob(self, descriptor: Descriptor, out: IO[bytes]) -> None:
+        """Stream a blob into `out`, checked against its descriptor's size and digest."""
+        with self.request("GET", self._url(f"blobs/{descriptor.digest}")) as resp:
+            _expect(resp, 200, f"fetching the blob {descriptor.digest}")
+            h, got = hashlib.sha256(), 0
+            while True:
+                try:  # the network's failures; the disk's (a full store) go on as they are
+                    chunk = resp.read(min(CHUNK, descriptor.size - got + 1))
+                except (OSError, http.client.HTTPException) as e:
+                    raise RegistryError(
+                        f"The connection broke after {got} of {descriptor.size} bytes of the "
+                        f"blob {descriptor.digest} ({_transport_reason(e)})."
+                    ) from e
+                if not chunk:
+                    break
+                got += len(chunk)
+                if got > descriptor.size:
+                    raise IntegrityError(
+                        f"The blob {descriptor.digest} is larger than its descriptor's "
+                        f"{descriptor.size} bytes."
+                    )
+                h.update(chunk)
+                out.write(chunk)
+        if got != descriptor.size:
+            raise RegistryError(
+                f"The connection broke after {got} of {descriptor.size} bytes of the blob "
+                f"{descriptor.digest} (it closed early)."
+            )
+        if "sha256:" + h.hexdigest() != descriptor.digest:
+            raise IntegrityError(
+                f"The blob {descriptor.digest} has the SHA-256 {h.hexdigest()}: its bytes are "
+                "not the ones the manifest names."
+            )
+
+
+def _transport_reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {e.verify_message} (PRECOMPILED_REGISTRY_CA?)"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (nothing listening)"
+    if isinstance(e, TimeoutError):
+        return f"no answer within {TIMEOUT:.0f} s"
+    if isinstance(e, http.client.IncompleteRead):
+        return "the connection closed mid-body"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _errors(resp: http.client.HTTPResponse) -> str:
+    """The distribution API's `{"errors": [{"code", "message"}]}`, shortly."""
+    try:
+        errors = json.loads(resp.read(64 << 10) or b"{}").get("errors") or []
+        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
+    except (ValueError, AttributeError, OSError, http.client.HTTPException):
+        text = ""
+    return f", {text}" if text else ""
+
+
+def _expect(resp: http.client.HTTPResponse, status: int, doing: str) -> None:
+    if resp.status != status:
+        raise RegistryError(f"HTTP {resp.status} {resp.reason} while {doing}{_errors(resp)}.")
+
+
+def _read_limited(resp: http.client.HTTPResponse, limit: int, what: str) -> bytes:
+    try:
+        data = resp.read(limit + 1)
+    except (OSError, http.client.HTTPException) as e:
+        raise RegistryError(f"Reading {what} failed: {_transport_reason(e)}.") from e
+    if len(data) > limit:
+        raise IntegrityError(f"{what} is larger than {limit} bytes; not a package manifest.")
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest}
+        obj["size"] = self.size
+        if self.annotations:
+            obj["annotations"] = dict(self.annotations)
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: object, limit: int) -> Descriptor:
+        if not isinstance(obj, dict):
+            raise ValueError("a descriptor is not an object")
+        media, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
+        if not isinstance(media, str) or not isinstance(digest, str):
+            raise ValueError("a descriptor lacks mediaType or digest")
+        if not _DIGEST_RE.fullmatch(digest):
+            raise ValueError(f"digest {digest!r} is not sha256:<64 hex>")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= limit:
+            raise ValueError(f"size {size!r} of {digest} is not between 0 and {limit}")
+        annotations = obj.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise ValueError("annotations are not an object")
+        return cls(media, digest, size, {str(k): str(v) for k, v in annotations.items()})
+
+
+def descriptor_of(media_type: str, data: bytes | Path, **annotations: str) -> Descriptor:
+    if isinstance(data, Path):
+        return Descriptor(
+            media_type, "sha256:" + pkg.sha256_file(data), data.stat().st_size, annotations
+        )
+    return Descriptor(
+        media_type, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), annotations
+    )
+
+
+def annotations_for(manifest: Manifest) -> dict[str, str]:
+    return {
+        DRIVER_VERSION: manifest.driver_version,
+        FLAVOUR: manifest.flavour,
+        KERNEL_RELEASE: manifest.kernel_release,
+        KERNEL_VERSION_SHA256: kernel_digest(manifest.kernel),
+        PACKAGE_TAG: manifest.tag or "",
+        CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def artifact_manifest(
+    package: Descriptor, signature: Descriptor | None, annotations: Mapping[str, str]
+) -> bytes:
+    """The OCI image manifest of a package artifact (a signature layer unless None: the
+    tests push unsigned ones, as an attacker would)."""
+    layers = [package] if signature is None else [package, signature]
+    obj = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "artifactType": ARTIFACT_TYPE,
+        "config": descriptor_of(EMPTY_TYPE, EMPTY).to_json(),
+        "layers": [d.to_json() for d in layers],
+        "annotations": dict(annotations),
+    }
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+def push(config: Config, package: Package, ref: Reference) -> str:
+    """Sign `package` with the fleet key and push it with its signature; the pushed
+    reference `HOST/REPO@sha256:...` (under the tag of `artifact_tag`)."""
+    if config.fleet_signing_key is None:
+        raise UsageError("Pushing a package needs PRECOMPILED_SIGNING_KEY (the fleet's key).")
+    m = package.manifest
+    tag = artifact_tag(m.driver_version, m.kernel_release, m.flavour, m.tag)
+    signature = trust.sign(package.path, config.fleet_signing_key)
+    client = Client.for_config(config, ref)
+    layer = descriptor_of(PACKAGE_LAYER, package.path, **{TITLE: package.path.name})
+    sig = descriptor_of(SIGNATURE_LAYER, signature, **{TITLE: package.path.name + ".asc"})
+    try:
+        client.push_blob(descriptor_of(EMPTY_TYPE, EMPTY).digest, EMPTY)
+        client.push_blob(layer.digest, package.path)
+        client.push_blob(sig.digest, signature)
+        digest = client.push_manifest(tag, artifact_manifest(layer, sig, annotations_for(m)))
+    except RegistryError as e:
+        raise RegistryError(
+            f"Pushing {package.path.name} to the registry {ref} (tag {tag}) failed: {e.message}",
+            hint=e.hint,
+        ) from e
+    log.info("Pushed %s to %s:%s (%s@%s)", package.path.name, ref, tag, ref, digest)
+    return f"{ref}@{digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """The package a node needs: for this kernel (release and full version), driver,
+    flavour and package tag (None: untagged)."""
+
+    kernel: KernelIdentity
+    driver_version: str
+    flavour: str
+    tag: str | None
+
+    @property
+    def artifact_tag(self) -> str:
+        return artifact_tag(self.driver_version, self.kernel.release, self.flavour, self.tag)
+
+
+def _parse(data: bytes, where: str) -> tuple[Descriptor, Descriptor | None, dict[str, str]]:
+    """The package layer, the signature layer (None when missing) and the annotations of a
+    package manifest; IntegrityError for anything else (garbage, another artifact)."""
+    try:
+        obj = json.loads(data)
+        if not isinstance(obj, dict) or obj.get("schemaVersion") != 2:
+            raise ValueError("not an OCI manifest of schemaVersion 2")
+        if obj.get("mediaType", MANIFEST_TYPE) != MANIFEST_TYPE:
+            raise ValueError(f"media type {obj.get('mediaType')!r}")
+        if obj.get("artifactType") != ARTIFACT_TYPE:
+            raise ValueError(f"artifact type {obj.get('artifactType')!r}, not {ARTIFACT_TYPE}")
+        layers = [Descriptor.from_json(d, MAX_PACKAGE) for d in obj.get("layers") or []]
+        packages = [d for d in layers if d.media_type == PACKAGE_LAYER]
+        signatures = [d for d in layers if d.media_type == SIGNATURE_LAYER]
+        if len(packages) != 1 or len(signatures) > 1:
+            raise ValueError("not one package layer and at most one signature layer")
+        if signatures and signatures[0].size > MAX_SIGNATURE:
+            raise ValueError(f"a signature of {signatures[0].size} bytes")
+        annotations = obj.get("annotations")
+        if not isinstance(annotations, dict):
+            raise ValueError("no annotations")
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise IntegrityError(f"The manifest {where} is not a package artifact: {e}.") from e
+    return (
+        packages[0],
+        (signatures[0] if signatures else None),
+        {str(k): str(v) for k, v in annotations.items()},
+    )
+
+
+def _check_annotations(annotations: Mapping[str, str], wanted: Wanted, where: str) -> None:
+    expected = {
+        DRIVER_VERSION: wanted.driver_version,
+        FLAVOUR: wanted.flavour,
+        KERNEL_RELEASE: wanted.kernel.release,
+        KERNEL_VERSION_SHA256: kernel_digest(wanted.kernel),
+        PACKAGE_TAG: wanted.tag or "",
+    }
+    wrong = [k for k, v in expected.items() if annotations.get(k) != v]
+    if wrong:
+        got = ", ".join(f"{k.removeprefix(ANNOTATION)}={annotations.get(k)!r}" for k in wrong)
+        raise IntegrityError(
+            f"The package {where} is not for this node: {got} (wanted driver "
+            f"{wanted.driver_version} {wanted.flavour} for kernel {wanted.kernel.release}, "
+            f"{wanted.kernel.version!r})."
+        )
+
+
+def _check_manifest(m: Manifest, wanted: Wanted, where: str) -> None:
+    if (m.kernel, m.driver_version, m.flavour, m.tag) != (
+        wanted.kernel,
+        wanted.driver_version,
+        wanted.flavour,
+        wanted.tag,
+    ):
+        raise IntegrityError(
+            f"The package {where} is for driver {m.driver_version} {m.flavour} on kernel "
+            f"{m.kernel_release} ({m.kernel_version!r}) although its annotations say it is "
+            f"for this node (kernel {wanted.kernel.release}, {wanted.kernel.version!r})."
+        )
+
+
+def pull(config: Config, ref: Reference, wanted: Wanted, store_root: Path) -> Package:
+    """Fetch, check and verify the package `wanted` from `ref` into the store `store_root`
+    (the node's); IntegrityError when what the registry holds is bad or untrusted,
+    RegistryError when the registry cannot be used. Nothing is left behind on failure."""
+    trusted = trust.trusted_keys(config)  # before any request: no key, no pull
+    client = Client.for_config(config, ref)
+    tag = wanted.artifact_tag
+    raw = client.get_manifest(tag)
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    where = f"{ref}@{digest} (tag {tag})"
+    layer, sig, annotations = _parse(raw, where)
+    _check_annotations(annotations, wanted, where)
+    if client.get_manifest(digest) != raw:  # by digest: what the tag pointed at, still
+        raise IntegrityError(f"The manifest {where} by digest differs from the one by tag.")
+    if sig is None:
+        raise IntegrityError(
+            f"The package {where} carries no signature: refused (only packages signed by a "
+            f"key of PRECOMPILED_TRUSTED_KEYS {trusted} are used)."
+        )
+    signature = io.BytesIO()
+    client.fetch_blob(sig, signature)
+    kernel_dir = store_root / wanted.kernel.release
+    created = not kernel_dir.exists()
+    final = kernel_dir / pkg.package_name(wanted.driver_version, wanted.flavour, wanted.tag)
+    verified: list[Manifest] = []
+
+    def check(path: Path) -> None:
+        trust.verify(path, signature.getvalue(), trusted, source=f"the package {where}")
+        try:
+            m = pkg.verify(path, keep_failed=False)
+        except IntegrityError as e:
+            raise IntegrityError(f"The package {where}, signed, fails verification: {e}") from e
+        _check_manifest(m, wanted, where)
+        verified.append(m)
+
+    try:
+        kernel_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(final, check=check) as out:
+            client.fetch_blob(layer, out)
+    except BaseException as e:
+        if created:
+            with contextlib.suppress(OSError):
+                kernel_dir.rmdir()
+        if isinstance(e, OSError):  # the store's disk, not the registry
+            raise DriverError(
+                f"Cannot write the package {where} into {kernel_dir}: {e.strerror or e}.",
+                hint="NODE_PRECOMPILED_DIR must be writable and have free space.",
+            ) from e
+        raise
+    fleet.write_origin(
+        final,
+        {
+            "origin": "registry",
+            "reference": f"{ref}@{digest}",
+            "tag": tag,
+            "pulled": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    log.info("Pulled %s from the registry %s into %s", final.name, where, kernel_dir)
+    return Package(final, verified[0])

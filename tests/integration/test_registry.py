@@ -1,0 +1,552 @@
+"""Packages shared through a real OCI registry (issue 12, points 4-6).
+
+Debian's `docker-registry` (distribution 2.8) runs on 127.0.0.1 with htpasswd basic auth
+and TLS by a throw-away CA (tests/registry.py); a fault proxy in front of it breaks
+answers the way a network or a hostile registry does. Signing and verification use
+real gpg/gpgv with keys made here. The packages are the test suite's stand-ins
+(tests/packaging.py's plain-file builds, and one stand-in driver built by kbuild).
+
+What cannot exist here, and only that, is replaced: a Flatcar developer container for
+this machine's running kernel (a CI kernel, not Flatcar's). Where a test needs the
+fallback build to succeed, that one step (`builder._in_developer_container`) makes a
+plain-file package and records that it ran; where it must be impossible, the real
+build path runs and fails (the releases feed at a dead port, no --kernel-source).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nvdriver import builder, lifecycle, registry
+from nvdriver.config import Config
+from nvdriver.driver import package as pkg
+from nvdriver.driver.build import BuildOutput
+from nvdriver.driver.package import Package
+from nvdriver.driver.source import DriverSource, Flavour
+from nvdriver.errors import DriverError
+from nvdriver.host import KernelIdentity
+from tests.conftest import need, run_tool, standin_env
+from tests.packaging import fake_build
+from tests.registry import (
+    PASSWORD,
+    USER,
+    FaultProxy,
+    Key,
+    Registry,
+    dead_port,
+    make_key,
+    serve_registry,
+    tools_missing,
+)
+from tests.standin.tree import make_standin_source
+
+VERSION = "535.999.01"
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    missing = tools_missing()
+    need(not missing, f"missing {', '.join(missing)} (docker-registry, apache2-utils)")
+    with serve_registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Key]:
+    work = tmp_path_factory.mktemp("keys")
+    return {name: make_key(work, name) for name in ("fleet", "attacker")}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_standin_source(
+        tmp_path_factory.mktemp("src") / f"nvidia-{VERSION}", version=VERSION, flavours=("kernel",)
+    )
+
+
+def node_env(work: Path, source: Path, reg: Registry, keys: dict[str, Key]) -> dict[str, str]:
+    """A node (its own stores, cache and host tree with this machine's /proc) that cannot
+    build: no Flatcar feed (a missing file), the mirror at a dead port, no kernel tree."""
+    host = work / "host"
+    host.mkdir(parents=True)
+    (host / "proc").symlink_to("/proc")
+    dead = f"http://127.0.0.1:{dead_port()}"
+    return {
+        **standin_env(work, source, VERSION),
+        **reg.env(),
+        "HOST_ROOT": str(host),
+        "CONTAINER_ROOT": str(work / "container"),
+        "FLATCAR_RELEASES_FEED": str(work / "no-feed.json"),
+        "FLATCAR_RELEASE_URL": dead,
+        "PRECOMPILED_REGISTRY": reg.reference,
+        "PRECOMPILED_TRUSTED_KEYS": str(keys["fleet"].public),
+        "PRECOMPILED_SIGNING_KEY": str(keys["fleet"].secret),
+    }
+
+
+@dataclasses.dataclass
+class Node:
+    env: dict[str, str]
+    config: Config
+    work: Path
+
+    @property
+    def store(self) -> Path:
+        return self.config.node_precompiled_dir
+
+    def files(self) -> list[Path]:
+        """Everything in the node's store (a failed pull must leave nothing)."""
+        return sorted(p for p in self.store.rglob("*")) if self.store.exists() else []
+
+
+@pytest.fixture
+def make_node(
+    tmp_path: Path, source: Path, reg: Registry, keys: dict[str, Key], monkeypatch
+) -> Iterator[object]:
+    def make(name: str, **extra: str) -> Node:
+        env = {**node_env(tmp_path / name, source, reg, keys), **extra}
+        for k, v in env.items():  # the registry module reads the credentials at use
+            monkeypatch.setenv(k, v)
+        return Node(env, Config.from_env(env), tmp_path / name)
+
+    yield make
+
+
+def running_package(node: Node, kernel: KernelIdentity | None = None) -> Package:
+    """A stand-in package of plain files for the running kernel (or `kernel`), written
+    into a scratch store of `node`."""
+    build = fake_build(node.work / "build", kernel=kernel or KernelIdentity.running(node.config))
+    build = dataclasses.replace(build, driver_version=VERSION)
+    return pkg.write_package(node.work / "scratch-store", build, tag=None)
+
+
+def find(config: Config) -> Package:
+    source = DriverSource.from_config(config)
+    return lifecycle._find_package(
+        config, KernelIdentity.running(config), source, Flavour.PROPRIETARY
+    )
+
+
+@pytest.fixture
+def fallback_builds(monkeypatch) -> list[Config]:
+    """The fallback build, made possible: the one step that cannot exist here (a Flatcar
+    developer container for this machine's kernel) makes a plain-file package."""
+    built: list[Config] = []
+
+    def developer_container_build(config, source, flavour, work: Path) -> BuildOutput:
+        built.append(config)
+        build = fake_build(work / "fake", kernel=KernelIdentity.running(config))
+        return dataclasses.replace(build, driver_version=VERSION)
+
+    monkeypatch.setattr(builder, "_in_developer_container", developer_container_build)
+    return built
+
+
+def raw_push(
+    node: Node,
+    package: Path,
+    *,
+    signature: bytes | None,
+    annotations: dict[str, str],
+    tag: str,
+    reference: str | None = None,
+) -> None:
+    """Push an artifact as anyone with push rights could: any file, any signature (or
+    none), any annotations, under `tag`. Digests are valid: the registry checks them."""
+    client = registry.Client.for_config(
+        node.config, registry.Reference.parse(reference or node.env["PRECOMPILED_REGISTRY"])
+    )
+    layer = registry.descriptor_of(registry.PACKAGE_LAYER, package)
+    sig = None
+    client.push_blob(registry.descriptor_of(registry.EMPTY_TYPE, registry.EMPTY).digest, b"{}")
+    client.push_blob(layer.digest, package)
+    if signature is not None:
+        sig = registry.descriptor_of(registry.SIGNATURE_LAYER, signature)
+        client.push_blob(sig.digest, signature)
+    client.push_manifest(tag, registry.artifact_manifest(layer, sig, annotations))
+
+
+def wanted_for(node: Node) -> registry.Wanted:
+    return registry.Wanted(KernelIdentity.running(node.config), VERSION, "proprietary", None)
+
+
+def annotations_of(package: Package) -> dict[str, str]:
+    return registry.annotations_for(package.manifest)
+
+
+def registry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Registry ")]
+
+
+# --- sharing: push, pull, a second node that never builds
+
+
+def test_a_second_node_pulls_its_package_and_never_builds(make_node, caplog) -> None:
+    """Node A's package, pushed; node B (its own stores, and no way to build: the real
+    build path would fail at the dead feed) finds it in the registry and uses it."""
+    a, b = make_node("a"), make_node("b")
+    package = running_package(a)
+    pushed = registry.push(a.config, package, registry.Reference.parse(a.config.registry))
+    caplog.set_level(logging.INFO)
+    found = find(b.config)
+    assert found.path.parent.parent == b.store
+    assert found.path.read_bytes() == package.path.read_bytes()
+    assert "building one" not in caplog.text and "No precompiled package" not in caplog.text
+    assert f"Pulled {found.path.name} from the registry {pushed}" in caplog.text
+    record = json.loads(Path(f"{found.path}.origin.json").read_text())
+    assert record["origin"] == "registry" and record["reference"] == pushed
+    assert record["tag"] == registry.artifact_tag(
+        VERSION, KernelIdentity.running(b.config).release, "proprietary", None
+    )
+    # The next start finds it in its own store: no second pull.
+    caplog.clear()
+    assert find(b.config).path == found.path and "Pulled" not in caplog.text
+
+
+def test_a_node_that_builds_pushes_when_allowed_and_the_fleet_compiles_once(
+    make_node, reg: Registry, fallback_builds, caplog
+) -> None:
+    ref = f"{reg.reference}-once"  # a repository with nothing in it yet
+    a = make_node("a", PRECOMPILED_REGISTRY_PUSH="true", PRECOMPILED_REGISTRY=ref)
+    caplog.set_level(logging.INFO)
+    built = find(a.config)
+    assert len(fallback_builds) == 1 and built.path.parent.parent == a.store
+    [line] = registry_lines(caplog)
+    assert "There is no package tagged" in line
+    assert f"Pushed {built.path.name} to {ref}:" in caplog.text
+    b = make_node("b", PRECOMPILED_REGISTRY=ref)
+    assert find(b.config).path.read_bytes() == built.path.read_bytes()
+    assert len(fallback_builds) == 1  # b did not build
+
+
+def test_update_push_then_pull_byte_exact_with_auth_and_tls(
+    make_node, kernel_build: Path, tmp_path: Path, keys
+) -> None:
+    """`update --push` as a build node runs it (the stand-in built by kbuild for the
+    headers' kernel), then a pull into another node's store: the same bytes. --debug:
+    no credential appears in its output."""
+    a = make_node("a")
+    env = {k: v for k, v in a.env.items() if k != "PRECOMPILED_REGISTRY"}
+    tool = run_tool(
+        "update", "--debug", "--kernel-source", str(kernel_build), "-m", "2",
+        "--push", a.env["PRECOMPILED_REGISTRY"], env=env,
+    )  # fmt: skip
+    assert tool.returncode == 0, tool.stderr
+    built = Path(tool.stdout.strip())
+    assert "Pushed " + built.name in tool.stderr
+    assert_no_credentials(tool.stdout + tool.stderr, keys)
+    m = pkg.read_manifest(built)
+    b = make_node("b")
+    wanted = registry.Wanted(m.kernel, VERSION, m.flavour, None)
+    pulled = registry.pull(b.config, registry.Reference.parse(b.config.registry), wanted, b.store)
+    assert pulled.path.read_bytes() == built.read_bytes()
+    assert pulled.path == b.store / m.kernel_release / built.name
+
+
+@pytest.mark.parametrize(
+    "key,expected",
+    [
+        ("", "--push needs PRECOMPILED_SIGNING_KEY"),
+        ("public", "is not an armored OpenPGP secret key"),
+        ("/nonexistent-key.asc", "cannot be read"),
+    ],
+)
+def test_update_push_without_a_usable_signing_key_is_a_usage_error_before_building(
+    make_node, keys, key: str, expected: str
+) -> None:
+    a = make_node("a")
+    key = str(keys["fleet"].public) if key == "public" else key
+    env = {**a.env, "PRECOMPILED_SIGNING_KEY": key}
+    tool = run_tool(
+        "update", "--kernel-source", "/nonexistent", "--push", a.config.registry, env=env
+    )
+    assert tool.returncode == 2, tool.stderr
+    assert expected in tool.stderr
+    assert "/nonexistent " not in tool.stderr  # refused before the build looked at the tree
+
+
+# --- credentials are never shown
+
+
+def assert_no_credentials(text: str, keys: dict[str, Key]) -> None:
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    assert PASSWORD not in text and basic not in text
+    secret = keys["fleet"].secret.read_text()
+    body = "".join(secret.splitlines()[2:6])
+    assert body and body not in text.replace("\n", "")
+
+
+@pytest.mark.parametrize("how", ["env", "auth-file"])
+def test_credentials_never_appear_in_the_output_with_debug(
+    make_node, keys, tmp_path: Path, how: str
+) -> None:
+    a = make_node("a")
+    registry.push(a.config, running_package(a), registry.Reference.parse(a.config.registry))
+    env = dict(make_node("b").env)
+    if how == "auth-file":
+        auth = tmp_path / "docker" / "config.json"
+        auth.parent.mkdir()
+        pair = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        auth.write_text(
+            json.dumps({"auths": {env["PRECOMPILED_REGISTRY"].split("/")[0]: {"auth": pair}}})
+        )
+        env = {k: v for k, v in env.items() if not k.startswith("PRECOMPILED_REGISTRY_U")}
+        env.pop("PRECOMPILED_REGISTRY_PASSWORD")
+        env["REGISTRY_AUTH_FILE"] = str(auth)
+    env["NVIDIA_DRIVER_TEST_PAUSE_AT"] = "linked"
+    # init pulls, then links the stand-in's plain files (which fails: they are no objects)
+    tool = run_tool("init", "--debug", env=env)
+    assert "Pulled nvidia-535.999.01-proprietary.tar.gz from the registry" in tool.stderr
+    assert_no_credentials(tool.stdout + tool.stderr, keys)
+
+
+# --- trust: the attacker's push
+
+
+def attack(node: Node, keys: dict[str, Key], kind: str) -> None:
+    """A well-formed package for this node under the right tag, valid digests, but
+    signed by another key, unsigned, or with the fleet's signature of another file."""
+    from nvdriver import trust
+
+    evil = running_package(node)
+    other = running_package(dataclasses.replace(node, work=node.work / "other"))
+    signature = {
+        "other key": trust.sign(evil.path, keys["attacker"].secret),
+        "unsigned": None,
+        "fleet signature of another package": trust.sign(other.path, keys["fleet"].secret),
+    }[kind]
+    raw_push(
+        node,
+        evil.path,
+        signature=signature,
+        annotations=annotations_of(evil),
+        tag=wanted_for(node).artifact_tag,
+    )
+
+
+ATTACKS = ["other key", "unsigned", "fleet signature of another package"]
+REASONS = {
+    "other key": "which the configured fleet keys (PRECOMPILED_TRUSTED_KEYS)",
+    "unsigned": "carries no signature: refused",
+    "fleet signature of another package": "does not match its content",
+}
+
+
+@pytest.mark.parametrize("kind", ATTACKS)
+def test_the_attackers_push_is_refused_and_the_node_builds(
+    make_node, keys, fallback_builds, caplog, kind: str
+) -> None:
+    node = make_node("node")
+    attack(node, keys, kind)
+    caplog.set_level(logging.INFO)
+    package = find(node.config)
+    [line] = registry_lines(caplog)
+    assert node.config.registry in line and wanted_for(node).artifact_tag in line
+    assert REASONS[kind] in line
+    assert len(fallback_builds) == 1
+    assert node.files() == [package.path.parent, package.path]  # the built one, only
+
+
+@pytest.mark.parametrize("kind", ATTACKS)
+def test_the_attackers_push_is_exit_5_when_the_node_cannot_build(
+    make_node, keys, kind: str
+) -> None:
+    node = make_node("node")
+    attack(node, keys, kind)
+    tool = run_tool("init", env=node.env)
+    assert tool.returncode == 5, tool.stderr
+    assert "building one failed" in tool.stderr and REASONS[kind] in tool.stderr
+    assert node.files() == []
+
+
+def test_no_trusted_keys_means_no_pull(make_node, fallback_builds, caplog) -> None:
+    a = make_node("a")
+    registry.push(a.config, running_package(a), registry.Reference.parse(a.config.registry))
+    node = make_node("node", PRECOMPILED_TRUSTED_KEYS="")
+    caplog.set_level(logging.INFO)
+    find(node.config)
+    [line] = registry_lines(caplog)
+    assert "PRECOMPILED_TRUSTED_KEYS is not set" in line and len(fallback_builds) == 1
+
+
+# --- another kernel under the right tag
+
+
+def test_a_package_for_another_kernel_by_its_annotations_is_refused_before_download(
+    make_node, keys, fallback_builds, caplog
+) -> None:
+    from nvdriver import trust
+
+    node = make_node("node")
+    other = running_package(
+        node, kernel=KernelIdentity("6.1.0-99-amd64", "Linux version 6.1.0-99-amd64 x")
+    )
+    raw_push(
+        node,
+        other.path,
+        signature=trust.sign(other.path, keys["fleet"].secret),
+        annotations=annotations_of(other),  # honest: for 6.1.0-99
+        tag=wanted_for(node).artifact_tag,
+    )
+    caplog.set_level(logging.INFO)
+    find(node.config)
+    [line] = registry_lines(caplog)
+    assert "is not for this node: kernel-release='6.1.0-99-amd64'" in line
+    assert len(fallback_builds) == 1
+
+
+def test_a_signed_package_for_another_kernel_build_is_refused_by_its_own_manifest(
+    make_node, keys, fallback_builds, caplog
+) -> None:
+    """Annotations that lie (they name this kernel), a fleet signature, valid digests:
+    the package's own manifest is for another build of the same release."""
+    from nvdriver import trust
+
+    node = make_node("node")
+    running = KernelIdentity.running(node.config)
+    other = running_package(node, kernel=KernelIdentity(running.release, running.version + " x"))
+    raw_push(
+        node,
+        other.path,
+        signature=trust.sign(other.path, keys["fleet"].secret),
+        annotations=annotations_of(
+            running_package(dataclasses.replace(node, work=node.work / "r"))
+        ),
+        tag=wanted_for(node).artifact_tag,
+    )
+    caplog.set_level(logging.INFO)
+    package = find(node.config)
+    [line] = registry_lines(caplog)
+    assert "although its annotations say it is for this node" in line
+    assert len(fallback_builds) == 1
+    assert node.files() == [package.path.parent, package.path]
+
+
+# --- faults of the registry and the network
+
+
+@pytest.fixture
+def proxied(make_node, reg: Registry):
+    """A good, signed package in the registry, and a node that pulls through the proxy."""
+    a = make_node("a")
+    package = running_package(a)
+    registry.push(a.config, package, registry.Reference.parse(a.config.registry))
+    digest = registry.descriptor_of(registry.PACKAGE_LAYER, package.path).digest
+    with FaultProxy(reg, package_digest=digest) as proxy:
+        node = make_node("node", PRECOMPILED_REGISTRY=proxy.reference)
+        yield proxy, node
+
+
+FAULTS = {
+    # fault: (what the log line says, integrity failure?)
+    "cut": ("The connection broke after", False),
+    "garbage-manifest": ("is not a package artifact", True),
+    "flip": ("its bytes are not the ones the manifest names", True),
+    "404": ("There is no package tagged", False),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_registry_fault_is_one_log_line_and_a_build(
+    proxied, fallback_builds, caplog, fault: str
+) -> None:
+    proxy, node = proxied
+    proxy.fault = fault
+    caplog.set_level(logging.INFO)
+    package = find(node.config)
+    [line] = registry_lines(caplog)
+    assert line.startswith(f"Registry {proxy.reference}: not using {proxy.reference}:")
+    assert FAULTS[fault][0] in line
+    assert len(fallback_builds) == 1
+    assert node.files() == [package.path.parent, package.path]  # nothing half-written
+    proxy.fault = None  # the same node, the registry healthy again: the pull works
+    package.path.unlink()
+    assert "Pulled" not in caplog.text
+    find(node.config)
+    assert "Pulled" in caplog.text and len(fallback_builds) == 1
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_registry_fault_when_the_node_cannot_build(proxied, fault: str) -> None:
+    """Exit 5 for an integrity failure (a bad manifest or blob), else 1; the message
+    names both the build's and the registry's failure; the store stays empty."""
+    proxy, node = proxied
+    proxy.fault = fault
+    tool = run_tool("init", env=node.env)
+    assert tool.returncode == (5 if FAULTS[fault][1] else 1), tool.stderr
+    assert "building one failed" in tool.stderr and FAULTS[fault][0] in tool.stderr
+    assert node.files() == []
+
+
+@pytest.mark.parametrize(
+    "fault,extra,reason",
+    [
+        ("down", {}, "connection refused (nothing listening)"),
+        ("401", {"PRECOMPILED_REGISTRY_PASSWORD": "wrong"}, "refused the credentials (HTTP 401"),
+        ("no credentials", {"PRECOMPILED_REGISTRY_USERNAME": ""}, "none are configured"),
+        ("untrusted CA", {"PRECOMPILED_REGISTRY_CA": ""}, "TLS certificate not trusted"),
+    ],
+)
+def test_registry_down_or_refusing_is_one_log_line_and_a_build(
+    make_node, fallback_builds, caplog, fault: str, extra: dict[str, str], reason: str
+) -> None:
+    env = dict(extra)
+    if fault == "down":
+        env["PRECOMPILED_REGISTRY"] = f"127.0.0.1:{dead_port()}/fleet/nvidia-driver"
+    node = make_node("node", **env)
+    caplog.set_level(logging.INFO)
+    package = find(node.config)
+    [line] = registry_lines(caplog)
+    assert reason in line and node.config.registry in line
+    assert PASSWORD not in caplog.text and "wrong" not in line
+    assert len(fallback_builds) == 1
+    assert node.files() == [package.path.parent, package.path]
+
+
+def test_bad_registry_settings_are_usage_errors(make_node) -> None:
+    node = make_node("node")
+    for env, expected in (
+        ({"PRECOMPILED_REGISTRY": "https://r.example/x"}, "PRECOMPILED_REGISTRY (or --pull)="),
+        ({"PRECOMPILED_REGISTRY_PUSH": "maybe"}, "PRECOMPILED_REGISTRY_PUSH='maybe'"),
+        (
+            {"PRECOMPILED_REGISTRY_PUSH": "true", "PRECOMPILED_SIGNING_KEY": ""},
+            "PRECOMPILED_REGISTRY_PUSH=true needs PRECOMPILED_SIGNING_KEY",
+        ),
+    ):
+        tool = run_tool("init", env={**node.env, **env})
+        assert tool.returncode == 2, tool.stderr
+        assert expected in tool.stderr and "Traceback" not in tool.stderr
+
+
+def test_a_store_that_cannot_be_written_is_a_clear_error(make_node, tmp_path: Path) -> None:
+    """A node store that is not a directory (or is full): a DriverError naming it, not a
+    traceback, and no temporary file anywhere."""
+    a = make_node("a")
+    registry.push(a.config, running_package(a), registry.Reference.parse(a.config.registry))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    node = make_node("node", NODE_PRECOMPILED_DIR=str(blocker))
+    with pytest.raises(DriverError, match=r"Cannot write the package .* into .*not-a-dir"):
+        registry.pull(
+            node.config, registry.Reference.parse(node.config.registry), wanted_for(node), blocker
+        )
+    assert blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("command", ["init", "load"])
+def test_pull_flag_is_the_same_as_the_setting(make_node, command: str) -> None:
+    a = make_node("a")
+    registry.push(a.config, running_package(a), registry.Reference.parse(a.config.registry))
+    node = make_node("node")
+    env = {k: v for k, v in node.env.items() if k != "PRECOMPILED_REGISTRY"}
+    tool = run_tool(command, "--pull", node.env["PRECOMPILED_REGISTRY"], env=env)
+    # Pulled, then the link of the stand-in's plain files fails (they are no objects).
+    assert "Pulled nvidia-535.999.01-proprietary.tar.gz from the registry" in tool.stderr
+    assert "building one" not in tool.stderr

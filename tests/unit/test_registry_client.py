@@ -1,0 +1,167 @@
+"""The registry client's pieces that need no registry: the tag rule, references, where
+credentials come from, and the bearer-token dance.
+
+Debian's docker-registry (tests/integration/test_registry.py) does basic auth; a
+registry with a token service (Docker Hub, GHCR, Harbor) cannot run here, so a small
+HTTP server plays one: it answers 401 with a Bearer challenge, hands out a token for
+basic credentials at its realm, and serves a manifest for that token only.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nvdriver import registry
+from nvdriver.config import Config
+from nvdriver.errors import DriverError, UsageError
+
+
+def test_the_tag_holds_only_what_an_oci_tag_may_hold() -> None:
+    tag = registry.artifact_tag("535.261.03", "6.12.117+deb12-amd64", "open", None)
+    assert tag == "535.261.03-6.12.117_deb12-amd64-open"
+    assert registry.artifact_tag("1.0", "6.1.0-1", "open", "x" * 200).startswith(
+        "1.0-6.1.0-1-open-x"
+    )
+    assert len(registry.artifact_tag("1.0", "6.1.0-1", "open", "x" * 200)) == 128
+
+
+@pytest.mark.parametrize(
+    "text", ["https://r.example/x", "r.example", "r.example/Upper", "r.example/x:tag", "/x"]
+)
+def test_a_malformed_reference_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="HOST\\[:PORT\\]/REPOSITORY"):
+        registry.Reference.parse(text)
+
+
+def test_a_reference_keeps_the_port_with_the_host() -> None:
+    ref = registry.Reference.parse("127.0.0.1:5000/fleet/nvidia-driver")
+    assert (ref.host, ref.repository) == ("127.0.0.1:5000", "fleet/nvidia-driver")
+
+
+def config_with_auth_file(tmp_path: Path, auths: object) -> Config:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"auths": auths}))
+    return Config.from_env({"REGISTRY_AUTH_FILE": str(path)})
+
+
+def test_credentials_from_the_environment_win_over_the_auth_file(tmp_path: Path) -> None:
+    config = config_with_auth_file(
+        tmp_path, {"r.example:5000": {"username": "file", "password": "f"}}
+    )
+    env = {"PRECOMPILED_REGISTRY_USERNAME": "env", "PRECOMPILED_REGISTRY_PASSWORD": "e"}
+    assert registry.credentials(config, "r.example:5000", env) == registry.Credentials("env", "e")
+    assert registry.credentials(config, "r.example:5000", {}) == registry.Credentials("file", "f")
+    assert registry.credentials(config, "other:5000", {}) is None
+
+
+def test_credentials_from_an_auth_entry_and_a_https_key(tmp_path: Path) -> None:
+    pair = base64.b64encode(b"user:pa:ss").decode()
+    config = config_with_auth_file(tmp_path, {"https://r.example": {"auth": pair}})
+    creds = registry.credentials(config, "r.example", {})
+    assert creds == registry.Credentials("user", "pa:ss")
+    assert "pa:ss" not in repr(creds) and "pa:ss" not in repr(config)
+
+
+def test_a_malformed_auth_entry_is_a_clear_error(tmp_path: Path) -> None:
+    config = config_with_auth_file(tmp_path, {"r.example": {"auth": "bm9jb2xvbg=="}})  # "nocolon"
+    with pytest.raises(DriverError, match=r"malformed auth entry for r\.example"):
+        registry.credentials(config, "r.example", {})
+
+
+def test_the_default_auth_file_is_dockers(tmp_path: Path) -> None:
+    assert Config.from_env({"HOME": "/h"}).registry_auth_file == Path("/h/.docker/config.json")
+    assert Config.from_env({"DOCKER_CONFIG": "/d", "HOME": "/h"}).registry_auth_file == Path(
+        "/d/config.json"
+    )
+
+
+class TokenRegistry:
+    """A registry that wants a bearer token from its realm (see the module's docstring)."""
+
+    MANIFEST = b'{"schemaVersion": 2}'
+
+    def __init__(self) -> None:
+        self.token_requests: list[tuple[str | None, str]] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                if self.path.startswith("/token?"):
+                    owner.token_requests.append((auth, self.path))
+                    if auth != "Basic " + base64.b64encode(b"u:p").decode():
+                        self._answer(401, b"{}")
+                    else:
+                        self._answer(200, json.dumps({"token": "T0K"}).encode())
+                elif auth == "Bearer T0K":
+                    self._answer(200, owner.MANIFEST)
+                else:
+                    challenge = (
+                        f'Bearer realm="http://127.0.0.1:{owner.port}/token",service="reg",'
+                        'scope="repository:fleet/x:pull"'
+                    )
+                    self._answer(401, b"{}", {"WWW-Authenticate": challenge})
+
+            def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None):
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+
+    def __enter__(self) -> TokenRegistry:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def token_registry() -> Iterator[TokenRegistry]:
+    with TokenRegistry() as server:
+        yield server
+
+
+def test_a_bearer_challenge_gets_a_token_with_the_basic_credentials(token_registry) -> None:
+    ref = registry.Reference.parse(f"127.0.0.1:{token_registry.port}/fleet/x")
+    client = registry.Client(ref, creds=registry.Credentials("u", "p"), plain_http=True)
+    assert client.get_manifest("a-tag") == TokenRegistry.MANIFEST
+    [(auth, path)] = token_registry.token_requests
+    assert auth == "Basic " + base64.b64encode(b"u:p").decode()
+    assert "service=reg" in path and "scope=repository%3Afleet%2Fx%3Apull" in path
+    # The token is kept: the next request needs no second token request.
+    assert client.get_manifest("a-tag") == TokenRegistry.MANIFEST
+    assert len(token_registry.token_requests) == 1
+
+
+def test_a_refused_token_request_is_a_registry_error(token_registry) -> None:
+    ref = registry.Reference.parse(f"127.0.0.1:{token_registry.port}/fleet/x")
+    client = registry.Client(ref, creds=registry.Credentials("u", "wrong"), plain_http=True)
+    with pytest.raises(registry.RegistryError, match="token service refused us \\(HTTP 401\\)"):
+        client.get_manifest("a-tag")
+
+
+def test_plain_http_only_when_allowed(token_registry) -> None:
+    """Without PRECOMPILED_REGISTRY_PLAIN_HTTP the client speaks TLS (and fails against
+    a plain server), and a realm on plain http is refused."""
+    ref = registry.Reference.parse(f"127.0.0.1:{token_registry.port}/fleet/x")
+    client = registry.Client(ref, creds=registry.Credentials("u", "p"))
+    with pytest.raises(registry.RegistryError):
+        client.get_manifest("a-tag")
+    assert token_registry.token_requests == []
