@@ -35,6 +35,17 @@ def record_next(cache: Path, version: str, kernel_release: str | None) -> None:
     )
 
 
+def prune_env(tmp_path, store, cache):
+    """A node on Flatcar 4152.2.3 with the image's store `store` and the cache `cache`."""
+    return {
+        "DRIVER_VERSION": "535.261.03",
+        "PRECOMPILED_DIR": str(store),
+        "NVIDIA_DRIVER_CACHE": str(cache),
+        "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
+        "HOST_ROOT": str(host_on_flatcar(tmp_path, "4152.2.3")),
+    }
+
+
 def test_prune_keeps_the_running_and_the_next_releases_packages_only(tmp_path):
     store = tmp_path / "precompiled"
     current = pkg.write_package(store, fake_build(tmp_path / "a", kernel=RUNNING), tag=None)
@@ -57,13 +68,7 @@ def test_prune_keeps_the_running_and_the_next_releases_packages_only(tmp_path):
     cache = tmp_path / "cache"
     record_next(cache, "4230.2.1", next_kernel.release)
 
-    env = {
-        "DRIVER_VERSION": "535.261.03",
-        "PRECOMPILED_DIR": str(store),
-        "NVIDIA_DRIVER_CACHE": str(cache),
-        "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
-        "HOST_ROOT": str(host_on_flatcar(tmp_path, "4152.2.3")),
-    }
+    env = prune_env(tmp_path, store, cache)
     result = run_tool("packages", "prune", env=env)
     assert result.returncode == 0, result.stderr
     assert not old.path.exists() and not temp.exists() and not failed.exists()
@@ -89,13 +94,7 @@ def test_without_a_next_release_prune_keeps_the_running_kernels_packages_only(tm
     cache = tmp_path / "cache"
     # A record the node has booted past (its version is the host's now) keeps nothing.
     record_next(cache, "4152.2.3", ahead_kernel.release)
-    env = {
-        "DRIVER_VERSION": "535.261.03",
-        "PRECOMPILED_DIR": str(store),
-        "NVIDIA_DRIVER_CACHE": str(cache),
-        "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
-        "HOST_ROOT": str(host_on_flatcar(tmp_path, "4152.2.3")),
-    }
+    env = prune_env(tmp_path, store, cache)
     result = run_tool("packages", "prune", env=env)
     assert result.returncode == 0, result.stderr
     assert current.path.exists() and not ahead.path.exists()
