@@ -140,7 +140,7 @@ def fallback_builds(monkeypatch) -> list[Config]:
     developer container for this machine's kernel) makes a plain-file package."""
     built: list[Config] = []
 
-    def developer_container_build(config, source, flavour, work: Path) -> BuildOutput:
+    def developer_container_build(config, source, flavour, work: Path, target) -> BuildOutput:
         built.append(config)
         build = fake_build(work / "fake", kernel=KernelIdentity.running(config))
         return dataclasses.replace(build, driver_version=VERSION)
