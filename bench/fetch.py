@@ -21,10 +21,12 @@ times, round after round, on the same machine and server:
   disk), in a child process so that its peak RSS is its own.
 
 Then the same with the server throttled to 50 MiB/s (a network rather than
-the page cache). Prints the medians, the ratios of ours against each row and
-our peak RSS. Run (as root: the seed uses a loop device):
+the page cache; `--speeds` chooses the sets, `--rows` the rows). Prints the
+medians, the ratios of each row to ours and our peak RSS. Run (as root: the
+seed uses a loop device):
 
-    .venv/bin/python -m bench.fetch [--rounds N] [--seed-rounds N] [--small] [--json FILE]
+    .venv/bin/python -m bench.fetch [--rounds N] [--seed-rounds N] [--speeds loopback,50]
+        [--rows seed,flatcar,...] [--small] [--json FILE]
 
 `--small` uses the tests' unpadded mirror (quick, for developing the bench).
 """
@@ -49,7 +51,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 CONTENT_BYTES = int(2.05 * GiB)  # Flatcar's developer container: a few GiB of content
 IMAGE_BYTES = 6 * GiB  # ... in a 6 GiB image
-THROTTLED = 50 * MiB
 SEED_EXTRA_MIB = 3000
 ROOT_PARTITION_START = 4096 * 512
 
@@ -206,22 +207,34 @@ def report(title: str, times: dict[str, list[float]]) -> dict[str, float]:
     print(f"  {'row':76} {'seconds':>8} {'row/ours':>9}")
     for name, seconds in medians.items():
         print(f"  {LABELS[name]:76} {seconds:8.1f} {seconds / ours:8.2f}x")
-    floor = max(medians["decode_floor"], medians["transfer_floor"])
-    print(f"  ours / decode floor: {ours / medians['decode_floor']:.3f}")
-    print(f"  ours / transfer floor: {ours / medians['transfer_floor']:.3f}")
-    print(f"  ours / max(decode, transfer floor): {ours / floor:.3f}")
+    for floor in ("decode_floor", "transfer_floor"):
+        if floor in medians:
+            print(f"  ours / {floor.replace('_', ' ')}: {ours / medians[floor]:.3f}")
     return medians
+
+
+def speed(text: str) -> int | None:
+    """`loopback` (None: as fast as the server goes) or MiB/s."""
+    return None if text == "loopback" else int(text) * MiB
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed-rounds", type=int, help="rounds of the seed (default: --rounds)")
+    parser.add_argument(
+        "--speeds",
+        default="loopback,50",
+        help="server speeds: 'loopback' or MiB/s, comma-separated",
+    )
+    parser.add_argument("--rows", default=",".join(LABELS), help="rows to run, comma-separated")
     parser.add_argument("--small", action="store_true", help="the tests' unpadded mirror")
-    parser.add_argument("--no-throttled", action="store_true", help="loopback only")
     parser.add_argument("--json", type=Path, help="write the times there too")
     args = parser.parse_args()
     seed_rounds = args.rounds if args.seed_rounds is None else args.seed_rounds
+    speeds = args.speeds.split(",")
+    for text in speeds:
+        speed(text)  # ValueError now rather than after the first set
     if args.small:
         mirror = build_mirror(default_kernel_release())
     else:
@@ -234,7 +247,7 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {}
     with serve_mirror(mirror) as server:
         ours = Ours(server.env(), mirror.version)
-        rows: dict[str, Row] = {
+        every: dict[str, Row] = {
             "seed": seed,
             "flatcar": flatcar,
             "verified_shell": verified_shell,
@@ -242,20 +255,20 @@ def main() -> int:
             "decode_floor": decode_floor,
             "ours": ours,
         }
-        print("loopback:", flush=True)
-        results["loopback"] = measure(rows, server.image_url, mirror, args.rounds, seed_rounds)
-        if not args.no_throttled:
-            server.throttle(THROTTLED)
-            print(f"throttled to {THROTTLED // MiB} MiB/s:", flush=True)
-            results["throttled"] = measure(rows, server.image_url, mirror, args.rounds, seed_rounds)
-            server.throttle(None)
-    for name, times in results.items():
-        report(name, times)
+        rows = {name: every[name] for name in args.rows.split(",")}
+        for text in speeds:
+            title = "loopback" if text == "loopback" else f"throttled to {text} MiB/s"
+            server.throttle(speed(text))
+            print(f"{title}:", flush=True)
+            results[title] = measure(rows, server.image_url, mirror, args.rounds, seed_rounds)
+        server.throttle(None)
+    for title, times in results.items():
+        report(title, times)
     print(f"\nthe image holds {ours.allocated / GiB:.2f} GiB of data (not holes)")
     python_peak = max(p for p, _ in ours.peaks) / 1024
     child_peak = max(c for _, c in ours.peaks) / 1024
     print(
-        f"\nour peak RSS: {python_peak:.0f} MiB (Python), {child_peak:.0f} MiB (largest child,"
+        f"our peak RSS: {python_peak:.0f} MiB (Python), {child_peak:.0f} MiB (largest child,"
         f" lbzip2), {python_peak + child_peak:.0f} MiB together (target < 150 MB)"
     )
     if args.json:
@@ -264,6 +277,7 @@ def main() -> int:
                 {
                     "image_bytes": mirror.image_size,
                     "bz2_bytes": mirror.image.stat().st_size,
+                    "data_bytes": ours.allocated,
                     "times": results,
                     "peaks_kib": ours.peaks,
                 },

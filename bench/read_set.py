@@ -35,14 +35,21 @@ SYS_BLOCK = Path("/sys/block")
 
 
 def loop_reads() -> dict[str, tuple[str, int]]:
-    """Per loop device: its backing file and the bytes read from it so far."""
+    """Per loop device: its backing file ("" when detached) and the bytes read from it so far.
+
+    The counters live as long as the device, across attachments: the bytes of one
+    attachment are a difference.
+    """
     found = {}
     for dev in SYS_BLOCK.glob("loop*"):
         try:
-            backing = (dev / "loop" / "backing_file").read_text().strip()
             sectors = int((dev / "stat").read_text().split()[2])
         except (OSError, ValueError, IndexError):
             continue
+        try:
+            backing = (dev / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            backing = ""
         found[dev.name] = (backing, sectors * 512)
     return found
 
