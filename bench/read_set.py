@@ -2,13 +2,16 @@
 
 Runs `nvidia-driver update --kernel K` (the code path a node runs: fetch,
 verify, mount the image's ROOT on a loop device, build in it, pack) against
-the local Flatcar mirror, and meanwhile samples the kernel's block-level
-accounting of that loop device (/sys/block/loopN/stat, sectors read): what
-the build's file system read from the image, metadata included, with a cold
-mount (its page cache is new). Prints that against the image's data (its
-non-hole bytes).
+the local Flatcar mirror, twice: the first fetches and builds; before the
+second (the cached image, another tag) the image's pages are dropped from the
+page cache. Meanwhile it samples the kernel's block-level accounting of the
+loop device (/sys/block/loopN/stat, sectors read): what the build's file
+system read from the image, metadata and read-ahead included, on a cold mount.
+After the second build the image's resident pages (mincore(2)) say where those
+reads lie in the image; `--pages FILE` writes them as [start, end) byte ranges,
+to map onto the bzip2 blocks that a decoder would have to decode to serve them.
 
-Run (as root): .venv/bin/python -m bench.read_set [--real]
+Run (as root): .venv/bin/python -m bench.read_set [--real] [--pages FILE]
 
 `--real` builds the real NVIDIA 535 sources (Debian's nvidia-kernel-source,
 as tests/real_build.py does; minutes), else the stand-in driver (seconds).
@@ -17,6 +20,9 @@ as tests/real_build.py does; minutes), else the stand-in driver (seconds).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
+import mmap
 import os
 import subprocess
 import sys
@@ -61,20 +67,74 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.under = str(under)
         self.baseline = {dev: read for dev, (_, read) in loop_reads().items()}
-        self.last: dict[str, tuple[str, int]] = {}
+        self.last: dict[str, int] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.02):
             for dev, (backing, read) in loop_reads().items():
                 if backing.startswith(self.under):
-                    self.last[dev] = (backing, read - self.baseline.get(dev, 0))
+                    self.last[dev] = read - self.baseline.get(dev, 0)
+
+    def __enter__(self) -> Sampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()
+
+
+def resident_ranges(path: Path) -> list[tuple[int, int]]:
+    """The [start, end) byte ranges of `path` that are in the page cache (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    page = mmap.PAGESIZE
+    pages = -(-size // page)
+    with path.open("rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            libc.munmap(addr, size)
+    ranges: list[tuple[int, int]] = []
+    for i in range(pages):
+        if vec[i] & 1:
+            if ranges and ranges[-1][1] == i * page:
+                ranges[-1] = (ranges[-1][0], (i + 1) * page)
+            else:
+                ranges.append((i * page, (i + 1) * page))
+    return ranges
+
+
+def update(env: dict[str, str], kernel: str, *extra: str) -> float:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [str(TOOL), "update", "--kernel", kernel, *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        sys.exit(f"update failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.monotonic() - start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--real", action="store_true", help="the real 535 sources (minutes)")
     parser.add_argument("--kernel", default=default_kernel_release())
+    parser.add_argument("--pages", type=Path, help="write the resident ranges there (JSON)")
     args = parser.parse_args()
     mirror = build_mirror(args.kernel)
     with tempfile.TemporaryDirectory(dir=Path.home() / ".cache", prefix="bench-read-set-") as t:
@@ -92,31 +152,33 @@ def main() -> int:
             )
             env = standin_env(work, source, STANDIN_VERSION)
         env["HOST_ROOT"] = str(work / "host")
-        full = {k: v for k, v in os.environ.items() if k != "DRIVER_VERSION"}
-        sampler = Sampler(work)
-        sampler.start()
+        base = {k: v for k, v in os.environ.items() if k != "DRIVER_VERSION"}
         with serve_mirror(mirror) as server:
-            start = time.monotonic()
-            proc = subprocess.run(
-                [str(TOOL), "update", "--kernel", args.kernel],
-                env={**full, **env, **server.env()},
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            elapsed = time.monotonic() - start
-        sampler.stop.set()
-        sampler.join()
-        if proc.returncode != 0:
-            sys.exit(f"update failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        image = next((work / "cache").rglob("flatcar_developer_container.bin"))
+            full = {**base, **env, **server.env()}
+            with Sampler(work) as first:
+                fetched = update(full, args.kernel)
+            image = next((work / "cache").rglob("flatcar_developer_container.bin"))
+            with image.open("rb") as f:
+                os.fsync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            before = sum(end - start for start, end in resident_ranges(image))
+            with Sampler(work) as second:
+                cached = update(full, args.kernel, "--tag", "again")
+        ranges = resident_ranges(image)
         data = image.stat().st_blocks * 512
-        read = sum(r for _, r in sampler.last.values())
-        print(proc.stderr)
+        resident = sum(end - start for start, end in ranges)
         print(f"build of {'the real 535 driver' if args.real else 'the stand-in driver'}")
-        print(f"update: {elapsed:.1f} s; loop devices seen: {sorted(sampler.last)}")
         print(f"image: {image.stat().st_size / MiB:.0f} MiB, {data / MiB:.0f} MiB of data")
-        print(f"read from ROOT by the build: {read / MiB:.1f} MiB ({100 * read / data:.1f} %)")
+        for name, sampler, seconds in (("fetch and build", first, fetched),
+                                       ("build, image cached", second, cached)):  # fmt: skip
+            read = sum(sampler.last.values())
+            print(f"{name}: {seconds:.1f} s; read from ROOT {read / MiB:.1f} MiB"
+                  f" ({100 * read / data:.1f} % of the data)")  # fmt: skip
+        print(f"image pages resident after the second build: {resident / MiB:.1f} MiB"
+              f" in {len(ranges)} ranges ({before / MiB:.1f} MiB before it)")  # fmt: skip
+        if args.pages:
+            args.pages.write_text(json.dumps({"image_bytes": image.stat().st_size,
+                                              "ranges": ranges}))  # fmt: skip
     return 0
 
 
