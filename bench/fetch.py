@@ -193,7 +193,7 @@ def measure(
 LABELS = {
     "seed": f"the seed (curl | bzip2 -dq, dd {SEED_EXTRA_MIB} MiB, resize2fs)",
     "flatcar": "Flatcar's own (curl -o, then lbzcat | cp --sparse=always), unverified",
-    "verified_shell": "verified shell (curl | tee >(sha512sum) | lbzip2 -dc | cp --sparse; gpgv)",
+    "verified_shell": "verified (curl | tee fifo | lbzip2 -dc | cp --sparse; sha512sum, gpgv)",
     "transfer_floor": "transfer floor (curl -o /dev/null)",
     "decode_floor": "decode floor (lbzip2 -dc local file > /dev/null)",
     "ours": "ours (fetch_developer_container: verified, lbzip2 -> dd conv=sparse, fsync)",
