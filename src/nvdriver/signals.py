@@ -6,9 +6,8 @@ load loaded, unwinding an ExitStack). A signal that arrives meanwhile is
 recorded and delivered, to the handler in place before the block, when the
 block ends. The handlers are swapped rather than the signal mask blocked: a
 blocked mask is per thread, so a signal the kernel hands to another thread
-(the decompressor's output pump) would still run the main thread's handler in
-the middle of the step, and children started in the block would inherit the
-mask.
+would still run the main thread's handler in the middle of the step, and
+children started in the block would inherit the mask.
 """
 
 from __future__ import annotations

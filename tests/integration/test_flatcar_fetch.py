@@ -4,6 +4,7 @@ cache reuse, and nothing left behind by any failure."""
 from __future__ import annotations
 
 import bz2
+import contextlib
 import hashlib
 import http.server
 import json
@@ -237,6 +238,58 @@ def test_fetch_verifies_writes_sparse_and_reuses_the_cache(
     requests = len(mirror.requests)
     assert fetch.fetch_developer_container(cfg, RELEASE, policy=FAST) == path
     assert len(mirror.requests) == requests  # no request at all
+
+
+def _children() -> dict[str, int]:
+    """Our child processes, by name."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            if int(text[text.rindex(")") + 2 :].split()[1]) == os.getpid():
+                found[text[text.index("(") + 1 : text.rindex(")")]] = int(stat.parent.name)
+    return found
+
+
+def _fds(pid: int | str) -> dict[int, str]:
+    """What the open file descriptors of `pid` point to (one listing them is gone when read)."""
+    links = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            links[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return links
+
+
+def test_the_decompressed_image_never_passes_through_python(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], image: bytes, compressed: bytes, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    need(which("lbzip2") is not None, "lbzip2 is not installed")
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+    seen: list[tuple[str, dict[int, str], dict[int, str]]] = []
+    update = Progress.update
+
+    def look(self: Progress, done: int, *, force: bool = False) -> None:
+        """While the download runs: lbzip2's output pipe, who holds it, where it goes."""
+        children = _children()
+        if "lbzip2" in children and not seen:
+            pipe = _fds(children["lbzip2"])[1]
+            seen.append((pipe, _fds("self"), _fds(children["dd"]) if "dd" in children else {}))
+        update(self, done, force=force)
+
+    monkeypatch.setattr(Progress, "update", look)
+    path = fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+
+    assert seen, "no lbzip2 seen during the download"
+    pipe, ours, dd = seen[0]
+    assert pipe.startswith("pipe:")
+    # Not open in this process: no decompressed byte can reach Python. dd reads it
+    # and writes the partial image.
+    assert pipe not in ours.values()
+    assert dd and dd[0] == pipe and Path(dd[1]).name.startswith(fetch.PARTIAL_PREFIX)
+    assert path.read_bytes() == image
 
 
 def test_interrupted_download_resumes_with_a_range_request(

@@ -1,8 +1,9 @@
-"""The pieces of the developer container fetch: DIGESTS, the sparse writer, bz2, the stamp."""
+"""The pieces of the developer container fetch: DIGESTS, the sparse writer (dd), bz2, the stamp."""
 
 from __future__ import annotations
 
 import bz2
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -74,51 +75,58 @@ def _image(block: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize("piece", [1, 1000, 65536, 3 << 20])
+@pytest.mark.parametrize("piece", [1000, 65536, 3 << 20])
 def test_sparse_writer_keeps_content_and_makes_holes(tmp_path: Path, piece: int) -> None:
     data = _image(fetch.SPARSE_BLOCK)
     path = tmp_path / "out"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
-    try:
-        writer = fetch.SparseWriter(fd)
+    with path.open("wb") as out, fetch.sparse_writer(out.fileno()) as writer:
         for i in range(0, len(data), piece):
             writer.write(data[i : i + piece])
         assert writer.finish() == len(data)
-    finally:
-        os.close(fd)
     assert path.read_bytes() == data
     assert path.stat().st_blocks * 512 < len(data) // 4
+
+
+def test_sparse_writer_reports_the_error_dd_met(tmp_path: Path) -> None:
+    # /dev/full fails every write with ENOSPC, as a full cache file system does.
+    with (
+        open("/dev/full", "wb") as out,
+        fetch.sparse_writer(out.fileno()) as writer,
+        pytest.raises(OSError) as info,
+    ):
+        writer.write(os.urandom(4 << 20))  # more than the pipe holds
+        writer.finish()
+    assert info.value.errno == errno.ENOSPC
+
+
+def _decompress(tmp_path: Path, compressed: bytes, piece: int) -> bytes:
+    """Feed `compressed` to a Bz2Decompressor in pieces; what it wrote."""
+    path = tmp_path / "out"
+    with path.open("wb") as out, fetch.sparse_writer(out.fileno()) as writer:
+        dec = fetch.Bz2Decompressor(writer, "http://x/y.bz2")
+        for i in range(0, len(compressed), piece):
+            dec.feed(compressed[i : i + piece])
+        dec.finish()
+        writer.finish()
+    return path.read_bytes()
 
 
 def test_bz2_decompressor_handles_several_streams(tmp_path: Path) -> None:
     parts = [os.urandom(5000), bytes(1 << 22), b"tail"]
     compressed = b"".join(bz2.compress(p) for p in parts)
-    path = tmp_path / "out"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
-    try:
-        writer = fetch.SparseWriter(fd)
-        dec = fetch.Bz2Decompressor(writer, "url")
-        for i in range(0, len(compressed), 777):
-            dec.feed(compressed[i : i + 777])
-        dec.finish()
-        writer.finish()
-    finally:
-        os.close(fd)
-    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(b"".join(parts)).digest()
+    data = _decompress(tmp_path, compressed, 777)
+    assert hashlib.sha256(data).digest() == hashlib.sha256(b"".join(parts)).digest()
 
 
-def test_bz2_decompressor_reports_truncation() -> None:
+def test_bz2_decompressor_reports_truncation(tmp_path: Path) -> None:
     compressed = bz2.compress(os.urandom(10000))
-    dec = fetch.Bz2Decompressor(fetch.SparseWriter(-1), "http://x/y.bz2")
-    dec.feed(compressed[: len(compressed) // 2])
     with pytest.raises(IntegrityError, match=r"http://x/y.bz2 did not decompress"):
-        dec.finish()
+        _decompress(tmp_path, compressed[: len(compressed) // 2], 1 << 20)
 
 
-def test_bz2_decompressor_reports_garbage() -> None:
-    dec = fetch.Bz2Decompressor(fetch.SparseWriter(-1), "u")
+def test_bz2_decompressor_reports_garbage(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="did not decompress"):
-        dec.feed(b"this is not bzip2 data at all")
+        _decompress(tmp_path, b"this is not bzip2 data at all", 1 << 20)
 
 
 def _config(tmp_path: Path, url: str = "https://{channel}.release.example") -> Config:

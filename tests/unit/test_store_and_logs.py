@@ -35,7 +35,7 @@ def record_next(cache: Path, version: str, kernel_release: str | None) -> None:
     )
 
 
-def prune_env(tmp_path, store, cache):
+def prune_env(tmp_path: Path, store: Path, cache: Path) -> dict[str, str]:
     """A node on Flatcar 4152.2.3 with the image's store `store` and the cache `cache`."""
     return {
         "DRIVER_VERSION": "535.261.03",

@@ -37,13 +37,18 @@ class FedChild:
         self._stdin: int | None = stdin
         self._errors = errors
 
+    @property
+    def input(self) -> int:
+        """The pipe into the child: another child's stdout, so that its output goes straight in."""
+        if self._stdin is None:
+            raise ValueError("the input was closed")
+        return self._stdin
+
     def write(self, data: bytes) -> None:
         """Write all of `data`; BrokenPipeError when the child stopped reading."""
-        if self._stdin is None:
-            raise ValueError("write after the input was closed")
         view = memoryview(data)
         while view:
-            view = view[os.write(self._stdin, view) :]
+            view = view[os.write(self.input, view) :]
 
     def close_input(self) -> None:
         """End the child's input (idempotent)."""
