@@ -20,7 +20,7 @@ from typing import Any
 
 from nvdriver.atomic import write_atomically
 from nvdriver.config import Config
-from nvdriver.driver.package import IMAGE_STORE, Package, PackageStore, stores
+from nvdriver.driver.package import IMAGE_STORE, Package, PackageStore
 from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity
 
@@ -204,11 +204,14 @@ def _package_row(kind: str, package: Package) -> dict[str, Any]:
     }
 
 
-def releases(config: Config, running_kernel: str) -> dict[str, Any]:
+def releases(
+    config: Config, running_kernel: str, listed: list[tuple[str, Package]]
+) -> dict[str, Any]:
     """What `status --json` shows under `releases`: the running release, the recorded
-    next one and the staged one, each with the packages of both stores for its kernel.
+    next one and the staged one, each with the packages of both stores for its kernel
+    (`listed`: (store kind, package) of every readable package, read once by `status`).
     Reads files only, never the network."""
-    rows = [_package_row(s.kind, p) for s in stores(config) for p in s.packages()[0]]
+    rows = [_package_row(kind, p) for kind, p in listed]
     running = {
         "version": release.host_version(config),
         "kernel_release": running_kernel,

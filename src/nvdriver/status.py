@@ -86,20 +86,21 @@ def collect(config: Config) -> dict[str, Any]:
         )
     except DriverError as e:
         report["driver"]["error"] = e.message
+    # Every manifest of both stores, read once: for this kernel's rows and for the releases'.
+    listed = [(store.kind, p) for store in stores(config) for p in store.packages()[0]]
     report["packages"] = [
         {
             "path": str(p.path),
-            "store": store.kind,
+            "store": kind,
             "driver_version": p.manifest.driver_version,
             "flavour": p.manifest.flavour,
             "tag": p.manifest.tag,
             "matches_kernel": p.manifest.kernel == kernel,
         }
-        for store in stores(config)
-        for p in store.packages()[0]
+        for kind, p in listed
         if p.manifest.kernel_release == kernel.release
     ]
-    report["releases"] = fleet.releases(config, kernel.release)
+    report["releases"] = fleet.releases(config, kernel.release, listed)
     return report
 
 
