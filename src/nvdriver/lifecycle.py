@@ -56,7 +56,7 @@ def _pause_at(options: Options, step: str) -> None:
     if options.pause_at == step:
         log.warning("Pausing at step %s (NVIDIA_DRIVER_TEST_PAUSE_AT)", step)
         while True:
-            signal.pause()
+            signals.sleep()
 
 
 class _Unwinding(contextlib.ExitStack):

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import sys
 import time
 from typing import NoReturn
 
-from nvdriver import fleet, run, staged
+from nvdriver import fleet, run, signals, staged
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, Interrupted
 from nvdriver.flatcar import release
@@ -162,7 +161,7 @@ class Watcher:
             if now >= feed_at:
                 build(self.config, "--next")
                 feed_at = time.monotonic() + self.next_delay()
-            time.sleep(max(0.0, min(feed_at, staged_at) - time.monotonic()))
+            signals.sleep(max(0.0, min(feed_at, staged_at) - time.monotonic()))
 
     def _staged(self, now: float) -> None:
         version = self.update_engine.staged()
@@ -192,5 +191,5 @@ def wait(config: Config) -> NoReturn:
             ": the host is not Flatcar" if config.options.build_ahead == "auto" else "",
         )
         while True:
-            signal.pause()
+            signals.sleep()
     Watcher(config).run()

@@ -51,12 +51,30 @@ stuck() {
 wait_ready() { wait_for '[ -e $READY ]' "${1:-120}"; }
 wait_log() { wait_for "grep -q -- '$2' '$1'" "${3:-120}"; }
 
-# stop_init SIGNAL: signal init and wait for it; its exit status in INIT_RC.
+# stop_init SIGNAL [SECONDS]: signal init and wait for it (300 s: longer than its stop
+# budget); its exit status in INIT_RC, "stuck" (and where it waits, on stderr) when it
+# did not end in time, after which it is killed.
 stop_init() {
+    local i
     kill -"$1" "$INIT_PID"
+    for ((i = 0; i < ${2:-300} * 10; i++)); do
+        exited "$INIT_PID" && break
+        sleep 0.1
+    done
+    if ! exited "$INIT_PID"; then
+        echo "init (pid $INIT_PID) still running ${2:-300} s after SIG$1" >&2
+        stuck "$INIT_PID" >&2
+        kill -KILL "$INIT_PID"
+        wait "$INIT_PID"
+        INIT_RC=stuck
+        return
+    fi
     wait "$INIT_PID"
     INIT_RC=$?
 }
+
+# exited PID: whether our child PID has ended (a zombie until waited for).
+exited() { [ ! -d /proc/"$1" ] || [ "$(awk '/^State:/ {print $2}' /proc/"$1"/status 2>/dev/null)" = Z ]; }
 
 nvidia_modules() { awk '$1 ~ /^nvidia(_uvm|_modeset|_drm|_peermem)?$/ { print $1 }' /proc/modules | tac | paste -sd, -; }
 is_mounted() { if findmnt -n /run/nvidia/driver >/dev/null; then echo yes; else echo no; fi; }
