@@ -15,7 +15,7 @@ from nvdriver import __version__, fleet, lifecycle, lock, signals
 from nvdriver import log as logsetup
 from nvdriver.config import Config
 from nvdriver.driver.package import stores
-from nvdriver.errors import DriverError, ExitCode
+from nvdriver.errors import DriverError, ExitCode, Interrupted
 from nvdriver.run import set_timeouts
 
 log = logging.getLogger("nvdriver")
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # A running `init`'s log shows the update too (errors included).
                 stack.enter_context(lock.mirror_to_running_instance(config))
             return int(dispatch(args, config))
-        except DriverError as e:
+        except (DriverError, Interrupted) as e:
             return _report(e, debug=args.debug)
         except (OSError, UnicodeDecodeError) as e:
             # A last resort: each input is checked where it is read, with a message naming
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(ExitCode.FAILED)
 
 
-def _report(e: DriverError, *, debug: bool) -> int:
+def _report(e: DriverError | Interrupted, *, debug: bool) -> int:
     """The error for people: message and hint; the traceback only with --debug."""
     if debug:
         log.exception("%s", e.message)

@@ -59,12 +59,21 @@ class NoGpuError(DriverError):
     exit_code = ExitCode.NO_GPU
 
 
-class Interrupted(DriverError):
-    """A signal (SIGTERM, SIGINT, SIGHUP) arrived; `with` blocks unwind on the way out."""
+class Interrupted(BaseException):
+    """A signal (SIGTERM, SIGINT, SIGHUP) arrived; `with` blocks unwind on the way out.
+
+    Not a DriverError, as KeyboardInterrupt is not an Exception: the many places that
+    log a DriverError and go on must not swallow a signal (init once caught the SIGTERM
+    that came while it read os-release as a malformed-release warning, then ignored
+    every further signal and never stopped). The CLI reports it as an error, exit 1.
+    """
+
+    exit_code = ExitCode.FAILED
+    hint: str | None = None
 
     def __init__(self, signum: int) -> None:
         import signal
 
-        name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}")
+        self.message = f"interrupted by {signal.Signals(signum).name}"
+        super().__init__(self.message)
         self.signum = signum

@@ -121,8 +121,6 @@ def _find_package(
     if config.registry is not None:
         try:
             return _pull(config, kernel, version, flavour)
-        except Interrupted:
-            raise
         except DriverError as e:
             refused = e
     log.info(
@@ -143,8 +141,6 @@ def _find_package(
             flavour,
             into=config.node_precompiled_dir,
         )
-    except Interrupted:
-        raise
     except DriverError as e:
         # A refused registry package that nothing could replace is the integrity failure
         # it was (exit 5): someone pushed a bad or untrusted package under this tag.
@@ -197,8 +193,6 @@ def _push_built(config: Config, package: Package, reference: str) -> None:
 
     try:
         registry.push(config, package, registry.Reference.parse(reference))
-    except Interrupted:
-        raise
     except DriverError as e:
         log.error("Could not share %s: %s", package.path.name, e)
 

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from nvdriver import staged, watch
+from nvdriver import signals, staged, watch
 from nvdriver.config import Config
-from nvdriver.errors import ExitCode, UsageError
+from nvdriver.errors import ExitCode, Interrupted, UsageError
+from nvdriver.flatcar import release
 from tests.buildahead import (
     DENY_UPDATE_ENGINE,
     ROOT,
@@ -150,6 +151,31 @@ def test_build_ahead_auto_is_on_where_the_host_is_flatcar(
     (tmp_path / "host-etc").mkdir()
     (tmp_path / "host-etc" / "os-release").write_text(os_release)
     assert watch.enabled(config_for(tmp_path, BUILD_AHEAD=mode)) is expected
+
+
+def test_a_signal_while_the_host_release_is_read_is_not_taken_for_a_bad_release_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM arriving during the read (the read stands in for the moment: signals are
+    raised wherever Python is) goes on to init, which stops; it once became the warning
+    of a malformed os-release, and init never stopped."""
+    (tmp_path / "host-etc").mkdir()
+    (tmp_path / "host-etc" / "os-release").write_text("ID=flatcar\nVERSION=4230.2.2\n")
+    read = release.host_version
+
+    def signalled(config: Config) -> str | None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return read(config)
+
+    monkeypatch.setattr(release, "host_version", signalled)
+    previous = {s: signal.getsignal(s) for s in signals.HANDLED}
+    signals.install()
+    try:
+        with pytest.raises(Interrupted):
+            watch.enabled(config_for(tmp_path, BUILD_AHEAD="auto"))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def test_the_child_is_nvidia_driver_update_into_the_node_store_at_low_priority(

@@ -130,8 +130,8 @@ def test_sleep_does_not_miss_a_signal_that_comes_as_the_wait_starts(handler: lis
     started = time.monotonic()
     for _ in range(1000):
         timer = threading.Timer(rng.random() * 0.001, os.kill, (os.getpid(), signal.SIGTERM))
-        timer.start()
-        with pytest.raises(Interrupted):
+        with pytest.raises(Interrupted):  # (it may come before the wait even starts)
+            timer.start()
             signals.sleep(10)  # a missed signal: no Interrupted
         timer.join()
     assert len(handler) == 1000
