@@ -55,15 +55,8 @@ wait_log() { wait_for "grep -q -- '$2' '$1'" "${3:-120}"; }
 # budget); its exit status in INIT_RC, "stuck" (and where it waits, on stderr) when it
 # did not end in time, after which it is killed.
 stop_init() {
-    local i
     kill -"$1" "$INIT_PID"
-    for ((i = 0; i < ${2:-300} * 10; i++)); do
-        exited "$INIT_PID" && break
-        sleep 0.1
-    done
-    if ! exited "$INIT_PID"; then
-        echo "init (pid $INIT_PID) still running ${2:-300} s after SIG$1" >&2
-        stuck "$INIT_PID" >&2
+    if ! wait_for "exited $INIT_PID" "${2:-300}"; then
         kill -KILL "$INIT_PID"
         wait "$INIT_PID"
         INIT_RC=stuck
