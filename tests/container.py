@@ -201,9 +201,11 @@ def _remove_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def engine() -> Iterator[Engine]:
+def engine(data_root: Path | None = None) -> Iterator[Engine]:
     """Start containerd and dockerd under a temporary directory; at the end remove every
-    container, stop both and delete the directory (nothing stays mounted or running)."""
+    container, stop both and delete the directory (nothing stays mounted or running).
+    dockerd's images and layers are under `data_root` when given (it stays), else in
+    the directory."""
     root = Path(tempfile.mkdtemp(prefix="nvd-docker-", dir="/tmp"))
     with contextlib.ExitStack() as stack:
         stack.callback(_remove_tree, root)
@@ -232,7 +234,7 @@ def engine() -> Iterator[Engine]:
                 "/usr/sbin/dockerd",
                 f"--config-file={root / 'daemon.json'}",
                 f"--containerd={root / 'containerd.sock'}",
-                f"--data-root={root / 'data'}",
+                f"--data-root={data_root or root / 'data'}",
                 f"--exec-root={root / 'exec'}",
                 f"--pidfile={root / 'dockerd.pid'}",
                 f"--host=unix://{root / 'docker.sock'}",
@@ -695,6 +697,33 @@ def committed_image(
 
 
 CommittedImages = Callable[[str, Variant], CommittedImage]
+
+
+def engine_disk(eng: Engine, committed: list[CommittedImage], names: list[str], disk: Path) -> None:
+    """A raw ext4 disk image at `disk` holding a docker data root with the images
+    `committed` (from their cached tars) and `names` (saved from `eng`) already loaded:
+    mounted at /var/lib/docker in the QEMU guest, its dockerd starts with them. Loading
+    them there instead costs minutes under TCG (`docker load` unpacks every layer twice
+    and hashes it); here it takes seconds. The engine that fills it is a second one of
+    the same dockerd, on a loop mount of the disk."""
+    size = sum(image.tar.stat().st_size for image in committed) * 2 + (2 << 30)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nvd-disk-")))
+        with disk.open("wb") as f:
+            f.truncate(size)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", disk], check=True)
+        mnt = tmp / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "loop", disk, mnt], check=True)
+        stack.callback(lambda: subprocess.run(["umount", "-d", mnt], check=True))
+        saved = tmp / "saved.tar"
+        if names:
+            eng.docker("save", "--output", saved, *names)
+        with engine(data_root=mnt) as filler:
+            for image in committed:
+                filler.docker("load", "--input", image.tar)
+            if names:
+                filler.docker("load", "--input", saved)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ class Guest:
         timeout: float = 600,
         memory_mb: int = 3072,
         smp: int = 2,
+        disks: tuple[Path, ...] = (),
     ) -> GuestResult:
         return run_in_guest(
             argv,
@@ -54,6 +55,7 @@ class Guest:
             timeout=timeout,
             memory_mb=memory_mb,
             smp=smp,
+            disks=disks,
         )
 
 

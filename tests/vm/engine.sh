@@ -3,7 +3,8 @@
 # a test bed"). Sourced after lifecycle.sh (say, stuck) by a script that runs as
 # root in the guest.
 #
-# Expects: LOGS (a shared directory for logs).
+# Expects: LOGS (a shared directory for logs); DOCKER_DISK (optional): a block device
+# with dockerd's data root to mount at /var/lib/docker instead of an empty tmpfs.
 
 DOCKER=/usr/bin/docker # the client next to dockerd, not a newer one earlier in PATH
 export DOCKER_HOST=unix:///run/docker.sock
@@ -71,9 +72,17 @@ start_engine() {
     mount --make-rshared /
     # The guest's / is an overlay: what needs a disk's file system (overlay2's layers,
     # a build's overlay on the developer container) gets a fresh tmpfs, the node's disk.
-    for d in /var/lib/docker /var/lib/containerd "$NODE_STORE" /var/cache/nvidia-driver; do
+    for d in /var/lib/containerd "$NODE_STORE" /var/cache/nvidia-driver; do
         mkdir -p "$d" && mount -t tmpfs -o mode=0711 tmpfs "$d" || return 1
     done
+    mkdir -p /var/lib/docker
+    if [ -n "${DOCKER_DISK:-}" ]; then
+        # A disk whose data root has the images loaded already (tests/container.py).
+        modprobe virtio_blk && until_true "[ -b $DOCKER_DISK ]" 60 &&
+            mount "$DOCKER_DISK" /var/lib/docker || return 1
+    else
+        mount -t tmpfs -o mode=0711 tmpfs /var/lib/docker || return 1
+    fi
     mkdir -p /run/nvidia /etc/flatcar /usr/share/flatcar /etc/nvidia-driver/modules
     containerd >"$LOGS/containerd.log" 2>&1 &
     until_true '[ -S /run/containerd/containerd.sock ]' 60 || return 1

@@ -348,6 +348,7 @@ def run_in_guest(
     timeout: float = 600,
     memory_mb: int = 3072,
     smp: int = 2,
+    disks: Iterable[Path] = (),
 ) -> GuestResult:
     """Boot ``kernel`` (default: the newest installed) and run ``argv`` in it as root.
 
@@ -355,6 +356,9 @@ def run_in_guest(
     path to a host directory mounted read-write at that path; keys are normally
     the host path itself (``{str(tmp_path): tmp_path}``) since the guest sees the
     host's tree read-only at the same paths.  ``cwd`` defaults to ``/``.
+    ``disks`` are raw disk images attached as virtio disks (/dev/vda, /dev/vdb, ...;
+    ``modprobe virtio_blk`` first): the guest may write to them, the files stay as they
+    were (QEMU's snapshot mode keeps the writes in a temporary file).
 
     Returns the command's exit status, its stdout and stderr, and the kernel
     console.  Raises GuestTimeout after ``timeout`` seconds (boot included) and
@@ -411,6 +415,10 @@ def run_in_guest(
                 "-virtfs",
                 f"local,path={host_dir},mount_tag={tag},security_model=none,multidevs=remap",
             ]
+        for disk in disks:
+            if "," in str(disk):
+                raise ValueError(f"qemu cannot attach a path with a comma: {disk}")
+            cmd += ["-drive", f"file={disk},if=virtio,format=raw,snapshot=on,cache=unsafe"]
 
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

@@ -35,7 +35,10 @@ def test_init_builds_ahead_for_a_staged_update_at_low_priority_and_stops_it_firs
     mkdir -p /run/dbus
     dbus-daemon --nofork --nopidfile --config-file=$LOGS/bus.conf 2>$LOGS/dbus.log &
     for i in $(seq 300); do [ -S /run/dbus/system_bus_socket ] && break; sleep 0.1; done
-    "$PY" -m tests.buildahead update-engine /run/dbus/system_bus_socket $LOGS/ue.json \
+    # The stand-in's state on the guest's tmpfs: a file replaced on the 9p share was
+    # once read torn by the guest (NULs in the JSON: the share's cache, not our code).
+    cp $LOGS/ue.json $LOGS/staged.json /run/
+    "$PY" -m tests.buildahead update-engine /run/dbus/system_bus_socket /run/ue.json \
         >$LOGS/ue.out 2>$LOGS/update-engine.log &
     for i in $(seq 600); do grep -q ready $LOGS/ue.out && break; sleep 0.1; done
     say update_engine "$(cat $LOGS/ue.out)"
@@ -46,7 +49,7 @@ def test_init_builds_ahead_for_a_staged_update_at_low_priority_and_stops_it_firs
     wait_ready; say ready_rc $?
     wait_for '[ "$(cat $LOGS/ue.calls 2>/dev/null || echo 0)" -ge 2 ]' 30; say asked_rc $?
     say children_idle "$(cat $LOGS/children.jsonl 2>/dev/null | wc -l)"
-    mv $LOGS/staged.json $LOGS/ue.json
+    mv /run/staged.json /run/ue.json
     wait_for '[ -s $LOGS/children.jsonl ]' 30; say child_rc $?
     pid=$(sed -n 's/^{{"pid": \([0-9]*\),.*/\1/p' $LOGS/children.jsonl | head -n 1)
     say child_nice "$(awk '{{print $19}}' /proc/$pid/stat)"
