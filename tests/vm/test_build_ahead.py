@@ -47,7 +47,7 @@ def test_init_builds_ahead_for_a_staged_update_at_low_priority_and_stops_it_firs
         "NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND=$PY -m tests.buildahead child" \
         BUILD_AHEAD_TEST_RECORD=$LOGS/children.jsonl BUILD_AHEAD_TEST_CHILD=sleep
     wait_ready; say ready_rc $?
-    wait_for '[ "$(cat $LOGS/ue.calls 2>/dev/null || echo 0)" -ge 2 ]' 30; say asked_rc $?
+    wait_for '[ "$(cat /run/ue.calls 2>/dev/null || echo 0)" -ge 2 ]' 30; say asked_rc $?
     say children_idle "$(cat $LOGS/children.jsonl 2>/dev/null | wc -l)"
     mv /run/staged.json /run/ue.json
     wait_for '[ -s $LOGS/children.jsonl ]' 30; say child_rc $?
