@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import ctypes
 import errno
 import hashlib
 import os
@@ -168,3 +169,23 @@ def test_stamp_of_another_size_is_not_trusted(tmp_path: Path) -> None:
 def test_retry_delay_grows_exponentially_up_to_a_cap() -> None:
     policy = RetryPolicy(initial_delay=1, max_delay=5)
     assert [policy.delay(n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+
+
+def test_start_writeback_reaches_the_kernel_and_keeps_the_content(tmp_path: Path) -> None:
+    """The writeback started while dd writes is the kernel's sync_file_range: it accepts
+    the call for the image (0) and refuses a closed descriptor (EBADF), so the binding's
+    arguments arrive as the system call's; what dd wrote is unchanged by it."""
+    assert fetch._START_WRITEBACK is not None, "the C library has no sync_file_range"
+    content = os.urandom(1 << 20) + bytes(1 << 20)
+    path = tmp_path / "image"
+    with path.open("wb") as out, fetch.sparse_writer(out.fileno()) as writer:
+        writer.write(content)
+        assert fetch._START_WRITEBACK(out.fileno()) == 0
+        writer.start_writeback()
+        writer.finish()
+    assert path.read_bytes() == content
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)
+    assert fetch._START_WRITEBACK(write_end) == -1
+    assert ctypes.get_errno() == errno.EBADF

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import errno
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -55,6 +56,9 @@ PARTIAL_PREFIX = ".partial-"
 SPARSE_BLOCK = 64 << 10
 # The most the stdlib decompressor hands dd at once.
 WRITE_BATCH = 1 << 20
+# How much of the download (compressed) between two starts of the image's writeback.
+WRITEBACK_EVERY = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2
 SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
 
 
@@ -215,6 +219,17 @@ class SparseWriter:
         if status != 0:
             raise _write_error(status, self._dd.stderr())
 
+    def start_writeback(self) -> None:
+        """Start writing what dd has written so far to the disk, without waiting for it.
+
+        The image's gigabytes would otherwise wait in the page cache for the final
+        fsync, which then costs seconds after the decode; started as the decode goes,
+        the writeback overlaps it (measured: bench/fetch.py). Advisory: an error shows
+        in the final fsync, which still flushes everything.
+        """
+        if _START_WRITEBACK is not None:
+            _START_WRITEBACK(self._out)
+
     def finish(self) -> int:
         """Wait for dd, flush the file to disk; returns the image's size.
 
@@ -224,6 +239,21 @@ class SparseWriter:
         self.check()
         os.fsync(self._out)
         return os.fstat(self._out).st_size
+
+
+def _sync_file_range() -> Callable[[int], int] | None:
+    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) of the C library, if it has one."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return lambda fd: int(call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE))
+
+
+_START_WRITEBACK = _sync_file_range()
 
 
 @contextlib.contextmanager
@@ -430,11 +460,15 @@ def _download_once(
             )
             hasher = hashlib.sha512()
             progress = Progress(label)
+            written_back = 0
             for chunk in download:
                 hasher.update(chunk)
                 if verifier is not None:
                     verifier.update(chunk)
                 dec.feed(chunk)
+                if download.done - written_back >= WRITEBACK_EVERY:
+                    sink.start_writeback()
+                    written_back = download.done
                 progress.total = download.total
                 progress.update(download.done)
             progress.update(download.done, force=True)
