@@ -716,14 +716,13 @@ def engine_disk(eng: Engine, committed: list[CommittedImage], names: list[str], 
         mnt.mkdir()
         subprocess.run(["mount", "-o", "loop", disk, mnt], check=True)
         stack.callback(lambda: subprocess.run(["umount", "-d", mnt], check=True))
-        saved = tmp / "saved.tar"
+        tars = [image.tar for image in committed]
         if names:
-            eng.docker("save", "--output", saved, *names)
+            tars.append(tmp / "saved.tar")
+            eng.docker("save", "--output", tars[-1], *names)
         with engine(data_root=mnt) as filler:
-            for image in committed:
-                filler.docker("load", "--input", image.tar)
-            if names:
-                filler.docker("load", "--input", saved)
+            for tar in tars:
+                filler.docker("load", "--input", tar)
 
 
 @pytest.fixture(scope="session")

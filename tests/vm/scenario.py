@@ -90,8 +90,12 @@ def scenario(
         shares={**driver.shares, str(logs): logs},
         timeout=timeout,
     )
-    facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line[:40])
-    return facts, explain_run(result, logs)
+    return facts_of(result.stdout), explain_run(result, logs)
+
+
+def facts_of(text: str) -> dict[str, str]:
+    """The KEY=VALUE lines (`say`) of a scenario's output."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line[:40])
 
 
 def explain_run(result: GuestResult, logs: Path) -> str:

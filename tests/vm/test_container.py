@@ -26,7 +26,7 @@ from tests.integration.conftest_mirror import Mirrors
 
 from .conftest import Guest
 from .guest import PROJECT, GuestResult
-from .scenario import explain_run
+from .scenario import explain_run, facts_of
 from .serve_mirror import mirror_json
 
 LIFECYCLE = Path(__file__).with_name("lifecycle.sh")
@@ -168,8 +168,7 @@ class Node:
 
     def facts(self, name: str) -> dict[str, str]:
         path = self.logs / name / "facts"
-        text = path.read_text() if path.is_file() else ""
-        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line[:40])
+        return facts_of(path.read_text() if path.is_file() else "")
 
     def explain(self, name: str) -> str:
         scenario = explain_run(self.result, self.logs / name)
@@ -197,8 +196,11 @@ def node(
     engine_disk(docker_engine, list(committed.values()), [uncommitted], disk)
     (logs / "build").mkdir()
     (logs / "build" / "mirror.json").write_text(mirror_json(mirror))
-    images = {"standin": committed["standin"].name, "real": committed["real"].name}
-    images["build"] = uncommitted
+    images = {
+        "standin": committed["standin"].name,
+        "real": committed["real"].name,
+        "build": uncommitted,
+    }
     script = logs / "node.sh"
     script.write_text(
         NODE_SCRIPT
@@ -209,24 +211,26 @@ def node(
             "runs": "\n".join(f"scenario {n} {images[n]}" for n in SCENARIOS),
         }
     )
-    result = Guest(guest_kernel)(
-        ["bash", str(script)],
-        env={
-            "LOGS": str(logs),
-            "PY": sys.executable,
-            "PROJECT": str(PROJECT),
-            "LIFECYCLE": str(LIFECYCLE),
-            "ENGINE": str(ENGINE),
-            "DOCKER_DISK": "/dev/vda",
-        },
-        shares={str(logs): logs},
-        timeout=3000,
-        memory_mb=GUEST_MEMORY_MB,
-        disks=(disk,),
-    )
-    disk.unlink()
+    try:
+        result = Guest(guest_kernel)(
+            ["bash", str(script)],
+            env={
+                "LOGS": str(logs),
+                "PY": sys.executable,
+                "PROJECT": str(PROJECT),
+                "LIFECYCLE": str(LIFECYCLE),
+                "ENGINE": str(ENGINE),
+                "DOCKER_DISK": "/dev/vda",
+            },
+            shares={str(logs): logs},
+            timeout=3000,
+            memory_mb=GUEST_MEMORY_MB,
+            disks=(disk,),
+        )
+    finally:
+        disk.unlink()  # gigabytes: not left for pytest's tmp rotation
     node = Node(result, logs)
-    timings = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    timings = facts_of(result.stdout)
     for name in SCENARIOS:
         timings.update({f"{name}.{k}": v for k, v in node.facts(name).items() if k.endswith("_s")})
     print(timings)

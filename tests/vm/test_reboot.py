@@ -16,7 +16,7 @@ from tests.flatcar_mirror import FleetMirror
 
 from .conftest import Guest, require_guest
 from .reboot import FUNCTIONS, build_ahead
-from .scenario import explain_run
+from .scenario import explain_run, facts_of
 
 BODY = r"""
 boot_to_ready boot
@@ -45,7 +45,7 @@ def test_after_the_reboot_the_package_built_ahead_is_used_without_a_compile(
         shares={str(tmp_path): tmp_path},
         timeout=600,
     )
-    facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line[:40])
+    facts = facts_of(result.stdout)
     explain = explain_run(result, logs)
     print({k: v for k, v in facts.items() if k.endswith("_s")})
     assert facts.get("boot_ready_rc") == "0", explain

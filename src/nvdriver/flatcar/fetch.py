@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -227,8 +228,9 @@ class SparseWriter:
         the writeback overlaps it (measured: bench/fetch.py). Advisory: an error shows
         in the final fsync, which still flushes everything.
         """
-        if _START_WRITEBACK is not None:
-            _START_WRITEBACK(self._out)
+        start = sync_file_range()
+        if start is not None:
+            start(self._out)
 
     def finish(self) -> int:
         """Wait for dd, flush the file to disk; returns the image's size.
@@ -241,8 +243,10 @@ class SparseWriter:
         return os.fstat(self._out).st_size
 
 
-def _sync_file_range() -> Callable[[int], int] | None:
-    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) of the C library, if it has one."""
+@functools.cache
+def sync_file_range() -> Callable[[int], int] | None:
+    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) of the C library, if it has one
+    (looked up at the first fetch, not when the CLI starts)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.sync_file_range
@@ -251,9 +255,6 @@ def _sync_file_range() -> Callable[[int], int] | None:
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
     return lambda fd: int(call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE))
-
-
-_START_WRITEBACK = _sync_file_range()
 
 
 @contextlib.contextmanager
