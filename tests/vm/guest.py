@@ -338,6 +338,29 @@ def _share_list(shares: dict[str, Path]) -> Iterator[tuple[str, Path, str]]:
         yield f"share{i}", Path(host_dir), guest_path
 
 
+# The guest's kernel patches its own code when a static key flips (text_poke_bp: an int3
+# at each site while it patches). Under TCG with two vCPUs, a vCPU can still run the int3
+# after the patch is done, and the kernel dies of "Oops: int3". A CI guest on 6.12 did,
+# in kmem_cache_alloc_noprof at a site of memcg_kmem_online_key, which dockerd's first
+# memory cgroup enables. So the keys that the tests would flip while both vCPUs run are
+# left alone or flipped at boot, while one CPU runs (seen: a guest's jump-label sites
+# read from /proc/kcore before and after the container scenarios):
+# - cgroup.memory=nokmem,nosocket,nobpf and cgroup_disable=cpuset: each container's
+#   cgroup would flip memcg_kmem_online_key, memcg_sockets_enabled_key,
+#   memcg_bpf_enabled_key and cpusets_enabled_key (the page allocator's). No test needs
+#   kernel memory accounted to cgroups or a cpuset; dockerd runs without that controller.
+# - trace_event=...: the events tests/vm/engine.sh `start_trace` reads are enabled at boot
+#   (their keys, and sched_switch's for the command-line record); it only clears the
+#   buffer.
+KERNEL_COMMAND_LINE = " ".join(
+    (
+        "console=ttyS0 panic=-1 rdinit=/init",
+        "cgroup.memory=nokmem,nosocket,nobpf cgroup_disable=cpuset",
+        "trace_event=sched:sched_process_exec,module:module_load",
+    )
+)
+
+
 def run_in_guest(
     argv: list[str],
     *,
@@ -399,7 +422,7 @@ def run_in_guest(
             "-serial", f"file:{console}",
             "-kernel", str(vmlinuz),
             "-initrd", str(initramfs),
-            "-append", "console=ttyS0 panic=-1 rdinit=/init",
+            "-append", KERNEL_COMMAND_LINE,
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
             "-virtfs",
