@@ -14,16 +14,15 @@ from typing import Any
 
 import pytest
 
-from tests.container import committed_images, docker_engine
+from tests.container import CommittedImages, EngineError, committed_images, docker_engine
 from tests.integration.conftest_mirror import (
-    Mirrors,
     flatcar_mirror,
     flatcar_mirror_server,
     fleet_mirror,
     mirrors,
 )
 from tests.kernels import header_kernels, kernel_pairs, kernels_under_test, missing_ci_series
-from tests.real_build import RealBuild, RealBuildFailed, build_real_535
+from tests.real_build import RealBuild, RealBuildFailed
 
 __all__ = [
     "committed_images",
@@ -125,18 +124,30 @@ def unpack_debian_source(flavour: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_builds(mirrors: Mirrors) -> Callable[[str], RealBuild]:
-    """`real_builds(K)`: the real 535 driver built for kernel K, once (tests/real_build.py);
-    a failed build fails every test that needs it without being tried again."""
+def real_builds(committed_images: CommittedImages) -> Callable[[str], RealBuild]:
+    """`real_builds(K)`: the real 535 driver built for kernel K the way a node builds it,
+    `update --kernel K` in a container of the image, in the Flatcar developer container
+    of the local mirror for K. That is the update the committed real image is made of
+    (tests/container.py), so it is built once and both take it. A failed build fails
+    every test that needs it without being tried again."""
     built: dict[str, RealBuild | RealBuildFailed] = {}
 
     def get(kernel: str) -> RealBuild:
         if kernel not in built:
             source = unpack_debian_source("proprietary")
             try:
-                built[kernel] = build_real_535(kernel, mirrors(kernel), source, CACHE)
-            except RealBuildFailed as e:
-                built[kernel] = e
+                image = committed_images(kernel, "real")
+            except EngineError as e:
+                built[kernel] = RealBuildFailed(f"the committed real image for {kernel}: {e}")
+            else:
+                built[kernel] = RealBuild(
+                    kernel,
+                    source,
+                    image.built / "precompiled",
+                    image.built / "cache",
+                    image.built_package,
+                    image.log,
+                )
         result = built[kernel]
         if isinstance(result, RealBuildFailed):
             raise result

@@ -46,11 +46,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import pytest
 
+from nvdriver.driver import package as pkg
+from nvdriver.driver.toolchain import toolchain_dir
 from tests.flatcar_mirror import (
     FlatcarMirror,
     MirrorServer,
@@ -104,7 +106,10 @@ class CommittedImage:
     is in the shared cache: read it, never change it). `name` is the repository:tag the
     tar carries. Its entrypoint is `nvidia-driver init` with no command; its image store
     (PRECOMPILED_DIR, under NVIDIA_DRIVER_SOURCE) holds the package `update` made for
-    `kernel`, at `package` (a path inside the image).
+    `kernel`, at `package` (a path inside the image). `built` is a copy on this machine
+    of what that update made: `precompiled/KERNEL/PACKAGE` and, under `cache`, the linker
+    it saved from the developer container (read them, never change them); `log` is the
+    update's stderr.
     """
 
     tar: Path
@@ -113,6 +118,12 @@ class CommittedImage:
     variant: Variant
     driver_version: str
     package: str
+    built: Path
+    log: str
+
+    @property
+    def built_package(self) -> Path:
+        return self.built / "precompiled" / self.kernel / PurePosixPath(self.package).name
 
 
 class Engine:
@@ -643,10 +654,11 @@ def committed_image(
         mirror.root.parent.name,
     )
     stem = CACHE / f"committed-{variant}-{_tag(kernel)}-{key}"
-    tar, meta = (stem.with_name(f"{stem.name}{suffix}") for suffix in (".tar", ".json"))
+    tar, meta, built = (stem.with_name(f"{stem.name}{s}") for s in (".tar", ".json", ".built"))
     name = f"nvidia-driver:{variant}-{_tag(kernel)}"
     with _locked(stem.with_name(f"{stem.name}.lock")):
-        if not (tar.is_file() and meta.is_file()):
+        # The metadata is written last: with it, the tar and the copy are complete.
+        if not meta.is_file():
             eng = get_engine()
             timings: dict[str, float] = {}
             started = time.monotonic()
@@ -669,6 +681,7 @@ def committed_image(
                     updated.name,
                     name,
                 )
+                _copy_out(eng, updated, kernel, developer_cache(mirror), built)
             tmp = tar.with_name(f".tmp-{tar.name}-{os.getpid()}")
             try:
                 eng.docker("save", "--output", tmp, name)
@@ -682,6 +695,7 @@ def committed_image(
                 "driver_version": VERSIONS[variant],
                 "timings": timings,
                 "bytes": tar.stat().st_size,
+                "log": updated.result.stderr,
             }
             meta.write_text(json.dumps(info, indent=1) + "\n")
             log.warning("committed image %s: %s", name, info)
@@ -693,7 +707,20 @@ def committed_image(
         variant=variant,
         driver_version=info["driver_version"],
         package=info["package"],
+        built=built,
+        log=info["log"],
     )
+
+
+def _copy_out(eng: Engine, updated: Updated, kernel: str, cache: Path, dest: Path) -> None:
+    """Copy the package `updated` made (`docker cp` from its container) and the linker it
+    saved in `cache` (its NVIDIA_DRIVER_CACHE mount) to `dest`, the image's `built`."""
+    shutil.rmtree(dest, ignore_errors=True)
+    store = dest / "precompiled" / kernel
+    store.mkdir(parents=True)
+    eng.docker("cp", f"{updated.name}:{updated.package}", f"{store}/")
+    linker = pkg.verify(store / PurePosixPath(updated.package).name).linker
+    shutil.copytree(toolchain_dir(cache, linker), toolchain_dir(dest / "cache", linker))
 
 
 CommittedImages = Callable[[str, Variant], CommittedImage]

@@ -1,18 +1,19 @@
-"""The real NVIDIA 535 proprietary driver, built ONCE per kernel and shared.
+"""The real NVIDIA 535 proprietary driver built for a kernel: what the slow tests take.
 
-Three slow tests need the real driver built for a kernel: the build in the
-developer container (tests/integration/test_real_driver.py), its link on the node
-(same file) and its load in a guest that has no GPU (tests/vm/test_lifecycle.py).
-Each building it costs minutes on a small CI machine, times two kernel series; so
-it is built once, the way a node builds it: `nvidia-driver update --kernel K` in
-the Flatcar developer container of the local mirror for K (tests/flatcar_mirror.py),
-and every test takes that one result.
+Three slow tests need it: the build in the developer container
+(tests/integration/test_real_driver.py), its link on the node (same file) and its load
+in a guest that has no GPU (tests/vm/test_lifecycle.py). The tests take it from the
+update that the committed real image is made of (tests/conftest.py `real_builds`):
+`update --kernel K` in a container of the image, as a node runs it, built once per
+kernel for both.
 
-The result is kept under ~/.cache/nvidia-driver-tests/real-535-<key>, where the
-key is every input of the build: the Debian source tarball, the mirror (its
-developer root holds K's headers and the toolchain) and the product's own code
-(every file of the installed `nvdriver` package). A changed input builds anew; a
-fresh machine (CI) always builds, once per kernel.
+`build_real_535` builds it on this machine instead, `nvidia-driver update --kernel K`
+with HOST_ROOT, in the Flatcar developer container of the local mirror for K, for the
+benchmarks (bench/), which run without a container engine. Its result is kept under
+~/.cache/nvidia-driver-tests/real-535-<key>, where the key is every input of the
+build: the Debian source tarball, the mirror (its developer root holds K's headers and
+the toolchain) and the product's own code (every file of the installed `nvdriver`
+package). A changed input builds anew.
 """
 
 from __future__ import annotations
