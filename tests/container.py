@@ -699,6 +699,7 @@ def committed_image(
             }
             meta.write_text(json.dumps(info, indent=1) + "\n")
             log.warning("committed image %s: %s", name, info)
+            _prune(stem)
     info = json.loads(meta.read_text())
     return CommittedImage(
         tar=tar,
@@ -710,6 +711,18 @@ def committed_image(
         built=built,
         log=info["log"],
     )
+
+
+def _prune(stem: Path) -> None:
+    """Remove the cached committed images of the same variant and kernel made from other
+    inputs (an older program): each is about a GB, and this machine's cache is kept."""
+    prefix, key = stem.name.rsplit("-", 1)
+    same = re.compile(rf"{re.escape(prefix)}-([0-9a-f]{{{len(key)}}})\.(tar|json|built)")
+    for other in stem.parent.iterdir():
+        match = same.fullmatch(other.name)
+        if match and match[1] != key:
+            log.warning("removing the stale committed image %s", other)
+            shutil.rmtree(other) if other.is_dir() else other.unlink()
 
 
 def _copy_out(eng: Engine, updated: Updated, kernel: str, cache: Path, dest: Path) -> None:
