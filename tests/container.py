@@ -62,6 +62,7 @@ from tests.flatcar_mirror import (
     host_suite,
     serve_mirror,
 )
+from tests.leftovers import ours
 from tests.real_build import product_digest
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,12 @@ class CommittedImage:
 
     @property
     def built_package(self) -> Path:
-        return self.built / "precompiled" / self.kernel / PurePosixPath(self.package).name
+        return _built_package(self.built, self.kernel, self.package)
+
+
+def _built_package(built: Path, kernel: str, package: str) -> Path:
+    """Where the copy of the update's package lies: the store layout, KERNEL/PACKAGE."""
+    return built / "precompiled" / kernel / PurePosixPath(package).name
 
 
 class Engine:
@@ -671,6 +677,9 @@ def committed_image(
                 timings["update"] = updated.seconds
                 if updated.result.returncode != 0 or not updated.package:
                     raise EngineError(updated.explain())
+                left = _left_behind(developer_cache(mirror))
+                if left:
+                    raise EngineError(f"update left behind {left}:\n{updated.explain()}")
                 started = time.monotonic()
                 eng.docker(
                     "commit",
@@ -713,6 +722,14 @@ def committed_image(
     )
 
 
+def _left_behind(cache: Path) -> list[str]:
+    """What an update with `cache` mounted at CACHE_MOUNT left on this machine: loop devices
+    or mounts of the cache, entries of its work directory."""
+    found = ours(cache, f"{CACHE_MOUNT}/")
+    work = cache / "work"
+    return [*found["loops"], *found["mounts"], *map(str, work.iterdir() if work.is_dir() else ())]
+
+
 def _prune(stem: Path) -> None:
     """Remove the cached committed images of the same variant and kernel made from other
     inputs (an older program): each is about a GB, and this machine's cache is kept."""
@@ -729,10 +746,10 @@ def _copy_out(eng: Engine, updated: Updated, kernel: str, cache: Path, dest: Pat
     """Copy the package `updated` made (`docker cp` from its container) and the linker it
     saved in `cache` (its NVIDIA_DRIVER_CACHE mount) to `dest`, the image's `built`."""
     shutil.rmtree(dest, ignore_errors=True)
-    store = dest / "precompiled" / kernel
-    store.mkdir(parents=True)
-    eng.docker("cp", f"{updated.name}:{updated.package}", f"{store}/")
-    linker = pkg.verify(store / PurePosixPath(updated.package).name).linker
+    package = _built_package(dest, kernel, updated.package)
+    package.parent.mkdir(parents=True)
+    eng.docker("cp", f"{updated.name}:{updated.package}", package)
+    linker = pkg.verify(package).linker
     shutil.copytree(toolchain_dir(cache, linker), toolchain_dir(dest / "cache", linker))
 
 

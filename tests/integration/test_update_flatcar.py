@@ -9,7 +9,6 @@ overlay), builds in it with chroot and packs. Nothing is mocked.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,33 +27,10 @@ from tests.flatcar_mirror import (
     make_wrong_key_variant,
     serve_mirror,
 )
+from tests.leftovers import ours
 from tests.standin.tree import make_standin_source
 
 VERSION = "535.999.01"
-
-
-def ours(work: Path) -> dict[str, list[str]]:
-    """Loop devices and mounts that lie under (or are backed by files under) `work`."""
-    loops = json.loads(
-        subprocess.run(["losetup", "--json"], capture_output=True, text=True, check=True).stdout
-        or "{}"
-    )
-    mounts = json.loads(
-        subprocess.run(
-            ["findmnt", "--json", "--list", "-o", "TARGET"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    return {
-        "loops": [
-            d["name"]
-            for d in loops.get("loopdevices", [])
-            if str(d.get("back-file") or "").startswith(str(work))
-        ],
-        "mounts": [m["target"] for m in mounts["filesystems"] if m["target"].startswith(str(work))],
-    }
 
 
 @pytest.fixture(scope="module")
