@@ -44,7 +44,6 @@ from nvdriver.config import Config
 from nvdriver.driver.link import link_command
 from nvdriver.driver.package import read_manifest
 from nvdriver.driver.source import MODULE_ORDER, DriverSource
-from nvdriver.driver.toolchain import linker_for
 from nvdriver.kmod.loading import PREREQUISITES
 from tests.conftest import CACHE, standin_env, unpack_debian_source
 from tests.flatcar_mirror import build_mirror
@@ -68,9 +67,14 @@ def floor_script(package: Path, source: Path, cache: Path, *, stop_at_nvidia: bo
     flavour_dir = DriverSource.from_config(
         Config.from_env({"NVIDIA_DRIVER_SOURCE": str(source)})
     ).flavour_dir(manifest.flavour)
-    ld = linker_for(cache, manifest.linker).argv
     w = Path(FLOOR_DIR)
     lines = [f"rm -rf {w} && mkdir -p {w}", shlex.join(["tar", "-xzf", str(package), "-C", str(w)])]
+    ld: Sequence[str] = ["ld"]
+    if manifest.linker_files is not None:  # the linker the package carries, as the node's
+        loader = w / manifest.linker_files["loader"]
+        lines.append(shlex.join(["chmod", "+x", str(loader)]))
+        ld = [str(loader), "--library-path", str(loader.parent)]
+        ld.append(str(w / manifest.linker_files["program"]))
     built: dict[str, Path] = {}
     for entry in manifest.modules:
         if entry.name not in BASE_MODULES:

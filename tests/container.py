@@ -52,7 +52,6 @@ from typing import Literal
 import pytest
 
 from nvdriver.driver import package as pkg
-from nvdriver.driver.toolchain import toolchain_dir
 from tests.flatcar_mirror import (
     FlatcarMirror,
     MirrorServer,
@@ -690,7 +689,7 @@ def committed_image(
                     updated.name,
                     name,
                 )
-                _copy_out(eng, updated, kernel, developer_cache(mirror), built)
+                _copy_out(eng, updated, kernel, built)
             tmp = tar.with_name(f".tmp-{tar.name}-{os.getpid()}")
             try:
                 eng.docker("save", "--output", tmp, name)
@@ -742,15 +741,16 @@ def _prune(stem: Path) -> None:
             shutil.rmtree(other) if other.is_dir() else other.unlink()
 
 
-def _copy_out(eng: Engine, updated: Updated, kernel: str, cache: Path, dest: Path) -> None:
-    """Copy the package `updated` made (`docker cp` from its container) and the linker it
-    saved in `cache` (its NVIDIA_DRIVER_CACHE mount) to `dest`, the image's `built`."""
+def _copy_out(eng: Engine, updated: Updated, kernel: str, dest: Path) -> None:
+    """Copy the package `updated` made (`docker cp` from its container; it carries its
+    linker) to `dest`, the image's `built`, beside an empty NVIDIA_DRIVER_CACHE: what a
+    second node has that never built anything."""
     shutil.rmtree(dest, ignore_errors=True)
     package = _built_package(dest, kernel, updated.package)
     package.parent.mkdir(parents=True)
     eng.docker("cp", f"{updated.name}:{updated.package}", package)
-    linker = pkg.verify(package).linker
-    shutil.copytree(toolchain_dir(cache, linker), toolchain_dir(dest / "cache", linker))
+    pkg.verify(package)
+    (dest / "cache").mkdir()
 
 
 CommittedImages = Callable[[str, Variant], CommittedImage]

@@ -59,7 +59,7 @@ from tests.kernels import header_kernels, kernels_under_test
 
 log = logging.getLogger(__name__)
 
-SCRIPT_VERSION = 1  # bump to invalidate every cache entry
+SCRIPT_VERSION = 3  # bump to invalidate every cache entry
 
 DEFAULT_VERSION = "4152.2.3"
 DEFAULT_BOARD = "amd64-usr"
@@ -518,12 +518,135 @@ def _build_devroot(
         f"FLATCAR_RELEASE_VERSION={version}\nFLATCAR_RELEASE_BOARD={board}\n"
         "FLATCAR_RELEASE_APPID={e96281a6-d1af-4bde-9a0a-97b76e56dc57}\n"
     )
+    flatcar_tree_layout(rootfs, kernel_release)
+    second_build(rootfs, kernel_release)
+
+
+# The UTS_VERSION of the developer container's kernel tree: Flatcar builds the tree it ships
+# (coreos-modules: `kmake vmlinux modules`, installed by install-extmod-build) apart from
+# the kernel it boots (coreos-kernel: a fresh `kmake bzImage` from the same .config) and
+# does not fix KBUILD_BUILD_TIMESTAMP, so the booted /proc/version names another build
+# time than the tree (FACTS, "A kernel's /proc/version without running it"). The guest
+# boots Debian's kernel, whose UTS_VERSION this never equals; release, vermagic and CRCs
+# stay the booted kernel's.
+TREE_UTS_VERSION = "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 09:12:34 -00 2026"
+# The symbol whose CRC the "another ABI" developer container changes: every NVIDIA
+# module (the real ones and the stand-in) imports it, and so do the host's own modules.
+ANOTHER_ABI_SYMBOL = "_printk"
+ANOTHER_ABI_XOR = 0x5A5A5A5A
+
+
+def _inside(rootfs: Path, link: Path) -> Path:
+    """Where the link `link` (a path under `rootfs`) points, as seen inside the root."""
+    target = os.readlink(link)
+    if os.path.isabs(target):
+        return rootfs / target.lstrip("/")
+    return Path(os.path.normpath(link.parent / target))
+
+
+def module_dir(rootfs: Path, kernel_release: str) -> Path:
+    """/usr/lib/modules/KERNEL of a developer root (Debian's /lib is a link to usr/lib)."""
+    return rootfs / "usr" / "lib" / "modules" / kernel_release
+
+
+def flatcar_tree_layout(rootfs: Path, kernel_release: str) -> None:
+    """Turn Debian's split headers into Flatcar's kernel tree: /usr/lib/modules/K/build one
+    real directory, as scripts/package/install-extmod-build writes it (the source files a
+    module build needs, the generated headers, .config, Module.symvers and the host
+    programs of scripts/ in one place), and `source -> build`. Debian's layout (an
+    `-amd64` output dir of generated files whose Makefile includes the `-common` source
+    dir, both reached by absolute links, scripts/ from linux-kbuild) is removed."""
+    moddir = module_dir(rootfs, kernel_release)
+    output, source = _inside(rootfs, moddir / "build"), _inside(rootfs, moddir / "source")
+    merged = moddir / ".build-merged"
+    _run(["cp", "-a", f"{source}/.", merged])
+    kbuild = set()
+    for name in ("scripts", "tools"):  # links into Debian's linux-kbuild package
+        link = merged / name
+        if link.is_symlink():
+            target = _inside(rootfs, source / name)
+            kbuild.add(target.parent)
+            link.unlink()
+            _run(["cp", "-a", target, link])
+    for entry in sorted(output.iterdir()):
+        if entry.name in ("Makefile", "scripts", "tools"):
+            continue  # the output dir's Makefile only includes the source dir's
+        _run(["cp", "-a", entry, merged])
+    (moddir / "build").unlink()
+    (moddir / "source").unlink()
+    merged.rename(moddir / "build")
+    (moddir / "source").symlink_to("build")
+    for gone in (output, source, *kbuild):
+        shutil.rmtree(gone)
+    for link in (rootfs / "usr" / "src").glob("linux-kbuild-*"):  # Debian's links to it
+        link.unlink()
+
+
+def second_build(rootfs: Path, kernel_release: str) -> None:
+    """Give the tree another build's UTS_VERSION (TREE_UTS_VERSION): utsversion.h on trees
+    that have it (6.1 keeps it in compile.h)."""
+    generated = module_dir(rootfs, kernel_release) / "build" / "include" / "generated"
+    pattern = re.compile(r'^(#define\s+UTS_VERSION\s+)"[^"]*"', re.MULTILINE)
+    changed = 0
+    for name in ("utsversion.h", "compile.h"):
+        header = generated / name
+        if header.is_file():
+            text, n = pattern.subn(rf'\g<1>"{TREE_UTS_VERSION}"', header.read_text())
+            header.write_text(text)
+            changed += n
+    if changed != 1:
+        raise MirrorBuildError(f"{generated}: {changed} UTS_VERSION definitions, expected 1")
+
+
+def another_abi(rootfs: Path, kernel_release: str) -> None:
+    """Change the CRC of ANOTHER_ABI_SYMBOL in the tree's Module.symvers, as a rebuild of
+    the same kernel version with another configuration changes it: modules built there
+    record that CRC, and the booted kernel refuses them ("disagrees about version of
+    symbol"). The file is written anew (the root is a hard-linked copy)."""
+    symvers = module_dir(rootfs, kernel_release) / "build" / "Module.symvers"
+    lines = symvers.read_text().splitlines(keepends=True)
+    changed = 0
+    for i, line in enumerate(lines):
+        fields = line.split("\t")
+        if len(fields) > 1 and fields[1] == ANOTHER_ABI_SYMBOL:
+            fields[0] = f"0x{int(fields[0], 16) ^ ANOTHER_ABI_XOR:08x}"
+            lines[i] = "\t".join(fields)
+            changed += 1
+    if changed != 1:
+        raise MirrorBuildError(f"{symvers}: {ANOTHER_ABI_SYMBOL} found {changed} times")
+    symvers.unlink()
+    symvers.write_text("".join(lines))
 
 
 def ensure_devroot(
-    kernel_release: str, *, version: str = DEFAULT_VERSION, board: str = DEFAULT_BOARD
+    kernel_release: str,
+    *,
+    version: str = DEFAULT_VERSION,
+    board: str = DEFAULT_BOARD,
+    abi: str = "booted",
 ) -> tuple[Path, str]:
-    """The cached developer root for a kernel release: (path, cache key)."""
+    """The cached developer root for a kernel release: (path, cache key).
+
+    `abi`: "booted", the tree of the booted kernel's ABI (another build of it, as every
+    Flatcar developer container's); "another", the same release with another CRC of one
+    imported symbol (`another_abi`), a hard-linked copy of the first.
+    """
+    if abi == "another":
+        base, base_key = ensure_devroot(kernel_release, version=version, board=board)
+        key = _hash({"script": SCRIPT_VERSION, "base": base_key, "abi": abi})
+        final = cache_base() / "roots" / key
+        with _locked(cache_base() / "roots" / f"{key}.lock"):
+            if not (final / "complete").exists():
+
+                def derive(tmp: Path) -> None:
+                    _run(["cp", "-a", "--link", base, tmp / "rootfs"])
+                    another_abi(tmp / "rootfs", kernel_release)
+                    (tmp / "complete").write_text(abi + "\n")
+
+                _build_atomically(final, derive)
+        return final / "rootfs", key
+    if abi != "booted":
+        raise ValueError(f"unknown abi {abi!r}")
     _check_prerequisites()
     if not KERNEL_RE.match(kernel_release):
         raise ValueError(f"not a kernel release: {kernel_release!r}")
@@ -793,8 +916,13 @@ def build_mirror(
     image_size: int | None = None,
     older_version: str | None = None,
     content_bytes: int | None = None,
+    abi: str = "booted",
 ) -> FlatcarMirror:
     """Build (or take from the cache) the mirror of `version` for a kernel release.
+
+    Its developer container is Flatcar's kind (`flatcar_tree_layout`, `second_build`):
+    the kernel tree is another build than the booted kernel. `abi="another"`: the tree
+    has another CRC for a symbol the NVIDIA modules import (`ensure_devroot`).
 
     `image_size`: the disk size in bytes (a multiple of 512; default: the tree plus
     512 MiB free, rounded up to 258048 sectors). `older_version`: the other release
@@ -808,7 +936,7 @@ def build_mirror(
         raise ValueError(f"not a Flatcar version: {version!r}")
     older = older_version or default_older_version(version)
     channel = channel_of(version)
-    devroot, root_key = ensure_devroot(kernel_release, version=version, board=board)
+    devroot, root_key = ensure_devroot(kernel_release, version=version, board=board, abi=abi)
     key = _hash(
         {
             "script": SCRIPT_VERSION,

@@ -12,7 +12,10 @@ from nvdriver.driver.build import Artifact, BuildOutput
 from nvdriver.host import KernelIdentity
 
 KERNEL = KernelIdentity(
-    "6.1.0-99-amd64", "Linux version 6.1.0-99-amd64 (x@y) (gcc 12) #1 SMP Debian 6.1.1"
+    "6.1.0-99-amd64",
+    "Linux version 6.1.0-99-amd64 (x@y) (gcc 12) #1 SMP Debian 6.1.1",
+    "6.1.0-99-amd64 SMP preempt mod_unload modversions ",
+    (("__fentry__", 0xBDFB6DBB), ("_printk", 0x92997ED8)),
 )
 
 
@@ -40,14 +43,18 @@ def fake_build(tmp: Path, kernel: KernelIdentity = KERNEL, size: int = 4096) -> 
     )
 
 
-def hostile_package(path: Path, evil: tarfile.TarInfo, data: bytes = b"") -> None:
+def hostile_package(
+    path: Path, evil: tarfile.TarInfo, data: bytes = b"", *, format: int = 2
+) -> None:
     """A package whose manifest is valid but which carries `evil` as a member."""
     manifest = {
-        "format": 1,
+        "format": format,
         "driver_version": "535.261.03",
         "flavour": "open",
         "kernel_release": KERNEL.release,
         "kernel_version": KERNEL.version,
+        "kernel_vermagic": KERNEL.vermagic,
+        "kernel_symbols": {name: f"0x{crc:08x}" for name, crc in KERNEL.symbols},
         "compiler": "gcc",
         "linker": "ld",
         "modules": [],

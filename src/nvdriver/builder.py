@@ -20,7 +20,7 @@ from nvdriver.driver.build import BuildOutput, BuildRoot, build_modules
 from nvdriver.driver.package import Package, stores
 from nvdriver.driver.sign import check_key, sign_build
 from nvdriver.driver.source import DriverSource, Flavour
-from nvdriver.driver.toolchain import save_linker
+from nvdriver.driver.toolchain import collect_linker
 from nvdriver.errors import DriverError, UsageError
 from nvdriver.flatcar import image, release
 from nvdriver.host import KernelIdentity, KernelTree, resolve_in
@@ -168,7 +168,8 @@ def _from_kernel_tree(
             f"which is {identity.release}.",
             hint="Give the kernel tree of the kernel you ask for, or drop --kernel.",
         )
-    return _build(config, source, flavour, tree, work, BuildRoot())
+    output = _build(config, source, flavour, tree, work, BuildRoot())
+    return dataclasses.replace(output, linker_files=collect_linker(BuildRoot(), work / "linker"))
 
 
 def _in_developer_container(
@@ -201,9 +202,11 @@ def _in_developer_container(
         build_dir = resolve_in(root, Path(BUILD_DIR))
         build_dir.mkdir(parents=True)
         output = _build(config, source, flavour, tree, build_dir, build_root)
-        save_linker(build_root, config.cache_dir, output.linker)
         # Keep what the package needs: the overlay (and the build dir) vanish on unmount.
-        return _kept(output, work / "out")
+        kept = _kept(output, work / "out")
+        return dataclasses.replace(
+            kept, linker_files=collect_linker(build_root, work / "out" / "linker")
+        )
 
 
 def _kept(output: BuildOutput, dest: Path) -> BuildOutput:

@@ -59,6 +59,12 @@ class NoGpuError(DriverError):
     exit_code = ExitCode.NO_GPU
 
 
+class KernelAbiRefused(DriverError):
+    """The kernel refused a module for its ABI: a symbol's CRC ("disagrees about version
+    of symbol") or the vermagic ("version magic", ENOEXEC). The package was made on
+    another build of this kernel release; nothing was left loaded (exit 1)."""
+
+
 class Interrupted(BaseException):
     """A signal (SIGTERM, SIGINT, SIGHUP) arrived; `with` blocks unwind on the way out.
 

@@ -23,6 +23,7 @@ from nvdriver.config import Config
 from nvdriver.driver.package import IMAGE_STORE, Package, PackageStore
 from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity
+from nvdriver.kmod.abi import Fit
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def write_next(
         "channel": target.release.channel,
         "kernel": target.kernel,
         "kernel_release": kernel.release if kernel else None,
-        "kernel_version": kernel.version if kernel else None,
+        "kernel_abi": kernel.abi_digest if kernel else None,
         "checked": _now(),
         "source": source,
     }
@@ -81,17 +82,21 @@ def built_ahead(
     config: Config, target: release.NamedRelease, store: Path, driver_version: str, flavour: str
 ) -> Package | None:
     """The package a build ahead for `target` already made into `store` (the record names
-    its kernel, release and full version), so that the watcher's periodic `update --next`
-    and a staged build after it do not compile the same package again."""
+    its kernel release and ABI: the digest of its vermagic and CRCs), so that the watcher's
+    periodic `update --next` and a staged build after it do not compile the same package
+    again."""
     record = next_record(config)
     if record is None or record["version"] != target.release.version:
         return None
-    kernel_release, kernel_version = record.get("kernel_release"), record.get("kernel_version")
-    if not isinstance(kernel_release, str) or not isinstance(kernel_version, str):
+    kernel_release, abi = record.get("kernel_release"), record.get("kernel_abi")
+    if not isinstance(kernel_release, str) or not isinstance(abi, str):
         return None
-    return PackageStore(store).find(
-        KernelIdentity(kernel_release, kernel_version), driver_version, flavour, config.tag
-    )
+
+    def same_abi(kernel: KernelIdentity) -> Fit:
+        same = kernel.abi_digest == abi
+        return Fit(same, "the ABI of Flatcar's tree" + ("" if same else " differs"))
+
+    return PackageStore(store).find(kernel_release, driver_version, flavour, config.tag, same_abi)
 
 
 def next_record(config: Config) -> dict[str, Any] | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from nvdriver.config import Config
@@ -41,10 +43,29 @@ def read_optional(path: Path) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class KernelIdentity:
-    """A kernel as packages must match it: `uname -r` and the full `/proc/version` line."""
+    """A kernel as a package is made for it, by what the kernel checks at load: the release
+    (`uname -r`), the vermagic and the CRCs of the kernel symbols the package's modules
+    import (CONFIG_MODVERSIONS). `version`, the full `/proc/version` line, is information
+    only: Flatcar's kernel tree is another build than the kernel it boots, with another
+    build time in that line (docs/package.md, "Which package fits a kernel").
+
+    The running kernel's identity (`running`) has no vermagic or CRCs: they are evidence
+    read from the host's modules when a package is checked (kmod/abi.py).
+    """
 
     release: str
     version: str
+    vermagic: str | None = None
+    symbols: tuple[tuple[str, int], ...] = ()  # (name, CRC), sorted by name
+
+    def with_abi(self, vermagic: str | None, symbols: Mapping[str, int]) -> KernelIdentity:
+        return dataclasses.replace(self, vermagic=vermagic, symbols=tuple(sorted(symbols.items())))
+
+    @property
+    def abi_digest(self) -> str:
+        """The SHA-256 of the vermagic and every CRC: equal digests, equal kernel ABI."""
+        lines = [self.vermagic or "", *(f"{crc:08x} {name}" for name, crc in self.symbols)]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     @classmethod
     def running(cls, config: Config) -> KernelIdentity:

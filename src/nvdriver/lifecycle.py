@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ from nvdriver.driver import package as pkg
 from nvdriver.driver.flavour import FlavourChoice, choose_flavour
 from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, Flavour
-from nvdriver.driver.toolchain import linker_for
-from nvdriver.errors import DriverError, IntegrityError, Interrupted
+from nvdriver.errors import DriverError, IntegrityError, Interrupted, KernelAbiRefused
 from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading
+from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.firmware import set_firmware_path
 from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
 from nvdriver.kmod.params import read_params
@@ -105,27 +105,40 @@ def _choose(config: Config) -> tuple[DriverSource, FlavourChoice]:
 
 
 def _find_package(
-    config: Config, kernel: KernelIdentity, source: DriverSource, flavour: Flavour
+    config: Config,
+    running: RunningAbi,
+    source: DriverSource,
+    flavour: Flavour,
+    refused: Collection[Path] = (),
 ) -> Package:
-    """The package for the running kernel from the image's store, else the node's; built
-    into the node's store when neither has one (and a build is possible)."""
+    """The package that fits the running kernel (kmod/abi.py) from the image's store, else
+    the node's, else the registry; built into the node's store when none has one (and a
+    build is possible). Packages that do not fit are moved aside as stale; `refused` ones
+    (the kernel refused them in this run) are passed over."""
     version = source.version
     searched = pkg.stores(config)
     for store in searched:
-        found = store.find(kernel, version, flavour, config.tag)
+        found = store.find(
+            running.release, version, flavour, config.tag, running.fit, stale=True, refused=refused
+        )
         if found is not None:
-            log.info("Using the precompiled package %s from the %s's store", found.path, store.kind)
+            log.info(
+                "Using the precompiled package %s from the %s's store: %s",
+                found.path,
+                store.kind,
+                running.fit(found.manifest.kernel),
+            )
             return found
     where = " or ".join(str(s.root) for s in searched)
-    refused = None
+    refused_by_registry = None
     if config.registry is not None:
         try:
-            return _pull(config, kernel, version, flavour)
+            return _pull(config, running, version, flavour)
         except DriverError as e:
-            refused = e
+            refused_by_registry = e
     log.info(
         "No precompiled package for kernel %s (driver %s, %s) in %s; building one into %s",
-        kernel.release,
+        running.release,
         version,
         flavour,
         where + (f" or the registry {config.registry}" if config.registry else ""),
@@ -144,14 +157,15 @@ def _find_package(
     except DriverError as e:
         # A refused registry package that nothing could replace is the integrity failure
         # it was (exit 5): someone pushed a bad or untrusted package under this tag.
-        error = IntegrityError if isinstance(refused, IntegrityError) else DriverError
+        error = IntegrityError if isinstance(refused_by_registry, IntegrityError) else DriverError
         also = (
-            f" The registry {config.registry} had no usable package either: {refused.message}"
-            if refused is not None
+            f" The registry {config.registry} had no usable package either: "
+            f"{refused_by_registry.message}"
+            if refused_by_registry is not None
             else ""
         )
         raise error(
-            f"There is no precompiled package for kernel {kernel.release} (driver {version}, "
+            f"There is no precompiled package for kernel {running.release} (driver {version}, "
             f"{flavour}) in {where}, and building one failed: {e.message}{also}",
             hint=(f"{e.hint} " if e.hint else "")
             + "Or make the package with `nvidia-driver update` where the kernel tree or the "
@@ -159,20 +173,39 @@ def _find_package(
             "or NODE_PRECOMPILED_DIR"
             + (" or push it to the registry (update --push)." if config.registry else "."),
         ) from e
+    _check_built(running, package)
     if pushes:
         assert config.registry is not None
         _push_built(config, package, config.registry)
     return package
 
 
-def _pull(config: Config, kernel: KernelIdentity, version: str, flavour: Flavour) -> Package:
+def _check_built(running: RunningAbi, package: Package) -> None:
+    """A package just built for this node must fit it; when the developer container's tree
+    is not this kernel's ABI, building again would give the same: stop, no build loop."""
+    verdict = running.fit(package.manifest.kernel)
+    if verdict.fits:
+        return
+    pkg.move_aside(package.path, pkg.STALE_SUFFIX)
+    raise DriverError(
+        f"The package just built for kernel {running.release} ({package.path.name}) does not "
+        f"fit the running kernel: {verdict}. The developer container's kernel tree is not "
+        "the running kernel's; building again would give the same package, so nothing is "
+        "loaded.",
+        hint="Check that the host runs the Flatcar release its /etc/os-release names (a "
+        "kernel replaced outside Flatcar's updates has no developer container), or give a "
+        "package built for this kernel in PRECOMPILED_DIR, NODE_PRECOMPILED_DIR or the registry.",
+    )
+
+
+def _pull(config: Config, running: RunningAbi, version: str, flavour: Flavour) -> Package:
     """The package from the registry (PRECOMPILED_REGISTRY), pulled into the node's store;
     a failure is logged in one line (registry, reference, reason) and raised."""
     from nvdriver import registry  # http, ssl: only with a registry
 
     assert config.registry is not None
     ref = registry.Reference.parse(config.registry)
-    wanted = registry.Wanted(kernel, version, flavour, config.tag)
+    wanted = registry.Wanted(running.release, running.fit, version, flavour, config.tag)
     try:
         return registry.pull(config, ref, wanted, config.node_precompiled_dir)
     except DriverError as e:
@@ -197,26 +230,27 @@ def _push_built(config: Config, package: Package, reference: str) -> None:
         log.error("Could not share %s: %s", package.path.name, e)
 
 
-def _prepare(config: Config) -> DriverPlan:
+def _prepare(config: Config, refused: Collection[Path] = ()) -> DriverPlan:
     """Find (or build) the package, link it into the private tree; unload other drivers.
 
     Modules already loaded from this very package (same version and srcversion)
     are kept: a restarted container must not disturb running GPU work. When an earlier
     run loaded them from this package's linked tree (its stamp), nothing is relinked.
+    `refused`: packages the kernel refused in this run (see `_load_fitting`).
     """
     options = config.options
     source, choice = _choose(config)
     version, flavour = source.version, choice.flavour
     kernel = KernelIdentity.running(config)
     _remove_stale(config, version)
-    package = _find_package(config, kernel, source, flavour)
+    running = RunningAbi(config, kernel.release)
+    package = _find_package(config, running, source, flavour, refused)
     base = _module_base(config, version)
     tree = ModuleTree(base, kernel.release)
     loaded = loaded_modules(config)
     kept = _loaded_from(config, tree, package, loaded)
     if not kept:
-        linker = linker_for(config.cache_dir, package.manifest.linker)
-        link.link_package(package.path, source, base, kernel=kernel, ld=linker.argv)
+        link.link_package(package.path, source, base, release=kernel.release)
     _pause_at(options, "linked")
 
     plan = _plan(config, version, flavour, package, tree)
@@ -238,6 +272,40 @@ def _prepare(config: Config) -> DriverPlan:
         unload_modules(config)
     set_firmware_path(config, rootfs.FIRMWARE_DIR, plan.params.get("nvidia", ()))
     return plan
+
+
+def _load_fitting(
+    config: Config, plan: DriverPlan, load_plan: Callable[[DriverPlan], object]
+) -> DriverPlan:
+    """Load `plan`; when the kernel refuses its modules for their ABI (a CRC or the
+    vermagic: a package made on another build of this release that the node could not
+    tell apart beforehand), move the package aside as stale and load the next one found
+    (another store's, the registry's, or a build) once. A second refusal is an error:
+    no build loop. Returns the plan that loaded."""
+    try:
+        load_plan(plan)
+        return plan
+    except KernelAbiRefused as e:
+        pkg.move_aside(plan.package.path, pkg.STALE_SUFFIX)
+        log.warning(
+            "The kernel refused the modules of %s: %s It is stale for this kernel; looking "
+            "for another package (once).",
+            plan.package.path,
+            e.message,
+        )
+        refused = plan.package.path
+    again = _prepare(config, refused={refused})
+    try:
+        load_plan(again)
+    except KernelAbiRefused as e:
+        pkg.move_aside(again.package.path, pkg.STALE_SUFFIX)
+        raise DriverError(
+            f"The kernel refused the modules of {again.package.path} too, after refusing "
+            f"{refused}: {e.message} Not trying another package (no build loop).",
+            hint="The packages and the developer container do not match the running kernel's "
+            "ABI; see `nvidia-driver status` for each package's verdict.",
+        ) from e
+    return again
 
 
 def _plan(
@@ -319,7 +387,13 @@ def init(config: Config) -> None:
         # when nvidia-drm's modeset opens it.
         stack.enter_context(rootfs.exposed_root(config, options.container_root))
         _pause_at(options, "mounted")
-        stack.enter_context(loading.driver_loaded(config, plan.tree, plan.modules, plan.params))
+        plan = _load_fitting(
+            config,
+            plan,
+            lambda p: stack.enter_context(
+                loading.driver_loaded(config, p.tree, p.modules, p.params)
+            ),
+        )
         _stamp_loaded(config, plan)
         _pause_at(options, "loaded")
         stack.enter_context(daemons.persistenced(config))
@@ -352,7 +426,12 @@ def load(config: Config) -> list[str]:
     with lock.instance_lock(config):
         plan = _prepare(config)
         with rootfs.exposed_root(config, config.options.container_root, keep=True):
-            loaded = loading.load(config, plan.tree, plan.modules, plan.params)
+            loaded: list[str] = []
+
+            def load_plan(p: DriverPlan) -> None:
+                loaded[:] = loading.load(config, p.tree, p.modules, p.params)
+
+            plan = _load_fitting(config, plan, load_plan)
             _stamp_loaded(config, plan)
             # An NVSwitch board's GPUs are unusable without the fabric manager: it stays
             # running, as the root stays bound, until `unload`.

@@ -36,7 +36,7 @@ import os
 import re
 import ssl
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,6 +47,7 @@ from nvdriver.driver import package as pkg
 from nvdriver.driver.package import Manifest, Package
 from nvdriver.errors import DriverError, IntegrityError, UsageError
 from nvdriver.host import KernelIdentity
+from nvdriver.kmod.abi import Fit
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ ANNOTATION = "org.nvidia-driver."
 DRIVER_VERSION = ANNOTATION + "driver-version"
 FLAVOUR = ANNOTATION + "flavour"
 KERNEL_RELEASE = ANNOTATION + "kernel-release"
-KERNEL_VERSION_SHA256 = ANNOTATION + "kernel-version-sha256"
+# The kernel ABI the package was built for (docs/package.md): its vermagic, the CRCs of
+# the kernel symbols its modules import (compact JSON, {"name": "crc"}), and their digest.
+KERNEL_VERMAGIC = ANNOTATION + "kernel-vermagic"
+KERNEL_SYMBOLS = ANNOTATION + "kernel-symbols"
+KERNEL_ABI_SHA256 = ANNOTATION + "kernel-abi-sha256"
 PACKAGE_TAG = ANNOTATION + "tag"
 
 TIMEOUT = 60.0
@@ -109,8 +114,37 @@ def artifact_tag(driver_version: str, kernel_release: str, flavour: str, tag: st
     return _TAG_BAD.sub("_", raw)[:128]
 
 
-def kernel_digest(kernel: KernelIdentity) -> str:
-    return hashlib.sha256(kernel.version.encode()).hexdigest()
+def kernel_annotations(kernel: KernelIdentity) -> dict[str, str]:
+    symbols = {name: f"{crc:08x}" for name, crc in kernel.symbols}
+    return {
+        KERNEL_RELEASE: kernel.release,
+        KERNEL_VERMAGIC: kernel.vermagic or "",
+        KERNEL_SYMBOLS: json.dumps(symbols, separators=(",", ":"), sort_keys=True),
+        KERNEL_ABI_SHA256: kernel.abi_digest,
+    }
+
+
+def kernel_of(annotations: Mapping[str, str], where: str) -> KernelIdentity:
+    """The kernel ABI an artifact's annotations name; IntegrityError when they are
+    malformed or their digest does not match them."""
+    try:
+        symbols = json.loads(annotations.get(KERNEL_SYMBOLS, ""))
+        if not isinstance(symbols, dict):
+            raise TypeError("not an object")
+        kernel = KernelIdentity(annotations.get(KERNEL_RELEASE, ""), "").with_abi(
+            annotations.get(KERNEL_VERMAGIC) or None,
+            {str(k): int(str(v), 16) for k, v in symbols.items()},
+        )
+    except (ValueError, TypeError) as e:
+        raise IntegrityError(
+            f"The package {where} names its kernel ABI in malformed annotations: {e}."
+        ) from e
+    if kernel.abi_digest != annotations.get(KERNEL_ABI_SHA256):
+        raise IntegrityError(
+            f"The package {where} names a kernel ABI whose digest is not the annotated "
+            f"{KERNEL_ABI_SHA256.removeprefix(ANNOTATION)}."
+        )
+    return kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,8 +507,7 @@ def annotations_for(manifest: Manifest) -> dict[str, str]:
     return {
         DRIVER_VERSION: manifest.driver_version,
         FLAVOUR: manifest.flavour,
-        KERNEL_RELEASE: manifest.kernel_release,
-        KERNEL_VERSION_SHA256: kernel_digest(manifest.kernel),
+        **kernel_annotations(manifest.kernel),
         PACKAGE_TAG: manifest.tag or "",
         CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -524,17 +557,19 @@ def push(config: Config, package: Package, ref: Reference) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Wanted:
-    """The package a node needs: for this kernel (release and full version), driver,
-    flavour and package tag (None: untagged)."""
+    """The package a node needs: for this kernel release, fitting its ABI (`fit`: the
+    running kernel's verdict, kmod/abi.py), of this driver, flavour and package tag (None:
+    untagged)."""
 
-    kernel: KernelIdentity
+    release: str
+    fit: Callable[[KernelIdentity], Fit]
     driver_version: str
     flavour: str
     tag: str | None
 
     @property
     def artifact_tag(self) -> str:
-        return artifact_tag(self.driver_version, self.kernel.release, self.flavour, self.tag)
+        return artifact_tag(self.driver_version, self.release, self.flavour, self.tag)
 
 
 def _parse(data: bytes, where: str) -> tuple[Descriptor, Descriptor | None, dict[str, str]]:
@@ -567,12 +602,15 @@ def _parse(data: bytes, where: str) -> tuple[Descriptor, Descriptor | None, dict
     )
 
 
-def _check_annotations(annotations: Mapping[str, str], wanted: Wanted, where: str) -> None:
+def _check_annotations(
+    annotations: Mapping[str, str], wanted: Wanted, where: str
+) -> KernelIdentity:
+    """The kernel the annotations name, once they say the package is the one wanted and
+    fits this node's kernel ABI; before any blob is fetched."""
     expected = {
         DRIVER_VERSION: wanted.driver_version,
         FLAVOUR: wanted.flavour,
-        KERNEL_RELEASE: wanted.kernel.release,
-        KERNEL_VERSION_SHA256: kernel_digest(wanted.kernel),
+        KERNEL_RELEASE: wanted.release,
         PACKAGE_TAG: wanted.tag or "",
     }
     wrong = [k for k, v in expected.items() if annotations.get(k) != v]
@@ -580,22 +618,31 @@ def _check_annotations(annotations: Mapping[str, str], wanted: Wanted, where: st
         got = ", ".join(f"{k.removeprefix(ANNOTATION)}={annotations.get(k)!r}" for k in wrong)
         raise IntegrityError(
             f"The package {where} is not for this node: {got} (wanted driver "
-            f"{wanted.driver_version} {wanted.flavour} for kernel {wanted.kernel.release}, "
-            f"{wanted.kernel.version!r})."
+            f"{wanted.driver_version} {wanted.flavour} for kernel {wanted.release})."
         )
+    kernel = kernel_of(annotations, where)
+    verdict = wanted.fit(kernel)
+    if not verdict.fits:
+        raise RegistryError(
+            f"The package {where} does not fit this node's kernel: {verdict}.",
+            hint="A node of this kernel's ABI builds and pushes its own (it replaces this one "
+            "under the tag when PRECOMPILED_REGISTRY_PUSH is set).",
+        )
+    return kernel
 
 
-def _check_manifest(m: Manifest, wanted: Wanted, where: str) -> None:
-    if (m.kernel, m.driver_version, m.flavour, m.tag) != (
-        wanted.kernel,
+def _check_manifest(m: Manifest, wanted: Wanted, kernel: KernelIdentity, where: str) -> None:
+    if (m.kernel_release, m.driver_version, m.flavour, m.tag, m.kernel.abi_digest) != (
+        wanted.release,
         wanted.driver_version,
         wanted.flavour,
         wanted.tag,
+        kernel.abi_digest,
     ):
         raise IntegrityError(
             f"The package {where} is for driver {m.driver_version} {m.flavour} on kernel "
-            f"{m.kernel_release} ({m.kernel_version!r}) although its annotations say it is "
-            f"for this node (kernel {wanted.kernel.release}, {wanted.kernel.version!r})."
+            f"{m.kernel_release} (ABI {m.kernel.abi_digest[:12]}) although its annotations say "
+            f"it is for this node (kernel {wanted.release}, ABI {kernel.abi_digest[:12]})."
         )
 
 
@@ -610,7 +657,7 @@ def pull(config: Config, ref: Reference, wanted: Wanted, store_root: Path) -> Pa
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     where = f"{ref}@{digest} (tag {tag})"
     layer, sig, annotations = _parse(raw, where)
-    _check_annotations(annotations, wanted, where)
+    kernel = _check_annotations(annotations, wanted, where)
     if client.get_manifest(digest) != raw:  # by digest: what the tag pointed at, still
         raise IntegrityError(f"The manifest {where} by digest differs from the one by tag.")
     if sig is None:
@@ -620,7 +667,7 @@ def pull(config: Config, ref: Reference, wanted: Wanted, store_root: Path) -> Pa
         )
     signature = io.BytesIO()
     client.fetch_blob(sig, signature)
-    kernel_dir = store_root / wanted.kernel.release
+    kernel_dir = store_root / wanted.release
     created = not kernel_dir.exists()
     final = kernel_dir / pkg.package_name(wanted.driver_version, wanted.flavour, wanted.tag)
     verified: list[Manifest] = []
@@ -631,7 +678,7 @@ def pull(config: Config, ref: Reference, wanted: Wanted, store_root: Path) -> Pa
             m = pkg.verify(path, keep_failed=False)
         except IntegrityError as e:
             raise IntegrityError(f"The package {where}, signed, fails verification: {e}") from e
-        _check_manifest(m, wanted, where)
+        _check_manifest(m, wanted, kernel, where)
         verified.append(m)
 
     try:

@@ -12,6 +12,7 @@ from nvdriver.driver.source import DriverSource
 from nvdriver.errors import DriverError
 from nvdriver.flatcar.release import host_os_release, host_version
 from nvdriver.host import KernelIdentity, nvidia_gpus, read_optional
+from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.loaded import loaded_modules
 
 
@@ -88,18 +89,23 @@ def collect(config: Config) -> dict[str, Any]:
         report["driver"]["error"] = e.message
     # Every manifest of both stores, read once: for this kernel's rows and for the releases'.
     listed = [(store.kind, p) for store in stores(config) for p in store.packages()[0]]
-    report["packages"] = [
-        {
-            "path": str(p.path),
-            "store": kind,
-            "driver_version": p.manifest.driver_version,
-            "flavour": p.manifest.flavour,
-            "tag": p.manifest.tag,
-            "matches_kernel": p.manifest.kernel == kernel,
-        }
-        for kind, p in listed
-        if p.manifest.kernel_release == kernel.release
-    ]
+    running = RunningAbi(config, kernel.release)
+    report["packages"] = []
+    for kind, p in listed:
+        if p.manifest.kernel_release != kernel.release:
+            continue
+        verdict = running.fit(p.manifest.kernel)
+        report["packages"].append(
+            {
+                "path": str(p.path),
+                "store": kind,
+                "driver_version": p.manifest.driver_version,
+                "flavour": p.manifest.flavour,
+                "tag": p.manifest.tag,
+                "fits_kernel": verdict.fits,
+                "fit": verdict.reason,
+            }
+        )
     report["releases"] = fleet.releases(config, kernel.release, listed)
     return report
 
@@ -123,8 +129,9 @@ def render(report: dict[str, Any]) -> str:
         f"packages:     {len(report['packages'])} for this kernel",
     ]
     lines += [
-        f"  {p['path']} ({p['store']}'s store"
-        + (")" if p["matches_kernel"] else ", other build of this kernel)")
+        f"  {p['path']} ({p['store']}'s store): "
+        + ("fits" if p["fits_kernel"] else "does not fit")
+        + f": {p['fit']}"
         for p in report["packages"]
     ]
     following = report["releases"]["next"]

@@ -21,8 +21,8 @@ from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
-from nvdriver.driver.toolchain import linker_for, toolchain_dir
 from nvdriver.host import KernelIdentity, KernelTree
+from nvdriver.kmod.modversions import read_symvers
 from tests.real_build import RealBuild
 
 pytestmark = pytest.mark.slow
@@ -68,11 +68,18 @@ def test_update_builds_the_real_535_driver_in_the_developer_container(
     m = pkg.verify(real_535.package)
     assert m.driver_version.startswith("535.")
     assert (m.kernel_release, m.flavour) == (kernel, "proprietary")
-    assert m.kernel == identity(kernel)
+    # Built in the mirror's developer container: another build of the kernel (another
+    # UTS_VERSION), with the booted kernel's release, vermagic and CRCs (Module.symvers
+    # of the kernel's own headers on this machine).
+    assert m.kernel_release == identity(kernel).release
+    assert m.kernel_version != identity(kernel).version
+    symvers = read_symvers(Path("/lib/modules") / kernel / "build" / "Module.symvers")
+    assert len(m.kernel_symbols) > 100
+    assert all(symvers[name] == crc for name, crc in m.kernel_symbols)
     assert {e.name for e in m.modules} >= set(MODULES)
     assert real_535.package.parent == real_535.precompiled / kernel
-    # The developer container's linker is kept for the node's link.
-    assert (toolchain_dir(real_535.cache, m.linker) / "ident").read_text() == m.linker
+    # The developer container's linker travels with the package for the node's link.
+    assert m.linker_files is not None and m.linker_files["program"] in dict(m.files)
     assert "Building NVIDIA proprietary" in real_535.log
 
 
@@ -82,13 +89,8 @@ def test_the_node_link_gives_modules_the_kernel_accepts(
     source = DriverSource.from_config(
         Config.from_env({"NVIDIA_DRIVER_SOURCE": str(real_535.source)})
     )
-    m = pkg.verify(real_535.package)
     moddir = link_package(
-        real_535.package,
-        source,
-        tmp_path / "opt" / source.version,
-        kernel=identity(kernel),
-        ld=linker_for(real_535.cache, m.linker).argv,
+        real_535.package, source, tmp_path / "opt" / source.version, release=kernel
     )
     kos = {name: moddir / f"{name}.ko" for name in MODULES}
     vermagic = modinfo(kos["nvidia"], "vermagic")

@@ -32,8 +32,9 @@ from nvdriver.driver.package import Package
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.errors import DriverError
 from nvdriver.host import KernelIdentity
+from nvdriver.kmod.abi import RunningAbi
 from tests.conftest import need, run_tool, standin_env
-from tests.packaging import fake_build
+from tests.packaging import KERNEL, fake_build
 from tests.registry import (
     PASSWORD,
     USER,
@@ -119,19 +120,37 @@ def make_node(
     yield make
 
 
+def running_kernel(node: Node) -> KernelIdentity:
+    """The running kernel with an ABI: KERNEL's vermagic and CRCs (tests/packaging.py)."""
+    return KernelIdentity.running(node.config).with_abi(KERNEL.vermagic, dict(KERNEL.symbols))
+
+
+def with_host_tree(node: Node) -> Node:
+    """Give the node's host a build tree of its running kernel (its Module.symvers): the
+    evidence of the running kernel's CRCs (kmod/abi.py)."""
+    kernel = running_kernel(node)
+    build = node.config.host("/lib/modules") / kernel.release / "build"
+    build.mkdir(parents=True)
+    lines = [f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols]
+    (build / "Module.symvers").write_text("".join(lines))
+    return node
+
+
 def running_package(node: Node, kernel: KernelIdentity | None = None) -> Package:
     """A stand-in package of plain files for the running kernel (or `kernel`), written
     into a scratch store of `node`."""
-    build = fake_build(node.work / "build", kernel=kernel or KernelIdentity.running(node.config))
+    build = fake_build(node.work / "build", kernel=kernel or running_kernel(node))
     build = dataclasses.replace(build, driver_version=VERSION)
     return pkg.write_package(node.work / "scratch-store", build, tag=None)
 
 
+def running_abi(config: Config) -> RunningAbi:
+    return RunningAbi(config, KernelIdentity.running(config).release)
+
+
 def find(config: Config) -> Package:
     source = DriverSource.from_config(config)
-    return lifecycle._find_package(
-        config, KernelIdentity.running(config), source, Flavour.PROPRIETARY
-    )
+    return lifecycle._find_package(config, running_abi(config), source, Flavour.PROPRIETARY)
 
 
 @pytest.fixture
@@ -142,7 +161,10 @@ def fallback_builds(monkeypatch) -> list[Config]:
 
     def developer_container_build(config, source, flavour, work: Path, target) -> BuildOutput:
         built.append(config)
-        build = fake_build(work / "fake", kernel=KernelIdentity.running(config))
+        build = fake_build(
+            work / "fake",
+            kernel=KernelIdentity.running(config).with_abi(KERNEL.vermagic, dict(KERNEL.symbols)),
+        )
         return dataclasses.replace(build, driver_version=VERSION)
 
     monkeypatch.setattr(builder, "_in_developer_container", developer_container_build)
@@ -174,7 +196,8 @@ def raw_push(
 
 
 def wanted_for(node: Node) -> registry.Wanted:
-    return registry.Wanted(KernelIdentity.running(node.config), VERSION, "proprietary", None)
+    abi = running_abi(node.config)
+    return registry.Wanted(abi.release, abi.fit, VERSION, "proprietary", None)
 
 
 def annotations_of(package: Package) -> dict[str, str]:
@@ -244,7 +267,8 @@ def test_update_push_then_pull_byte_exact_with_auth_and_tls(
     assert_no_credentials(tool.stdout + tool.stderr, keys)
     m = pkg.read_manifest(built)
     b = make_node("b")
-    wanted = registry.Wanted(m.kernel, VERSION, m.flavour, None)
+    abi = RunningAbi(b.config, m.kernel_release)
+    wanted = registry.Wanted(m.kernel_release, abi.fit, VERSION, m.flavour, None)
     pulled = registry.pull(b.config, registry.Reference.parse(b.config.registry), wanted, b.store)
     assert pulled.path.read_bytes() == built.read_bytes()
     assert pulled.path == b.store / m.kernel_release / built.name
@@ -402,16 +426,50 @@ def test_a_package_for_another_kernel_by_its_annotations_is_refused_before_downl
     assert len(fallback_builds) == 1
 
 
+def another_abi(node: Node) -> KernelIdentity:
+    """The running kernel's release with another CRC of one symbol: another build."""
+    running = running_kernel(node)
+    symbols = dict(running.symbols)
+    symbols["_printk"] ^= 0x5A5A5A5A
+    return running.with_abi(running.vermagic, symbols)
+
+
+def test_a_package_for_another_abi_of_the_release_is_refused_before_download(
+    make_node, keys, fallback_builds, caplog, reg
+) -> None:
+    """Honest annotations of the same release with another CRC for `_printk`: a node that
+    can read its kernel's CRCs (a mounted build tree) refuses it from the annotations,
+    fetching no blob of the package, and builds."""
+    from nvdriver import trust
+
+    node = with_host_tree(make_node("node"))
+    other = running_package(node, kernel=another_abi(node))
+    raw_push(
+        node,
+        other.path,
+        signature=trust.sign(other.path, keys["fleet"].secret),
+        annotations=annotations_of(other),
+        tag=wanted_for(node).artifact_tag,
+    )
+    caplog.set_level(logging.INFO)
+    package = find(node.config)
+    [line] = registry_lines(caplog)
+    assert "does not fit this node's kernel" in line and "_printk" in line
+    assert len(fallback_builds) == 1 and package.manifest.kernel == running_kernel(node)
+    blob = "sha256:" + pkg.sha256_file(other.path)
+    fetched = [r for r in reg.log.read_text().splitlines() if blob in r and "method=GET" in r]
+    assert fetched == []
+
+
 def test_a_signed_package_for_another_kernel_build_is_refused_by_its_own_manifest(
     make_node, keys, fallback_builds, caplog
 ) -> None:
-    """Annotations that lie (they name this kernel), a fleet signature, valid digests:
-    the package's own manifest is for another build of the same release."""
+    """Annotations that lie (they name this kernel's ABI), a fleet signature, valid
+    digests: the package's own manifest is for another ABI of the same release."""
     from nvdriver import trust
 
     node = make_node("node")
-    running = KernelIdentity.running(node.config)
-    other = running_package(node, kernel=KernelIdentity(running.release, running.version + " x"))
+    other = running_package(node, kernel=another_abi(node))
     raw_push(
         node,
         other.path,

@@ -3,15 +3,18 @@ although they are stored unlinked (the signature is appended after linking on th
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nvdriver.driver import link
 from nvdriver.driver import package as pkg
 from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
+from nvdriver.driver.toolchain import Linker
 from nvdriver.errors import IntegrityError
 from nvdriver.host import in_container
 from tests.conftest import run_tool, standin_env
@@ -77,22 +80,49 @@ def test_signed_package_links_to_signed_modules(tmp_path, signing_key, kernel_bu
         assert ko.read_bytes().endswith(b"~Module signature appended~\n")
 
 
-def test_a_signature_is_never_appended_to_a_different_link(tmp_path, signing_key, kernel_build):
+def _odd_ld(tmp_path: Path) -> Path:
+    """A linker that adds a section: it stands in for one that links differently."""
+    odd = tmp_path / "odd" / "ld"
+    odd.parent.mkdir()
+    odd.write_text('#!/bin/sh\nexec /usr/bin/ld --build-id=sha1 "$@"\n')
+    odd.chmod(0o755)
+    return odd
+
+
+def test_a_signed_package_links_with_the_linker_it_carries_whatever_ld_the_node_has(
+    tmp_path, signing_key, kernel_build, monkeypatch
+):
+    """A second node's `ld` (first on its PATH here) links differently: the package's own
+    linker gives the bytes that were signed, so the signature holds there too."""
     source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
     env = standin_env(tmp_path, source, VERSION)
     result = run_tool(
         "update", "--kernel-source", str(kernel_build), "-s", str(signing_key), env=env
     )
     assert result.returncode == 0, result.stderr
-    # A linker that adds a section stands in for one that links differently.
-    odd_ld = tmp_path / "odd-ld"
-    odd_ld.write_text('#!/bin/sh\nexec ld --build-id=sha1 "$@"\n')
-    odd_ld.chmod(0o755)
+    package = Path(result.stdout.strip())
+    m = pkg.verify(package)
+    assert m.linker_files is not None
+    assert {n for n, _ in m.files} >= {m.linker_files["program"], m.linker_files["loader"]}
+    monkeypatch.setenv("PATH", f"{_odd_ld(tmp_path).parent}:{os.environ['PATH']}")
+    moddir = link_package(package, DriverSource(source, VERSION), tmp_path / "opt" / VERSION)
+    assert modinfo(moddir / "nvidia.ko", "signer") == "nvidia-driver test signer"
+
+
+def test_a_signature_is_never_appended_to_a_different_link(
+    tmp_path, signing_key, kernel_build, monkeypatch
+):
+    source = make_standin_source(tmp_path / f"nvidia-{VERSION}", version=VERSION)
+    env = standin_env(tmp_path, source, VERSION)
+    result = run_tool(
+        "update", "--kernel-source", str(kernel_build), "-s", str(signing_key), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    odd = Linker((str(_odd_ld(tmp_path)),), "odd ld")
+    monkeypatch.setattr(link, "packed_linker", lambda entry, members, ident: odd)
     base = tmp_path / "opt" / VERSION
     with pytest.raises(IntegrityError, match="did not reproduce"):
-        link_package(
-            Path(result.stdout.strip()), DriverSource(source, VERSION), base, ld=[str(odd_ld)]
-        )
+        link_package(Path(result.stdout.strip()), DriverSource(source, VERSION), base)
     assert not (base / "lib").exists()
 
 

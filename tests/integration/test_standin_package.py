@@ -17,6 +17,8 @@ from nvdriver.driver.link import link_package
 from nvdriver.driver.source import DriverSource
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.host import KernelIdentity, KernelTree
+from nvdriver.kmod.abi import Fit
+from nvdriver.kmod.modversions import read_symvers
 from tests.conftest import run_tool, standin_env
 from tests.standin.tree import make_standin_source
 
@@ -58,8 +60,20 @@ def test_update_packs_the_standin_for_the_headers_kernel(built, kernel_build, ke
     path, env = built
     assert path.parent.name == kernel_release
     m = pkg.read_manifest(path)
-    assert m.kernel == KernelIdentity.from_build_tree(KernelTree.from_dir(kernel_build).output)
+    tree = KernelTree.from_dir(kernel_build).output
+    info = KernelIdentity.from_build_tree(tree)
+    assert (m.kernel.release, m.kernel.version) == (info.release, info.version)
     assert m.kernel_version.startswith(f"Linux version {kernel_release} (")
+    # What the kernel checks at load: the vermagic of its own modules, and the CRCs of the
+    # kernel symbols the modules import as the tree's Module.symvers has them.
+    loop = kernel_build.parent / "kernel/drivers/block/loop.ko"
+    assert m.kernel_vermagic == modinfo(loop, "vermagic")
+    symvers = read_symvers(tree / "Module.symvers")
+    assert len(m.kernel_symbols) > 20 and "_printk" in dict(m.kernel_symbols)
+    assert all(symvers[name] == crc for name, crc in m.kernel_symbols)
+    # Not the symbols the package's own modules export to each other (nvidia-uvm imports
+    # nvidia's): those are no kernel's.
+    assert all(name in symvers for name, _ in m.kernel_symbols)
     assert (m.driver_version, m.flavour) == (VERSION, "proprietary")
     assert [(e.name, e.file) for e in m.modules] == [
         ("nvidia", "nv-linux.o"),
@@ -92,7 +106,7 @@ def test_linked_modules_have_the_kernels_vermagic_and_dependencies(
     path, _ = built
     kernel = KernelIdentity.from_build_tree(KernelTree.from_dir(kernel_build).output)
     source = DriverSource(standin_source, VERSION)
-    moddir = link_package(path, source, tmp_path / "opt" / VERSION, kernel=kernel)
+    moddir = link_package(path, source, tmp_path / "opt" / VERSION, release=kernel.release)
     assert moddir == tmp_path / "opt" / VERSION / "lib" / "modules" / kernel_release
     assert (moddir / "modules.order").read_text().split() == [
         "nvidia.ko",
@@ -148,13 +162,14 @@ def test_a_package_for_another_kernel_is_refused_and_installs_nothing(
     built, tmp_path, standin_source
 ):
     path, _ = built
-    other = KernelIdentity(pkg.read_manifest(path).kernel_release, "Linux version other build")
+    other = "6.1.0-98-amd64"
     base = tmp_path / "opt" / VERSION
     with pytest.raises(DriverError, match="is for kernel") as e:
-        link_package(path, DriverSource(standin_source, VERSION), base, kernel=other)
+        link_package(path, DriverSource(standin_source, VERSION), base, release=other)
     assert e.value.exit_code == 1
     assert files_under(base) == []
-    assert pkg.PackageStore(path.parent.parent).find(other, VERSION, "proprietary", None) is None
+    store = pkg.PackageStore(path.parent.parent)
+    assert store.find(other, VERSION, "proprietary", None, lambda k: Fit(True, "any")) is None
 
 
 def test_a_changed_core_object_is_refused(built, tmp_path, standin_source):

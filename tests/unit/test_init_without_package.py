@@ -16,6 +16,7 @@ from nvdriver.driver.build import BuildOutput
 from nvdriver.driver.package import Package
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.host import KernelIdentity, PciDevice
+from nvdriver.kmod.abi import RunningAbi
 from tests.packaging import fake_build
 from tests.standin.tree import make_standin_source
 
@@ -104,9 +105,8 @@ def running_build(config: Config, work: Path) -> BuildOutput:
 
 def find(config: Config) -> Package:
     source = DriverSource.from_config(config)
-    return lifecycle._find_package(
-        config, KernelIdentity.running(config), source, Flavour.PROPRIETARY
-    )
+    running = RunningAbi(config, KernelIdentity.running(config).release)
+    return lifecycle._find_package(config, running, source, Flavour.PROPRIETARY)
 
 
 def test_a_package_that_init_builds_goes_into_the_nodes_store(

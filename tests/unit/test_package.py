@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import tarfile
@@ -14,6 +13,7 @@ from nvdriver.atomic import TEMP_PREFIX
 from nvdriver.driver import package as pkg
 from nvdriver.errors import DriverError, ExitCode, IntegrityError
 from nvdriver.host import KernelIdentity
+from nvdriver.kmod.abi import Fit
 from tests.conftest import need
 from tests.packaging import KERNEL, fake_build, hostile_package
 
@@ -141,24 +141,60 @@ def test_not_a_package_at_all_is_an_integrity_error(tmp_path):
         pkg.verify(path)
 
 
-def test_find_matches_release_and_full_version_string(packed, store):
+def accept(kernel: KernelIdentity) -> Fit:
+    return Fit(True, "accepted")
+
+
+def refuse(kernel: KernelIdentity) -> Fit:
+    return Fit(False, "another ABI")
+
+
+def test_find_matches_release_driver_flavour_tag_and_the_fit_verdict(packed, store):
     s = pkg.PackageStore(store)
-    assert s.find(KERNEL, "535.261.03", "proprietary", None) == packed
-    rebuilt = dataclasses.replace(KERNEL, version=KERNEL.version + " (rebuilt)")
-    assert s.find(rebuilt, "535.261.03", "proprietary", None) is None
-    other = KernelIdentity("6.1.0-98-amd64", KERNEL.version)
-    assert s.find(other, "535.261.03", "proprietary", None) is None
-    assert s.find(KERNEL, "535.261.04", "proprietary", None) is None
-    assert s.find(KERNEL, "535.261.03", "open", None) is None
-    assert s.find(KERNEL, "535.261.03", "proprietary", "other-tag") is None
+    release = KERNEL.release
+    assert s.find(release, "535.261.03", "proprietary", None, accept) == packed
+    assert s.find("6.1.0-98-amd64", "535.261.03", "proprietary", None, accept) is None
+    assert s.find(release, "535.261.04", "proprietary", None, accept) is None
+    assert s.find(release, "535.261.03", "open", None, accept) is None
+    assert s.find(release, "535.261.03", "proprietary", "other-tag", accept) is None
+    assert s.find(release, "535.261.03", "proprietary", None, accept, refused={packed.path}) is None
+    # The verdict gets the manifest's identity: release, vermagic and symbol CRCs.
+    seen: list[KernelIdentity] = []
+
+    def record(kernel: KernelIdentity) -> Fit:
+        seen.append(kernel)
+        return accept(kernel)
+
+    s.find(release, "535.261.03", "proprietary", None, record)
+    assert seen == [KERNEL]
+
+
+def test_a_package_the_verdict_refuses_is_kept_unless_stale_is_asked(packed, store):
+    s = pkg.PackageStore(store)
+    assert s.find(KERNEL.release, "535.261.03", "proprietary", None, refuse) is None
+    assert packed.path.exists()
+    assert s.find(KERNEL.release, "535.261.03", "proprietary", None, refuse, stale=True) is None
+    assert not packed.path.exists()
+    stale = list(packed.path.parent.glob("*.stale"))
+    assert len(stale) == 1 and stale[0].name.startswith(packed.path.name)
+    assert s.leftovers() == stale  # packages prune removes it
+    assert s.find(KERNEL.release, "535.261.03", "proprietary", None, accept) is None
+
+
+def test_a_package_of_the_old_format_is_refused_with_a_message_saying_so(tmp_path):
+    path = tmp_path / "p.tar.gz"
+    hostile_package(path, _member("nv-linux.o", tarfile.REGTYPE), b"x", format=1)
+    with pytest.raises(IntegrityError, match=r"older nvidia-driver \(package format 1") as e:
+        pkg.read_manifest(path)
+    assert "nvidia-driver update" in (e.value.hint or "")
 
 
 def test_a_tagged_package_is_a_separate_file(tmp_path, store, packed):
     tagged = pkg.write_package(store, fake_build(tmp_path / "t"), tag="rdma")
     assert tagged.path.name == "nvidia-535.261.03-proprietary-rdma.tar.gz"
     s = pkg.PackageStore(store)
-    assert s.find(KERNEL, "535.261.03", "proprietary", "rdma") == tagged
-    assert s.find(KERNEL, "535.261.03", "proprietary", None) == packed
+    assert s.find(KERNEL.release, "535.261.03", "proprietary", "rdma", accept) == tagged
+    assert s.find(KERNEL.release, "535.261.03", "proprietary", None, accept) == packed
 
 
 def test_disk_full_while_packing_leaves_no_partial_package(tmp_path):

@@ -106,7 +106,7 @@ def test_init_loads_serves_and_shuts_down_cleanly_on_sigterm(
         "GPU_DIRECT_RDMA_ENABLED": "false",
     }
     assert status["driver"]["flavour"] == "proprietary"
-    assert [p["matches_kernel"] for p in status["packages"]] == [True, True]
+    assert [p["fits_kernel"] for p in status["packages"]] == [True, True]
 
 
 def test_a_driver_in_use_is_never_unloaded_and_a_restart_keeps_it(

@@ -19,6 +19,7 @@ import pytest
 from nvdriver import registry
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
+from nvdriver.kmod.abi import RunningAbi
 from tests.conftest import need, run_tool, standin_env
 from tests.registry import make_key, serve_registry, tools_missing
 from tests.standin.tree import make_standin_source
@@ -52,7 +53,8 @@ def test_a_package_pulled_from_the_registry_loads_in_the_guest(
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         config = Config.from_env(env)
-        wanted = registry.Wanted(m.kernel, VERSION, m.flavour, None)
+        fit = RunningAbi(config, m.kernel_release).fit  # this machine's /lib/modules/K
+        wanted = registry.Wanted(m.kernel_release, fit, VERSION, m.flavour, None)
         pulled = registry.pull(
             config, registry.Reference.parse(reg.reference), wanted, config.node_precompiled_dir
         )

@@ -16,12 +16,18 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nvdriver.driver.source import SPLIT_MODULES, DriverSource
 from nvdriver.errors import DriverError
 from nvdriver.host import KernelIdentity, KernelTree, resolve_in
+from nvdriver.kmod.modversions import NotAModule, read_module, read_symvers
 from nvdriver.run import RunError, run, spawn, which
+
+if TYPE_CHECKING:  # toolchain needs BuildRoot from here
+    from nvdriver.driver.toolchain import LinkerFiles
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class BuildOutput:
     compiler: str
     linker: str
     signing: dict[str, str] | None = None
+    linker_files: LinkerFiles | None = None  # the build's ld, packed for linking on nodes
 
 
 def build_modules(
@@ -147,7 +154,7 @@ def build_modules(
                 hint=f"See the build log {workdir / 'build.log'}.",
             )
     return BuildOutput(
-        kernel=identity,
+        kernel=kernel_abi(identity, kernel, artifacts),
         flavour=flavour,
         driver_version=source.version,
         tree=tree,
@@ -156,6 +163,37 @@ def build_modules(
         compiler=_first_line(build_root.argv([cc, "--version"])),
         linker=_first_line(build_root.argv(["ld", "--version"])),
     )
+
+
+def kernel_abi(
+    identity: KernelIdentity, kernel: KernelTree, artifacts: Sequence[Artifact]
+) -> KernelIdentity:
+    """`identity` with what the kernel will check of these modules: their vermagic and the
+    CRCs of the kernel's symbols they import (their `__versions`; those the tree's
+    Module.symvers lists: not the symbols the package's modules export to each other)."""
+    symvers_path = kernel.output / "Module.symvers"
+    symvers = read_symvers(symvers_path) if symvers_path.is_file() else None
+    imports: dict[str, int] = {}
+    vermagics: set[str] = set()
+    for a in artifacts:
+        try:
+            facts = read_module(a.path)
+        except NotAModule as e:
+            raise DriverError(
+                f"The build's {a.path.name} is not a kernel object: {e}.",
+                hint="The driver's Makefile made something else than modules; see its build log.",
+            ) from e
+        imports.update(facts.versions)
+        if facts.vermagic is not None:
+            vermagics.add(facts.vermagic)
+    if len(vermagics) > 1:
+        raise DriverError(
+            f"The modules built for kernel {identity.release} disagree about their vermagic: "
+            f"{', '.join(sorted(vermagics))}.",
+            hint="The kernel tree is inconsistent; use the developer container of the release.",
+        )
+    kernel_symbols = {n: c for n, c in imports.items() if symvers is None or n in symvers}
+    return identity.with_abi(next(iter(vermagics), None), kernel_symbols)
 
 
 def _link_into(build_root: BuildRoot, obj: Path, extra: Path) -> None:

@@ -2,7 +2,9 @@
 
 Split modules are linked here, on the node: `ld -d -r -T module.lds -o nvidia.ko
 nv-linux.o nv-kernel.o_binary` (the interface object already holds nvidia.mod.o),
-with the linker that matches the one that built the interface. The tree is
+with the linker that built the interface, which the package carries
+(driver/toolchain.py): a signed package's modules come out byte for byte as signed,
+on any node. The tree is
 /opt/nvidia/VERSION/lib/modules/KERNEL (Flatcar's /lib/modules is read-only),
 staged beside its final place, `depmod -b`'d, then swapped in.
 """
@@ -19,8 +21,8 @@ from pathlib import Path
 from nvdriver.atomic import OLD_PREFIX, replace_directory
 from nvdriver.driver.package import Manifest, sha256_file, unpacked
 from nvdriver.driver.source import DriverSource
+from nvdriver.driver.toolchain import packed_linker
 from nvdriver.errors import DriverError, IntegrityError
-from nvdriver.host import KernelIdentity
 from nvdriver.run import run
 
 log = logging.getLogger(__name__)
@@ -36,17 +38,17 @@ def link_package(
     source: DriverSource,
     base: Path,
     *,
-    kernel: KernelIdentity | None = None,
-    ld: Sequence[str] = ("ld",),
+    release: str | None = None,
 ) -> Path:
     """Verify `package`, link and install its modules under `base`; return the module dir.
 
-    The package is verified completely before any member is used; with `kernel`,
-    it must have been built for exactly that kernel. The tree at
-    `base/lib/modules/KERNEL` is replaced only once the new one is complete.
+    The package is verified completely before any member is used; with `release`, it
+    must have been built for that kernel release (whether it fits the running kernel's
+    ABI was decided before: kmod/abi.py). The tree at `base/lib/modules/KERNEL` is
+    replaced only once the new one is complete.
     """
     try:
-        return _link_package(package, source, base, kernel=kernel, ld=ld)
+        return _link_package(package, source, base, release=release)
     except OSError as e:  # a read-only or full disk under /opt/nvidia
         raise DriverError(
             f"Cannot write the module tree under {base}: {e.strerror}"
@@ -62,21 +64,21 @@ def _link_package(
     source: DriverSource,
     base: Path,
     *,
-    kernel: KernelIdentity | None,
-    ld: Sequence[str],
+    release: str | None,
 ) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     with (
         _staging(base) as staging,
         unpacked(package, staging) as (manifest, members),
     ):
-        if kernel is not None and manifest.kernel != kernel:
+        if release is not None and manifest.kernel_release != release:
             raise DriverError(
-                f"The package {package} is for kernel {manifest.kernel_release} "
-                f"({manifest.kernel_version}), not for {kernel.release} ({kernel.version}).",
+                f"The package {package} is for kernel {manifest.kernel_release}, not for "
+                f"{release}.",
                 hint="Build a package for this kernel: nvidia-driver update.",
             )
         release = manifest.kernel_release
+        ld = packed_linker(manifest.linker_files, members, manifest.linker).argv
         moddir = staging / "lib" / "modules" / release
         moddir.mkdir(parents=True)
         flavour_dir = source.flavour_dir(manifest.flavour)
@@ -133,8 +135,8 @@ def _append_signature(package: Path, module: Path, signature: Path, expected: st
         raise IntegrityError(
             f"Linking {module.name} here did not reproduce the module that was signed when "
             f"the package {package} was made, so its signature cannot be used.",
-            hint="Link with the linker that built the package (it is saved in "
-            "NVIDIA_DRIVER_CACHE/toolchain after a build), or build a package here.",
+            hint="The package carries no copy of the linker that built it (made by a build "
+            "without one); build a package here (nvidia-driver update).",
         )
     with module.open("ab") as out:
         out.write(signature.read_bytes())

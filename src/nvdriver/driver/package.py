@@ -4,9 +4,14 @@ One file per (driver version, flavour, tag) under <store>/<kernel-release>/, in 
 two stores of the same layout (`stores`): the image's (PRECOMPILED_DIR) and the node's
 (NODE_PRECOMPILED_DIR). Each package is
 a gzip'd tar whose first member is `manifest.json`. The manifest names the kernel
-(release and full `/proc/version` string), the toolchain, every module and the
-SHA-256 of every member. Proprietary modules are stored unlinked (interface
-object only); linking with NVIDIA's core object happens on the node.
+by what the kernel checks at load (release, vermagic, the CRCs of the kernel symbols
+the modules import; the full `/proc/version` only as information), the toolchain and
+the linker the package carries, every module and the SHA-256 of every member.
+Proprietary modules are stored unlinked (interface object only); linking with NVIDIA's
+core object happens on the node, with the carried linker (driver/toolchain.py).
+
+Which package fits the running kernel is kmod/abi.py's verdict; one that does not
+(another build of the same release with another ABI) is moved aside as stale.
 
 Reading a package hashes every member on the way and refuses absolute paths,
 `..`, links, devices and members the manifest does not list; a package that
@@ -30,24 +35,28 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from nvdriver.atomic import TEMP_PREFIX, atomic_file
 from nvdriver.config import KERNEL_RELEASE_RE, Config
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.host import KernelIdentity
+from nvdriver.kmod.abi import Fit
 
 if TYPE_CHECKING:  # driver.build (subprocess, the compiler's world) is for `update` only
     from nvdriver.driver.build import BuildOutput
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 matched kernels by the full /proc/version line and carried no linker.
+OLD_FORMATS = {1: "it matched kernels by /proc/version and records no symbol CRCs"}
 MANIFEST = "manifest.json"
 SUFFIX = ".tar.gz"
-FAILED_SUFFIX = ".failed"
+FAILED_SUFFIX = ".failed"  # failed verification
+STALE_SUFFIX = ".stale"  # does not fit the running kernel's ABI (or the kernel refused it)
 CHUNK = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -76,15 +85,21 @@ class Manifest:
     created: str
     tag: str | None = None
     signing: dict[str, str] | None = None
+    kernel_vermagic: str | None = None
+    kernel_symbols: tuple[tuple[str, int], ...] = ()  # (name, CRC) of imported kernel symbols
+    linker_files: dict[str, Any] | None = None  # toolchain.LinkerFiles.manifest_entry()
     format: int = FORMAT_VERSION
 
     @property
     def kernel(self) -> KernelIdentity:
-        return KernelIdentity(self.kernel_release, self.kernel_version)
+        return KernelIdentity(
+            self.kernel_release, self.kernel_version, self.kernel_vermagic, self.kernel_symbols
+        )
 
     def to_json(self) -> str:
         obj = dataclasses.asdict(self)
         obj["files"] = dict(self.files)
+        obj["kernel_symbols"] = {name: f"0x{crc:08x}" for name, crc in self.kernel_symbols}
         return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -92,6 +107,14 @@ class Manifest:
         """Parse and validate a manifest; anything unexpected is an integrity failure."""
         try:
             obj = json.loads(text)
+            if obj["format"] in OLD_FORMATS:
+                raise IntegrityError(
+                    f"The package {origin} was made by an older nvidia-driver (package format "
+                    f"{obj['format']}: {OLD_FORMATS[obj['format']]}); this one reads format "
+                    f"{FORMAT_VERSION} only.",
+                    hint="Make it again with this image: nvidia-driver update (or let init "
+                    "build it); `nvidia-driver packages prune` removes the old one.",
+                )
             if obj["format"] != FORMAT_VERSION:
                 raise ValueError(f"format {obj['format']} (this program reads {FORMAT_VERSION})")
             files = obj["files"]
@@ -114,12 +137,20 @@ class Manifest:
                 created=str(obj["created"]),
                 tag=obj.get("tag"),
                 signing=obj.get("signing"),
+                kernel_vermagic=obj["kernel_vermagic"],
+                kernel_symbols=tuple(
+                    sorted((str(n), int(c, 16)) for n, c in obj["kernel_symbols"].items())
+                ),
+                linker_files=obj.get("linker_files"),
             )
+            if m.kernel_vermagic is not None and not isinstance(m.kernel_vermagic, str):
+                raise TypeError("kernel_vermagic is not a string")
             if not KERNEL_RELEASE_RE.fullmatch(m.kernel_release):
                 raise ValueError(f"bad kernel release {m.kernel_release!r}")
             listed = dict(m.files)
             signatures = [e.signature for e in m.modules if e.signature is not None]
-            for name in [e.file for e in m.modules] + list(m.ld_scripts) + signatures:
+            linker = _linker_members(m.linker_files)
+            for name in [e.file for e in m.modules] + list(m.ld_scripts) + signatures + linker:
                 if name not in listed:
                     raise ValueError(f"{name} is not among the files")
         except (ValueError, KeyError, TypeError) as e:
@@ -138,6 +169,16 @@ class Package:
     @property
     def size(self) -> int:
         return self.path.stat().st_size
+
+
+def _linker_members(entry: dict[str, Any] | None) -> list[str]:
+    """The members the carried linker's manifest entry names (ValueError when malformed)."""
+    if entry is None:
+        return []
+    names = [entry["program"], entry["loader"], *entry["libraries"]]
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError("linker_files names a member that is not a string")
+    return [str(n) for n in names]
 
 
 def package_name(driver_version: str, flavour: str, tag: str | None) -> str:
@@ -193,11 +234,16 @@ def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Pa
         name = f"lds/{i}-{script.name}"
         members[name] = script
         ld_scripts.append(name)
+    if build.linker_files is not None:
+        members.update(build.linker_files.members())
     manifest = Manifest(
         driver_version=build.driver_version,
         flavour=build.flavour,
         kernel_release=build.kernel.release,
         kernel_version=build.kernel.version,
+        kernel_vermagic=build.kernel.vermagic,
+        kernel_symbols=build.kernel.symbols,
+        linker_files=build.linker_files.manifest_entry() if build.linker_files else None,
         compiler=build.compiler,
         linker=build.linker,
         modules=tuple(modules),
@@ -373,15 +419,17 @@ def unpacked(path: Path, workdir: Path) -> Iterator[tuple[Manifest, Path]]:
         shutil.rmtree(dest, ignore_errors=True)
 
 
-def move_aside(path: Path) -> Path | None:
-    """Rename a failed package so that it is never picked again (kept for inspection)."""
-    if not path.exists() or path.name.endswith(FAILED_SUFFIX):
+def move_aside(path: Path, suffix: str = FAILED_SUFFIX) -> Path | None:
+    """Rename a failed (or, with STALE_SUFFIX, a stale) package so that it is never picked
+    again (kept for inspection; `packages prune` removes it)."""
+    if not path.exists() or path.name.endswith((FAILED_SUFFIX, STALE_SUFFIX)):
         return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    aside = path.with_name(f"{path.name}.{stamp}{FAILED_SUFFIX}")
+    aside = path.with_name(f"{path.name}.{stamp}{suffix}")
     with contextlib.suppress(OSError):
         os.replace(path, aside)
-        log.warning("Moved the failed package %s aside to %s", path, aside.name)
+        what = "stale" if suffix == STALE_SUFFIX else "failed"
+        log.warning("Moved the %s package %s aside to %s", what, path, aside.name)
         return aside
     return None
 
@@ -423,13 +471,24 @@ class PackageStore:
         return good, bad
 
     def find(
-        self, kernel: KernelIdentity, driver_version: str, flavour: str, tag: str | None
+        self,
+        release: str,
+        driver_version: str,
+        flavour: str,
+        tag: str | None,
+        fit: Callable[[KernelIdentity], Fit],
+        *,
+        stale: bool = False,
+        refused: Collection[Path] = (),
     ) -> Package | None:
-        """The package for this kernel (release AND full version string), driver and flavour.
+        """The package of kernel `release`, driver and flavour that `fit` accepts.
 
         With a tag, only that tag; without one, an untagged package, else the newest.
+        Packages `fit` refuses are logged with its reason and, with `stale` (the verdict
+        is on the running kernel), moved aside as stale; `refused` ones are skipped (the
+        kernel refused them in this run already).
         """
-        kernel_dir = self.root / kernel.release
+        kernel_dir = self.root / release
         if not kernel_dir.is_dir():
             return None
         candidates = []
@@ -440,19 +499,21 @@ class PackageStore:
                 log.warning("Ignoring unreadable package %s: %s", p, e)
                 continue
             if (
-                m.kernel == kernel
-                and m.driver_version == driver_version
-                and m.flavour == flavour
-                and (tag is None or m.tag == tag)
+                p in refused
+                or m.kernel_release != release
+                or m.driver_version != driver_version
+                or m.flavour != flavour
+                or (tag is not None and m.tag != tag)
             ):
+                continue
+            verdict = fit(m.kernel)
+            if verdict.fits:
+                log.debug("Package %s fits: %s", p, verdict)
                 candidates.append(Package(p, m))
-            elif m.kernel_release == kernel.release and m.kernel != kernel:
-                log.info(
-                    "Package %s is for another build of kernel %s (%s); not using it",
-                    p.name,
-                    kernel.release,
-                    m.kernel_version,
-                )
+                continue
+            log.warning("Not using the package %s: %s", p, verdict)
+            if stale:
+                move_aside(p, STALE_SUFFIX)
         if not candidates:
             return None
         candidates.sort(key=lambda pkg: (pkg.manifest.tag is None, pkg.manifest.created))
@@ -467,7 +528,7 @@ class PackageStore:
             for d in self.root.iterdir()
             if d.is_dir()
             for p in d.iterdir()
-            if p.name.startswith(TEMP_PREFIX) or p.name.endswith(FAILED_SUFFIX)
+            if p.name.startswith(TEMP_PREFIX) or p.name.endswith((FAILED_SUFFIX, STALE_SUFFIX))
         )
 
     def remove_temp_files(self) -> None:

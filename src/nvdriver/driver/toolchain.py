@@ -1,23 +1,23 @@
-"""The linker that links modules on the node.
+"""The linker that links split modules on the node, carried in the package.
 
-The interface objects must be linked with the linker that built them (FACTS:
-the seed copied binutils out of the developer container). After a build in a
-developer root, its `ld` and the shared libraries it needs are saved under
-NVIDIA_DRIVER_CACHE/toolchain/<id>/, where <id> names the linker's
-identification as the package manifest records it; `init` runs that copy
-through the saved dynamic loader, so it works outside the developer root.
+The interface objects must be linked with the linker that built them (FACTS: the
+seed copied binutils out of the developer container), and a signed package's
+signature holds only for the bytes that linker gives. So every package carries its
+build's `ld`, the shared libraries it needs and the dynamic loader (members under
+`linker/`), and every node that gets the package (through the image, the registry or
+another node's store) links with that copy, run through its own loader, outside the
+developer root: the same bytes everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
-from nvdriver.atomic import TEMP_PREFIX, replace_directory
 from nvdriver.driver.build import BuildRoot
 from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
@@ -26,6 +26,9 @@ from nvdriver.run import run
 log = logging.getLogger(__name__)
 
 _LDD_RE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+# Where the linker's files lie in a package (members) and in a collected copy.
+LINKER_DIR = "linker"
+PROGRAM = "ld"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,66 +39,79 @@ class Linker:
     ident: str
 
 
-def toolchain_dir(cache: Path, ident: str) -> Path:
-    return cache / "toolchain" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+@dataclasses.dataclass(frozen=True)
+class LinkerFiles:
+    """The build's linker as files: the program, its loader and libraries, relative to
+    `root` (`ld`, `lib/NAME`); in a package, the same names under LINKER_DIR."""
+
+    root: Path
+    program: str
+    loader: str
+    libraries: tuple[str, ...]
+
+    def members(self) -> dict[str, Path]:
+        """Package member name -> file."""
+        names = (self.program, *self.libraries)
+        return {f"{LINKER_DIR}/{n}": self.root / n for n in names}
+
+    def manifest_entry(self) -> dict[str, object]:
+        return {
+            "program": f"{LINKER_DIR}/{self.program}",
+            "loader": f"{LINKER_DIR}/{self.loader}",
+            "libraries": [f"{LINKER_DIR}/{n}" for n in self.libraries],
+        }
 
 
-def save_linker(build_root: BuildRoot, cache: Path, ident: str) -> Path:
-    """Copy the build root's `ld`, its libraries and the dynamic loader into the cache."""
-    assert build_root.root is not None
-    dest = toolchain_dir(cache, ident)
-    if (dest / "ident").is_file() and (dest / "ident").read_text() == ident:
-        return dest
+def collect_linker(build_root: BuildRoot, dest: Path) -> LinkerFiles:
+    """Copy the build root's `ld`, its libraries and the dynamic loader to `dest` (outside
+    the developer root, which is unmounted after the build)."""
+    where = build_root.root or Path("/")
     inner_ld = build_root.tool("ld")
     if inner_ld is None:
         raise DriverError(
-            f"The build root {build_root.root} has no ld on its PATH, so its linker cannot be "
-            "saved for linking on the node.",
+            f"The build root {where} has no ld on its PATH, so its linker cannot be "
+            "packed for linking on the node.",
             hint="Use a Flatcar developer container (it ships binutils) for the build.",
         )
     ld = resolve_in(build_root.root, Path(inner_ld))
-    tmp = dest.with_name(TEMP_PREFIX + dest.name)  # a killed run's is removed here (build lock)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "lib").mkdir(parents=True)
-    shutil.copy2(ld, tmp / "ld")
+    (dest / "lib").mkdir(parents=True)
+    shutil.copy2(ld, dest / PROGRAM)
     out = run(build_root.argv(["ldd", build_root.inside(ld)])).stdout
     loader = None
+    libraries = []
     for line in out.splitlines():
         m = _LDD_RE.match(line)
         if not m:
             continue
         name, path = m.groups()
         lib = resolve_in(build_root.root, Path(path))
-        target = tmp / "lib" / (name if name and "/" not in name else Path(path).name)
-        shutil.copy2(lib, target)
+        target = Path("lib") / (name if name and "/" not in name else Path(path).name)
+        shutil.copy2(lib, dest / target)
+        libraries.append(str(target))
         if name is None:
-            loader = target
+            loader = str(target)
     if loader is None:
         raise DriverError(
-            f"`ldd {inner_ld}` in {build_root.root} names no dynamic loader, so its linker "
-            "cannot be saved for linking on the node.",
+            f"`ldd {inner_ld}` in {where} names no dynamic loader, so its linker cannot be "
+            "packed for linking on the node.",
             hint="Use a Flatcar developer container (a dynamically linked ld) for the build.",
         )
-    (tmp / "loader").symlink_to(Path("lib") / loader.name)
-    (tmp / "ident").write_text(ident)
-    replace_directory(tmp, dest)
-    log.info("Saved the developer container's linker (%s) to %s", ident, dest)
-    return dest
+    return LinkerFiles(dest, PROGRAM, loader, tuple(libraries))
 
 
-def linker_for(cache: Path, ident: str) -> Linker:
-    """The saved linker that matches `ident`, else this container's `ld` (warning if it differs)."""
-    saved = toolchain_dir(cache, ident)
-    if (saved / "ident").is_file() and (saved / "ident").read_text() == ident:
-        argv = (str(saved / "loader"), "--library-path", str(saved / "lib"), str(saved / "ld"))
-        return Linker(argv, ident)
+def packed_linker(entry: Mapping[str, object] | None, members: Path, ident: str) -> Linker:
+    """The linker a package carries (its manifest's `linker_files`, extracted under
+    `members`), else this container's `ld` (a package made without one: a warning when
+    it is not the linker that built the package)."""
+    if entry is not None:
+        loader = members / str(entry["loader"])
+        loader.chmod(0o755)  # extracted as a plain file
+        program = members / str(entry["program"])
+        library_path = str(loader.parent)
+        return Linker((str(loader), "--library-path", library_path, str(program)), ident)
     local = next(iter(run(["ld", "--version"]).stdout.splitlines()), "").strip()
     if local != ident:
         log.warning(
-            "Linking with %s; the package was built with %s and no copy of that linker is "
-            "saved in %s",
-            local,
-            ident,
-            cache / "toolchain",
+            "Linking with %s; the package was built with %s and carries no linker", local, ident
         )
     return Linker(("ld",), local)

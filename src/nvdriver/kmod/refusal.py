@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from nvdriver.errors import DriverError, NoGpuError, UnsupportedError
+from nvdriver.errors import DriverError, KernelAbiRefused, NoGpuError, UnsupportedError
 from nvdriver.host import PciDevice
 
 NO_GPU_LINE = "NVRM: No NVIDIA GPU found."
@@ -65,12 +65,61 @@ def load_error(
     quoted = [" ".join(line.split()) for line in nvrm[-5:] or kernel_log[-5:]]
     said = f" The kernel logged: {' | '.join(quoted)}" if quoted else ""
     enodev = "No such device" in stderr
+    if error := _abi_refusal(module, stderr, kernel_log):
+        return error
+    if error := _signature_refusal(module, stderr, kernel_log, said):
+        return error
     if module == "nvidia" and (error := _nvidia_refusal(_flat(kernel_log), enodev, gpus, said)):
         return error
     detail = stderr.strip().splitlines()[-1] if stderr.strip() else "modprobe failed"
     return DriverError(
         f"Loading {module} failed: {detail}.{said} Nothing was left loaded.",
         hint="See the kernel log (dmesg) for the whole story.",
+    )
+
+
+# kernel/module/version.c check_version and main.c check_modinfo (6.1, 6.12): the lines
+# of a refusal for the module's ABI.
+_ABI_LINES = ("disagrees about version of symbol", "version magic", "no symbol version for")
+# kernel/module/signing.c module_sig_check and security/lockdown: the lines of a refusal
+# for a missing or untrusted signature (Secure Boot lockdown, module.sig_enforce=1). Not
+# "module verification failed": without enforcement that only taints, and the load goes on.
+_SIGNATURE_LINES = (
+    "Loading of unsigned module is rejected",
+    "Loading of module with unavailable key is rejected",
+    "Loading of module with unsupported crypto is rejected",
+    "unsigned module loading is restricted",
+    "signature not signed with a trusted key",
+)
+_SIGNATURE_ERRORS = ("Key was rejected by service", "Required key not available")
+
+
+def _abi_refusal(module: str, stderr: str, kernel_log: Sequence[str]) -> DriverError | None:
+    lines = [" ".join(line.split()) for line in kernel_log if any(s in line for s in _ABI_LINES)]
+    if not lines and "Exec format error" not in stderr:
+        return None
+    what = " | ".join(lines[:3]) if lines else stderr.strip().splitlines()[-1]
+    return KernelAbiRefused(
+        f"The kernel refused {module} for its kernel ABI ({what}): the package was built "
+        "against another build of this kernel release. Nothing was left loaded.",
+        hint="Build the package in the developer container of the Flatcar release the node "
+        "runs (nvidia-driver update on the node), or remove the package from the store.",
+    )
+
+
+def _signature_refusal(
+    module: str, stderr: str, kernel_log: Sequence[str], said: str
+) -> DriverError | None:
+    signature = [line for line in kernel_log if any(s in line for s in _SIGNATURE_LINES)]
+    if not signature and not any(e in stderr for e in _SIGNATURE_ERRORS):
+        return None
+    return DriverError(
+        f"The kernel refused {module} for its signature: this kernel loads only modules "
+        f"signed by a key it trusts (Secure Boot lockdown or module.sig_enforce).{said} "
+        "Nothing was left loaded.",
+        hint="Make the packages with `nvidia-driver update --sign KEY` and enrol KEY's "
+        "certificate in the machine's MOK list (mokutil --import CERT, then confirm at the "
+        "next boot), or turn Secure Boot off for this node.",
     )
 
 

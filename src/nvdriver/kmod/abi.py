@@ -1,0 +1,159 @@
+"""Whether a package fits the running kernel, judged by what the kernel itself checks.
+
+The kernel loads a module when its vermagic equals the kernel's and, with
+CONFIG_MODVERSIONS, when the CRC the module records for each symbol it imports
+equals the kernel's. A package records both for its modules (its KernelIdentity);
+the running kernel's are read here, without loading anything, from:
+
+1. a build tree of the host's own kernel, when one is mounted
+   (`/lib/modules/RELEASE/build/Module.symvers`): every exported symbol's CRC;
+2. the host's own modules (`/lib/modules/RELEASE/kernel/**.ko[.xz|.gz]`): their
+   `__versions` hold the running kernel's CRCs of what they import, their `vermagic`
+   is the kernel's. They are read lazily, GPU drivers first (they import most of what
+   NVIDIA's modules import), until every symbol asked for is found.
+
+A package fits when its release is the running one, its vermagic equals the host
+modules' (when one could be read) and every CRC the node could read agrees. Symbols
+the node finds nowhere are left to the kernel's own check at load; a refusal there
+marks the package stale (lifecycle). Never the full `/proc/version`: Flatcar's tree is
+another build than the kernel it boots (docs/package.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from nvdriver.config import Config
+from nvdriver.host import KernelIdentity
+from nvdriver.kmod.modversions import MODULE_SUFFIXES, NotAModule, read_module, read_symvers
+
+log = logging.getLogger(__name__)
+
+# Read first: the modules most likely to import what NVIDIA's modules import.
+_FIRST = ("kernel/drivers/gpu", "kernel/drivers/video", "kernel/drivers/char")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """The verdict on one package: whether it fits, and why, for logs and `status`."""
+
+    fits: bool
+    reason: str
+    checked: int = 0  # how many of the package's symbol CRCs the node could compare
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class RunningAbi:
+    """The running kernel's vermagic and symbol CRCs, as far as the node can read them;
+    one per command (what was read once is kept)."""
+
+    def __init__(self, config: Config, release: str) -> None:
+        self.release = release
+        self.directory = config.host("/lib/modules") / release
+        self._crcs: dict[str, int] = {}
+        self._vermagic: str | None = None
+        self._started = False
+        self._files: Iterator[Path] = iter(())
+        self.modules_read = 0
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        symvers = self.directory / "build" / "Module.symvers"
+        try:
+            self._crcs.update(read_symvers(symvers))
+        except OSError:
+            pass
+        else:
+            log.debug("Read the running kernel's CRCs from %s", symvers)
+        self._files = self._module_files()
+
+    def _module_files(self) -> Iterator[Path]:
+        first = [self.directory / d for d in _FIRST]
+        for top in [*first, self.directory]:
+            for dirpath, dirnames, filenames in os.walk(top):
+                here = Path(dirpath)
+                dirnames[:] = sorted(d for d in dirnames if d != "build" and d != "source")
+                if top == self.directory:  # the rest: what `first` did not cover
+                    dirnames[:] = [d for d in dirnames if here / d not in first]
+                for name in sorted(filenames):
+                    if name.endswith(MODULE_SUFFIXES):
+                        yield here / name
+
+    def _read_next(self) -> bool:
+        """Read one more host module into what is known; False when none is left."""
+        for path in self._files:
+            try:
+                facts = read_module(path)
+            except (OSError, NotAModule) as e:
+                log.debug("Not reading %s: %s", path, e)
+                continue
+            self.modules_read += 1
+            for name, crc in facts.versions.items():
+                self._crcs.setdefault(name, crc)
+            if self._vermagic is None:
+                self._vermagic = facts.vermagic
+            return True
+        return False
+
+    def vermagic(self) -> str | None:
+        """The running kernel's vermagic: that of its own modules (the kernel refuses any
+        other), None when no host module can be read."""
+        self._start()
+        while self._vermagic is None and self._read_next():
+            pass
+        return self._vermagic
+
+    def crcs(self, names: Iterable[str]) -> dict[str, int]:
+        """The running kernel's CRCs of `names`, those the node can find."""
+        self._start()
+        wanted = set(names)
+        while not wanted <= self._crcs.keys() and self._read_next():
+            pass
+        return {n: self._crcs[n] for n in wanted if n in self._crcs}
+
+    def fit(self, kernel: KernelIdentity) -> Fit:
+        """Whether a package made for `kernel` fits the running kernel, and why."""
+        if kernel.release != self.release:
+            return Fit(False, f"it is for kernel {kernel.release}, this one is {self.release}")
+        running = self.vermagic()
+        if kernel.vermagic is not None and running is not None and kernel.vermagic != running:
+            return Fit(
+                False,
+                f"its vermagic {kernel.vermagic!r} is not the running kernel's {running!r}",
+            )
+        recorded = dict(kernel.symbols)
+        found = self.crcs(recorded)
+        wrong = sorted(n for n, crc in found.items() if recorded[n] != crc)
+        if wrong:
+            first = wrong[0]
+            return Fit(
+                False,
+                f"{len(wrong)} of the kernel symbols its modules import have another CRC in "
+                f"the running kernel (e.g. {first}: the package's 0x{recorded[first]:08x}, "
+                f"the kernel's 0x{found[first]:08x}): it was built for another build of "
+                f"{kernel.release} with another ABI",
+                len(found),
+            )
+        if not recorded or not found:
+            what = "records no symbol CRCs" if not recorded else "imports none the node can read"
+            return Fit(
+                True,
+                f"release {kernel.release} matches; the package {what} "
+                f"(host modules in {self.directory}), so the kernel's own check at load decides",
+            )
+        unread = len(recorded) - len(found)
+        rest = f" ({unread} not found on the node: the kernel checks them at load)"
+        return Fit(
+            True,
+            f"release and vermagic match and {len(found)} of {len(recorded)} symbol CRCs "
+            "agree with the running kernel's" + (rest if unread else ""),
+            len(found),
+        )
