@@ -78,7 +78,7 @@ class RunningAbi:
     def _module_files(self) -> Iterator[Path]:
         first = [self.directory / d for d in _FIRST]
         for top in [*first, self.directory]:
-            for dirpath, dirnames, filenames in os.walk(top):
+            for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
                 here = Path(dirpath)
                 dirnames[:] = sorted(d for d in dirnames if d != "build" and d != "source")
                 if top == self.directory:  # the rest: what `first` did not cover

@@ -1,0 +1,186 @@
+"""Which package fits the running kernel: by its vermagic and symbol CRCs, read from the
+real modules and build trees of this machine's kernels (6.1's `.ko`, 6.12's `.ko.xz`),
+never by `/proc/version`; and the kernel's own refusals told apart."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nvdriver.config import Config
+from nvdriver.errors import DriverError, KernelAbiRefused
+from nvdriver.host import KernelIdentity
+from nvdriver.kmod.abi import RunningAbi
+from nvdriver.kmod.modversions import MODULE_SUFFIXES, read_module, read_symvers
+from nvdriver.kmod.refusal import load_error
+
+# Imported by the NVIDIA modules (and the stand-in) and by many of the host's modules.
+SYMBOLS = ("_printk", "kfree", "__pci_register_driver", "mutex_lock", "__fentry__")
+
+
+def real_modules(kernel: str) -> Path:
+    return Path("/lib/modules") / kernel
+
+
+def host_with_modules(tmp_path: Path, kernel: str, *, tree: bool) -> Config:
+    """A HOST_ROOT whose /lib/modules/K holds the kernel's own modules (and, with `tree`,
+    its build tree): what the container sees through the /lib/modules mount."""
+    moddir = tmp_path / "host" / "lib" / "modules" / kernel
+    moddir.mkdir(parents=True)
+    (moddir / "kernel").symlink_to(real_modules(kernel) / "kernel")
+    if tree:
+        (moddir / "build").symlink_to(real_modules(kernel) / "build")
+    return Config.from_env({"HOST_ROOT": str(tmp_path / "host")})
+
+
+def package_kernel(kernel: str, **changed_crcs: int) -> KernelIdentity:
+    """A package's identity as a build against the kernel's tree records it."""
+    symvers = read_symvers(real_modules(kernel) / "build" / "Module.symvers")
+    symbols = {name: symvers[name] for name in SYMBOLS if name in symvers}
+    symbols.update(changed_crcs)
+    loop = next((real_modules(kernel) / "kernel" / "drivers" / "block").glob("loop.ko*"))
+    vermagic = read_module(loop).vermagic
+    info = f"Linux version {kernel} (other build) #1 SMP PREEMPT_DYNAMIC Sat Nov 28 2026"
+    return KernelIdentity(kernel, info).with_abi(vermagic, symbols)
+
+
+def test_module_versions_are_read_as_modprobe_dumps_them_from_ko_and_ko_xz(kernel: str) -> None:
+    """The `__versions` of a host module, compressed on 6.12 as on Flatcar: the same CRCs
+    as `modprobe --dump-modversions` prints, and the vermagic modinfo prints."""
+    loop = next((real_modules(kernel) / "kernel" / "drivers" / "block").glob("loop.ko*"))
+    if kernel.startswith("6.12"):
+        assert loop.name.endswith(".ko.xz"), "Debian's 6.12 modules are xz-compressed"
+    facts = read_module(loop)
+    dumped = subprocess.run(
+        ["modprobe", "--dump-modversions", loop], capture_output=True, text=True, check=True
+    ).stdout
+    expected = {line.split()[1]: int(line.split()[0], 16) for line in dumped.splitlines()}
+    assert facts.versions == expected and len(expected) > 10
+    modinfo = subprocess.run(
+        ["modinfo", "-F", "vermagic", loop], capture_output=True, text=True, check=True
+    ).stdout
+    assert facts.vermagic == modinfo.rstrip("\n")
+
+
+def test_the_host_modules_give_the_running_kernels_crcs_without_a_build_tree(
+    kernel: str, tmp_path: Path
+) -> None:
+    """A Flatcar node has no build tree: its modules' `__versions` are the evidence."""
+    abi = RunningAbi(host_with_modules(tmp_path, kernel, tree=False), kernel)
+    symvers = read_symvers(real_modules(kernel) / "build" / "Module.symvers")
+    found = abi.crcs(SYMBOLS)
+    assert found == {name: symvers[name] for name in SYMBOLS}
+    assert abi.modules_read < 400, "GPU drivers first: most imports are found early"
+    verdict = abi.fit(package_kernel(kernel))
+    assert verdict.fits and verdict.checked == len(SYMBOLS), verdict
+
+
+def test_another_build_of_the_release_fits_when_its_abi_is_the_kernels(
+    kernel: str, tmp_path: Path
+) -> None:
+    """Flatcar's tree is another build (another UTS_VERSION) than the booted kernel: the
+    package fits by its vermagic and CRCs."""
+    for tree in (True, False):
+        config = host_with_modules(tmp_path / str(tree), kernel, tree=tree)
+        package = package_kernel(kernel)
+        booted = KernelIdentity.from_build_tree(real_modules(kernel) / "build")
+        assert package.version != booted.version
+        assert RunningAbi(config, kernel).fit(package).fits
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["build-tree", "modules-only"])
+def test_another_crc_for_an_imported_symbol_does_not_fit_and_names_it(
+    kernel: str, tmp_path: Path, tree: bool
+) -> None:
+    symvers = read_symvers(real_modules(kernel) / "build" / "Module.symvers")
+    other = package_kernel(kernel, _printk=symvers["_printk"] ^ 0x5A5A5A5A)
+    verdict = RunningAbi(host_with_modules(tmp_path, kernel, tree=tree), kernel).fit(other)
+    assert not verdict.fits
+    assert "_printk" in verdict.reason and "another ABI" in verdict.reason
+
+
+def test_another_vermagic_or_release_does_not_fit(kernel: str, tmp_path: Path) -> None:
+    abi = RunningAbi(host_with_modules(tmp_path, kernel, tree=False), kernel)
+    package = package_kernel(kernel)
+    odd = package.with_abi(package.vermagic + "preempt_rt ", dict(package.symbols))
+    assert "vermagic" in abi.fit(odd).reason and not abi.fit(odd).fits
+    other = KernelIdentity("6.1.0-1-amd64", package.version, package.vermagic, package.symbols)
+    assert not abi.fit(other).fits
+
+
+def test_without_evidence_the_kernels_own_check_decides(tmp_path: Path) -> None:
+    """No host modules readable (no /lib/modules mount): release alone, said so."""
+    config = Config.from_env({"HOST_ROOT": str(tmp_path)})
+    package = KernelIdentity("6.12.1-flatcar", "x", "6.12.1-flatcar SMP", (("_printk", 1),))
+    verdict = RunningAbi(config, "6.12.1-flatcar").fit(package)
+    assert verdict.fits and verdict.checked == 0
+    assert "the kernel's own check at load decides" in verdict.reason
+
+
+def test_a_refusal_for_a_symbol_crc_or_the_vermagic_is_a_kernel_abi_refusal() -> None:
+    crc = load_error(
+        "nvidia",
+        "modprobe: ERROR: could not insert 'nvidia': Invalid argument",
+        [
+            "nvidia: disagrees about version of symbol _printk",
+            "nvidia: Unknown symbol _printk (err -22)",
+        ],
+        [],
+    )
+    assert isinstance(crc, KernelAbiRefused) and crc.exit_code == 1
+    assert "disagrees about version of symbol _printk" in crc.message
+    magic = load_error(
+        "nvidia-uvm",
+        "modprobe: ERROR: could not insert 'nvidia_uvm': Exec format error",
+        ["nvidia_uvm: version magic '6.1.0-1 SMP' should be '6.1.0-57-amd64 SMP'"],
+        [],
+    )
+    assert isinstance(magic, KernelAbiRefused) and "version magic" in magic.message
+
+
+@pytest.mark.parametrize(
+    ("stderr", "kernel_log"),
+    [
+        (
+            "modprobe: ERROR: could not insert 'nvidia': Key was rejected by service",
+            ["Loading of unsigned module is rejected"],
+        ),
+        (
+            "modprobe: ERROR: could not insert 'nvidia': Operation not permitted",
+            [
+                "Lockdown: modprobe: unsigned module loading is restricted; see man kernel_lockdown.7"
+            ],
+        ),
+        ("modprobe: ERROR: could not insert 'nvidia': Required key not available", []),
+    ],
+    ids=["sig_enforce", "lockdown", "unknown-key"],
+)
+def test_a_refusal_for_the_signature_says_so_and_what_to_do(stderr: str, kernel_log: list[str]):
+    error = load_error("nvidia", stderr, kernel_log, [])
+    assert type(error) is DriverError and error.exit_code == 1
+    assert "refused nvidia for its signature" in error.message
+    assert "--sign" in (error.hint or "") and "mokutil" in (error.hint or "")
+
+
+def test_an_unsigned_module_that_only_taints_is_no_signature_refusal() -> None:
+    error = load_error(
+        "nvidia",
+        "modprobe: ERROR: could not insert 'nvidia': No such device",
+        ["nvidia: module verification failed: signature and/or required key missing"],
+        [],
+    )
+    assert "signature" not in error.message
+
+
+def test_a_module_tree_is_walked_once_however_often_it_is_asked(
+    kernel: str, tmp_path: Path
+) -> None:
+    abi = RunningAbi(host_with_modules(tmp_path, kernel, tree=False), kernel)
+    assert abi.crcs(["no_such_symbol_anywhere"]) == {}
+    tree = real_modules(kernel) / "kernel"
+    every = sum(1 for p in tree.rglob("*") if p.name.endswith(MODULE_SUFFIXES))
+    assert abi.modules_read == every
+    assert abi.crcs(["another_missing_symbol"]) == {}
+    assert abi.modules_read == every
