@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 import tests.flatcar_mirror as fm
+from nvdriver.host import KernelIdentity
+from nvdriver.kmod.modversions import read_symvers
 from tests.integration import conftest_mirror
 
 # The fixtures, also when no conftest.py exposes them.
@@ -87,10 +89,15 @@ def test_image_layout_is_flatcar_container(flatcar_mirror, image_file):
 def test_root_filesystem_holds_the_kernel_tree(flatcar_mirror, image_file):
     kernel = flatcar_mirror.kernel_release
     assert _ls(image_file, "/lib/modules") == {kernel}
-    build = _debugfs(image_file, f"stat /lib/modules/{kernel}/build")
-    assert "Type: symlink" in build
-    assert f"/usr/src/linux-headers-{kernel}" in build
-    assert {"Makefile", "include", "scripts"} <= _ls(image_file, f"/usr/src/linux-headers-{kernel}")
+    # Flatcar's tree (install-extmod-build): one real directory, `source -> build`.
+    build = _debugfs(image_file, f"stat /usr/lib/modules/{kernel}/build")
+    assert "Type: directory" in build
+    source = _debugfs(image_file, f"stat /usr/lib/modules/{kernel}/source")
+    assert "Type: symlink" in source and 'Fast link dest: "build"' in source
+    tree = _ls(image_file, f"/usr/lib/modules/{kernel}/build")
+    assert {"Makefile", "include", "scripts", "arch", "Module.symvers", ".config"} <= tree
+    assert {"modpost"} <= _ls(image_file, f"/usr/lib/modules/{kernel}/build/scripts/mod")
+    assert not {n for n in _ls(image_file, "/usr/src") if n.startswith("linux-")}
     assert {"gcc", "gcc-12", "make", "ld"} <= _ls(image_file, "/usr/bin")
     super_block = subprocess.run(
         ["dumpe2fs", "-h", f"{image_file}?offset={fm.ROOT_START_LBA * fm.SECTOR}"],
@@ -109,18 +116,40 @@ def test_root_filesystem_holds_the_kernel_tree(flatcar_mirror, image_file):
     assert _ls(image_file, "/etc/apt/sources.list.d") == set()
 
 
-def test_devroot_matches_the_host_headers(flatcar_mirror):
+def _tree(devroot: Path, kernel: str) -> Path:
+    return devroot / "usr" / "lib" / "modules" / kernel / "build"
+
+
+def test_devroot_holds_another_build_of_the_host_headers_kernel(flatcar_mirror):
+    """Flatcar ships a tree of another build than the kernel it boots: the release, the
+    .config (so the vermagic) and every CRC are the booted kernel's, the build time in
+    UTS_VERSION is not (FACTS: coreos-modules and coreos-kernel are two builds)."""
     kernel = flatcar_mirror.kernel_release
-    build = flatcar_mirror.devroot / "lib" / "modules" / kernel / "build"
-    target = build.readlink()
-    assert target.is_absolute()
-    assert (flatcar_mirror.devroot / str(target).lstrip("/") / "Makefile").is_file()
-    ours = subprocess.run(
+    ours, host = _tree(flatcar_mirror.devroot, kernel), Path("/lib/modules") / kernel / "build"
+    booted = KernelIdentity.from_build_tree(host)
+    tree = KernelIdentity.from_build_tree(ours)
+    assert tree.release == booted.release == kernel
+    assert tree.version != booted.version and fm.TREE_UTS_VERSION in tree.version
+    assert (ours / "Module.symvers").read_bytes() == (host / "Module.symvers").read_bytes()
+    assert (ours / ".config").read_bytes() == (host / ".config").read_bytes()
+    version = subprocess.run(
         ["dpkg-query", f"--admindir={flatcar_mirror.devroot}/var/lib/dpkg", "-W",
          "-f", "${Version}", f"linux-headers-{kernel}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    assert ours == fm.headers_package_version(kernel)
+    assert version == fm.headers_package_version(kernel)
+
+
+def test_the_another_abi_devroot_differs_in_one_crc(flatcar_mirror):
+    kernel = flatcar_mirror.kernel_release
+    other = fm.build_mirror(kernel, version=flatcar_mirror.version, abi="another")
+    assert other.root != flatcar_mirror.root
+    ours = read_symvers(_tree(flatcar_mirror.devroot, kernel) / "Module.symvers")
+    theirs = read_symvers(_tree(other.devroot, kernel) / "Module.symvers")
+    changed = {n for n in ours if ours[n] != theirs.get(n)}
+    assert changed == {fm.ANOTHER_ABI_SYMBOL}
+    assert theirs[fm.ANOTHER_ABI_SYMBOL] == ours[fm.ANOTHER_ABI_SYMBOL] ^ fm.ANOTHER_ABI_XOR
+    assert KernelIdentity.from_build_tree(_tree(other.devroot, kernel)).release == kernel
 
 
 # ------------------------------------------------------------------ signatures, digests

@@ -19,8 +19,10 @@ import pytest
 
 from nvdriver.driver import package as pkg
 from nvdriver.host import KernelIdentity, KernelTree
+from nvdriver.kmod.modversions import read_symvers
 from tests.conftest import TOOL, run_tool, standin_env
 from tests.flatcar_mirror import (
+    TREE_UTS_VERSION,
     make_bad_digest_variant,
     make_no_root_partition_variant,
     make_truncated_variant,
@@ -70,15 +72,19 @@ def test_update_for_a_kernel_builds_in_its_developer_container(
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip())
     m = pkg.verify(path)
-    # The identity comes from the developer container's kernel tree: the same
-    # Debian headers as installed here, so the same /proc/version line.
-    assert m.kernel == KernelIdentity.from_build_tree(KernelTree.from_dir(kernel_build).output)
-    assert m.kernel_release == kernel_release
+    # The identity comes from the developer container's kernel tree, Flatcar's kind:
+    # another build than the kernel installed here (another UTS_VERSION in the
+    # /proc/version line, information only), with its release, vermagic and CRCs.
+    booted = KernelIdentity.from_build_tree(KernelTree.from_dir(kernel_build).output)
+    assert m.kernel_release == booted.release == kernel_release
+    assert m.kernel_version != booted.version and TREE_UTS_VERSION in m.kernel_version
+    symvers = read_symvers(kernel_build / "Module.symvers")
+    assert m.kernel_symbols and all(symvers[n] == crc for n, crc in m.kernel_symbols)
     assert "4152.2.3" in result.stderr, "the newest release with this kernel is used"
     assert (m.driver_version, m.flavour) == (VERSION, "proprietary")
-    # The developer container's linker is saved for linking at init.
-    saved = list((tmp_path / "cache" / "toolchain").glob("*/ident"))
-    assert [p.read_text() for p in saved] == [m.linker]
+    # The developer container's linker travels in the package, for linking on any node.
+    assert m.linker_files is not None and m.linker_files["program"] in dict(m.files)
+    assert not (tmp_path / "cache" / "toolchain").exists()
     assert_clean(tmp_path)
     image_requests = len(flatcar_mirror_server.requests_for("flatcar_developer_container.bin.bz2"))
     assert image_requests >= 1
