@@ -1,10 +1,10 @@
 """The order of the steps of each command: init, load, unload, update, packages.
 
 `init` acquires each resource in a `with` block of one ExitStack (the lock, the
-bind mount, the loaded modules, the daemon, the readiness file) and waits; a
-signal unwinds the stack in reverse, which is the shutdown. A failure or a
-signal in the middle of a step unwinds the same way, so nothing is left half
-done; what a SIGKILLed run left is removed by the next run before it starts.
+daemons' status file, the bind mount, the loaded modules, the daemons, the readiness
+file) and waits; a signal unwinds the stack in reverse, which is the shutdown. A
+failure or a signal in the middle of a step unwinds the same way, so nothing is left
+half done; what a SIGKILLed run left is removed by the next run before it starts.
 """
 
 from __future__ import annotations
@@ -380,6 +380,8 @@ def init(config: Config) -> None:
     options = config.options
     with _Unwinding() as stack:
         stack.enter_context(lock.instance_lock(config))
+        # The Operator's startup probe holds the pod back while this says NotReady.
+        daemons_status = stack.enter_context(rootfs.daemons_status(config))
         _pause_at(options, "locked")
         plan = _prepare(config)
         # Bound before the modules load: the kernel reads the GSP firmware through it
@@ -400,13 +402,14 @@ def init(config: Config) -> None:
         _pause_at(options, "persistenced")
         # NVSwitch boards: the GPUs are not usable until the fabric is up; readiness waits.
         stack.enter_context(fabric.fabric_manager(config))
+        stack.enter_context(daemons_status.ready())  # NotReady again before they stop
         rootfs.check_nvidia_smi(options.container_root)
         try:
             # A stop from here on is the normal one (exit 0), also one that comes while
             # the readiness file is written: held back until it is and its removal is
             # on the stack.
             with signals.deferred():
-                stack.enter_context(rootfs.ready(config, options.readiness))
+                stack.enter_context(rootfs.ready(config, rootfs.readiness_flags(config)))
                 log.info(
                     "NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour
                 )
@@ -441,7 +444,7 @@ def load(config: Config) -> list[str]:
 
 def unload(config: Config) -> None:
     """Stop the daemons (the fabric manager first), unload the modules (unless in use),
-    then unmount the driver root and remove the readiness file.
+    then unmount the driver root and remove the readiness and daemons' status files.
 
     A driver in use (BusyError, exit 3) keeps its root bound: the loaded driver reads
     its GSP firmware through it at a GPU's next first open, and the toolkit its files.
@@ -452,6 +455,7 @@ def unload(config: Config) -> None:
             daemons.stop_persistenced(config)
         except DriverError as e:
             log.error("%s", e)
+        rootfs.remove_daemons_status(config)  # a killed init's: its daemons are gone now
         unload_modules(config)
         rootfs.remove_stale(config)
 

@@ -1,10 +1,16 @@
-"""The driver root at /run/nvidia/driver and the readiness file of the GPU Operator.
+"""The driver root at /run/nvidia/driver and the GPU Operator's status files.
 
 The container's root file system is bound (recursively) at /run/nvidia/driver
 so that the container toolkit and the Operator's validator find the driver's
 user space there. /sys is made unbindable first and then private, as NVIDIA's
 driver container does, so that sysfs' own submounts are not bound along.
-Both are context managers: leaving the block unmounts and removes the file
+
+Two files under /run/nvidia/validations speak to the GPU Operator (docs/paths.md):
+the readiness file `.driver-ctr-ready`, YAML `KEY: true|false` lines that the
+Operator's validator unmarshals into a map of booleans, and `.driver-daemons-status`,
+`NotReady` from the start of `init` and `Ready` while the driver's daemons run, which
+the Operator's startup probe requires when it exists. Each is written atomically.
+All are context managers: leaving the block unmounts and removes the files
 (`load` keeps the mount, for the driver's GSP firmware, until `unload`).
 """
 
@@ -21,12 +27,16 @@ from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.config import Config
 from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
+from nvdriver.kmod.loaded import LoadedModule
 from nvdriver.run import run, which
 
 log = logging.getLogger(__name__)
 
 DRIVER_ROOT = "/run/nvidia/driver"
 READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
+DAEMONS_STATUS_FILE = "/run/nvidia/validations/.driver-daemons-status"
+DAEMONS_NOT_READY = "NotReady"
+DAEMONS_READY = "Ready"
 # Where the driver's GSP firmware is, as the host's kernel sees it (firmware_class.path).
 FIRMWARE_DIR = f"{DRIVER_ROOT}/lib/firmware"
 NVIDIA_SMI_TIMEOUT = 120.0
@@ -78,7 +88,28 @@ def check_nvidia_smi(container_root: Path) -> None:
 
 
 def readiness_text(flags: Mapping[str, bool]) -> str:
-    return "".join(f"{key}={'true' if value else 'false'}\n" for key, value in flags.items())
+    """YAML, one `KEY: true|false` line per flag: the Operator's validator reads the file
+    with `yaml.Unmarshal` into a map of booleans (`KEY=value` lines fail there)."""
+    return "".join(f"{key}: {'true' if value else 'false'}\n" for key, value in flags.items())
+
+
+def readiness_flags(config: Config) -> dict[str, bool]:
+    """What the readiness file announces: the settings, except that GPUDirect RDMA is
+    announced only when nvidia-peermem is loaded.
+
+    The validator checks nvidia-peermem for each component announced true: announced
+    without it, the node would never validate, where its GPUs work for all but RDMA.
+    """
+    flags = config.options.readiness
+    rdma = "GPU_DIRECT_RDMA_ENABLED"
+    if flags[rdma] and LoadedModule.read(config.host("/sys/module"), "nvidia-peermem") is None:
+        log.warning(
+            "GPU_DIRECT_RDMA_ENABLED is set but nvidia-peermem is not loaded: the readiness "
+            "file says %s: false, and GPUDirect RDMA through nvidia-peermem is not available",
+            rdma,
+        )
+        flags[rdma] = False
+    return flags
 
 
 @contextlib.contextmanager
@@ -93,6 +124,52 @@ def ready(config: Config, flags: Mapping[str, bool]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+class DaemonsStatus:
+    """The daemons' status file of one `init`: `NotReady`, or `Ready` while they run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, status: str) -> None:
+        write_atomically(self.path, status.encode())
+        log.info("Daemons: %s (%s)", status, self.path)
+
+    @contextlib.contextmanager
+    def ready(self) -> Iterator[None]:
+        """`Ready` for a `with` block entered once the daemons run; `NotReady` again when
+        it ends, before the shutdown stops them."""
+        self.write(DAEMONS_READY)
+        try:
+            yield
+        finally:
+            try:
+                self.write(DAEMONS_NOT_READY)
+            except OSError as e:  # the file goes at the end of init in any case
+                log.warning("Could not mark the daemons not ready in %s: %s", self.path, e)
+
+
+@contextlib.contextmanager
+def daemons_status(config: Config) -> Iterator[DaemonsStatus]:
+    """The daemons' status file, `NotReady` from the start (replacing what a killed run
+    left), for a `with` block; removed on the way out."""
+    path = config.host(DAEMONS_STATUS_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    status = DaemonsStatus(path)
+    try:
+        status.write(DAEMONS_NOT_READY)
+        yield status
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def remove_daemons_status(config: Config) -> None:
+    """What a killed `init` left of the daemons' status (`unload`: no daemon runs now)."""
+    path = config.host(DAEMONS_STATUS_FILE)
+    if path.is_file():
+        log.info("Removing the stale %s", path)
+        path.unlink(missing_ok=True)
 
 
 def remove_stale(config: Config) -> None:

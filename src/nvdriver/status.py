@@ -17,11 +17,13 @@ from nvdriver.kmod.loaded import loaded_modules
 
 
 def _readiness(config: Config) -> dict[str, str] | None:
-    """The readiness file's key=value lines, or None when it is absent."""
+    """The readiness file's `KEY: value` lines (rootfs.readiness_text), or None when it is
+    absent."""
     text = read_optional(config.host(rootfs.READY_FILE))
     if text is None:
         return None
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    pairs = (line.partition(":") for line in text.splitlines())
+    return {key.strip(): value.strip() for key, colon, value in pairs if colon}
 
 
 def _driver_root_mounted(config: Config) -> bool | None:
@@ -72,6 +74,7 @@ def collect(config: Config) -> dict[str, Any]:
         "persistenced": {"pid": daemons.running_pid(config, daemons.PERSISTENCED_PID)},
         "fabric_manager": fabric.report(config),
         "driver_root_mounted": _driver_root_mounted(config),
+        "daemons_status": read_optional(config.host(rootfs.DAEMONS_STATUS_FILE)),
         "ready": _readiness(config) is not None,
         "readiness": _readiness(config),
     }
@@ -172,6 +175,7 @@ def render(report: dict[str, Any]) -> str:
     pid = report["persistenced"]["pid"]
     lines.append(f"persistenced: {'running, pid ' + str(pid) if pid else 'not running'}")
     lines.append(_render_fabric(report["fabric_manager"]))
+    lines.append(f"daemons:      {report['daemons_status'] or 'no status file'}")
     mounted = report["driver_root_mounted"]
     lines.append(f"driver root:  {rootfs.DRIVER_ROOT} {'mounted' if mounted else 'not mounted'}")
     ready = report["readiness"]

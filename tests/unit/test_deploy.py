@@ -33,7 +33,7 @@ import yaml
 
 from nvdriver.daemons import STOP_TIMEOUT
 from nvdriver.mounts import TOOL_TIMEOUT
-from nvdriver.rootfs import READY_FILE
+from nvdriver.rootfs import DAEMONS_STATUS_FILE, READY_FILE
 from nvdriver.run import TIMEOUTS
 from nvdriver.watch import CHILD_STOP_TIMEOUT
 from tests.conftest import need
@@ -396,13 +396,101 @@ def test_the_daemonset_honours_the_operator_contract() -> None:
     assert pod["hostPID"] is True
     assert container["securityContext"]["privileged"] is True
     assert container["args"] == ["init"]
-    assert str(READY_FILE) in " ".join(container["startupProbe"]["exec"]["command"])
-    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["rm", "-f", str(READY_FILE)]
     assert any("10de" in key for key in pod["nodeSelector"])
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     # The same image as the Flatcar unit's settings.
     image = env_file((FLATCAR / "nvidia-driver.env").read_text())["NVIDIA_DRIVER_IMAGE"]
     assert container["image"] == image
+
+
+# --- the GPU Operator's startup probe and preStop, run ---------------------------------------
+# In a mount namespace of the test's own: a tmpfs over /sys/module holds the driver's refcnt
+# (no NVIDIA module can load here) and one over /run the Operator's files; nvidia-smi is a
+# stand-in (it needs a GPU) that passes or fails as asked.
+
+_POD = r"""
+set -e
+mount -t tmpfs probe-sys-module /sys/module
+mount -t tmpfs probe-run /run
+mkdir -p "${STATUS_FILE%/*}"
+if [ -n "$LOADED" ]; then mkdir /sys/module/nvidia; echo 1 >/sys/module/nvidia/refcnt; fi
+if [ -n "$STATUS" ]; then printf %s "$STATUS" >"$STATUS_FILE"; fi
+if [ -n "$READY" ]; then printf 'GDRCOPY_ENABLED: false\n' >"$READY_FILE"; fi
+"$@" && echo "command passed" || echo "command failed: $?"
+ls -A "${STATUS_FILE%/*}"
+"""
+
+
+def in_pod(
+    tmp_path: Path, command: list[str], *, loaded: bool, status: str, smi: bool, ready: bool
+) -> tuple[bool, list[str]]:
+    """Whether `command` passes on a node in this state, and the validations left after."""
+    need(shutil.which("unshare") is not None and os.geteuid() == 0, "unshare, root")
+    smi_standin = tmp_path / "bin" / "nvidia-smi"
+    smi_standin.parent.mkdir(exist_ok=True)
+    smi_standin.write_text(f"#!/bin/sh\nexit {0 if smi else 9}\n")
+    smi_standin.chmod(0o755)
+    env = {
+        "PATH": f"{smi_standin.parent}:/usr/sbin:/usr/bin:/sbin:/bin",
+        "STATUS_FILE": str(DAEMONS_STATUS_FILE),
+        "READY_FILE": str(READY_FILE),
+        "LOADED": "1" if loaded else "",
+        "STATUS": status,
+        "READY": "1" if ready else "",
+    }
+    unshare = ["unshare", "--mount", "--propagation", "private"]
+    out = subprocess.run(
+        [*unshare, "sh", "-c", _POD, "pod", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    (verdict,) = [line for line in out if line.startswith("command ")]
+    return verdict == "command passed", out[out.index(verdict) + 1 :]
+
+
+def pod_container() -> dict[str, Any]:
+    (daemonset,) = [r for r in manifests() if r["kind"] == "DaemonSet"]
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+@pytest.mark.parametrize(
+    ("loaded", "status", "smi", "ready", "passes"),
+    [
+        (False, "", True, True, False),  # no driver loaded
+        (True, "NotReady", True, True, False),  # the daemons do not run yet
+        (True, "Ready", False, True, False),  # nvidia-smi fails
+        (True, "Ready", True, False, False),  # init has not announced it
+        (True, "Ready", True, True, True),
+        (True, "", True, True, True),  # no daemons' status file: not required
+    ],
+)
+def test_the_startup_probe_is_the_gpu_operators(
+    tmp_path: Path, loaded: bool, status: str, smi: bool, ready: bool, passes: bool
+) -> None:
+    probe = pod_container()["startupProbe"]
+    assert probe["timeoutSeconds"] >= 60  # nvidia-smi's time, as the Operator gives it
+    command = probe["exec"]["command"]
+    passed, _ = in_pod(tmp_path, command, loaded=loaded, status=status, smi=smi, ready=ready)
+    assert passed is passes
+
+
+def test_the_prestop_removes_both_of_the_gpu_operators_files(tmp_path: Path) -> None:
+    command = pod_container()["lifecycle"]["preStop"]["exec"]["command"]
+    left = in_pod(tmp_path, command, loaded=True, status="Ready", smi=True, ready=True)
+    assert left == (True, [])
+
+
+def test_the_unit_removes_the_gpu_operators_files_a_killed_container_left() -> None:
+    """Before it waits for readiness (a stale file would end the wait at once) and after
+    the container is gone (docker kills it at its stop limit)."""
+    removal = ["rm", "-f", str(READY_FILE), str(DAEMONS_STATUS_FILE)]
+    assert removal in [shlex.split(v) for v in directive(UNIT, "Service", "ExecStartPre")]
+    assert [shlex.split(v) for v in directive(UNIT, "Service", "ExecStopPost")] == [removal]
 
 
 # --- the GPU Operator's values --------------------------------------------------------------

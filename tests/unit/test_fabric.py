@@ -15,15 +15,17 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from nvdriver import cli, daemons, fabric, lifecycle, rootfs, status
 from nvdriver.config import Config, Options
@@ -441,10 +443,13 @@ def signal_handlers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stopped_when_ready(node: Node, within: float = 30) -> Iterator[list[list[str]]]:
+def stopped_when_ready(
+    node: Node, within: float = 30, note: Callable[[], list[str]] = list
+) -> Iterator[list[list[str]]]:
     """SIGTERM to us once the readiness file is there, noting the events at that moment
-    (the list yielded gets them); after `within` seconds in any case (an init that waits
-    wrongly then fails rather than hangs); nothing once the block is left."""
+    (the list yielded gets them, then what `note` says); after `within` seconds in any case
+    (an init that waits wrongly then fails rather than hangs); nothing once the block is
+    left."""
     ready = node.host / rootfs.READY_FILE.lstrip("/")
     seen: list[list[str]] = []
     done = threading.Event()
@@ -453,7 +458,7 @@ def stopped_when_ready(node: Node, within: float = 30) -> Iterator[list[list[str
         deadline = time.monotonic() + within
         while not done.wait(0.01):
             if ready.exists() or time.monotonic() > deadline:
-                seen.append(node.events() + (["ready"] if ready.exists() else []))
+                seen.append(node.events() + (["ready", *note()] if ready.exists() else []))
                 # init writes the file, logs, then waits: a SIGTERM in between is a failed
                 # start (exit 1), not the shutdown under test.
                 if not done.wait(0.3):
@@ -494,6 +499,58 @@ def test_init_starts_fabric_manager_after_persistenced_readies_after_fabric_and_
     assert not (node.host / rootfs.READY_FILE.lstrip("/")).exists()
 
 
+def test_init_says_daemons_not_ready_until_persistenced_and_the_fabric_run_and_removes_it(
+    without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU Operator's startup probe holds the pod back while .driver-daemons-status is
+    there and not `Ready`; the readiness file is YAML, as its validator reads it."""
+    node = without_modules
+    status_file = node.host / rootfs.DAEMONS_STATUS_FILE.lstrip("/")
+    ready_file = node.host / rootfs.READY_FILE.lstrip("/")
+
+    def noting_status(program: Path) -> None:
+        """`program` wrapped: it notes the daemons' status in the events, then runs."""
+        real = program.with_name(program.name + ".real")
+        program.rename(real)
+        standin._program(
+            program,
+            f'#!/bin/sh\necho "{program.name} sees $(cat {status_file} || echo no file)" '
+            f'>>"$STANDIN_FABRIC_DIR/events"\nexec {real} "$@"\n',
+        )
+
+    noting_status(Path(shutil.which("nvidia-persistenced") or "nvidia-persistenced"))
+    noting_status(node.root / "usr/bin/nv-fabricmanager")
+
+    def at_ready() -> list[str]:
+        """The daemons' status and the readiness file as the Operator reads it (never
+        raising: the watcher must go on to stop init)."""
+        status = status_file.read_text() if status_file.exists() else "no status file"
+        try:
+            features = json.dumps(yaml.safe_load(ready_file.read_text()), sort_keys=True)
+        except (OSError, yaml.YAMLError) as e:
+            features = repr(e)
+        return [status, features]
+
+    with stopped_when_ready(node, note=at_ready) as seen:
+        assert cli.main(["init"]) == 0
+    assert [e for e in seen[0] if not e.startswith("nvidia-smi -q -x")] == [
+        "modules loaded",
+        "nvidia-persistenced sees NotReady",
+        "nvidia-persistenced started: --persistence-mode",
+        "nv-fabricmanager sees NotReady",
+        f"nv-fabricmanager started: -c {node.root}/usr/share/nvidia/nvswitch/fabricmanager.cfg",
+        "nvidia-smi (fabric Completed)",
+        "ready",
+        "Ready",
+        json.dumps(
+            {"GDRCOPY_ENABLED": False, "GDS_ENABLED": False, "GPU_DIRECT_RDMA_ENABLED": False}
+        ),
+    ]
+    assert node.events()[-1] == "modules unloaded"
+    assert not status_file.exists() and not ready_file.exists()
+    assert list(status_file.parent.iterdir()) == []  # no temporary file either
+
+
 def test_init_whose_fabric_never_comes_up_exits_1_announcing_nothing_and_stopping_all(
     without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -511,6 +568,7 @@ def test_init_whose_fabric_never_comes_up_exits_1_announcing_nothing_and_stoppin
     ]
     assert "nvidia-smi (fabric" not in " ".join(events)  # never announced
     assert not (node.host / rootfs.READY_FILE.lstrip("/")).exists()
+    assert not (node.host / rootfs.DAEMONS_STATUS_FILE.lstrip("/")).exists()
     config = node.config()
     assert daemons.running_pid(config, fabric.FM_PID) is None
     assert daemons.running_pid(config, daemons.PERSISTENCED_PID) is None
@@ -526,8 +584,12 @@ def test_load_leaves_the_fabric_manager_running_and_unload_stops_it_before_persi
     assert node.events()[-1] == "nvidia-smi -q -x (fabric Completed)"
     # persistenced as a restarted init would have left it, to see the order at unload
     daemons.start_persistenced(config)
+    status_file = node.host / rootfs.DAEMONS_STATUS_FILE.lstrip("/")
+    status_file.parent.mkdir(parents=True)
+    status_file.write_text("Ready")  # and its daemons' status: they are stopped now
     lifecycle.unload(config)
     assert not alive(node, pid)
+    assert not status_file.exists()
     stops = [e for e in node.events() if e.endswith("stopped")]
     assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
 

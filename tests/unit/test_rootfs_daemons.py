@@ -1,4 +1,4 @@
-"""The readiness file, the daemon's pid file, init's options."""
+"""The GPU Operator's files, the daemon's pid file, init's options."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nvdriver import daemons, rootfs
 from nvdriver.config import Config, Options
@@ -29,22 +30,71 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
 # --- readiness and mounts -------------------------------------------------------------
 
 
-def test_readiness_file_is_written_whole_and_removed_on_the_way_out(config: Config) -> None:
+def operator_reads(path: Path) -> dict[str, bool]:
+    """The readiness file as the GPU Operator's validator reads it: `yaml.Unmarshal` into a
+    map of booleans (a value that is not a YAML boolean fails there)."""
+    features = yaml.safe_load(path.read_text())
+    assert isinstance(features, dict), features
+    assert all(isinstance(v, bool) for v in features.values()), features
+    return features
+
+
+def test_readiness_file_is_yaml_the_operator_reads_written_whole_and_removed(
+    config: Config,
+) -> None:
     flags = {"GDRCOPY_ENABLED": False, "GDS_ENABLED": True, "GPU_DIRECT_RDMA_ENABLED": False}
     with pytest.raises(RuntimeError), rootfs.ready(config, flags) as path:
         assert path == config.host("/run/nvidia/validations/.driver-ctr-ready")
-        assert path.read_text() == (
-            "GDRCOPY_ENABLED=false\nGDS_ENABLED=true\nGPU_DIRECT_RDMA_ENABLED=false\n"
-        )
+        assert operator_reads(path) == flags
         assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
         raise RuntimeError("a failure after the driver was announced")
+    assert not path.exists()
+
+
+def peermem_loaded(config: Config) -> None:
+    """nvidia-peermem as /sys/module shows a loaded module (no HCA or GPU can exist here)."""
+    module = config.host("/sys/module/nvidia_peermem")
+    module.mkdir(parents=True)
+    (module / "refcnt").write_text("0\n")
+
+
+@pytest.mark.parametrize(
+    ("asked", "loaded", "announced"),
+    [(True, True, True), (True, False, False), (False, True, False), (False, False, False)],
+)
+def test_gpudirect_rdma_is_announced_only_when_asked_and_nvidia_peermem_is_loaded(
+    tmp_path: Path, asked: bool, loaded: bool, announced: bool
+) -> None:
+    """The validator checks nvidia-peermem when the file says true: said without it, the
+    node would never validate."""
+    env = {"HOST_ROOT": str(tmp_path), "GDS_ENABLED": "true"}
+    config = Config.from_env({**env, "GPU_DIRECT_RDMA_ENABLED": "true" if asked else "false"})
+    if loaded:
+        peermem_loaded(config)
+    with rootfs.ready(config, rootfs.readiness_flags(config)) as path:
+        assert operator_reads(path) == {
+            "GDRCOPY_ENABLED": False,
+            "GDS_ENABLED": True,
+            "GPU_DIRECT_RDMA_ENABLED": announced,
+        }
+
+
+def test_daemons_status_is_not_ready_then_ready_while_they_run_then_gone(config: Config) -> None:
+    path = config.host(rootfs.DAEMONS_STATUS_FILE)
+    with pytest.raises(RuntimeError), rootfs.daemons_status(config) as status:
+        assert path.read_text() == "NotReady"
+        with status.ready():
+            assert path.read_text() == "Ready"
+            assert [p.name for p in path.parent.iterdir()] == [path.name]  # written whole
+        assert path.read_text() == "NotReady"  # the daemons are being stopped
+        raise RuntimeError("a failure while init runs")
     assert not path.exists()
 
 
 def test_stale_readiness_files_are_removed(config: Config) -> None:
     ready = config.host(rootfs.READY_FILE)
     ready.parent.mkdir(parents=True)
-    ready.write_text("GDS_ENABLED=false\n")
+    ready.write_text("GDS_ENABLED: false\n")
     (ready.parent / ".tmp-abc").write_text("half")
     (ready.parent / "other-validation").write_text("kept")
     rootfs.remove_stale(config)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdriver import daemons, status
+from nvdriver import daemons, rootfs, status
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.host import KernelIdentity
@@ -42,7 +42,8 @@ def test_status_reports_modules_daemon_readiness_and_flatcar(
     (host / "proc" / str(os.getppid())).symlink_to(f"/proc/{os.getppid()}")
     ready = host / "run" / "nvidia" / "validations" / ".driver-ctr-ready"
     ready.parent.mkdir(parents=True)
-    ready.write_text("GDRCOPY_ENABLED=false\nGDS_ENABLED=false\nGPU_DIRECT_RDMA_ENABLED=true\n")
+    ready.write_text(rootfs.readiness_text({"GDS_ENABLED": False, "GPU_DIRECT_RDMA_ENABLED": True}))
+    (ready.parent / ".driver-daemons-status").write_text("Ready")
     config = Config.from_env(
         {"HOST_ROOT": str(host), "PRECOMPILED_DIR": str(tmp_path / "precompiled")}
     )
@@ -56,12 +57,14 @@ def test_status_reports_modules_daemon_readiness_and_flatcar(
         ("nvidia_modeset", 0, []),
     ]
     assert report["persistenced"]["pid"] == os.getppid()
-    assert report["readiness"]["GPU_DIRECT_RDMA_ENABLED"] == "true"
+    assert report["readiness"] == {"GDS_ENABLED": "false", "GPU_DIRECT_RDMA_ENABLED": "true"}
+    assert report["daemons_status"] == "Ready"
     assert report["instance"]["pid"] is None
     text = status.render(report)
     assert "flatcar:      4230.2.3" in text
     assert "nvidia 535.261.03 (refcnt 2, used by nvidia_modeset nvidia_uvm)" in text
-    assert "ready:        yes (GDRCOPY_ENABLED=false" in text
+    assert "ready:        yes (GDS_ENABLED=false, GPU_DIRECT_RDMA_ENABLED=true)" in text
+    assert "daemons:      Ready" in text
 
 
 def test_status_lists_this_kernels_packages_of_both_stores(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ def test_init_loads_serves_and_shuts_down_cleanly_on_sigterm(
             "mounted": "yes",
             "bound_etc": "yes",
             "sys_submounts": "0",  # /sys was made unbindable: its submounts stay out
-            "readiness": "GDRCOPY_ENABLED=false,GDS_ENABLED=false,GPU_DIRECT_RDMA_ENABLED=false",
+            "readiness": "GDRCOPY_ENABLED: false,GDS_ENABLED: false,GPU_DIRECT_RDMA_ENABLED: false",
             "lock_pid": facts.get("init_pid", "?"),
             "status_rc": "0",
             "second_rc": "4",
