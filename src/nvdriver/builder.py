@@ -196,7 +196,7 @@ def _in_developer_container(
             assert target is not None
             tree = _release_kernel_tree(root, target.kernel, flatcar.version)
         elif config.emerge_sources:
-            tree = _emerged_kernel_tree(build_root, kernel)
+            tree = _emerged_kernel_tree(build_root, kernel, config.network_environment())
         else:
             tree = _developer_kernel_tree(root, kernel, flatcar.version)
         build_dir = resolve_in(root, Path(BUILD_DIR))
@@ -288,14 +288,15 @@ def _release_kernel_tree(root: Path, kernel: str | None, version: str) -> Kernel
     )
 
 
-def _emerged_kernel_tree(build_root: BuildRoot, kernel: str) -> KernelTree:
+def _emerged_kernel_tree(build_root: BuildRoot, kernel: str, network: dict[str, str]) -> KernelTree:
     """The old way (flatcar/Flatcar#106, #140, #300): emerge coreos-sources, then prepare
-    /usr/src/linux with the kernel's own configuration. Needs network in the chroot."""
+    /usr/src/linux with the kernel's own configuration. Needs network in the chroot (and
+    `network`, the proxies of config.NETWORK)."""
     assert build_root.root is not None
     root = build_root.root
     hint = "emerge needs network access from the node and a release that still offers binpkgs."
-    run(build_root.argv(["emerge-gitclone"]), hint=hint)
-    run(build_root.argv(["emerge", "-gKq", "coreos-sources"]), hint=hint)
+    run(build_root.argv(["emerge-gitclone"]), env=network, hint=hint)
+    run(build_root.argv(["emerge", "-gKq", "coreos-sources"]), env=network, hint=hint)
     linux = resolve_in(root, Path("/usr/src/linux"))
     for candidate in (f"/usr/lib64/modules/{kernel}/build/.config", f"/usr/boot/config-{kernel}"):
         config = resolve_in(root, Path(candidate))

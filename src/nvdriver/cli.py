@@ -6,14 +6,13 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from nvdriver import __version__, fleet, lifecycle, lock, signals
 from nvdriver import log as logsetup
-from nvdriver.config import Config
+from nvdriver.config import Config, process_environment
 from nvdriver.driver.package import stores
 from nvdriver.errors import DriverError, ExitCode, Interrupted
 from nvdriver.run import set_timeouts
@@ -231,7 +230,7 @@ def _packages(args: argparse.Namespace, config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    env = dict(os.environ)
+    env = process_environment()
     logsetup.setup(env.get("LOG_FORMAT") or "text", debug=args.debug)
     with contextlib.ExitStack() as stack:
         try:

@@ -1,6 +1,8 @@
 """Settings from the environment, then flags (SPEC.md section 3), validated once.
 
-The result is a frozen `Config`; nothing else reads `os.environ`.
+The result is a frozen `Config`; nothing else reads `os.environ`. What a child process
+gets of our environment is named here too (`child_environment`): a minimal one, so that
+no setting and no secret (PRECOMPILED_REGISTRY_PASSWORD) reaches a tool by accident.
 
 Every path the program uses is one of three kinds (docs: the container contract):
 
@@ -31,7 +33,37 @@ from pathlib import Path
 from typing import TypedDict
 
 from nvdriver.errors import UsageError
-from nvdriver.run import TIMEOUTS
+
+# Seconds each program may run before it is killed (run.py; NVIDIA_DRIVER_TIMEOUTS changes
+# them). modprobe of nvidia on a node with many GPUs takes tens of seconds; rmmod and
+# depmod take a second when healthy.
+TIMEOUTS: dict[str, float] = {"modprobe": 300.0, "rmmod": 60.0, "depmod": 120.0, "ld": 300.0}
+
+# What a child process gets of our environment, and nothing else (run.py starts every
+# child with it): PATH, where the tools are (the image's; a test puts stand-ins first),
+# and LC_ALL=C, so that what we parse or match in a tool's output ("No such device",
+# `ld --version`) does not depend on the container's language. gpg needs no HOME: it is
+# always given its own --homedir. A caller adds what one program needs, by these names:
+CHILD_INHERITS = ("PATH",)
+CHILD_FIXED = {"LC_ALL": "C"}
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# emerge in the developer container fetches sources: the proxies a node is given.
+NETWORK = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+# nvidia-smi (validate.py) searches the driver root's libraries, then ours.
+LIBRARY_PATH = "LD_LIBRARY_PATH"
+
+
+def process_environment() -> dict[str, str]:
+    """Our whole environment, for `Config.from_env` (the CLI) and nothing else."""
+    return dict(os.environ)
+
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child: CHILD_INHERITS of ours, CHILD_FIXED, then `extra` (what
+    that one program needs, named by the caller; it may still set its own LC_ALL)."""
+    ours = {name: os.environ[name] for name in CHILD_INHERITS if name in os.environ}
+    return {"PATH": DEFAULT_PATH, **ours, **CHILD_FIXED, **(extra or {})}
+
 
 DRIVER_VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
 # 6.1.0-56-amd64, 6.12.102-flatcar, 6.12.113+deb12-amd64: a version, then a suffix
@@ -301,6 +333,11 @@ class Config:
     registry_plain_http: bool = False
     trusted_keys: Path | None = None
     fleet_signing_key: Path | None = None
+    # The environment these settings were read from, whole: registry credentials are read
+    # from it at use, and our own child (the build ahead) gets it; never shown (repr).
+    environment: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: object) -> Config:
@@ -345,6 +382,7 @@ class Config:
             timeouts=parse_timeouts(get("NVIDIA_DRIVER_TIMEOUTS") or ""),
             options=Options.from_env(env),
             **_registry_settings(env),
+            environment=dict(env),
         )
         given = {k: v for k, v in flags.items() if v is not None}
         config = dataclasses.replace(config, **given)  # type: ignore[arg-type]
@@ -431,6 +469,14 @@ class Config:
         host's read-only /lib/modules is not involved, and tests give both roots apart.
         """
         return self.options.container_root / Path(path).relative_to("/")
+
+    def network_environment(self) -> dict[str, str]:
+        """What a child that fetches from the network needs of our environment (NETWORK)."""
+        return {name: self.environment[name] for name in NETWORK if name in self.environment}
+
+    def library_path(self) -> list[str]:
+        """The directories of our LD_LIBRARY_PATH, in order."""
+        return [d for d in self.environment.get(LIBRARY_PATH, "").split(":") if d]
 
     def require_driver_version(self) -> str:
         if self.driver_version is None:

@@ -32,7 +32,6 @@ import http.client
 import io
 import json
 import logging
-import os
 import re
 import ssl
 import urllib.parse
@@ -234,7 +233,7 @@ class Client:
     def for_config(cls, config: Config, ref: Reference) -> Client:
         return cls(
             ref,
-            creds=credentials(config, ref.host, os.environ),
+            creds=credentials(config, ref.host, config.environment),
             ca=config.registry_ca,
             plain_http=config.registry_plain_http,
         )

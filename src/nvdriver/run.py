@@ -1,14 +1,18 @@
 """The one way to run a program.
 
 No shell, the command line logged, stderr captured (its tail goes into the
-error), a timeout, one typed error. Long-lived children go through `spawn`,
-a context manager that terminates the child on every exit path.
+error), a timeout, one typed error. One place starts a process (`_start`): `spawn`,
+a context manager that terminates the child on every exit path, and `run`, built on
+it, which waits for the child's end.
 
-Every child runs with LC_ALL=C: what we parse or match in a tool's output
-("No such device", `ld --version`) must not depend on the container's language.
-The programs a start or a shutdown waits for (modprobe, rmmod, depmod, ld) have a
-timeout by default (TIMEOUTS; NVIDIA_DRIVER_TIMEOUTS changes them): a hung rmmod
-must end in an error, not in a shutdown that never ends.
+Every child gets a minimal environment (config.child_environment: PATH and LC_ALL=C,
+plus what the caller names for that one program) and /dev/null as stdin unless the
+caller feeds it: nothing of ours (settings, registry credentials) reaches a tool by
+accident, and no child waits on a terminal. LC_ALL=C: what we parse or match in a
+tool's output ("No such device", `ld --version`) must not depend on the container's
+language. The programs a start or a shutdown waits for (modprobe, rmmod, depmod, ld)
+have a timeout by default (TIMEOUTS; NVIDIA_DRIVER_TIMEOUTS changes them): a hung
+rmmod must end in an error, not in a shutdown that never ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from nvdriver.config import TIMEOUTS, child_environment
 from nvdriver.errors import DriverError
 
 log = logging.getLogger(__name__)
@@ -31,9 +36,8 @@ PathLike = str | os.PathLike[str]
 
 STDERR_TAIL_LINES = 20
 
-# Seconds each program may run before it is killed. modprobe of nvidia on a node with
-# many GPUs takes tens of seconds; rmmod and depmod take a second when healthy.
-TIMEOUTS: dict[str, float] = {"modprobe": 300.0, "rmmod": 60.0, "depmod": 120.0, "ld": 300.0}
+__all__ = ["TIMEOUTS", "RunError", "default_timeout", "run", "set_timeouts", "spawn", "which"]
+
 # How long a killed child gets to go; one stuck in the kernel (D state) is left behind.
 KILL_GRACE = 5.0
 _timeouts = dict(TIMEOUTS)
@@ -60,11 +64,6 @@ def default_timeout(argv: Sequence[str]) -> float | None:
     return None
 
 
-def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
-    """Ours with the C locale (a caller's `env` may still set its own LC_ALL)."""
-    return {**os.environ, "LC_ALL": "C", **(env or {})}
-
-
 class RunError(DriverError):
     """A program exited non-zero (or could not be started, or timed out)."""
 
@@ -87,6 +86,10 @@ class RunError(DriverError):
         super().__init__(message, hint=hint)
 
 
+def _text(data: bytes | None) -> str:
+    return (data or b"").decode(errors="replace")
+
+
 def run(
     cmd: Sequence[PathLike],
     *,
@@ -103,44 +106,44 @@ def run(
 
     With `capture` (the default) stdout and stderr are returned as text; without
     it stdout goes to `stdout` (or ours) and stderr is still captured for the
-    error message. After `timeout` (default: `default_timeout`) the child is killed
+    error message. `input` is written to its stdin (else /dev/null); `env` adds to the
+    minimal environment. After `timeout` (default: `default_timeout`) the child is killed
     and logged; then RunError, or without `check` a result with a negative status.
     """
     argv = [os.fspath(c) for c in cmd]
     limit = timeout if timeout is not None else default_timeout(argv)
-    log.debug("+ %s", shlex.join(argv))
-    try:
-        proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=_environment(env),
-            stdin=subprocess.PIPE if input is not None else None,
-            stdout=subprocess.PIPE if capture else stdout,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-    except FileNotFoundError as e:
-        raise RunError(argv, 127, f"{argv[0]}: command not found", hint=hint) from e
-    try:
-        out, err = proc.communicate(input, timeout=limit)
-    except subprocess.TimeoutExpired:
-        log.error("%s did not finish within %.0f s; killing it", shlex.join(argv), limit)
-        out, err = _kill(proc)
-        if check:
-            raise RunError(argv, None, err, hint=hint) from None
-        return subprocess.CompletedProcess(
-            argv, proc.returncode or -signal.SIGKILL, out, f"{err}\ntimed out after {limit:.0f} s"
-        )
-    except BaseException:  # a signal (Interrupted) or ^C: the child does not outlive us
-        _kill(proc)
-        raise
+    with spawn(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture else stdout,
+        stderr=subprocess.PIPE,
+        terminate_timeout=0.0,  # a signal (Interrupted) or ^C: the child does not outlive us
+        hint=hint,
+    ) as proc:
+        try:
+            raw_out, raw_err = proc.communicate(
+                None if input is None else input.encode(), timeout=limit
+            )
+        except subprocess.TimeoutExpired:
+            log.error("%s did not finish within %.0f s; killing it", shlex.join(argv), limit)
+            killed_out, killed_err = (_text(b) for b in _kill(proc))
+            if check:
+                raise RunError(argv, None, killed_err, hint=hint) from None
+            return subprocess.CompletedProcess(
+                argv,
+                proc.returncode or -signal.SIGKILL,
+                killed_out,
+                f"{killed_err}\ntimed out after {limit:.0f} s",
+            )
+    out, err = _text(raw_out) if capture else None, _text(raw_err)
     if check and proc.returncode != 0:
-        raise RunError(argv, proc.returncode, err or "", hint=hint)
+        raise RunError(argv, proc.returncode, err, hint=hint)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def _kill(proc: subprocess.Popen[str]) -> tuple[str, str]:
+def _kill(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     """SIGKILL the child and collect its output; one that does not die is left behind
     (a process in uninterruptible sleep would otherwise hang us as well)."""
     proc.kill()
@@ -152,8 +155,8 @@ def _kill(proc: subprocess.Popen[str]) -> tuple[str, str]:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
-        return "", ""
-    return out or "", err or ""
+        return b"", b""
+    return out or b"", err or b""
 
 
 @contextlib.contextmanager
@@ -167,26 +170,28 @@ def spawn(
     stderr: int | IO[Any] | None = None,
     terminate_timeout: float = 5.0,
     process_group: bool = False,
+    hint: str | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start a child for the duration of a `with` block; terminate it on the way out.
 
-    With `process_group` the child leads a group of its own and the whole group
-    (make and its compilers) is terminated.
+    The child's environment is the minimal one (config.child_environment) plus `env`;
+    its stdin /dev/null unless `stdin` is given. With `process_group` the child leads a
+    group of its own and the whole group (make and its compilers) is terminated.
     """
     argv = [os.fspath(c) for c in cmd]
-    log.debug("+ %s &", shlex.join(argv))
+    log.debug("+ %s", shlex.join(argv))
     try:
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=_environment(env),
-            stdin=stdin,
+            env=child_environment(env),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=stdout,
             stderr=stderr,
             start_new_session=process_group,
         )
     except FileNotFoundError as e:
-        raise RunError(argv, 127, f"{argv[0]}: command not found") from e
+        raise RunError(argv, 127, f"{argv[0]}: command not found", hint=hint) from e
     try:
         yield proc
     finally:
@@ -207,12 +212,15 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float, group: bool) -> None:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             send(signal.SIGKILL)
-            proc.wait()
+            try:
+                proc.wait(timeout=KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) did not exit after SIGKILL; leaving it", proc.args, proc.pid)
 
 
 def which(program: str) -> Path | None:
-    """Find `program` on PATH."""
-    for d in os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(os.pathsep):
+    """Find `program` on the PATH our children get."""
+    for d in child_environment()["PATH"].split(os.pathsep):
         candidate = Path(d) / program
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate

@@ -5,7 +5,8 @@ only that the bytes are the ones a tag points at, and anyone who may push can po
 the tag; so a pushed package carries a detached, armored signature made with `gpg` at
 push time (PRECOMPILED_SIGNING_KEY, an armored secret key), and a node checks it with
 `gpgv` against the keys it trusts (PRECOMPILED_TRUSTED_KEYS) before the package is
-opened. No signature, a signer the node does not trust or a bad signature: refused.
+opened. No signature, a signer the node does not trust, a bad signature, or a good one by
+a fleet key that has been revoked or has expired (gpgv accepts those): refused.
 
 The secret key is imported only into a throw-away GnuPG home under the system's
 temporary directory, removed (with its agent stopped) right after signing: it is never
@@ -36,6 +37,12 @@ FLEET = gpg.KeyRole(
     "was not unpacked; push it again from a build node.",
     other_hint="Only packages signed by a key of PRECOMPILED_TRUSTED_KEYS are used; it was "
     "not unpacked.",
+    revoked_hint="The fleet key that signed the package was revoked: the package was not "
+    "unpacked. Push it again from a build node that signs with the fleet's current key, and "
+    "keep the revoked key's revocation in PRECOMPILED_TRUSTED_KEYS.",
+    expired_hint="The fleet key that signed the package has expired: the package was not "
+    "unpacked. Extend the key's expiry (gpg --quick-set-expire) and give the nodes the "
+    "updated public key (PRECOMPILED_TRUSTED_KEYS), or push again signed with a current key.",
 )
 
 

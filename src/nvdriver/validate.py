@@ -30,7 +30,6 @@ import dataclasses
 import importlib.resources
 import io
 import logging
-import os
 import platform
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,7 +158,7 @@ def nvidia_smi(config: Config, root: Path) -> list[dict[str, str]]:
     found = [driver_library(root, s) for s in ("libnvidia-ml.so.1", "libcuda.so.1")]
     dirs = [str(p.parent) for p in found if p is not None]
     dirs += [str(root / d) for d in LIBRARY_DIRS if (root / d).is_dir()]
-    dirs += [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]  # then ours
+    dirs += config.library_path()  # then ours
     query: list[str | Path] = [
         smi,
         f"--query-gpu={','.join(SMI_FIELDS)}",

@@ -88,7 +88,13 @@ def build(config: Config, *args: str) -> bool:
     log.info("Building ahead: %s", " ".join(args))
     started = time.monotonic()
     try:
-        with run.spawn(argv, process_group=True, terminate_timeout=CHILD_STOP_TIMEOUT) as child:
+        # Our own program: it reads its settings from the environment ours came from.
+        with run.spawn(
+            argv,
+            env=config.environment,
+            process_group=True,
+            terminate_timeout=CHILD_STOP_TIMEOUT,
+        ) as child:
             try:
                 status = child.wait()
             except Interrupted:  # spawn terminates it on the way out, and waits

@@ -7,6 +7,8 @@ is built by kbuild against the installed Debian headers; nothing is mocked.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.host import KernelIdentity, KernelTree
 from nvdriver.kmod.abi import Fit
 from nvdriver.kmod.modversions import read_symvers
-from tests.conftest import run_tool, standin_env
+from tests.conftest import TOOL, need, run_tool, standin_env
 from tests.standin.tree import make_standin_source
 
 VERSION = "535.999.01"
@@ -219,3 +221,32 @@ def test_a_kernel_flag_that_contradicts_the_tree_is_a_usage_error(env, nvidia_dr
     )
     assert result.returncode == 2
     assert "does not match the kernel tree" in result.stderr
+
+
+SECRET = "s3cret-of-the-registry"
+
+
+def test_no_program_the_build_runs_gets_our_secrets(tmp_path, env, kernel_build):
+    """A build with the registry's credentials in our environment: every program it starts
+    (make, the compilers make runs, ld, ...) gets the minimal environment. strace
+    records each exec's environment, what the child's /proc/PID/environ holds."""
+    need(shutil.which("strace") is not None, "needs strace")
+    trace = tmp_path / "exec.trace"
+    secrets = {"PRECOMPILED_REGISTRY_PASSWORD": SECRET, "PRECOMPILED_REGISTRY_USERNAME": "fleet"}
+    full = {**os.environ, **env, **secrets}
+    strace = ["strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-v"]
+    result = subprocess.run(
+        [*strace, "-s", "1000000", "-o", trace, TOOL, "update", "--kernel-source", kernel_build],
+        env={k: v for k, v in full.items() if k != "HOST_ROOT"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    execs = [line for line in trace.read_text().splitlines() if " execve(" in line]
+    ours = execs[0].split()[0]  # the tool itself: the first exec
+    children = [line for line in execs if line.split()[0] != ours]
+    programs = {line.split('"')[1].rsplit("/", 1)[-1] for line in children}
+    assert {"make", "cc1", "ld"} <= programs, programs
+    leaked = sorted({p for line in children if SECRET in line for p in [line.split('"')[1]]})
+    assert leaked == []
+    assert SECRET not in result.stderr

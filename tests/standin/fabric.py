@@ -16,14 +16,18 @@ product depends on it (docs/fabric-manager.md):
   --nvlsm-pid-file) and then the fabric manager (--fm-pid-file).
 
 Each program appends what it did to `STANDIN_FABRIC_DIR/events`, so a test sees the
-order of starts, checks and stops. The pid file paths come from the environment
-(STANDIN_FM_PIDFILE, STANDIN_NVLSM_PIDFILE): the real daemons fix theirs, the tests
-move them (fabric.FM_PID, fabric.NVLSM_PID) into a temporary tree.
+order of starts, checks and stops. The stand-ins do not read their settings from the
+environment: the product gives its children a minimal one (run.py). Each knows its
+directory (written into it) and reads the STANDIN_* settings from the file `settings` there
+(`configure`), where a variable given to it explicitly (the start script's pid files)
+still wins. The pid file paths are settings too (STANDIN_FM_PIDFILE, STANDIN_NVLSM_PIDFILE,
+STANDIN_PERSISTENCED_PIDFILE): the real daemons fix theirs, the tests move them
+(fabric.FM_PID, fabric.NVLSM_PID, daemons.PERSISTENCED_PID) into a temporary tree.
 """
 
 from __future__ import annotations
 
-import os
+import shlex
 from pathlib import Path
 
 from nvdriver import fabric
@@ -32,7 +36,7 @@ from nvdriver import fabric
 # runs BODY, then idles until SIGTERM (sleeping in short waits, so that the trap runs).
 _DAEMON = r"""#!/bin/sh
 # Stand-in @NAME@ (tests/standin/fabric.py): no NVSwitch can exist here.
-dir=${STANDIN_FABRIC_DIR:?}
+@SETTINGS@
 pidfile=${@PIDFILE_VAR@:?}
 if [ "$1" = --standin-daemon ]; then
     sleeper=
@@ -70,7 +74,7 @@ fi"""
 
 _SMI = r"""#!/bin/sh
 # Stand-in nvidia-smi (tests/standin/fabric.py): reports the stand-in fabric's state.
-dir=${STANDIN_FABRIC_DIR:?}
+@SETTINGS@
 state="Not Started"; status="N/A"
 if [ -r "$dir/fabric-state" ]; then
     { read -r state; read -r status; } <"$dir/fabric-state"
@@ -90,7 +94,7 @@ echo '</nvidia_smi_log>'
 
 _START = r"""#!/bin/sh
 # Stand-in nvidia-fabricmanager-start.sh (tests/standin/fabric.py): nvlsm, then the FM.
-dir=${STANDIN_FABRIC_DIR:?}
+@SETTINGS@
 echo "nvidia-fabricmanager-start.sh $*" >>"$dir/events"
 while [ $# -gt 0 ]; do
     case $1 in
@@ -123,11 +127,30 @@ NVLSM = _daemon("nvlsm", "STANDIN_NVLSM_PIDFILE")
 PERSISTENCED = _daemon("nvidia-persistenced", "STANDIN_PERSISTENCED_PIDFILE")
 
 
-def _program(path: Path, text: str) -> Path:
+# How a stand-in finds its directory and its settings (`_program` writes the directory in).
+_SETTINGS = 'dir=@DIR@\n[ ! -r "$dir/settings" ] || . "$dir/settings"'
+
+
+def _program(path: Path, text: str, state: Path) -> Path:
+    """The stand-in `text` at `path`, with its directory `state`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(text.replace("@SETTINGS@", _SETTINGS.replace("@DIR@", shlex.quote(str(state)))))
     path.chmod(0o755)
     return path
+
+
+def persistenced(path: Path, state: Path) -> Path:
+    """A stand-in nvidia-persistenced at `path` (its pid file: STANDIN_PERSISTENCED_PIDFILE)."""
+    return _program(path, PERSISTENCED, state)
+
+
+def configure(state: Path, **settings: str | Path) -> None:
+    """Set STANDIN_* settings of the stand-ins of `state` (a variable that a stand-in is
+    given explicitly still wins)."""
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "settings").open("a") as f:
+        for name, value in settings.items():
+            f.write(f"{name}=${{{name}-{shlex.quote(str(value))}}}\n")
 
 
 def driver_root(
@@ -143,17 +166,18 @@ def driver_root(
     script. `gpus`: bus id → name, what nvidia-smi reports; `state`: the stand-ins'
     directory (STANDIN_FABRIC_DIR)."""
     state.mkdir(parents=True, exist_ok=True)
+    (state / "settings").touch()
     (state / "gpus").write_text("".join(f"{bus} {name}\n" for bus, name in gpus.items()))
     (state / "events").touch()
-    _program(root / "usr/bin/nvidia-smi", _SMI)
+    _program(root / "usr/bin/nvidia-smi", _SMI, state)
     if fabric_manager:
-        _program(root / "usr/bin/nv-fabricmanager", FABRIC_MANAGER)
+        _program(root / "usr/bin/nv-fabricmanager", FABRIC_MANAGER, state)
         config = root / fabric.FM_CONFIG.lstrip("/")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text("LOG_LEVEL=4\nLOG_FILE_NAME=/var/log/fabricmanager.log\nDAEMONIZE=1\n")
     if nvlink5:
-        _program(root / "usr/sbin/nvlsm", NVLSM)
-        _program(root / "usr/bin/nvidia-fabricmanager-start.sh", _START)
+        _program(root / "usr/sbin/nvlsm", NVLSM, state)
+        _program(root / "usr/bin/nvidia-fabricmanager-start.sh", _START, state)
         config = root / fabric.NVLSM_CONFIG.lstrip("/")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text("# stand-in nvlsm.conf\n")
@@ -162,13 +186,3 @@ def driver_root(
 
 def events(state: Path) -> list[str]:
     return (state / "events").read_text().splitlines()
-
-
-def environment(state: Path, fm_pid: Path, nvlsm_pid: Path) -> dict[str, str]:
-    """What the stand-ins read from the environment (run() passes ours on)."""
-    return {
-        "STANDIN_FABRIC_DIR": str(state),
-        "STANDIN_FM_PIDFILE": str(fm_pid),
-        "STANDIN_NVLSM_PIDFILE": str(nvlsm_pid),
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-    }

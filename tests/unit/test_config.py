@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,20 @@ def test_container_own_paths_follow_container_root_never_host_root(tmp_path):
 def test_flags_override_the_environment():
     c = Config.from_env({"DRIVER_VERSION": "535.261.03"}, max_threads=3, tag="gpu")
     assert (c.max_threads, c.tag) == (3, "gpu")
+
+
+ENVIRONMENT_READERS = ("environ", "environb", "getenv", "getenvb")
+
+
+def test_nothing_but_config_reads_the_environment() -> None:
+    """Settings are read once, in config.py, and children get only what it names there: a
+    module that reads os.environ (or getenv) itself bypasses both."""
+    src = Path(__file__).resolve().parents[2] / "src" / "nvdriver"
+    readers = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or path.name == "config.py":
+                continue
+            if node.attr in ENVIRONMENT_READERS:
+                readers.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert readers == []

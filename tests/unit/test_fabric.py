@@ -82,10 +82,12 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     monkeypatch.setattr(daemons, "PERSISTENCED_PID", persistenced_pid)
     monkeypatch.setattr(fabric, "POLL", 0.05)
     state = tmp_path / "standin"
-    env = standin.environment(state, pidfiles["FM_PID"], pidfiles["NVLSM_PID"])
-    env["STANDIN_PERSISTENCED_PIDFILE"] = str(persistenced_pid)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    standin.configure(
+        state,
+        STANDIN_FM_PIDFILE=pidfiles["FM_PID"],
+        STANDIN_NVLSM_PIDFILE=pidfiles["NVLSM_PID"],
+        STANDIN_PERSISTENCED_PIDFILE=persistenced_pid,
+    )
     yield Node(host, root, state)
     # Whatever a failing test left running goes (SIGKILL: no trap of the stand-ins).
     config = Config.from_env({"HOST_ROOT": str(host)})
@@ -147,7 +149,7 @@ def test_nvswitches_are_found_by_vendor_and_class() -> None:
 def test_the_fabric_manager_starts_with_the_roots_config_and_the_fabric_is_up_before_the_block(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("STANDIN_FM_DELAY", "0.6")
+    standin.configure(node.state, STANDIN_FM_DELAY="0.6")
     node.hgx_h100()
     config = node.config()
     start = time.monotonic()
@@ -171,7 +173,7 @@ def test_the_fabric_manager_starts_with_the_roots_config_and_the_fabric_is_up_be
 def test_a_fabric_that_never_comes_up_fails_after_the_timeout_and_nothing_is_left_running(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("STANDIN_FM_NEVER_UP", "1")
+    standin.configure(node.state, STANDIN_FM_NEVER_UP="1")
     node.hgx_h100()
     pids: list[int] = []
     real_wait = fabric.wait_for_fabric
@@ -199,8 +201,8 @@ def test_a_fabric_that_never_comes_up_fails_after_the_timeout_and_nothing_is_lef
 def test_a_failed_registration_fails_at_once_naming_the_gpus(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("STANDIN_FM_DELAY", "0")
-    monkeypatch.setenv("STANDIN_FM_STATUS", "Unknown Error")
+    standin.configure(node.state, STANDIN_FM_DELAY="0")
+    standin.configure(node.state, STANDIN_FM_STATUS="Unknown Error")
     node.hgx_h100()
     start = time.monotonic()
     with (
@@ -215,7 +217,7 @@ def test_a_failed_registration_fails_at_once_naming_the_gpus(
 def test_a_fabric_manager_that_dies_fails_the_wait_at_once(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("STANDIN_FM_NEVER_UP", "1")
+    standin.configure(node.state, STANDIN_FM_NEVER_UP="1")
     node.hgx_h100()
     real_states = fabric.fabric_states
 
@@ -249,7 +251,9 @@ def test_a_fabric_manager_that_fails_to_start_fails_with_its_message(
 ) -> None:
     """What NVIDIA's prints where it cannot bring the fabric up (an NVLink5 board
     without nvlsm, the FM user guide): its message ends up in the error."""
-    monkeypatch.setenv("STANDIN_FM_FAIL_START", "request to start FM failed: NV_WARN_NOTHING_TO_DO")
+    standin.configure(
+        node.state, STANDIN_FM_FAIL_START="request to start FM failed: NV_WARN_NOTHING_TO_DO"
+    )
     node.hgx_h100()
     with (
         pytest.raises(DriverError, match=r"nv-fabricmanager -c .* exited with status 1") as e,
@@ -424,7 +428,7 @@ def without_modules(node: Node, monkeypatch: pytest.MonkeyPatch) -> Node:
     monkeypatch.setattr(loading, "load", load)
     # A stand-in nvidia-persistenced on PATH (the daemon needs a GPU).
     bin_dir = node.root.parent / "bin"
-    standin._program(bin_dir / "nvidia-persistenced", standin.PERSISTENCED)
+    standin.persistenced(bin_dir / "nvidia-persistenced", node.state)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     env = {"HOST_ROOT": node.host, "CONTAINER_ROOT": node.root, "DRIVER_VERSION": DRIVER_VERSION}
     for name, value in env.items():
@@ -444,12 +448,15 @@ def signal_handlers() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stopped_when_ready(
-    node: Node, within: float = 30, note: Callable[[], list[str]] = list
+    node: Node,
+    within: float = 30,
+    note: Callable[[], list[str]] = list,
+    look: Callable[[], object] = lambda: None,
 ) -> Iterator[list[list[str]]]:
     """SIGTERM to us once the readiness file is there, noting the events at that moment
-    (the list yielded gets them, then what `note` says); after `within` seconds in any case
-    (an init that waits wrongly then fails rather than hangs); nothing once the block is
-    left."""
+    (the list yielded gets them, then what `note` says) and calling `look` while all runs;
+    after `within` seconds in any case (an init that waits wrongly then fails rather than
+    hangs); nothing once the block is left."""
     ready = node.host / rootfs.READY_FILE.lstrip("/")
     seen: list[list[str]] = []
     done = threading.Event()
@@ -459,6 +466,7 @@ def stopped_when_ready(
         while not done.wait(0.01):
             if ready.exists() or time.monotonic() > deadline:
                 seen.append(node.events() + (["ready", *note()] if ready.exists() else []))
+                look()
                 # init writes the file, logs, then waits: a SIGTERM in between is a failed
                 # start (exit 1), not the shutdown under test.
                 if not done.wait(0.3):
@@ -478,7 +486,7 @@ def test_init_starts_fabric_manager_after_persistenced_readies_after_fabric_and_
     without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = without_modules
-    monkeypatch.setenv("STANDIN_FM_DELAY", "0.5")
+    standin.configure(node.state, STANDIN_FM_DELAY="0.5")
     with stopped_when_ready(node) as seen:
         assert cli.main(["init"]) == 0
     at_ready, events = seen[0][:-1], node.events()
@@ -515,7 +523,8 @@ def test_init_says_daemons_not_ready_until_persistenced_and_the_fabric_run_and_r
         standin._program(
             program,
             f'#!/bin/sh\necho "{program.name} sees $(cat {status_file} || echo no file)" '
-            f'>>"$STANDIN_FABRIC_DIR/events"\nexec {real} "$@"\n',
+            f'>>"{node.state}/events"\nexec {real} "$@"\n',
+            node.state,
         )
 
     noting_status(Path(shutil.which("nvidia-persistenced") or "nvidia-persistenced"))
@@ -551,11 +560,38 @@ def test_init_says_daemons_not_ready_until_persistenced_and_the_fabric_run_and_r
     assert list(status_file.parent.iterdir()) == []  # no temporary file either
 
 
+SECRET = "s3cret-of-the-registry"
+
+
+def test_the_daemons_get_none_of_our_secrets(
+    without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init with the registry's credentials in its environment: nvidia-persistenced and the
+    fabric manager run with the minimal environment (their /proc/PID/environ; the stand-ins
+    are shell scripts, and a shell exports PWD)."""
+    node = without_modules
+    monkeypatch.setenv("PRECOMPILED_REGISTRY_PASSWORD", SECRET)
+    monkeypatch.setenv("PRECOMPILED_REGISTRY_USERNAME", "fleet")
+    seen: dict[str, bytes] = {}
+
+    def look() -> None:
+        for pidfile in (daemons.PERSISTENCED_PID, fabric.FM_PID):
+            seen[pidfile.name] = Path("/proc", pidfile.read_text().strip(), "environ").read_bytes()
+
+    with stopped_when_ready(node, look=look):
+        assert cli.main(["init"]) == 0
+    assert sorted(seen) == ["nv-fabricmanager.pid", "nvidia-persistenced.pid"]
+    for environ in seen.values():
+        names = {entry.partition(b"=")[0] for entry in environ.split(b"\0") if entry}
+        assert names - {b"PWD"} == {b"PATH", b"LC_ALL"}
+        assert SECRET.encode() not in environ
+
+
 def test_init_whose_fabric_never_comes_up_exits_1_announcing_nothing_and_stopping_all(
     without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = without_modules
-    monkeypatch.setenv("STANDIN_FM_NEVER_UP", "1")
+    standin.configure(node.state, STANDIN_FM_NEVER_UP="1")
     monkeypatch.setenv("FABRIC_MANAGER_TIMEOUT", "1")
     with stopped_when_ready(node, within=20) as seen:
         assert cli.main(["init"]) == 1

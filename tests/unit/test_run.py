@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -130,3 +131,32 @@ def test_malformed_timeouts_are_a_usage_error_naming_the_variable(value):
     result = run_tool("status", env={"NVIDIA_DRIVER_TIMEOUTS": value})
     assert result.returncode == 2
     assert f"NVIDIA_DRIVER_TIMEOUTS={value!r} is malformed" in result.stderr
+
+
+def test_a_child_gets_the_minimal_environment_and_no_secret(monkeypatch):
+    monkeypatch.setenv("PRECOMPILED_REGISTRY_PASSWORD", "s3cret")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    monkeypatch.setenv("PATH", f"/somewhere:{os.environ['PATH']}")
+    minimal = ["LC_ALL=C", f"PATH={os.environ['PATH']}"]
+    assert sorted(run(["env"]).stdout.splitlines()) == minimal
+    with runmod.spawn(["env"], stdout=subprocess.PIPE) as proc:
+        assert sorted(proc.communicate()[0].decode().splitlines()) == minimal
+    # What one program needs, its caller names.
+    named = run(["env"], env={"GNUPGHOME": "/g"}).stdout.splitlines()
+    assert sorted(named) == ["GNUPGHOME=/g", *minimal]
+
+
+def test_a_child_reads_dev_null_unless_fed(tmp_path):
+    """Not our stdin (a terminal, a pipe a supervisor holds): a tool that asks reads EOF."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    try:
+        assert run(["readlink", "/proc/self/fd/0"]).stdout.strip() == "/dev/null"
+        assert run(["cat"], input="fed\n").stdout == "fed\n"
+        with runmod.spawn(["readlink", "/proc/self/fd/0"], stdout=subprocess.PIPE) as proc:
+            assert proc.communicate()[0].strip() == b"/dev/null"
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, read_end, write_end):
+            os.close(fd)

@@ -12,6 +12,14 @@ which key file is configured, its fingerprints (from `gpg --show-keys --with-col
 which key made the signature (gpgv's status lines), and what to do: Flatcar rotates
 its image signing key, and an image built with an old copy no longer verifies new
 releases.
+
+gpgv exits 0 for a signature by an expired or a revoked key too, so its exit status
+alone is not the verdict: the status lines are (`accepted`). A revoked key's signature
+is refused for every role. An expired key's is a matter of the key's role: Flatcar
+lets its signing subkeys expire yearly, and an old release stays signed by the subkey
+of its year, so the Flatcar role accepts it (with a log line naming the key); a
+fleet's packages are pulled to be loaded now, and a fleet key that expired is no
+longer the fleet's word, so the fleet role refuses it.
 """
 
 from __future__ import annotations
@@ -58,6 +66,20 @@ def _valid_signers(status: str) -> list[str]:
     ]
 
 
+def _signer(status: str, keyword: str) -> str:
+    """Who made the signature of a `keyword` status line (`EXPKEYSIG KEYID UID...`), for a
+    message: the key id, the user id and the signing key's fingerprint (VALIDSIG)."""
+    words = next(
+        (line.split(maxsplit=3)[2:] for line in status.splitlines()
+         if line.startswith(f"[GNUPG:] {keyword} ")),
+        [],
+    )  # fmt: skip
+    keyid = words[0] if words else "unknown"
+    uid = f" ({words[1]})" if len(words) > 1 else ""
+    fprs = _valid_signers(status)
+    return f"key {keyid}{uid}" + (f", fingerprint {fprs[0]}" if fprs else "")
+
+
 def parse_status(status: str) -> dict[str, list[str]]:
     """gpgv's `[GNUPG:] KEYWORD ARGS...` status lines: the first arguments per keyword."""
     found: dict[str, list[str]] = {}
@@ -89,6 +111,10 @@ class KeyRole:
     no_key_hint: str
     bad_hint: str
     other_hint: str
+    # Whether a good signature by a key that has since expired counts (module docstring).
+    expired_key_ok: bool = False
+    revoked_hint: str = "A revoked key signs nothing that is used; nothing from it was used."
+    expired_hint: str = "An expired key signs nothing that is used; nothing from it was used."
 
 
 FLATCAR = KeyRole(
@@ -100,6 +126,10 @@ FLATCAR = KeyRole(
     bad_hint="Nothing from it was used; check the mirror at FLATCAR_RELEASE_URL.",
     other_hint="The file was changed or not signed with the trusted key "
     "(FLATCAR_SIGNING_KEY); nothing from it was used.",
+    # Flatcar's signing subkeys expire yearly; an old release keeps its year's signature.
+    expired_key_ok=True,
+    revoked_hint="Flatcar revoked the key that signed this release: nothing from it was "
+    "used. Use a release signed by a current key (a newer one of the channel).",
 )
 
 
@@ -146,6 +176,40 @@ class Keyring:
             hint=self.role.other_hint,
         )
 
+    def accepted(self, source: str, status: str) -> None:
+        """Raise IntegrityError unless gpgv's status lines (of a run that exited 0) say the
+        signature is good by a key this role accepts: never a revoked key's, an expired
+        key's only where the role allows it, and never one without GOODSIG otherwise."""
+        lines = parse_status(status)
+        named = f"the configured {self.role.label} {self.key}"
+        if "REVKEYSIG" in lines:
+            raise IntegrityError(
+                f"The signature of {source} is by {_signer(status, 'REVKEYSIG')}, which "
+                f"{named} marks as revoked: it is refused and nothing from it was used.",
+                hint=self.role.revoked_hint,
+            )
+        if "EXPKEYSIG" in lines:
+            if self.role.expired_key_ok:
+                log.info(
+                    "%s: signed by %s, which has expired since (accepted: %s)",
+                    source,
+                    _signer(status, "EXPKEYSIG"),
+                    self.role.label,
+                )
+                return
+            raise IntegrityError(
+                f"The signature of {source} is by {_signer(status, 'EXPKEYSIG')}, which "
+                f"has expired ({named}): it is refused and nothing from it was used.",
+                hint=self.role.expired_hint,
+            )
+        if "GOODSIG" not in lines:
+            found = ", ".join(lines) or "no status"
+            raise IntegrityError(
+                f"The signature of {source} is not a good signature by a valid key of {named} "
+                f"(gpgv said: {found}): it is refused and nothing from it was used.",
+                hint=self.role.other_hint,
+            )
+
 
 @contextlib.contextmanager
 def keyring(key: Path, role: KeyRole = FLATCAR) -> Iterator[Keyring]:
@@ -184,6 +248,7 @@ def verify_clearsigned(signed: bytes, ring: Keyring, *, source: str) -> str:
         )
         if result.returncode != 0:
             raise ring.rejection(source, result.stdout, result.stderr)
+        ring.accepted(source, result.stdout)
         log.debug("%s: good signature by %s", source, ", ".join(_valid_signers(result.stdout)))
         return output.read_text(errors="replace")
 
@@ -216,6 +281,7 @@ class StreamVerifier:
             raise self._ring.rejection(
                 f"the detached signature {self._source}", status, self._gpgv.stderr()
             )
+        self._ring.accepted(f"the detached signature {self._source}", status)
         log.debug("%s: good signature by %s", self._source, ", ".join(_valid_signers(status)))
 
 
