@@ -168,6 +168,10 @@ class Options:
         }
 
 
+# Seconds a pull or a push keeps trying a throttled or failing registry (backoff.py).
+REGISTRY_RETRY_BUDGET = 120.0
+
+
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     text = env.get(name, "").strip()
     try:
@@ -209,6 +213,7 @@ class _RegistrySettings(TypedDict):
     registry_ca: Path | None
     registry_auth_file: Path | None
     registry_plain_http: bool
+    registry_retry_budget: float
     trusted_keys: Path | None
     fleet_signing_key: Path | None
 
@@ -232,6 +237,9 @@ def _registry_settings(env: Mapping[str, str]) -> _RegistrySettings:
         "registry_ca": path("PRECOMPILED_REGISTRY_CA"),
         "registry_auth_file": auth,
         "registry_plain_http": _flag(env, "PRECOMPILED_REGISTRY_PLAIN_HTTP"),
+        "registry_retry_budget": _seconds(
+            env, "PRECOMPILED_REGISTRY_RETRY_BUDGET", REGISTRY_RETRY_BUDGET
+        ),
         "trusted_keys": path("PRECOMPILED_TRUSTED_KEYS"),
         "fleet_signing_key": path("PRECOMPILED_SIGNING_KEY"),
     }
@@ -299,6 +307,7 @@ class Config:
     registry_ca: Path | None = None
     registry_auth_file: Path | None = None
     registry_plain_http: bool = False
+    registry_retry_budget: float = REGISTRY_RETRY_BUDGET
     trusted_keys: Path | None = None
     fleet_signing_key: Path | None = None
 
