@@ -15,9 +15,17 @@ both and measured by bench/lifecycle.py in a guest. In one script, on one machin
   the tag, fetch by digest, blob checks, `gpgv` of the fleet signature, every member
   verified, renamed into place; in a child process, its interpreter start included.
 
-Prints the medians and the ratios compile/pull. The stand-in's package is small (its
-modules are tiny); a real 535 package is ~50 MB, whose pull the network bounds.
+- **a throttled registry** (issue 21): the same pulls through the fault proxy of
+  tests/registry.py, healthy (the baseline) and throttled as in a rollout wave: the
+  first two requests of each pull answered 429 with `Retry-After: 1`; the client waits
+  as asked (1-1.25 s each, jittered) and the pull succeeds.
+
+Prints the medians and the ratios compile/pull and throttled/healthy. The stand-in's
+package is small (its modules are tiny); a real 535 package is ~50 MB, whose pull the
+network bounds.
 Run (root: loop devices): .venv/bin/python -m bench.registry [--rounds N] [--real]
+[--pulls-only] (--pulls-only: no compile, a plain-file package of tests/packaging.py:
+the pull rows only, in seconds)
 (--real: the real NVIDIA 535 sources, Debian's nvidia-kernel-source, instead of the
 stand-in: minutes per build, so only the compile with no developer container cached)
 """
@@ -37,8 +45,10 @@ from nvdriver import registry
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.source import DriverSource
+from nvdriver.host import KernelIdentity
 from tests.flatcar_mirror import build_mirror, default_kernel_release, serve_mirror
-from tests.registry import make_key, serve_registry
+from tests.packaging import fake_build
+from tests.registry import FaultProxy, Registry, make_key, serve_registry
 from tests.standin.tree import make_standin_source
 
 VERSION = "535.999.01"
@@ -96,13 +106,67 @@ def pull(env: dict[str, str], package: Path, store: Path) -> tuple[float, float]
     return time.monotonic() - start, float(proc.stdout.strip().splitlines()[-1])
 
 
+def throttled_against_healthy(
+    reg: Registry, env: dict[str, str], package: Path, work: Path, rounds: int
+) -> tuple[float, float]:
+    """Median seconds of a pull through the proxy, healthy and throttled (see above)."""
+    healthy, throttled = [], []
+    with FaultProxy(reg) as proxy:
+        proxied = {**env, "PRECOMPILED_REGISTRY": proxy.reference}
+        for i in range(rounds):
+            proxy.fault = None
+            healthy.append(pull(proxied, package, work / f"healthy-{i}")[0])
+            proxy.fault, proxy.times = "429", 2
+            first = len(proxy.seen)
+            seconds, _ = pull(proxied, package, work / f"throttled-{i}")
+            statuses = [status for *_, status in proxy.seen[first:]]
+            assert statuses.count(429) == 2, statuses
+            throttled.append(seconds)
+            print(f"pull through the proxy {i + 1}: healthy {healthy[-1]:.2f} s, "
+                  f"throttled {throttled[-1]:.2f} s", flush=True)  # fmt: skip
+    return statistics.median(healthy), statistics.median(throttled)
+
+
+def pulls_only(rounds: int) -> int:
+    """The pull rows alone: a plain-file package, no compile."""
+    base = Path.home() / ".cache"
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        work = Path(tmp)
+        key = make_key(work, "fleet")
+        kernel = KernelIdentity("6.12.0-bench", "Linux version 6.12.0-bench (bench) #1")
+        build = fake_build(work / "build", kernel=kernel, size=20 << 20)
+        package = pkg.write_package(work / "store", build, tag=None).path
+        env = {
+            "PRECOMPILED_TRUSTED_KEYS": str(key.public),
+            "PRECOMPILED_SIGNING_KEY": str(key.secret),
+        }
+        with serve_registry(work / "registry") as reg:
+            env |= {**reg.env(), "PRECOMPILED_REGISTRY": reg.reference}
+            os.environ.update(env)  # the registry module reads the credentials at use
+            registry.push(
+                Config.from_env(env),
+                pkg.Package(package, pkg.read_manifest(package)),
+                registry.Reference.parse(reg.reference),
+            )
+            h, t = throttled_against_healthy(reg, env, package, work, max(rounds, 3))
+            size = package.stat().st_size / 1024
+    print(f"package: {size:.0f} KiB (plain files)")
+    print(f"pull through the proxy, healthy registry:              {h:.2f} s (1x)")
+    print(f"pull through the proxy, throttled (429 x2, Retry-After 1 s): {t:.2f} s "
+          f"({t / h:.1f}x)")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
         "--real", action="store_true", help="the real NVIDIA 535 sources (minutes per build)"
     )
+    parser.add_argument("--pulls-only", action="store_true", help="no compile (seconds)")
     args = parser.parse_args()
+    if args.pulls_only:
+        return pulls_only(args.rounds)
     kernel = default_kernel_release()
     mirror = build_mirror(kernel)
     print(f"kernel {kernel}, Flatcar {mirror.version} (local mirror), cores: {os.cpu_count()}")
@@ -151,6 +215,9 @@ def main() -> int:
             for i in range(max(args.rounds, 3)):
                 pulls.append(pull(env, package, work / f"node-{i}"))
                 print(f"pull {i + 1}: {pulls[-1][0]:.2f} s", flush=True)
+            healthy, throttled = throttled_against_healthy(
+                reg, env, package, work, max(args.rounds, 3)
+            )
             size = package.stat().st_size / 1024
     c = statistics.median(cold)
     p, alone = statistics.median(t for t, _ in pulls), statistics.median(a for _, a in pulls)
@@ -161,6 +228,9 @@ def main() -> int:
         print(f"compile at boot, developer container cached:     {w:.1f} s ({w / p:.0f}x)")
     print(f"pull from the registry (auth+TLS, verified):    {p:.2f} s ({alone:.2f} s without")
     print("  the interpreter's start and imports)")
+    print(f"pull through the proxy, healthy registry:      {healthy:.2f} s (1x)")
+    print(f"pull through the proxy, throttled (429 x2, Retry-After 1 s): {throttled:.2f} s "
+          f"({throttled / healthy:.1f}x)")  # fmt: skip
     return 0
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import http.client
 import http.server
+import json
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -26,9 +30,10 @@ from pathlib import Path
 USER = "fleet-builder"
 PASSWORD = "s3cret-Pa55word-for-tests"
 REPOSITORY = "fleet/nvidia-driver"
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 
 # What the proxy can do to an answer (None: forward it unchanged).
-FAULTS = ("cut", "garbage-manifest", "flip", "404")
+FAULTS = ("cut", "garbage-manifest", "flip", "404", "429", "503", "reset", "refuse-1.1")
 
 
 def tools_missing() -> list[str]:
@@ -173,20 +178,51 @@ def serve_registry(work: Path) -> Iterator[Registry]:
             proc.wait()
 
 
+def sent_and_acked(sock: socket.socket) -> None:
+    """Wait until the peer's kernel has all we sent (a RST makes it drop what it has not
+    acknowledged: the cut would come before the bytes, not after them)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        unacked = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        if not unacked:
+            return
+        time.sleep(0.01)
+
+
 class FaultProxy:
     """An HTTPS proxy in front of `registry` that breaks answers on demand.
 
-    fault "cut": a package blob's answer stops after half its bytes (the connection is
-    closed); "garbage-manifest": every manifest GET answers 200 with bytes that are not
-    JSON; "flip": one byte in the middle of a package blob is changed; "404": every
-    manifest GET answers 404. The registry itself stays intact.
+    fault "cut": every answer of a package blob stops before its end (the connection is
+    closed): the first after half its bytes, a resumed one (206) before its first byte;
+    "garbage-manifest": every manifest GET answers 200 with bytes that are not JSON;
+    "flip": one byte in the middle of a package blob is changed; "404": every manifest
+    GET answers 404; "429": every request answers 429 Too Many Requests with
+    `Retry-After: retry_after`; "503": every request answers 503; "reset": a package
+    blob's answer stops after half its bytes with a TCP reset; "refuse-1.1": a manifest
+    PUT of the OCI 1.1 form (`artifactType`, or the empty config) answers 400
+    MANIFEST_INVALID, as Harbor before 2.8, Artifactory and Nexus do. With `times` set,
+    the fault strikes that many times, then the proxy forwards. The registry itself
+    stays intact. `seen`: (method, path, Range header, status) of every answer.
     """
 
     def __init__(self, registry: Registry, package_digest: str | None = None) -> None:
         self.registry = registry
         self.fault: str | None = None
+        self.times: int | None = None
+        self.retry_after = "1"
+        self.seen: list[tuple[str, str, str | None, int]] = []
         self.package_digest = package_digest
+        self._lock = threading.Lock()
         proxy = self
+
+        def strikes(applies: bool) -> bool:
+            """Whether the fault strikes this answer (counted against `times`)."""
+            with proxy._lock:
+                if not applies or proxy.times == 0:
+                    return False
+                if proxy.times is not None:
+                    proxy.times -= 1
+                return True
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -194,9 +230,40 @@ class FaultProxy:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
+            def _answer(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                proxy.seen.append((self.command, self.path, self.headers.get("Range"), status))
+
+            def _refuses(self, body: bytes | None) -> bool:
+                """Whether the fault answers this request itself (the registry not asked)."""
+                fault = proxy.fault
+                if fault in ("429", "503") and strikes(True):
+                    code = "TOOMANYREQUESTS" if fault == "429" else "UNAVAILABLE"
+                    headers = {"Retry-After": proxy.retry_after} if fault == "429" else {}
+                    error = json.dumps({"errors": [{"code": code, "message": "try later"}]})
+                    self._answer(int(fault), error.encode(), headers)
+                    return True
+                if fault == "refuse-1.1" and self.command == "PUT" and "/manifests/" in self.path:
+                    manifest = json.loads(body or b"{}")
+                    config = manifest.get("config", {}).get("mediaType")
+                    oci_1_1 = "artifactType" in manifest or config == EMPTY_CONFIG
+                    if strikes(oci_1_1):
+                        refusal = {"code": "MANIFEST_INVALID", "message": "manifest invalid"}
+                        self._answer(400, json.dumps({"errors": [refusal]}).encode(), {})
+                        return True
+                return False
+
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if self._refuses(body):
+                    return
                 upstream = http.client.HTTPSConnection(
                     "127.0.0.1", registry.port, timeout=30, context=_tls_context(registry.tls.ca)
                 )
@@ -213,11 +280,11 @@ class FaultProxy:
                     and self.path.endswith(f"/blobs/{proxy.package_digest}")
                     and self.command == "GET"
                 )
-                if fault == "404" and is_manifest:
+                if fault == "404" and strikes(is_manifest):
                     status, data = 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
-                elif fault == "garbage-manifest" and is_manifest and status == 200:
+                elif fault == "garbage-manifest" and strikes(is_manifest and status == 200):
                     data = b"\x00garbage, not a manifest" * 10
-                elif fault == "flip" and is_package and status == 200:
+                elif fault == "flip" and strikes(is_package and status == 200):
                     middle = len(data) // 2
                     data = data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
                 self.send_response(status)
@@ -226,18 +293,29 @@ class FaultProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if fault == "cut" and is_package and status == 200:
-                    self.wfile.write(data[: len(data) // 2])
+                proxy.seen.append((self.command, self.path, self.headers.get("Range"), status))
+                if fault in ("cut", "reset") and strikes(is_package and status in (200, 206)):
+                    self.wfile.write(data[: len(data) // 2] if status == 200 else b"")
                     self.wfile.flush()
                     self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
+                    if fault == "reset":  # SO_LINGER 0: close() sends a RST, not a FIN
+                        sent_and_acked(self.connection)
+                        linger = struct.pack("ii", 1, 0)
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                        self.connection.close()
+                    else:
+                        self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a connection the proxy broke on purpose
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(str(registry.tls.cert), str(registry.tls.key))
         self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)

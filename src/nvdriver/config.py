@@ -51,6 +51,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORK = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 # nvidia-smi (validate.py) searches the driver root's libraries, then ours.
 LIBRARY_PATH = "LD_LIBRARY_PATH"
+# A Docker credential helper (credhelper.py) asks its cloud: what their SDKs read (the
+# home with their config files, their credentials and regions, the proxies), never ours.
+CREDENTIAL_HELPER = ("HOME", "DOCKER_CONFIG", *NETWORK)
+CREDENTIAL_HELPER_PREFIXES = ("AWS_", "GOOGLE_", "CLOUDSDK_", "AZURE_")
 
 
 def process_environment() -> dict[str, str]:
@@ -200,6 +204,10 @@ class Options:
         }
 
 
+# Seconds a pull or a push keeps trying a throttled or failing registry (backoff.py).
+REGISTRY_RETRY_BUDGET = 120.0
+
+
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     text = env.get(name, "").strip()
     try:
@@ -241,6 +249,7 @@ class _RegistrySettings(TypedDict):
     registry_ca: Path | None
     registry_auth_file: Path | None
     registry_plain_http: bool
+    registry_retry_budget: float
     trusted_keys: Path | None
     fleet_signing_key: Path | None
 
@@ -264,6 +273,9 @@ def _registry_settings(env: Mapping[str, str]) -> _RegistrySettings:
         "registry_ca": path("PRECOMPILED_REGISTRY_CA"),
         "registry_auth_file": auth,
         "registry_plain_http": _flag(env, "PRECOMPILED_REGISTRY_PLAIN_HTTP"),
+        "registry_retry_budget": _seconds(
+            env, "PRECOMPILED_REGISTRY_RETRY_BUDGET", REGISTRY_RETRY_BUDGET
+        ),
         "trusted_keys": path("PRECOMPILED_TRUSTED_KEYS"),
         "fleet_signing_key": path("PRECOMPILED_SIGNING_KEY"),
     }
@@ -331,6 +343,7 @@ class Config:
     registry_ca: Path | None = None
     registry_auth_file: Path | None = None
     registry_plain_http: bool = False
+    registry_retry_budget: float = REGISTRY_RETRY_BUDGET
     trusted_keys: Path | None = None
     fleet_signing_key: Path | None = None
     # The environment these settings were read from, whole: registry credentials are read
@@ -473,6 +486,15 @@ class Config:
     def network_environment(self) -> dict[str, str]:
         """What a child that fetches from the network needs of our environment (NETWORK)."""
         return {name: self.environment[name] for name in NETWORK if name in self.environment}
+
+    def credential_helper_environment(self) -> dict[str, str]:
+        """What a credential helper needs of our environment (CREDENTIAL_HELPER and the
+        cloud SDKs' CREDENTIAL_HELPER_PREFIXES)."""
+        return {
+            name: value
+            for name, value in self.environment.items()
+            if name in CREDENTIAL_HELPER or name.startswith(CREDENTIAL_HELPER_PREFIXES)
+        }
 
     def library_path(self) -> list[str]:
         """The directories of our LD_LIBRARY_PATH, in order."""

@@ -17,13 +17,25 @@ file in the store; the signature is checked with gpgv before the package is open
 the package is verified and its own manifest checked again; only then does it appear
 under its name (an atomic rename). Any failure leaves nothing in the store.
 
-Credentials (PRECOMPILED_REGISTRY_USERNAME/PASSWORD, else the Docker-style auth file)
-are read at use, never kept in Config (logged under --debug) and never logged.
+Credentials (PRECOMPILED_REGISTRY_USERNAME/PASSWORD, else the Docker-style auth file:
+its credential helpers (credhelper.py), then its `auths`) are read when the registry
+first asks for them, never kept in Config (logged under --debug) and never logged.
+
+A rollout wave (every node pulling at once) meets throttled and stumbling registries:
+429, 5xx and broken connections are tried again with jittered backoff within the
+budget PRECOMPILED_REGISTRY_RETRY_BUDGET (backoff.py), and a blob cut mid-way resumes
+with a Range request from the byte reached.
+
+Older registries (Harbor before 2.8, Artifactory, Nexus) refuse the OCI 1.1 form of an
+artifact (`artifactType` and the empty config); a push they refuse so is made again in
+the form ORAS falls back to (the config's media type is the artifact type, no
+`artifactType`), and a pull reads both.
 """
 
 from __future__ import annotations
 
 import base64
+import collections.abc
 import contextlib
 import dataclasses
 import datetime
@@ -39,9 +51,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from nvdriver import fleet, trust
+from nvdriver import backoff, credhelper, fleet, trust
 from nvdriver.atomic import atomic_file
-from nvdriver.config import REGISTRY_REF_RE, Config
+from nvdriver.config import REGISTRY_REF_RE, REGISTRY_RETRY_BUDGET, Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.package import Manifest, Package
 from nvdriver.errors import DriverError, IntegrityError, UsageError
@@ -75,6 +87,9 @@ MAX_MANIFEST = 4 << 20
 MAX_SIGNATURE = 64 << 10
 MAX_PACKAGE = 8 << 30
 MAX_REDIRECTS = 3
+# What a client that does not say who it is sends to a token service (distribution's
+# token spec wants a client_id with a refresh token).
+CLIENT_ID = "nvidia-driver"
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -151,14 +166,22 @@ class Credentials:
     username: str
     password: str = dataclasses.field(repr=False)
 
+    @property
+    def identity_token(self) -> bool:
+        """A credential helper's `<token>` user: the password is a refresh token, good only
+        for the registry's token service (Bearer), not for Basic."""
+        return self.username == credhelper.IDENTITY_TOKEN
+
     def basic(self) -> str:
         pair = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
 
 
 def credentials(config: Config, host: str, env: Mapping[str, str]) -> Credentials | None:
-    """From PRECOMPILED_REGISTRY_USERNAME/PASSWORD, else the auth file's entry for `host`
-    (`auths.HOST.auth` = base64 of USER:PASSWORD, or `username`/`password`), else none."""
+    """From PRECOMPILED_REGISTRY_USERNAME/PASSWORD, else the auth file: the credential
+    helper `credHelpers.HOST`, else the one of `credsStore` (when it has some for `host`),
+    else the entry for `host` (`auths.HOST.auth` = base64 of USER:PASSWORD, or
+    `username`/`password`), else none."""
     user, password = (
         env.get("PRECOMPILED_REGISTRY_USERNAME"),
         env.get("PRECOMPILED_REGISTRY_PASSWORD"),
@@ -169,12 +192,22 @@ def credentials(config: Config, host: str, env: Mapping[str, str]) -> Credential
     if path is None or not path.is_file():
         return None
     try:
-        auths = json.loads(path.read_text()).get("auths", {})
+        document = json.loads(path.read_text())
+        auths = document.get("auths", {})
     except (OSError, ValueError, AttributeError) as e:
         raise DriverError(
             f"The registry auth file {path} cannot be read: {getattr(e, 'strerror', e)}.",
             hint='It must be a Docker-style config.json ({"auths": {HOST: {"auth": ...}}}).',
         ) from e
+    helpers = document.get("credHelpers")
+    for helper, source in (
+        (helpers.get(host) if isinstance(helpers, dict) else None, f"credHelpers of {path}"),
+        (document.get("credsStore"), f"credsStore of {path}"),
+    ):
+        if isinstance(helper, str):
+            found = credhelper.get(helper, host, source, config.credential_helper_environment())
+            if found is not None:
+                return Credentials(*found)
     for key in (host, f"https://{host}", f"http://{host}"):
         entry = auths.get(key) if isinstance(auths, dict) else None
         if not isinstance(entry, dict):
@@ -205,20 +238,24 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
 class Client:
     """One registry repository over HTTPS (HTTP only with PRECOMPILED_REGISTRY_PLAIN_HTTP):
     anonymous first, then what the registry's 401 challenge asks for (Basic, or a Bearer
-    token from its realm, fetched with the basic credentials)."""
+    token from its realm, fetched with the basic credentials or an identity token).
+    Throttled (429), failed (5xx) and broken requests are tried again within the budget
+    of `retry`, which all requests of one client (one pull, one push) share."""
 
     def __init__(
         self,
         ref: Reference,
         *,
-        creds: Credentials | None,
+        creds: Credentials | collections.abc.Callable[[], Credentials | None] | None,
         ca: Path | None = None,
         plain_http: bool = False,
+        retry: backoff.Policy | None = None,
     ) -> None:
         self.ref = ref
         self._creds = creds
         self._scheme = "http" if plain_http else "https"
         self._auth: str | None = None
+        self.retries = backoff.Retries(retry or backoff.Policy(budget=REGISTRY_RETRY_BUDGET))
         self._tls = ssl.create_default_context()
         if ca is not None:
             try:
@@ -233,10 +270,17 @@ class Client:
     def for_config(cls, config: Config, ref: Reference) -> Client:
         return cls(
             ref,
-            creds=credentials(config, ref.host, config.environment),
+            creds=lambda: credentials(config, ref.host, config.environment),
             ca=config.registry_ca,
             plain_http=config.registry_plain_http,
+            retry=backoff.Policy(budget=config.registry_retry_budget),
         )
+
+    def _credentials(self) -> Credentials | None:
+        """The credentials, looked up (a credential helper run) when first needed."""
+        if callable(self._creds):
+            self._creds = self._creds()
+        return self._creds
 
     # --- the transport
 
@@ -279,7 +323,7 @@ class Client:
                     conn.request(method, path, body=data, headers=sent)
                     resp = conn.getresponse()
                 except (OSError, http.client.HTTPException) as e:
-                    raise RegistryError(_transport_reason(e)) from e
+                    raise _transport_error(e) from e
                 location = resp.getheader("Location")
                 if resp.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
                     if not location:
@@ -302,40 +346,98 @@ class Client:
         headers: Mapping[str, str] | None = None,
         body: bytes | Path | None = None,
     ) -> Iterator[http.client.HTTPResponse]:
-        """A request, authorized as the registry's challenge asks when it answers 401."""
-        for attempt in range(2):
-            with self._open(method, url, headers=headers, body=body) as resp:
-                if resp.status != 401 or attempt:
+        """A request, authorized as the registry's challenge asks when it answers 401, and
+        tried again (429, 5xx, a broken connection) within the budget; the answer open
+        for the block."""
+        with contextlib.ExitStack() as stack:
+            yield self._answer(stack, method, url, headers, body)
+
+    def _answer(
+        self,
+        stack: contextlib.ExitStack,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        body: bytes | Path | None,
+    ) -> http.client.HTTPResponse:
+        """The first answer that is neither a challenge nor a failure worth another try,
+        its connection closed with `stack`."""
+        challenged, attempt = False, 0
+        while True:
+            after: float | None = None
+            with contextlib.ExitStack() as this:
+                try:
+                    resp = this.enter_context(self._open(method, url, headers=headers, body=body))
+                except TransientError as e:
+                    failure, error = e.kind, RegistryError(e.message)
+                else:
+                    if resp.status == 401 and not challenged:
+                        challenge = resp.getheader("WWW-Authenticate") or ""
+                        resp.read()
+                        this.close()
+                        self._auth = self._authorize(challenge)
+                        challenged = True
+                        continue
                     if resp.status == 401:
                         raise RegistryError(
                             f"The registry refused the credentials (HTTP 401{_errors(resp)}).",
                             hint="Check PRECOMPILED_REGISTRY_USERNAME/PASSWORD or the auth "
-                            "file (REGISTRY_AUTH_FILE).",
+                            "file (REGISTRY_AUTH_FILE) and its credential helper.",
                         )
-                    yield resp
-                    return
-                challenge = resp.getheader("WWW-Authenticate") or ""
-                resp.read()
-            self._auth = self._authorize(challenge)
+                    if resp.status != 429 and resp.status < 500:
+                        stack.push(this.pop_all())
+                        return resp
+                    failure = f"HTTP {resp.status}"
+                    after = backoff.retry_after(resp.getheader("Retry-After"))
+                    error = RegistryError(f"HTTP {resp.status} {resp.reason}{_errors(resp)}")
+            attempt += 1
+            self._retry(error, failure, attempt, after, f"{method} {url}")
+
+    def _retry(
+        self, error: RegistryError, failure: str, attempt: int, after: float | None, what: str
+    ) -> None:
+        """Wait before trying `what` again, or raise `error` with what failed how often."""
+        why_not = self.retries.wait(failure, attempt, after)
+        if why_not is not None:
+            raise RegistryError(
+                f"{error.message.rstrip('.')}; gave up ({why_not}; {self.retries.summary()}).",
+                hint="PRECOMPILED_REGISTRY_RETRY_BUDGET sets how long a node keeps trying.",
+            ) from error
+        log.debug("%s: %s; trying again (%d)", what, failure, attempt)
 
     def _authorize(self, challenge: str) -> str:
         scheme, params = _challenge(challenge)
-        if self._creds is None and scheme != "bearer":
+        creds = self._credentials()
+        if creds is None and scheme != "bearer":
             raise RegistryError(
                 "The registry asks for credentials (HTTP 401) and none are configured.",
                 hint="Set PRECOMPILED_REGISTRY_USERNAME and PRECOMPILED_REGISTRY_PASSWORD, or "
                 "give a Docker-style auth file (REGISTRY_AUTH_FILE).",
             )
-        if scheme == "basic" and self._creds is not None:
-            return self._creds.basic()
+        if scheme == "basic" and creds is not None and not creds.identity_token:
+            return creds.basic()
+        if scheme == "basic":
+            raise RegistryError(
+                "The registry asks for Basic credentials (HTTP 401) and the credential helper "
+                "gave an identity token, which only a token service (Bearer) takes.",
+                hint="Configure a helper that gives a user name and password for this registry.",
+            )
         if scheme != "bearer" or "realm" not in params:
             raise RegistryError(f"The registry's challenge is not understood: {scheme!r}.")
-        query = urllib.parse.urlencode(
-            [(k, params[k]) for k in ("service", "scope") if k in params]
-        )
-        realm = params["realm"] + ("&" if "?" in params["realm"] else "?") + query
-        headers = {"Authorization": self._creds.basic()} if self._creds else {}
-        with self._open("GET", realm, headers=headers, auth=False) as resp:
+        fields = [(k, params[k]) for k in ("service", "scope") if k in params]
+        if creds is not None and creds.identity_token:
+            # OAuth2 refresh-token grant of distribution's token spec: POST, in the body.
+            form = [("grant_type", "refresh_token"), ("client_id", CLIENT_ID), *fields]
+            form.append(("refresh_token", creds.password))
+            body = urllib.parse.urlencode(form).encode()
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            opened = self._open("POST", params["realm"], headers=headers, body=body, auth=False)
+        else:
+            query = urllib.parse.urlencode(fields)
+            realm = params["realm"] + ("&" if "?" in params["realm"] else "?") + query
+            basic = {"Authorization": creds.basic()} if creds else {}
+            opened = self._open("GET", realm, headers=basic, auth=False)
+        with opened as resp:
             if resp.status != 200:
                 raise RegistryError(
                     f"The registry's token service refused us (HTTP {resp.status}).",
@@ -375,8 +477,13 @@ class Client:
         with self.request(
             "PUT", self._url(f"manifests/{tag}"), headers=headers, body=manifest
         ) as r:
-            r.read()
-            _expect(r, 201, f"storing the manifest {tag}")
+            errors = _error_list(r)
+            if r.status != 201:
+                refused = r.status in (400, 415) and {c for c, _ in errors} & FORM_REFUSED
+                raise (FormRefused if refused else RegistryError)(
+                    f"HTTP {r.status} {r.reason} while storing the manifest {tag}"
+                    f"{_describe(errors)}."
+                )
         return "sha256:" + hashlib.sha256(manifest).hexdigest()
 
     def get_manifest(self, reference: str) -> bytes:
@@ -390,38 +497,122 @@ class Client:
         return data
 
     def fetch_blob(self, descriptor: Descriptor, out: IO[bytes]) -> None:
-        """Stream a blob into `out`, checked against its descriptor's size and digest."""
-        with self.request("GET", self._url(f"blobs/{descriptor.digest}")) as resp:
-            _expect(resp, 200, f"fetching the blob {descriptor.digest}")
-            h, got = hashlib.sha256(), 0
-            while True:
-                try:  # the network's failures; the disk's (a full store) go on as they are
-                    chunk = resp.read(min(CHUNK, descriptor.size - got + 1))
-                except (OSError, http.client.HTTPException) as e:
-                    raise RegistryError(
-                        f"The connection broke after {got} of {descriptor.size} bytes of the "
-                        f"blob {descriptor.digest} ({_transport_reason(e)})."
-                    ) from e
-                if not chunk:
+        """Stream a blob into `out`, checked against its descriptor's size and digest; a
+        connection that breaks mid-way is resumed (Range) from the byte reached."""
+        h, got, attempt = hashlib.sha256(), 0, 0
+        url = self._url(f"blobs/{descriptor.digest}")
+        while True:
+            start = got
+            headers = {"Range": f"bytes={got}-"} if got else {}
+            with self.request("GET", url, headers=headers) as resp:
+                skip = _resumed_at(resp, got, descriptor)
+                try:
+                    got = self._stream(resp, descriptor, h, out, got, skip)
                     break
-                got += len(chunk)
-                if got > descriptor.size:
-                    raise IntegrityError(
-                        f"The blob {descriptor.digest} is larger than its descriptor's "
-                        f"{descriptor.size} bytes."
-                    )
-                h.update(chunk)
-                out.write(chunk)
-        if got != descriptor.size:
-            raise RegistryError(
-                f"The connection broke after {got} of {descriptor.size} bytes of the blob "
-                f"{descriptor.digest} (it closed early)."
-            )
+                except TransientError as e:
+                    got, error, failure = e.reached, RegistryError(e.message), e.kind
+            attempt = 1 if got > start else attempt + 1  # progress: a new run of failures
+            self._retry(error, failure, attempt, None, f"GET {url} from byte {got}")
         if "sha256:" + h.hexdigest() != descriptor.digest:
             raise IntegrityError(
                 f"The blob {descriptor.digest} has the SHA-256 {h.hexdigest()}: its bytes are "
                 "not the ones the manifest names."
             )
+
+    @staticmethod
+    def _stream(
+        resp: http.client.HTTPResponse,
+        descriptor: Descriptor,
+        h: hashlib._Hash,
+        out: IO[bytes],
+        got: int,
+        skip: int,
+    ) -> int:
+        """Copy the answer's body into `out` from the byte `got` (its first `skip` bytes are
+        ones `out` has: a server that ignored the Range); the bytes reached."""
+        while True:
+            try:  # the network's failures; the disk's (a full store) go on as they are
+                chunk = resp.read(min(CHUNK, descriptor.size - got + skip + 1))
+            except (OSError, http.client.HTTPException) as e:
+                error = _transport_error(e)
+                raise TransientError(
+                    f"The connection broke after {got} of {descriptor.size} bytes of the "
+                    f"blob {descriptor.digest} ({error.message})",
+                    error.kind if isinstance(error, TransientError) else "connection broke",
+                    reached=got,
+                ) from e
+            if not chunk and got < descriptor.size:  # http.client: b"" at an early close
+                raise TransientError(
+                    f"The connection broke after {got} of {descriptor.size} bytes of the "
+                    f"blob {descriptor.digest} (it closed early)",
+                    "connection cut",
+                    reached=got,
+                )
+            if not chunk:
+                return got
+            if skip:
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
+            got += len(chunk)
+            if got > descriptor.size:
+                raise IntegrityError(
+                    f"The blob {descriptor.digest} is larger than its descriptor's "
+                    f"{descriptor.size} bytes."
+                )
+            h.update(chunk)
+            out.write(chunk)
+
+
+class TransientError(RegistryError):
+    """A failure another try may cure (a connection reset, cut or timed out): `kind` names
+    it for the summary, `reached` is how far a blob came."""
+
+    def __init__(self, message: str, kind: str, *, reached: int = 0) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.reached = reached
+
+
+class FormRefused(RegistryError):
+    """The registry refused the manifest's form (an OCI 1.1 artifact on an older registry)."""
+
+
+# The distribution API's error codes of a registry that refuses a manifest's form.
+FORM_REFUSED = frozenset({"MANIFEST_INVALID", "UNSUPPORTED"})
+
+
+def _resumed_at(resp: http.client.HTTPResponse, got: int, descriptor: Descriptor) -> int:
+    """How many bytes of the answer to drop: 0 for a 206 that goes on at byte `got`, `got`
+    for a whole blob (200: a server that ignores Range); else a RegistryError."""
+    if resp.status == 200:
+        return got
+    if resp.status == 206 and got:
+        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", resp.getheader("Content-Range") or "")
+        if match and int(match[1]) == got:
+            return 0
+        raise RegistryError(
+            f"The registry resumed the blob {descriptor.digest} at the wrong place "
+            f"(asked for byte {got}, Content-Range {resp.getheader('Content-Range')!r})."
+        )
+    _expect(resp, 200, f"fetching the blob {descriptor.digest}")
+    return 0
+
+
+def _transport_error(e: BaseException) -> RegistryError:
+    """The RegistryError of a failed exchange; a TransientError where another try may
+    help (reset, cut, timed out), not where it cannot (refused, an untrusted certificate)."""
+    reason = _transport_reason(e)
+    if isinstance(e, (ssl.SSLCertVerificationError, ConnectionRefusedError)):
+        return RegistryError(reason)
+    if isinstance(e, ConnectionResetError):
+        kind = "connection reset"
+    elif isinstance(e, TimeoutError):
+        kind = "timeout"
+    elif isinstance(e, (http.client.IncompleteRead, http.client.RemoteDisconnected)):
+        kind = "connection cut"
+    else:
+        kind = type(e).__name__
+    return TransientError(reason, kind)
 
 
 def _transport_reason(e: BaseException) -> str:
@@ -436,14 +627,23 @@ def _transport_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-def _errors(resp: http.client.HTTPResponse) -> str:
-    """The distribution API's `{"errors": [{"code", "message"}]}`, shortly."""
+def _error_list(resp: http.client.HTTPResponse) -> list[tuple[str, str]]:
+    """(code, message) of the distribution API's `{"errors": [{"code", "message"}]}`."""
     try:
         errors = json.loads(resp.read(64 << 10) or b"{}").get("errors") or []
-        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
+        return [(str(e.get("code")), str(e.get("message"))) for e in errors]
     except (ValueError, AttributeError, OSError, http.client.HTTPException):
-        text = ""
+        return []
+
+
+def _describe(errors: list[tuple[str, str]]) -> str:
+    text = "; ".join(f"{code}: {message}" for code, message in errors)
     return f", {text}" if text else ""
+
+
+def _errors(resp: http.client.HTTPResponse) -> str:
+    """The distribution API's errors of `resp`, shortly."""
+    return _describe(_error_list(resp))
 
 
 def _expect(resp: http.client.HTTPResponse, status: int, doing: str) -> None:
@@ -513,20 +713,50 @@ def annotations_for(manifest: Manifest) -> dict[str, str]:
 
 
 def artifact_manifest(
-    package: Descriptor, signature: Descriptor | None, annotations: Mapping[str, str]
+    package: Descriptor,
+    signature: Descriptor | None,
+    annotations: Mapping[str, str],
+    *,
+    oci_1_1: bool = True,
 ) -> bytes:
     """The OCI image manifest of a package artifact (a signature layer unless None: the
-    tests push unsigned ones, as an attacker would)."""
+    tests push unsigned ones, as an attacker would). `oci_1_1`: `artifactType` and the
+    empty config; else the form of OCI 1.0 registries (ORAS's `--image-spec v1.0`): the
+    config, still `{}`, has the artifact type as its media type."""
     layers = [package] if signature is None else [package, signature]
-    obj = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_TYPE,
-        "artifactType": ARTIFACT_TYPE,
-        "config": descriptor_of(EMPTY_TYPE, EMPTY).to_json(),
+    obj: dict[str, Any] = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE}
+    if oci_1_1:
+        obj["artifactType"] = ARTIFACT_TYPE
+    config = descriptor_of(EMPTY_TYPE if oci_1_1 else ARTIFACT_TYPE, EMPTY)
+    obj |= {
+        "config": config.to_json(),
         "layers": [d.to_json() for d in layers],
         "annotations": dict(annotations),
     }
     return json.dumps(obj, sort_keys=True).encode()
+
+
+def push_artifact(
+    client: Client,
+    tag: str,
+    package: Descriptor,
+    signature: Descriptor | None,
+    annotations: Mapping[str, str],
+) -> str:
+    """Store the manifest under `tag` (its blobs pushed): the OCI 1.1 form, or the OCI 1.0
+    form when the registry refuses that one (older Harbor, Artifactory, Nexus); the
+    manifest's digest."""
+    try:
+        return client.push_manifest(tag, artifact_manifest(package, signature, annotations))
+    except FormRefused as e:
+        log.info("%s refused an OCI 1.1 artifact (%s); pushing the OCI 1.0 form", client.ref, e)
+        older = artifact_manifest(package, signature, annotations, oci_1_1=False)
+        try:
+            return client.push_manifest(tag, older)
+        except RegistryError as again:
+            raise RegistryError(
+                f"{e.message.rstrip('.')} (the OCI 1.1 form); {again.message} (the OCI 1.0 form)"
+            ) from again
 
 
 def push(config: Config, package: Package, ref: Reference) -> str:
@@ -544,7 +774,7 @@ def push(config: Config, package: Package, ref: Reference) -> str:
         client.push_blob(descriptor_of(EMPTY_TYPE, EMPTY).digest, EMPTY)
         client.push_blob(layer.digest, package.path)
         client.push_blob(sig.digest, signature)
-        digest = client.push_manifest(tag, artifact_manifest(layer, sig, annotations_for(m)))
+        digest = push_artifact(client, tag, layer, sig, annotations_for(m))
     except RegistryError as e:
         raise RegistryError(
             f"Pushing {package.path.name} to the registry {ref} (tag {tag}) failed: {e.message}",
@@ -580,8 +810,12 @@ def _parse(data: bytes, where: str) -> tuple[Descriptor, Descriptor | None, dict
             raise ValueError("not an OCI manifest of schemaVersion 2")
         if obj.get("mediaType", MANIFEST_TYPE) != MANIFEST_TYPE:
             raise ValueError(f"media type {obj.get('mediaType')!r}")
-        if obj.get("artifactType") != ARTIFACT_TYPE:
-            raise ValueError(f"artifact type {obj.get('artifactType')!r}, not {ARTIFACT_TYPE}")
+        config = obj.get("config")
+        kind = obj.get("artifactType") or (  # the OCI 1.0 form: the config's media type
+            config.get("mediaType") if isinstance(config, dict) else None
+        )
+        if kind != ARTIFACT_TYPE:
+            raise ValueError(f"artifact type {kind!r}, not {ARTIFACT_TYPE}")
         layers = [Descriptor.from_json(d, MAX_PACKAGE) for d in obj.get("layers") or []]
         packages = [d for d in layers if d.media_type == PACKAGE_LAYER]
         signatures = [d for d in layers if d.media_type == SIGNATURE_LAYER]

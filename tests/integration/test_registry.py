@@ -19,12 +19,16 @@ import base64
 import dataclasses
 import json
 import logging
+import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nvdriver import builder, lifecycle, registry
+from nvdriver import backoff, builder, lifecycle, registry
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.build import BuildOutput
@@ -491,7 +495,22 @@ def test_a_signed_package_for_another_kernel_build_is_refused_by_its_own_manifes
 
 
 @pytest.fixture
-def proxied(make_node, reg: Registry):
+def waits(monkeypatch) -> list[float]:
+    """The registry client's waits between tries, on a virtual clock: recorded (and the
+    clock moved on by them), not slept."""
+    now, recorded = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        recorded.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(backoff, "clock", lambda: now[0])
+    monkeypatch.setattr(backoff, "sleep", sleep)
+    return recorded
+
+
+@pytest.fixture
+def proxied(make_node, reg: Registry, waits):
     """A good, signed package in the registry, and a node that pulls through the proxy."""
     a = make_node("a")
     package = running_package(a)
@@ -537,7 +556,8 @@ def test_a_registry_fault_when_the_node_cannot_build(proxied, fault: str) -> Non
     names both the build's and the registry's failure; the store stays empty."""
     proxy, node = proxied
     proxy.fault = fault
-    tool = run_tool("init", env=node.env)
+    # A cut blob is tried again (real waits in this child): a budget of a second or two.
+    tool = run_tool("init", env={**node.env, "PRECOMPILED_REGISTRY_RETRY_BUDGET": "1.5"})
     assert tool.returncode == (5 if FAULTS[fault][1] else 1), tool.stderr
     assert "building one failed" in tool.stderr and FAULTS[fault][0] in tool.stderr
     assert node.files() == []
@@ -608,3 +628,232 @@ def test_pull_flag_is_the_same_as_the_setting(make_node, command: str) -> None:
     # Pulled, then the link of the stand-in's plain files fails (they are no objects).
     assert "Pulled nvidia-535.999.01-proprietary.tar.gz from the registry" in tool.stderr
     assert "building one" not in tool.stderr
+
+
+# --- a rollout wave: a throttled, stumbling registry is waited out within the budget
+
+
+def pulled_without_building(node: Node, fallback_builds, caplog) -> Package:
+    caplog.set_level(logging.INFO)
+    package = find(node.config)
+    assert fallback_builds == [] and registry_lines(caplog) == []
+    assert f"Pulled {package.path.name} from the registry" in caplog.text
+    return package
+
+
+def test_a_throttled_registry_is_waited_out_as_long_as_it_asks(
+    proxied, waits, fallback_builds, caplog
+) -> None:
+    proxy, node = proxied
+    proxy.fault, proxy.times, proxy.retry_after = "429", 2, "7"
+    pulled_without_building(node, fallback_builds, caplog)
+    assert [status for *_, status in proxy.seen[:2]] == [429, 429]
+    assert len(waits) == 2 and all(7 <= w <= 7 * 1.25 for w in waits)
+
+
+def test_a_registry_that_fails_twice_is_tried_again_with_growing_jittered_waits(
+    proxied, waits, fallback_builds, caplog
+) -> None:
+    proxy, node = proxied
+    proxy.fault, proxy.times = "503", 2
+    pulled_without_building(node, fallback_builds, caplog)
+    assert [status for *_, status in proxy.seen[:3]][:2] == [503, 503]
+    first, second = waits
+    assert 0.5 <= first <= 1 and 1 <= second <= 2  # base 1 s, doubled, jittered by half
+
+
+def test_a_blob_reset_mid_way_resumes_from_the_byte_reached(
+    proxied, waits, fallback_builds, caplog
+) -> None:
+    proxy, node = proxied
+    proxy.fault, proxy.times = "reset", 1
+    package = pulled_without_building(node, fallback_builds, caplog)
+    blob = [(r, status) for method, path, r, status in proxy.seen if path.endswith(
+        f"/blobs/{proxy.package_digest}") and method == "GET"]  # fmt: skip
+    size = package.path.stat().st_size
+    assert blob == [(None, 200), (f"bytes={size // 2}-", 206)]
+    assert len(waits) == 1
+
+
+def test_a_registry_throttling_beyond_the_budget_is_one_log_line_and_a_build(
+    proxied, waits, fallback_builds, caplog
+) -> None:
+    """Retry-After 40 s (each wait 40-50 s, jittered) against a budget of 120 s: two
+    waits, then the node builds, and the one log line names the registry, what failed and
+    how often."""
+    proxy, node = proxied
+    proxy.fault, proxy.retry_after = "429", "40"
+    caplog.set_level(logging.INFO)
+    find(node.config)
+    assert len(fallback_builds) == 1 and len(waits) == 2
+    [line] = registry_lines(caplog)
+    assert line.startswith(f"Registry {proxy.reference}: not using")
+    assert "HTTP 429 Too Many Requests" in line
+    assert re.search(r"asks for a wait of 40 s, beyond the budget; HTTP 429 3 times in \d+ s", line)
+
+
+# --- credentials from Docker credential helpers
+
+HELPER = """#!/bin/sh
+# docker-credential-helpers' protocol: `get`, the server on stdin, JSON on stdout.
+read -r server
+printf '%s' "$server" >> "$0.asked"
+[ "$1" = get ] || exit 2
+case "$0" in
+*failing) echo "keychain locked"; echo "the keychain is locked" >&2; exit 1;;
+esac
+if [ "$server" = "{host}" ]; then
+    printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{secret}"}}' "$server"
+else
+    echo "credentials not found in native keychain"; exit 1
+fi
+"""
+
+
+def helpers_and_auth_file(tmp_path: Path, host: str, document: dict[str, object]) -> dict[str, str]:
+    """Helpers `fleet` (knows `host`) and `failing` in a PATH directory, and an auth file:
+    the environment for a node that has no credentials of its own."""
+    bin_dir = tmp_path / "helpers"
+    bin_dir.mkdir()
+    for name in ("fleet", "failing"):
+        helper = bin_dir / f"docker-credential-{name}"
+        helper.write_text(HELPER.format(host=host, user=USER, secret=PASSWORD))
+        helper.chmod(0o755)
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps(document))
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "REGISTRY_AUTH_FILE": str(auth),
+        "PRECOMPILED_REGISTRY_USERNAME": "",
+        "PRECOMPILED_REGISTRY_PASSWORD": "",
+    }
+
+
+@pytest.mark.parametrize("key", ["credHelpers", "credsStore"])
+def test_a_credential_helper_gives_the_credentials_and_they_never_appear(
+    make_node, keys, tmp_path: Path, key: str
+) -> None:
+    a = make_node("a")
+    registry.push(a.config, running_package(a), registry.Reference.parse(a.config.registry))
+    host = a.config.registry.split("/")[0]
+    document: dict[str, object] = (
+        {"credHelpers": {host: "fleet"}} if key == "credHelpers" else {"credsStore": "fleet"}
+    )
+    env = {**make_node("b").env, **helpers_and_auth_file(tmp_path, host, document)}
+    env["NVIDIA_DRIVER_TEST_PAUSE_AT"] = "linked"
+    tool = run_tool("init", "--debug", env=env)
+    assert "Pulled nvidia-535.999.01-proprietary.tar.gz from the registry" in tool.stderr
+    assert (tmp_path / "helpers" / "docker-credential-fleet.asked").read_text() == host
+    assert_no_credentials(tool.stdout + tool.stderr, keys)
+
+
+@pytest.mark.parametrize(
+    "helper,reason",
+    [
+        ("failing", "docker-credential-failing named by credsStore of {auth} failed for {host}: "
+                    "exited with status 1 (the keychain is locked)"),
+        ("absent", "docker-credential-absent named by credsStore of {auth} is not installed"),
+    ],
+)  # fmt: skip
+def test_a_failing_or_missing_credential_helper_is_one_clear_log_line_and_a_build(
+    make_node, fallback_builds, caplog, tmp_path: Path, monkeypatch, helper: str, reason: str
+) -> None:
+    host = make_node("a").config.registry.split("/")[0]
+    env = helpers_and_auth_file(tmp_path, host, {"credsStore": helper})
+    node = make_node("node", **env)
+    monkeypatch.setenv("PATH", env["PATH"])
+    caplog.set_level(logging.DEBUG)
+    find(node.config)
+    [line] = registry_lines(caplog)
+    assert reason.format(auth=env["REGISTRY_AUTH_FILE"], host=host) in line
+    assert len(fallback_builds) == 1
+    assert PASSWORD not in caplog.text
+
+
+# --- older registries, and mirrors made with standard tools
+
+
+def stored_manifest(node: Node, reference: str, tag: str) -> dict[str, object]:
+    client = registry.Client.for_config(node.config, registry.Reference.parse(reference))
+    document: dict[str, object] = json.loads(client.get_manifest(tag))
+    return document
+
+
+def test_a_registry_that_refuses_oci_1_1_gets_the_oci_1_0_form_and_it_pulls(
+    make_node, reg: Registry, fallback_builds, caplog
+) -> None:
+    a = make_node("a")
+    package = running_package(a)
+    tag = wanted_for(a).artifact_tag
+    with FaultProxy(reg) as proxy:
+        proxy.fault = "refuse-1.1"
+        registry.push(a.config, package, registry.Reference.parse(proxy.reference))
+    puts = [status for method, path, _, status in proxy.seen if method == "PUT" and
+            "/manifests/" in path]  # fmt: skip
+    assert puts == [400, 201]
+    manifest = stored_manifest(a, reg.reference, tag)
+    assert "artifactType" not in manifest
+    assert manifest["config"] == {  # ORAS's OCI 1.0 form: the config names the artifact
+        "mediaType": registry.ARTIFACT_TYPE,
+        "digest": registry.descriptor_of(registry.EMPTY_TYPE, registry.EMPTY).digest,
+        "size": 2,
+    }
+    found = pulled_without_building(make_node("b"), fallback_builds, caplog)
+    assert found.path.read_bytes() == package.path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A second registry: an air-gapped fleet's, filled with skopeo."""
+    need(shutil.which("skopeo") is not None, "missing skopeo (Debian's skopeo)")
+    with serve_registry(tmp_path_factory.mktemp("mirror")) as server:
+        yield server
+
+
+def skopeo(*argv: str) -> str:
+    return subprocess.run(["skopeo", *argv], check=True, capture_output=True, text=True).stdout
+
+
+def cert_dir(reg: Registry) -> str:
+    """skopeo's --cert-dir: a directory of *.crt CA files."""
+    path = reg.tls.ca.parent / "certs.d"
+    path.mkdir(exist_ok=True)
+    shutil.copy(reg.tls.ca, path / "ca.crt")
+    return str(path)
+
+
+def test_skopeo_reads_both_forms_we_push_and_copies_them_to_a_mirror_that_a_node_pulls_from(
+    make_node, reg: Registry, mirror: Registry, fallback_builds, caplog
+) -> None:
+    """The OCI 1.1 form, and the 1.0 form an older registry got: `skopeo inspect --raw`
+    reads each as an OCI image manifest with our layers, `skopeo copy` mirrors it, and a
+    node pulls, verifies and uses it from the mirror."""
+    a = make_node("a")
+    package = running_package(a)
+    tag = wanted_for(a).artifact_tag
+    creds = f"{USER}:{PASSWORD}"
+    for form in ("1.1", "1.0"):
+        with FaultProxy(reg) as proxy:
+            proxy.fault = "refuse-1.1" if form == "1.0" else None
+            source = f"{proxy.reference}-{form}"
+            registry.push(a.config, package, registry.Reference.parse(source))
+        raw = skopeo("inspect", "--raw", "--creds", creds, "--cert-dir", cert_dir(reg),
+                     f"docker://{reg.reference}-{form}:{tag}")  # fmt: skip
+        manifest = json.loads(raw)
+        assert manifest["mediaType"] == registry.MANIFEST_TYPE and manifest["schemaVersion"] == 2
+        assert ("artifactType" in manifest) == (form == "1.1")
+        assert [d["mediaType"] for d in manifest["layers"]] == [
+            registry.PACKAGE_LAYER,
+            registry.SIGNATURE_LAYER,
+        ]
+        skopeo("copy", "--preserve-digests",
+               "--src-creds", creds, "--src-cert-dir", cert_dir(reg),
+               "--dest-creds", creds, "--dest-cert-dir", cert_dir(mirror),
+               f"docker://{reg.reference}-{form}:{tag}",
+               f"docker://{mirror.reference}:{tag}")  # fmt: skip
+        node = make_node(f"node-{form}", PRECOMPILED_REGISTRY=mirror.reference,
+                         PRECOMPILED_REGISTRY_CA=str(mirror.tls.ca))  # fmt: skip
+        caplog.clear()
+        found = pulled_without_building(node, fallback_builds, caplog)
+        assert found.path.read_bytes() == package.path.read_bytes()
+        assert f"{mirror.reference}@" in caplog.text

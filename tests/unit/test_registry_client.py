@@ -13,6 +13,7 @@ import base64
 import http.server
 import json
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,11 +90,22 @@ class TokenRegistry:
 
     def __init__(self) -> None:
         self.token_requests: list[tuple[str | None, str]] = []
+        self.token_posts: list[tuple[str | None, dict[str, list[str]]]] = []
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: object) -> None:
                 pass
+
+            def do_POST(self) -> None:
+                """The OAuth2 refresh-token grant: an identity token for an access token."""
+                length = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                owner.token_posts.append((self.headers.get("Authorization"), form))
+                if self.path == "/token" and form.get("refresh_token") == ["R3FRESH"]:
+                    self._answer(200, json.dumps({"access_token": "T0K"}).encode())
+                else:
+                    self._answer(401, b"{}")
 
             def do_GET(self) -> None:
                 auth = self.headers.get("Authorization")
@@ -165,3 +177,89 @@ def test_plain_http_only_when_allowed(token_registry) -> None:
     with pytest.raises(registry.RegistryError):
         client.get_manifest("a-tag")
     assert token_registry.token_requests == []
+
+
+def test_an_identity_token_of_a_credential_helper_is_traded_for_a_token(token_registry) -> None:
+    """A helper's `<token>` user (ACR's): the secret is a refresh token, POSTed to the
+    realm in the body (OAuth2), never sent as Basic."""
+    ref = registry.Reference.parse(f"127.0.0.1:{token_registry.port}/fleet/x")
+    client = registry.Client(ref, creds=registry.Credentials("<token>", "R3FRESH"), plain_http=True)
+    assert client.get_manifest("a-tag") == TokenRegistry.MANIFEST
+    [(auth, form)] = token_registry.token_posts
+    assert auth is None and token_registry.token_requests == []
+    assert form["grant_type"] == ["refresh_token"] and form["service"] == ["reg"]
+    assert form["scope"] == ["repository:fleet/x:pull"]
+
+
+def helper(tmp_path: Path, name: str, script: str) -> None:
+    path = tmp_path / f"docker-credential-{name}"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+def test_a_credential_helper_that_prints_no_json_is_named_and_not_echoed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    helper(tmp_path, "noisy", "echo 'password=hunter2'\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"credHelpers": {"r.example": "noisy"}}))
+    with pytest.raises(DriverError) as e:
+        registry.credentials(Config.from_env({"REGISTRY_AUTH_FILE": str(config)}), "r.example", {})
+    assert "docker-credential-noisy named by credHelpers of" in e.value.message
+    assert "printed no credentials for r.example" in e.value.message
+    assert "hunter2" not in str(e.value)
+
+
+def test_a_helper_without_credentials_for_the_host_falls_back_to_the_auths_entry(
+    tmp_path: Path, monkeypatch
+) -> None:
+    helper(
+        tmp_path,
+        "empty",
+        'cat > "$0.asked"; echo "credentials not found in native keychain"; exit 1\n',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {"credsStore": "empty", "auths": {"r.example": {"username": "u", "password": "p"}}}
+        )
+    )
+    creds = registry.credentials(
+        Config.from_env({"REGISTRY_AUTH_FILE": str(config)}), "r.example", {}
+    )
+    assert creds == registry.Credentials("u", "p")
+    assert (tmp_path / "docker-credential-empty.asked").read_text() == "r.example"
+
+
+def test_a_credential_helper_gets_what_its_cloud_sdk_reads_and_none_of_our_secrets(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """ECR's helper reads AWS_* and ~/.aws, GAR's GOOGLE_*: they get those and HOME, not
+    the registry password or anything else of ours."""
+    helper(
+        tmp_path,
+        "cloud",
+        'env > "$0.env"; echo \'{"ServerURL":"r.example","Username":"AWS","Secret":"tok"}\'\n',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"credHelpers": {"r.example": "cloud"}}))
+    environment = {
+        "REGISTRY_AUTH_FILE": str(config_file),
+        "HOME": "/root",
+        "AWS_REGION": "eu-west-1",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/keys/gar.json",
+        "PRECOMPILED_SIGNING_KEY": "/keys/fleet.asc",
+        "SOME_TOKEN": "s3cret",
+    }
+    config = Config.from_env(environment)
+    assert registry.credentials(config, "r.example", {}) == registry.Credentials("AWS", "tok")
+    seen = dict(
+        line.split("=", 1)
+        for line in (tmp_path / "docker-credential-cloud.env").read_text().splitlines()
+    )
+    assert seen["AWS_REGION"] == "eu-west-1" and seen["HOME"] == "/root"
+    assert seen["GOOGLE_APPLICATION_CREDENTIALS"] == "/keys/gar.json"
+    assert "SOME_TOKEN" not in seen and "PRECOMPILED_SIGNING_KEY" not in seen
