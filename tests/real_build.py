@@ -36,7 +36,7 @@ class RealBuild:
     kernel: str
     source: Path  # the unpacked Debian tree given as NVIDIA_DRIVER_SOURCE
     precompiled: Path  # PRECOMPILED_DIR: the one package
-    cache: Path  # NVIDIA_DRIVER_CACHE: the saved linker (the image is removed)
+    cache: Path  # NVIDIA_DRIVER_CACHE (the image is removed: a node that only got the package)
     package: Path
     log: str  # the update's stderr
 
@@ -100,7 +100,7 @@ def build_real_535(kernel: str, mirror: FlatcarMirror, source: Path, cache_dir: 
         leftovers = _leftovers(work)
         if leftovers:
             raise RealBuildFailed(f"update --kernel {kernel} left behind: {leftovers}")
-        # Loading needs the package and the saved linker, not the developer container.
+        # Loading needs the package (it carries its linker), not the developer container.
         for image in (work / "cache").rglob("*.bin"):
             image.unlink()
         package = Path(result.stdout.strip()).relative_to(work)

@@ -1,13 +1,13 @@
 """Files and trees that appear under their final name complete or not at all.
 
 What the driver writes for others to read (a package, the readiness file, a
-verification stamp, the developer container image, the saved linker, the
-module tree) is written under a temporary name beside its final one, flushed
-to disk, renamed into place, and then its directory is flushed too: rename(2)
-is atomic but not durable, and after a power cut a rename that only the page
-cache knew of is gone, or points at a file whose data never reached the disk.
-A temporary name starts with a prefix that the directory's owner removes
-after a killed run; a reader never sees it under a final name.
+verification stamp, the developer container image, the module tree) is written
+under a temporary name beside its final one, flushed to disk, renamed into place,
+and then its directory is flushed too: rename(2) is atomic but not durable, and
+after a power cut a rename that only the page cache knew of is gone, or points at
+a file whose data never reached the disk. A temporary name starts with a prefix
+that the directory's owner removes after a killed run; a reader never sees it
+under a final name.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from nvdriver import signals
 
 TEMP_PREFIX = ".tmp-"
 # The tree that `replace_directory` moves out of the way, removed right after.
@@ -49,10 +51,15 @@ def atomic_file(
     the directory fsync'd; when the block (or any of that) fails, the temporary file is
     removed and the error goes on, so that a full disk leaves nothing behind.
     """
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-    tmp = Path(name)
+    # Made with signals held, inside the `try`: a SIGTERM right after mkstemp (a test
+    # signals the moment the file appears) would otherwise leave it behind.
+    tmp: Path | None = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with signals.deferred():
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+            tmp = Path(name)
+            opened = os.fdopen(fd, "wb")
+        with opened as f:
             yield f
             f.flush()
             os.fchmod(f.fileno(), mode)
@@ -61,7 +68,8 @@ def atomic_file(
             check(tmp)
         os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     fsync_directory(final.parent)
 

@@ -55,7 +55,7 @@ def set_timeouts(overrides: Mapping[str, float]) -> None:
 def default_timeout(argv: Sequence[str]) -> float | None:
     """The timeout of the first word of `argv` that is a program of TIMEOUTS.
 
-    The first word may be a wrapper (`chroot ROOT ld`, the saved linker's loader).
+    The first word may be a wrapper (`chroot ROOT ld`, the loader of the linker a package carries).
     """
     for word in argv:
         limit = _timeouts.get(os.path.basename(word))

@@ -81,8 +81,8 @@ def test_modprobe_rmmod_depmod_and_ld_have_default_timeouts_through_wrappers():
     )
     assert runmod.default_timeout(["/usr/sbin/rmmod", "nvidia"]) == runmod.TIMEOUTS["rmmod"]
     assert runmod.default_timeout(["chroot", "/root", "ld", "--version"]) == runmod.TIMEOUTS["ld"]
-    saved = ["/c/toolchain/1/loader", "--library-path", "/c/toolchain/1/lib", "/c/toolchain/1/ld"]
-    assert runmod.default_timeout(saved) == runmod.TIMEOUTS["ld"]
+    packed = ["/s/linker/lib/ld-linux.so.2", "--library-path", "/s/linker/lib", "/s/linker/ld"]
+    assert runmod.default_timeout(packed) == runmod.TIMEOUTS["ld"]
     assert runmod.default_timeout(["make", "-C", "tree"]) is None
 
 

@@ -35,7 +35,9 @@ ENGINE = Path(__file__).with_name("engine.sh")
 # container's image to the node's cache.
 GUEST_MEMORY_MB = 8192
 COMPILERS = r"^(cc|c89|c99|gcc|gcc-[0-9.]+|cc1|cc1plus|as|make|gmake|x86_64-linux-gnu-gcc.*)$"
-LINKERS = r"^(ld|ld\.bfd|x86_64-linux-gnu-ld(\.bfd)?)$"
+# The linker a package carries runs through its own dynamic loader: the exec the kernel
+# sees (driver/toolchain.py); a node's own `ld` would be one of `ld`, `ld.bfd`.
+PACKED_LINKER = r"^ld-linux[-.a-z0-9_]*\.so\.[0-9]+$"
 
 # Each scenario is the body of a bash function run in a subshell, with IMAGE (the image
 # to run) and OUT (its own shared directory: `say` facts go to OUT/facts, logs to OUT).
@@ -55,7 +57,7 @@ say mounted "$(is_mounted)"
 say root_is_image "$([ -d /run/nvidia/driver$source_in_image ] && echo yes || echo no)"
 say used_package "$($DOCKER logs nvidia-driver 2>&1 | grep -c 'Using the precompiled package')"
 say compilers "$(trace_execs | grep -E "$COMPILERS" | paste -sd, -)"
-say linked "$(trace_execs | grep -cE "$LINKERS")"
+say linked "$(trace_execs | grep -cE "$PACKED_LINKER")"
 trace_execs >$OUT/execs.log
 text=$(text_address)
 
@@ -124,7 +126,7 @@ NODE_SCRIPT = r"""
 set -u
 source "$LIFECYCLE"; source "$ENGINE"
 COMPILERS='%(compilers)s'
-LINKERS='%(linkers)s'
+PACKED_LINKER='%(packed_linker)s'
 trap 'say memory_used_mb $(free -m | awk "/^Mem:/ {print \$3 + \$5}")' EXIT
 
 # scenario NAME IMAGE: body_NAME in a subshell, its facts in $LOGS/NAME/facts, its
@@ -206,7 +208,7 @@ def node(
         NODE_SCRIPT
         % {
             "compilers": COMPILERS,
-            "linkers": LINKERS,
+            "packed_linker": PACKED_LINKER,
             "bodies": "\n".join(f"body_{n}() {{\n{b}}}\n" for n, b in SCENARIOS.items()),
             "runs": "\n".join(f"scenario {n} {images[n]}" for n in SCENARIOS),
         }
@@ -250,7 +252,7 @@ def test_committed_standin_image_runs_restarts_and_stops(node: Node) -> None:
     assert (facts["mounted"], facts["root_is_image"]) == ("yes", "yes"), explain
     assert facts["used_package"] == "1", explain
     assert facts["compilers"] == "", f"a compiler ran: {facts['compilers']}\n{explain}"
-    assert int(facts["linked"]) >= 1, "no linker ran: the trace saw no link of the package"
+    assert int(facts["linked"]) >= 1, "the trace saw no link with the package's own linker"
     restart = {k: facts.get(k) for k in ("restart_rc", "restarted_ready", "restarted_mounted")}
     assert restart == {"restart_rc": "0", "restarted_ready": "yes", "restarted_mounted": "yes"}, (
         explain

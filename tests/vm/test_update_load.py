@@ -21,11 +21,9 @@ from tests.standin.tree import make_standin_source
 
 from .conftest import Guest
 from .scenario import explain_run, facts_of
-from .test_container import COMPILERS, ENGINE, LIFECYCLE
+from .test_container import COMPILERS, ENGINE, LIFECYCLE, PACKED_LINKER
 
 VERSION = "535.999.03"
-# The carried linker runs through its own dynamic loader: the exec the kernel sees.
-PACKED_LINKER = r"^ld-linux[-.a-z0-9_]*\.so\.[0-9]+$"
 
 SCRIPT = r"""
 set -u
