@@ -1,5 +1,6 @@
 """Proves the QEMU guest harness: real kernel, exit codes, streams, shares,
-module loading (explicit and on demand) and the project's Python."""
+module loading (explicit and on demand), the project's Python, and the CPUs: booted one,
+the others online for the command."""
 
 from __future__ import annotations
 
@@ -213,6 +214,21 @@ def test_project_python_runs_in_the_guest(guest: Guest) -> None:
     import nvdriver
 
     assert result.stdout.splitlines() == [nvdriver.__file__, sys.prefix]
+
+
+def test_the_command_gets_the_cpus_brought_online_after_boot(guest: Guest) -> None:
+    # The kernel boots one CPU, so that no initcall flips a static key while another vCPU
+    # runs; init brings CPU 1 online after the last initcall ("Run /init"), before the command.
+    result = guest(["sh", "-c", "nproc; cat /sys/devices/system/cpu/online /proc/cmdline"])
+    assert result.returncode == 0, result.stderr
+    nproc, online, cmdline = result.stdout.splitlines()
+    assert (nproc, online) == ("2", "0-1")
+    console = result.console
+    booted_one = console.index("smp: Brought up 1 node, 1 CPU")
+    init = console.index("Run /init as init process")
+    cpu1 = console.index("smpboot: Booting Node 0 Processor 1 ")
+    assert booted_one < init < cpu1 < console.index("vmguest: CPUs online: 0-1")
+    assert "maxcpus=1" in cmdline.split()
 
 
 def test_timeout_kills_the_guest_and_reports_the_console(guest_kernel: str) -> None:
