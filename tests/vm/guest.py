@@ -359,9 +359,13 @@ def _share_list(shares: dict[str, Path]) -> Iterator[tuple[str, Path, str]]:
 #   "sched_clock: Marking stable" (sched_clock_running, __sched_clock_stable). So the
 #   kernel boots one CPU, and the guest's init brings the others online after the last
 #   initcall, before the command (init.sh): the command still gets `smp` CPUs.
+# - no_ipi_broadcast=1: bringing a CPU online flips apic_use_ipi_shorthand (sites in
+#   native_send_call_func_ipi and apic_send_IPI_allbutself) once the CPU runs; this keeps
+#   it off. Nothing else in the kernel's text changes then but the lock prefixes, which
+#   the first bring-up patches before the CPU starts (test_guest.py reads the text).
 KERNEL_COMMAND_LINE = " ".join(
     (
-        "console=ttyS0 panic=-1 rdinit=/init maxcpus=1",
+        "console=ttyS0 panic=-1 rdinit=/init maxcpus=1 no_ipi_broadcast=1",
         "cgroup.memory=nokmem,nosocket,nobpf cgroup_disable=cpuset",
         "trace_event=sched:sched_process_exec,module:module_load",
     )
