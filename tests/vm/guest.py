@@ -17,6 +17,8 @@ one of the host's installed Debian kernels under TCG:
 * the command runs as root with a clean environment (PATH, HOME=/root, USER,
   LOGNAME, LANG=C.UTF-8) plus ``env``; stdin is /dev/null; its stdout and
   stderr come back separately over two virtio-serial ports;
+* the kernel boots one CPU, and init brings the others (``smp``) online before the
+  command (see ``KERNEL_COMMAND_LINE``);
 * the kernel console (serial) is captured: ``GuestResult.console``.
 
 Calls of the project's Python use the venv interpreter by absolute path
@@ -352,9 +354,18 @@ def _share_list(shares: dict[str, Path]) -> Iterator[tuple[str, Path, str]]:
 # - trace_event=...: the events tests/vm/engine.sh `start_trace` reads are enabled at boot
 #   (their keys, and sched_switch's for the command-line record); it only clears the
 #   buffer.
+# - maxcpus=1: the initcalls flip keys too, the late ones after the other CPUs started. A
+#   CI guest on 6.12 died 3 s into its boot, in sched_clock_cpu right after
+#   "sched_clock: Marking stable" (sched_clock_running, __sched_clock_stable). So the
+#   kernel boots one CPU, and the guest's init brings the others online after the last
+#   initcall, before the command (init.sh): the command still gets `smp` CPUs.
+# - no_ipi_broadcast=1: bringing a CPU online flips apic_use_ipi_shorthand (sites in
+#   native_send_call_func_ipi and apic_send_IPI_allbutself) once the CPU runs; this keeps
+#   it off. Nothing else in the kernel's text changes then but the lock prefixes, which
+#   the first bring-up patches before the CPU starts (test_guest.py reads the text).
 KERNEL_COMMAND_LINE = " ".join(
     (
-        "console=ttyS0 panic=-1 rdinit=/init",
+        "console=ttyS0 panic=-1 rdinit=/init maxcpus=1 no_ipi_broadcast=1",
         "cgroup.memory=nokmem,nosocket,nobpf cgroup_disable=cpuset",
         "trace_event=sched:sched_process_exec,module:module_load",
     )

@@ -6,7 +6,8 @@
 # an overlay with a tmpfs upper, and switch_root into it.
 # Stage 2 (PID 1 in the overlay root): mount the API file systems, create the
 # static nodes of modules.devname, mount the control share (tag "vmctl") and
-# the extra read-write shares it lists, run the control share's cmd.sh with
+# the extra read-write shares it lists, bring the CPUs the kernel did not boot
+# online, run the control share's cmd.sh with
 # stdout/stderr on the virtio-serial ports "stdout"/"stderr", write the exit
 # status to the control share, power off.  The command is started by the
 # host's /bin/sh, not busybox: busybox's sh runs its own applets in preference
@@ -94,6 +95,16 @@ stage2() {
                 die "mount of share $tag at $path"
         done </.vmguest/ctl/shares
     fi
+
+    # The kernel booted one CPU (maxcpus=1, guest.py KERNEL_COMMAND_LINE): every initcall
+    # flipped its static keys while no other vCPU ran. The others come online now, before
+    # the command, which gets them all.
+    for online in /sys/devices/system/cpu/cpu[0-9]*/online; do
+        [ -r "$online" ] || continue
+        [ "$($BB cat "$online")" = 1 ] && continue
+        echo 1 >"$online" || die "bring ${online%/online} online"
+    done
+    log "CPUs online: $($BB cat /sys/devices/system/cpu/online)"
 
     # The virtio-serial ports appear asynchronously after the driver binds.
     out=

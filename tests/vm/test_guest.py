@@ -1,5 +1,6 @@
 """Proves the QEMU guest harness: real kernel, exit codes, streams, shares,
-module loading (explicit and on demand) and the project's Python."""
+module loading (explicit and on demand), the project's Python, and the CPUs: booted one,
+the others online for the command, no kernel code patched when one comes online."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from .guest import (
     guest_module_files,
     run_in_guest,
 )
+from .kernel_text import changes
+
+KERNEL_TEXT = Path(__file__).with_name("kernel_text.py")
 
 # --- no guest needed ---------------------------------------------------------
 
@@ -137,6 +141,15 @@ def test_command_script_quotes_arguments_and_env() -> None:
         _command_script(["true"], {"BAD-NAME": "x"}, "/")
 
 
+def test_changes_lists_each_changed_run_of_bytes() -> None:
+    before = bytes(5000)
+    after = bytearray(before)
+    after[3:5] = b"\xeb\x05"
+    after[4200] = 0x90
+    assert changes(before, bytes(after)) == [(3, b"\0\0", b"\xeb\x05"), (4200, b"\0", b"\x90")]
+    assert changes(before, before) == []
+
+
 # --- booting a guest ---------------------------------------------------------
 
 
@@ -213,6 +226,30 @@ def test_project_python_runs_in_the_guest(guest: Guest) -> None:
     import nvdriver
 
     assert result.stdout.splitlines() == [nvdriver.__file__, sys.prefix]
+
+
+def test_the_command_gets_the_cpus_brought_online_after_boot(guest: Guest) -> None:
+    # The kernel boots one CPU, so that no initcall flips a static key while another vCPU
+    # runs; init brings CPU 1 online after the last initcall ("Run /init"), before the command.
+    result = guest(["sh", "-c", "nproc; cat /sys/devices/system/cpu/online /proc/cmdline"])
+    assert result.returncode == 0, result.stderr
+    nproc, online, cmdline = result.stdout.splitlines()
+    assert (nproc, online) == ("2", "0-1")
+    console = result.console
+    booted_one = console.index("smp: Brought up 1 node, 1 CPU")
+    init = console.index("Run /init as init process")
+    cpu1 = console.index("smpboot: Booting Node 0 Processor 1 ")
+    assert booted_one < init < cpu1 < console.index("vmguest: CPUs online: 0-1")
+    assert "maxcpus=1" in cmdline.split()
+
+
+def test_a_cpu_going_offline_and_online_patches_no_kernel_code(guest: Guest) -> None:
+    # What guest.py KERNEL_COMMAND_LINE promises: the CPU hotplug that init does flips no
+    # static key (patches no code while the vCPUs run). init's first bring-up of CPU 1 also
+    # switches the lock prefixes to SMP code, which the kernel does before CPU 1 starts.
+    result = guest([sys.executable, str(KERNEL_TEXT), "hotplug", "1"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
 
 
 def test_timeout_kills_the_guest_and_reports_the_console(guest_kernel: str) -> None:
