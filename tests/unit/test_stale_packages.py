@@ -125,3 +125,41 @@ def test_a_fresh_build_that_does_not_fit_stops_without_building_again(
     assert "_printk" in e.value.message and len(builds) == 1
     store = config.node_precompiled_dir / kernel.release
     assert [p.name.endswith(".stale") for p in store.iterdir()] == [True]
+
+
+def test_a_package_for_another_abi_is_stale_and_the_right_one_is_built_once(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's package was made on another ABI of this release (the node's build tree
+    says another CRC for _printk): moved aside before anything is loaded, the right one
+    is built once into the node's store; the next start uses it, nothing built. The
+    developer container's build is the one step that cannot exist here (no Flatcar
+    release ships this machine's kernel): it makes a plain-file package of the kernel's
+    ABI."""
+    kernel = running_kernel(config)
+    host_tree = config.host("/lib/modules") / kernel.release / "build"
+    host_tree.mkdir(parents=True)
+    host_tree.joinpath("Module.symvers").write_text(
+        "".join(f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols)
+    )
+    other = running_kernel(config, _printk=dict(kernel.symbols)["_printk"] ^ 0x5A5A5A5A)
+    bad = package_in(config.precompiled_dir, other, tmp_path / "bad")
+    builds: list[object] = []
+
+    def build(config, source, flavour, work: Path, target) -> BuildOutput:
+        builds.append(config)
+        return dataclasses.replace(fake_build(work / "fake", kernel=kernel), driver_version=VERSION)
+
+    monkeypatch.setattr(builder, "_in_developer_container", build)
+    source = DriverSource.from_config(config)
+
+    def find() -> pkg.Package:
+        running = RunningAbi(config, kernel.release)
+        return lifecycle._find_package(config, running, source, Flavour.PROPRIETARY)
+
+    first = find()
+    assert first.path.parent == config.node_precompiled_dir / kernel.release
+    assert first.manifest.kernel == kernel and len(builds) == 1
+    assert not bad.path.exists()
+    assert [p.name.endswith(".stale") for p in bad.path.parent.iterdir()] == [True]
+    assert find() == first and len(builds) == 1

@@ -298,7 +298,7 @@ def test_real_535_load_without_gpu_exits_7_and_leaves_nothing_loaded(
     """
     facts, explain = scenario(guest, driver, tmp_path, body, timeout=900)
     expect(facts, {"load_rc": "7", "modules": "", "lock": "no", "lost": "0"}, explain)
-    assert int(facts["packed_linker"]) >= 2, "nvidia and nvidia-modeset linked by its ld"
+    assert int(facts["packed_linker"]) >= 1, "the split modules linked by the package's ld"
     # The kernel took the module as it is, not forced (taint F: "bad vermagic").
     assert int(facts["tainted"]) & TAINT_FORCED_MODULE == 0, explain
     message = (tmp_path / "load.log").read_text()

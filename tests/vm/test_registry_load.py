@@ -4,8 +4,10 @@ real kernel in a guest (issue 12, point 4).
 The guest has no network to the host (tests/vm), so the registry runs on the host and
 the node's pull runs there too, into the node store that the guest then shares; in
 the guest `load` finds the pulled package in that store (with its origin record),
-links and loads it. The build node is `update --kernel-source --push` of the stand-in
-driver for the guest's kernel (its /proc/version equals its headers': FACTS).
+links and loads it. The build node is `update --kernel K --push` of the stand-in driver
+in the Flatcar developer container of the local mirror: another build of K than the
+guest boots (another UTS_VERSION), as on Flatcar, so the pull and the load match the
+package by its kernel ABI, never by /proc/version (issue 19).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.kmod.abi import RunningAbi
 from tests.conftest import need, run_tool, standin_env
+from tests.flatcar_mirror import TREE_UTS_VERSION, serve_mirror
+from tests.integration.conftest_mirror import Mirrors
 from tests.registry import make_key, serve_registry, tools_missing
 from tests.standin.tree import make_standin_source
 
@@ -30,7 +34,7 @@ VERSION = "535.999.04"
 
 
 def test_a_package_pulled_from_the_registry_loads_in_the_guest(
-    guest: Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    guest: Guest, mirrors: Mirrors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     need(not tools_missing(), f"missing {', '.join(tools_missing())}")
     source = make_standin_source(tmp_path / "src", version=VERSION, flavours=("kernel",))
@@ -43,10 +47,15 @@ def test_a_package_pulled_from_the_registry_loads_in_the_guest(
             "PRECOMPILED_SIGNING_KEY": str(key.secret),
             "HOST_ROOT": str(tmp_path / "builder-host"),
         }
-        kernel_build = f"/lib/modules/{guest.kernel}/build"
-        built = run_tool(
-            "update", "--kernel-source", kernel_build, "--push", reg.reference, env=builder
-        )
+        with serve_mirror(mirrors(guest.kernel)) as mirror:
+            built = run_tool(
+                "update",
+                "--kernel",
+                guest.kernel,
+                "--push",
+                reg.reference,
+                env={**builder, **mirror.env()},
+            )
         assert built.returncode == 0, built.stderr
         m = pkg.read_manifest(Path(built.stdout.strip()))
         env = {**node, **reg.env(), "PRECOMPILED_TRUSTED_KEYS": str(key.public)}
@@ -79,6 +88,8 @@ def test_a_package_pulled_from_the_registry_loads_in_the_guest(
     facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     assert facts.get("load_rc") == "0", text + result.console[-2000:]
     assert f"Using the precompiled package {pulled.path}" in text
+    assert TREE_UTS_VERSION in pulled.manifest.kernel_version, "another build than the guest's"
+    assert "symbol CRCs agree with the running kernel's" in text, text
     assert facts["loaded"] == "nvidia,nvidia_modeset,nvidia_uvm"
     assert facts["version"] == VERSION
     assert facts["unload_rc"] == "0", text
