@@ -172,13 +172,18 @@ def test_an_unsigned_module_that_only_taints_is_no_signature_refusal() -> None:
     assert "signature" not in error.message
 
 
-def test_a_module_tree_is_walked_once_however_often_it_is_asked(
-    kernel: str, tmp_path: Path
-) -> None:
-    abi = RunningAbi(host_with_modules(tmp_path, kernel, tree=False), kernel)
-    assert abi.crcs(["no_such_symbol_anywhere"]) == {}
+def test_host_modules_are_read_once_and_within_the_budget(kernel: str, tmp_path: Path) -> None:
+    """A symbol no host module imports would cost a read of every module (4,000 here, at
+    every start): reading stops at the budget, and what was read is not read again."""
+    config = host_with_modules(tmp_path, kernel, tree=False)
     tree = real_modules(kernel) / "kernel"
     every = sum(1 for p in tree.rglob("*") if p.name.endswith(MODULE_SUFFIXES))
-    assert abi.modules_read == every
-    assert abi.crcs(["another_missing_symbol"]) == {}
-    assert abi.modules_read == every
+    whole = RunningAbi(config, kernel, budget=float("inf"))
+    assert whole.crcs(["no_such_symbol_anywhere"]) == {}
+    assert whole.modules_read == every
+    bounded = RunningAbi(config, kernel, budget=0.2)
+    assert bounded.crcs(["no_such_symbol_anywhere"]) == {}
+    assert 0 < bounded.modules_read < every
+    read = bounded.modules_read
+    assert bounded.crcs(["_printk", "another_missing_symbol"]).keys() == {"_printk"}
+    assert bounded.modules_read == read, "spent: nothing more is read"

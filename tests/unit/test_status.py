@@ -11,7 +11,7 @@ from nvdriver import daemons, rootfs, status
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.host import KernelIdentity
-from tests.packaging import fake_build
+from tests.packaging import KERNEL, fake_build
 
 
 def test_status_reports_modules_daemon_readiness_and_flatcar(
@@ -85,5 +85,37 @@ def test_status_lists_this_kernels_packages_of_both_stores(tmp_path: Path) -> No
         ("node", str(in_node.path)),
     ]
     text = status.render(report)
-    assert f"  {in_image.path} (image's store)" in text
-    assert f"  {in_node.path} (node's store)" in text
+    assert f"  {in_image.path} (image's store): fits: " in text
+    assert f"  {in_node.path} (node's store): fits: " in text
+
+
+def test_status_says_which_package_fits_the_running_kernel_and_why(tmp_path: Path) -> None:
+    """The node's build tree gives the running kernel's CRCs: a package of another ABI of
+    the same release does not fit, and status names the symbol; status moves nothing."""
+    (tmp_path / "proc").symlink_to("/proc")
+    config = Config.from_env(
+        {
+            "HOST_ROOT": str(tmp_path),
+            "PRECOMPILED_DIR": str(tmp_path / "image-store"),
+            "NODE_PRECOMPILED_DIR": str(tmp_path / "node-store"),
+        }
+    )
+    kernel = KernelIdentity.running(config).with_abi(KERNEL.vermagic, dict(KERNEL.symbols))
+    tree = tmp_path / "lib" / "modules" / kernel.release / "build"
+    tree.mkdir(parents=True)
+    tree.joinpath("Module.symvers").write_text(
+        "".join(f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols)
+    )
+    other = kernel.with_abi(kernel.vermagic, {**dict(kernel.symbols), "_printk": 1})
+    fits = pkg.write_package(config.precompiled_dir, fake_build(tmp_path / "a", kernel), tag=None)
+    stale = pkg.write_package(
+        config.node_precompiled_dir, fake_build(tmp_path / "b", other), tag=None
+    )
+    report = status.collect(config)
+    rows = {p["path"]: p for p in report["packages"]}
+    assert rows[str(fits.path)]["fits_kernel"] is True
+    assert "2 of 2 symbol CRCs agree" in rows[str(fits.path)]["fit"]
+    assert rows[str(stale.path)]["fits_kernel"] is False
+    assert "_printk" in rows[str(stale.path)]["fit"]
+    assert f"  {stale.path} (node's store): does not fit: " in status.render(report)
+    assert stale.path.exists(), "status reads, it moves nothing aside"

@@ -9,8 +9,12 @@ the running kernel's are read here, without loading anything, from:
    (`/lib/modules/RELEASE/build/Module.symvers`): every exported symbol's CRC;
 2. the host's own modules (`/lib/modules/RELEASE/kernel/**.ko[.xz|.gz]`): their
    `__versions` hold the running kernel's CRCs of what they import, their `vermagic`
-   is the kernel's. They are read lazily, GPU drivers first (they import most of what
-   NVIDIA's modules import), until every symbol asked for is found.
+   is the kernel's. They are read lazily, the DRM core first, then the GPU drivers
+   (together they import most of what NVIDIA's modules import), until every symbol asked
+   for is found or SCAN_BUDGET seconds of reading are spent: a symbol no host module
+   imports would otherwise cost a read of every module (about 2,000 `.ko.xz` on Flatcar,
+   seconds each start), and one agreeing CRC of a core symbol is already strong evidence
+   (a rebuild with another configuration changes the CRCs of the structures it changed).
 
 A package fits when its release is the running one, its vermagic equals the host
 modules' (when one could be read) and every CRC the node could read agrees. Symbols
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,8 +38,12 @@ from nvdriver.kmod.modversions import MODULE_SUFFIXES, NotAModule, read_module, 
 
 log = logging.getLogger(__name__)
 
-# Read first: the modules most likely to import what NVIDIA's modules import.
-_FIRST = ("kernel/drivers/gpu", "kernel/drivers/video", "kernel/drivers/char")
+# Read first, in this order: the modules most likely to import what NVIDIA's modules
+# import. A directory ending in "/" is read without its subdirectories (the DRM core
+# modules, before the large GPU drivers under it).
+_FIRST = ("kernel/drivers/gpu/drm/", "kernel/drivers/gpu", "kernel/drivers/video")
+# Seconds of reading host modules per command, at most (see the module's docstring).
+SCAN_BUDGET = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +62,14 @@ class RunningAbi:
     """The running kernel's vermagic and symbol CRCs, as far as the node can read them;
     one per command (what was read once is kept)."""
 
-    def __init__(self, config: Config, release: str) -> None:
+    def __init__(self, config: Config, release: str, *, budget: float = SCAN_BUDGET) -> None:
         self.release = release
         self.directory = config.host("/lib/modules") / release
         self._crcs: dict[str, int] = {}
         self._vermagic: str | None = None
         self._started = False
         self._files: Iterator[Path] = iter(())
+        self._budget = budget  # seconds of reading left
         self.modules_read = 0
 
     def _start(self) -> None:
@@ -76,25 +86,35 @@ class RunningAbi:
         self._files = self._module_files()
 
     def _module_files(self) -> Iterator[Path]:
-        first = [self.directory / d for d in _FIRST]
-        for top in [*first, self.directory]:
-            for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        """Every module file once: those of _FIRST in its order, then the rest."""
+        seen: set[Path] = set()
+        for top in [*_FIRST, ""]:
+            for dirpath, dirnames, filenames in os.walk(self.directory / top, followlinks=True):
                 here = Path(dirpath)
-                dirnames[:] = sorted(d for d in dirnames if d != "build" and d != "source")
-                if top == self.directory:  # the rest: what `first` did not cover
-                    dirnames[:] = [d for d in dirnames if here / d not in first]
+                dirnames[:] = (
+                    [] if top.endswith("/") else sorted(set(dirnames) - {"build", "source"})
+                )
                 for name in sorted(filenames):
-                    if name.endswith(MODULE_SUFFIXES):
-                        yield here / name
+                    path = here / name
+                    if name.endswith(MODULE_SUFFIXES) and path not in seen:
+                        seen.add(path)
+                        yield path
 
     def _read_next(self) -> bool:
-        """Read one more host module into what is known; False when none is left."""
+        """Read one more host module into what is known; False when none is left or the
+        reading budget is spent."""
         for path in self._files:
+            if self._budget <= 0:
+                log.debug("Stopped reading host modules after %d", self.modules_read)
+                return False
+            started = time.monotonic()
             try:
                 facts = read_module(path)
             except (OSError, NotAModule) as e:
                 log.debug("Not reading %s: %s", path, e)
                 continue
+            finally:
+                self._budget -= time.monotonic() - started
             self.modules_read += 1
             for name, crc in facts.versions.items():
                 self._crcs.setdefault(name, crc)
