@@ -56,17 +56,33 @@ class MissingSeries:
     series: str
 
 
-def _kernel_params() -> list[Any]:
-    """One parameter per kernel under test (tests/kernels.py); under CI one more, failing,
-    per series of CI_SERIES that is missing; outside CI, with no kernel at all, one that
-    skips."""
-    found = kernels_under_test()
-    params = [pytest.param(k, id=k) for k in found]
+def kernel_params(releases: list[str]) -> list[Any]:
+    """One parameter per kernel release of `releases`; under CI one more, failing, per
+    series of CI_SERIES none of them belongs to; outside CI, with none at all, one that
+    skips. Never an empty list: pytest skips a test of no parameters, even under CI."""
+    params = [pytest.param(r, id=r) for r in releases]
     if os.environ.get("CI"):
         params += [
-            pytest.param(MissingSeries(s), id=f"{s}-missing") for s in missing_ci_series(found)
+            pytest.param(MissingSeries(s), id=f"{s}-missing") for s in missing_ci_series(releases)
         ]
     return params or [pytest.param(None, id="no-kernel")]
+
+
+def kernel_param(value: object, what: str, found: list[str]) -> str:
+    """The release of a parameter of `kernel_params`; for a series CI must test and that is
+    missing, a failure; with no kernel here (`what`: what is missing), a skip."""
+    if isinstance(value, MissingSeries):
+        pytest.fail(
+            f"CI must provide a {value.series} {what}, found: {', '.join(found) or 'none'} "
+            "(install them with .ci/install-deps)"
+        )
+    need(value is not None, f"no {what}")
+    return str(value)
+
+
+def _kernel_params() -> list[Any]:
+    """The kernels under test (tests/kernels.py) as parameters of `kernel_params`."""
+    return kernel_params(kernels_under_test())
 
 
 @pytest.fixture(scope="session", params=_kernel_params())
@@ -80,14 +96,8 @@ def kernel(request: pytest.FixtureRequest) -> str:
     series") must have a pair: a missing one is a failing parameter `<series>-missing`,
     so CI cannot pass on one kernel.
     """
-    value = request.param
-    if isinstance(value, MissingSeries):
-        pytest.fail(
-            f"CI must provide a {value.series} kernel pair (image and headers), found: "
-            f"{', '.join(kernel_pairs()) or 'none'} (install them with .ci/install-deps)"
-        )
-    need(value is not None, "no kernel pair (/boot/vmlinuz-K with /lib/modules/K/build)")
-    return str(value)
+    what = "kernel pair (/boot/vmlinuz-K with /lib/modules/K/build)"
+    return kernel_param(request.param, what, kernel_pairs())
 
 
 @pytest.fixture(scope="session")

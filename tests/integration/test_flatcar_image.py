@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -313,5 +314,35 @@ def test_cleanup_stale_detaches_only_unused_loops_of_the_cache(
             run(["losetup", "--detach", device], check=False)
 
 
-def test_cleanup_stale_with_nothing_to_do(tmp_path: Path) -> None:
-    img.cleanup_stale(tmp_path / "never-used", backing_dir=tmp_path)
+def test_cleanup_stale_with_nothing_to_do(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing of ours attached or mounted, only what sits beside it (a loop device of a
+    file in `cache-old`, a mount at `work-old`): cleanup_stale raises nothing, removes
+    nothing (not those, not the cache's files), creates nothing (not the work directory),
+    runs nothing but the listings of mounts and loop devices, and logs nothing at INFO or above."""
+    cache, workdir = tmp_path / "cache", tmp_path / "work"
+    cache.mkdir()
+    (cache / "image.bin").write_bytes(bytes(MiB))  # cached, not attached
+    beside = tmp_path / "cache-old" / "image.bin"
+    beside.parent.mkdir()
+    beside.write_bytes(bytes(MiB))
+    mounted = tmp_path / "work-old"
+    mounted.mkdir()
+    loop = _attach(beside)
+    run(["mount", "-t", "tmpfs", "tmpfs", mounted])
+    try:
+        files = sorted(tmp_path.rglob("*"))
+        caplog.set_level(logging.DEBUG, logger="nvdriver")
+        img.cleanup_stale(workdir, backing_dir=cache)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
+        commands = [r.getMessage() for r in caplog.records if r.getMessage().startswith("+ ")]
+        # Only the listings (findmnt, losetup --list): no umount, no losetup --detach.
+        assert commands and all(
+            re.match(r"\+ (findmnt|losetup) --json .*--list", c) for c in commands
+        )
+        assert our_loops(tmp_path) == [loop]
+        assert our_mounts(tmp_path) == [str(mounted)]
+        assert sorted(tmp_path.rglob("*")) == files
+        assert not workdir.exists()
+    finally:
+        run(["umount", mounted], check=False)
+        run(["losetup", "--detach", loop], check=False)

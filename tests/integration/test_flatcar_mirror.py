@@ -219,10 +219,26 @@ def test_version_txt_and_feed(flatcar_mirror):
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000", value["release_date"])
 
 
-def test_second_build_comes_from_the_cache(flatcar_mirror):
-    started = time.monotonic()
+def _stats(paths: list[Path]) -> dict[Path, tuple[int, int]]:
+    """Each path with its inode and mtime (ns): a rebuilt or rewritten file changes them."""
+    return {p: (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in paths}
+
+
+def test_second_build_comes_from_the_cache(
+    flatcar_mirror: fm.FlatcarMirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same inputs again: no build step runs (every build of a developer root or of a
+    mirror goes through `_build_atomically`), and neither the mirror's cache entry (every
+    file) nor the developer root's (its directory, `complete` marker and `rootfs`) is
+    rewritten."""
+    built: list[Path] = []
+    monkeypatch.setattr(fm, "_build_atomically", lambda final, build: built.append(final))
+    entry, root_entry = flatcar_mirror.root.parent, flatcar_mirror.devroot.parent
+    files = [entry, *entry.rglob("*"), root_entry, *root_entry.iterdir()]
+    before = _stats(files)
     again = fm.build_mirror(flatcar_mirror.kernel_release, version=flatcar_mirror.version)
-    assert time.monotonic() - started < 10
+    assert built == []
+    assert _stats(files) == before
     assert again == flatcar_mirror
 
 

@@ -24,6 +24,7 @@ from tests.conftest import TOOL, run_tool, standin_env
 from tests.flatcar_mirror import (
     TREE_UTS_VERSION,
     make_bad_digest_variant,
+    make_corrupt_variant,
     make_no_root_partition_variant,
     make_truncated_variant,
     make_wrong_key_variant,
@@ -113,6 +114,7 @@ def test_an_interrupted_download_resumes(env, tmp_path, flatcar_mirror_server, k
     ("variant", "code", "message"),
     [
         (make_bad_digest_variant, 5, "changed or damaged"),
+        (make_corrupt_variant, 5, "does not match its signed digest"),
         (make_wrong_key_variant, 5, "which the configured Flatcar signing key"),
         (make_truncated_variant, 5, "did not decompress (truncated or corrupt)"),
     ],

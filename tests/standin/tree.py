@@ -196,11 +196,6 @@ def make_standin_source(
     return dest
 
 
-def kernel_build_dirs() -> list[Path]:
-    """The kernel build directories installed here (``/lib/modules/*/build``), sorted."""
-    return sorted(p for p in Path("/lib/modules").glob("*/build") if (p / "Makefile").is_file())
-
-
 def kernel_release(kernel_build: Path) -> str:
     """The release (``uname -r``) a kernel build directory builds for (UTS_RELEASE)."""
     header = kernel_build / "include" / "generated" / "utsrelease.h"

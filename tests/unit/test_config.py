@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nvdriver import cli
 from nvdriver.config import Config
 from nvdriver.errors import ExitCode, UsageError
 
@@ -61,9 +62,13 @@ def test_container_own_paths_follow_container_root_never_host_root(tmp_path):
     assert c.log_format == "text"
 
 
-def test_flags_override_the_environment():
-    c = Config.from_env({"DRIVER_VERSION": "535.261.03"}, max_threads=3, tag="gpu")
-    assert (c.max_threads, c.tag) == (3, "gpu")
+def test_flags_override_the_environment() -> None:
+    """PRECOMPILED_REGISTRY and --pull name the same setting: the flag wins."""
+    env = {"PRECOMPILED_REGISTRY": "env.example/fleet/x"}
+    parse = cli.parser().parse_args
+    assert cli.config_from_args(parse(["init"]), env).registry == "env.example/fleet/x"
+    flagged = parse(["init", "--pull", "flag.example/fleet/x"])
+    assert cli.config_from_args(flagged, env).registry == "flag.example/fleet/x"
 
 
 ENVIRONMENT_READERS = ("environ", "environb", "getenv", "getenvb")

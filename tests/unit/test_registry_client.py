@@ -4,7 +4,8 @@ credentials come from, and the bearer-token dance.
 Debian's docker-registry (tests/integration/test_registry.py) does basic auth; a
 registry with a token service (Docker Hub, GHCR, Harbor) cannot run here, so a small
 HTTP server plays one: it answers 401 with a Bearer challenge, hands out a token for
-basic credentials at its realm, and serves a manifest for that token only.
+basic credentials at its realm, and serves a manifest for that token only; on TLS (a
+throw-away CA, openssl) it plays a registry that sends the client to plain http.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import re
+import shutil
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -22,6 +26,8 @@ import pytest
 from nvdriver import registry
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, UsageError
+from tests.conftest import need
+from tests.registry import Tls, make_tls
 
 
 def test_the_tag_holds_only_what_an_oci_tag_may_hold() -> None:
@@ -88,9 +94,13 @@ class TokenRegistry:
 
     MANIFEST = b'{"schemaVersion": 2}'
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Tls | None = None, elsewhere: str | None = None) -> None:
+        """Plain http, or TLS with `tls`. Its realm, and the redirect of the manifest
+        `to-elsewhere`, lead to `elsewhere` (a base URL; by default itself); the manifest
+        `round` redirects to itself until the server's tenth request."""
         self.token_requests: list[tuple[str | None, str]] = []
         self.token_posts: list[tuple[str | None, dict[str, list[str]]]] = []
+        self.requests: list[str] = []
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -109,7 +119,15 @@ class TokenRegistry:
 
             def do_GET(self) -> None:
                 auth = self.headers.get("Authorization")
-                if self.path.startswith("/token?"):
+                owner.requests.append(self.path)
+                if self.path.endswith("/manifests/to-elsewhere"):
+                    location = f"{owner.elsewhere}/v2/fleet/x/manifests/a-tag"
+                    self._answer(302, b"", {"Location": location})
+                elif self.path.endswith("/manifests/round") and len(owner.requests) < 10:
+                    self._answer(302, b"", {"Location": self.path})
+                elif self.path.endswith("/manifests/round"):
+                    self._answer(200, owner.MANIFEST)
+                elif self.path.startswith("/token?"):
                     owner.token_requests.append((auth, self.path))
                     if auth != "Basic " + base64.b64encode(b"u:p").decode():
                         self._answer(401, b"{}")
@@ -119,7 +137,7 @@ class TokenRegistry:
                     self._answer(200, owner.MANIFEST)
                 else:
                     challenge = (
-                        f'Bearer realm="http://127.0.0.1:{owner.port}/token",service="reg",'
+                        f'Bearer realm="{owner.elsewhere}/token",service="reg",'
                         'scope="repository:fleet/x:pull"'
                     )
                     self._answer(401, b"{}", {"WWW-Authenticate": challenge})
@@ -133,7 +151,13 @@ class TokenRegistry:
                 self.wfile.write(body)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = int(self.server.server_address[1])
+        scheme = "http" if tls is None else "https"
+        self.elsewhere = elsewhere or f"{scheme}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> TokenRegistry:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -142,6 +166,12 @@ class TokenRegistry:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    need(shutil.which("openssl") is not None, "openssl (for a throw-away CA) is not installed")
+    return make_tls(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -169,14 +199,32 @@ def test_a_refused_token_request_is_a_registry_error(token_registry) -> None:
         client.get_manifest("a-tag")
 
 
-def test_plain_http_only_when_allowed(token_registry) -> None:
-    """Without PRECOMPILED_REGISTRY_PLAIN_HTTP the client speaks TLS (and fails against
-    a plain server), and a realm on plain http is refused."""
-    ref = registry.Reference.parse(f"127.0.0.1:{token_registry.port}/fleet/x")
-    client = registry.Client(ref, creds=registry.Credentials("u", "p"))
-    with pytest.raises(registry.RegistryError):
-        client.get_manifest("a-tag")
-    assert token_registry.token_requests == []
+def test_plain_http_only_when_allowed(tls: Tls, token_registry: TokenRegistry) -> None:
+    """Without PRECOMPILED_REGISTRY_PLAIN_HTTP a registry on TLS cannot send the client to
+    plain http, neither to its token realm nor by a redirect, even where a plain server
+    would answer (`token_registry`: it hands out the token and the manifest); the
+    plain-http client of the tests above is the allowed case."""
+    with TokenRegistry(tls, elsewhere=f"http://127.0.0.1:{token_registry.port}") as server:
+        ref = registry.Reference.parse(f"127.0.0.1:{server.port}/fleet/x")
+        client = registry.Client(ref, creds=registry.Credentials("u", "p"), ca=tls.ca)
+        plain_realm = f"plain http://127.0.0.1:{token_registry.port}; refused"
+        with pytest.raises(registry.RegistryError, match=re.escape(plain_realm)):
+            client.get_manifest("a-tag")
+        with pytest.raises(registry.RegistryError, match=re.escape(plain_realm)):
+            client.get_manifest("to-elsewhere")
+    assert token_registry.requests == []
+    assert server.requests == ["/v2/fleet/x/manifests/a-tag", "/v2/fleet/x/manifests/to-elsewhere"]
+
+
+def test_redirects_end_at_the_limit(tls: Tls) -> None:
+    """A registry that redirects in a circle gets MAX_REDIRECTS redirects followed, then
+    an error (it would serve the manifest at its tenth request)."""
+    with TokenRegistry(tls) as server:
+        ref = registry.Reference.parse(f"127.0.0.1:{server.port}/fleet/x")
+        client = registry.Client(ref, creds=None, ca=tls.ca)
+        with pytest.raises(registry.RegistryError, match=f"More than {registry.MAX_REDIRECTS} "):
+            client.get_manifest("round")
+    assert server.requests == ["/v2/fleet/x/manifests/round"] * (registry.MAX_REDIRECTS + 1)
 
 
 def test_an_identity_token_of_a_credential_helper_is_traded_for_a_token(token_registry) -> None:

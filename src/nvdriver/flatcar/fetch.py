@@ -359,6 +359,18 @@ def lbzip2_decompressor(
             raise
 
 
+def _fed(dec: Decompressor, data: bytes | None) -> IntegrityError | None:
+    """Feed `data` to `dec` (None: finish it); its refusal returned, not raised."""
+    try:
+        if data is None:
+            dec.finish()
+        else:
+            dec.feed(data)
+    except IntegrityError as e:
+        return e
+    return None
+
+
 @contextlib.contextmanager
 def decompressor(sink: SparseWriter, url: str, *, threads: int) -> Iterator[Decompressor]:
     """lbzip2 when it is installed (parallel), else the stdlib's bz2."""
@@ -462,18 +474,21 @@ def _download_once(
             hasher = hashlib.sha512()
             progress = Progress(label)
             written_back = 0
+            # A download that does not decompress is read to its end all the same: only
+            # its digest (or signature) tells a changed file from a truncated release.
+            broken: IntegrityError | None = None
             for chunk in download:
                 hasher.update(chunk)
                 if verifier is not None:
                     verifier.update(chunk)
-                dec.feed(chunk)
+                broken = broken or _fed(dec, chunk)
                 if download.done - written_back >= WRITEBACK_EVERY:
                     sink.start_writeback()
                     written_back = download.done
                 progress.total = download.total
                 progress.update(download.done)
             progress.update(download.done, force=True)
-            dec.finish()
+            broken = broken or _fed(dec, None)
             if verifier is not None:
                 verifier.finish()
             digest = hasher.hexdigest()
@@ -482,7 +497,9 @@ def _download_once(
                     f"{url} does not match its signed digest in {check.source}: "
                     f"SHA-512 {digest}, expected {check.sha512}.",
                     hint="The download was changed or damaged on the way; nothing was cached.",
-                )
+                ) from broken
+            if broken is not None:
+                raise broken
             size = sink.finish()
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
