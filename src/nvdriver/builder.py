@@ -24,6 +24,7 @@ from nvdriver.driver.toolchain import collect_linker
 from nvdriver.errors import DriverError, UsageError
 from nvdriver.flatcar import image, release
 from nvdriver.host import KernelIdentity, KernelTree, resolve_in
+from nvdriver.kmod import peermem
 from nvdriver.run import run
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,13 @@ def _in_developer_container(
     binds = (
         {"/etc/resolv.conf": RESOLV_CONF} if config.emerge_sources and RESOLV_CONF.is_file() else {}
     )
+    running = kernel is not None and kernel == release.running_kernel()
+    if running and config.options.gpu_direct_rdma and peermem.mofed_present(config):
+        # NVIDIA's Kbuild and conftest look for MOFED's tree here (kmod/peermem.py): then
+        # nvidia-peermem is built with its peer-memory symbols. Only for the running
+        # kernel: MOFED's tree is built for that one.
+        binds["/usr/src/ofa_kernel"] = config.host(peermem.OFA_KERNEL)
+        log.info("Building nvidia-peermem against MOFED's %s", config.host(peermem.OFA_KERNEL))
     with image.developer_root(dev_image, work / "mnt", binds) as root:
         build_root = BuildRoot(root)
         if kernel is None:

@@ -31,7 +31,7 @@ from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.errors import DriverError, IntegrityError, Interrupted, KernelAbiRefused
 from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
-from nvdriver.kmod import loading
+from nvdriver.kmod import loading, peermem
 from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.firmware import set_firmware_path
 from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
@@ -383,6 +383,8 @@ def init(config: Config) -> None:
         # The Operator's startup probe holds the pod back while this says NotReady.
         daemons_status = stack.enter_context(rootfs.daemons_status(config))
         _pause_at(options, "locked")
+        if options.gpu_direct_rdma:
+            peermem.advise(config)
         plan = _prepare(config)
         # Bound before the modules load: the kernel reads the GSP firmware through it
         # (firmware_class.path) when a GPU is first opened, during the load already
@@ -427,6 +429,8 @@ def load(config: Config) -> list[str]:
     reads its GSP firmware again at each first open after the last close.
     """
     with lock.instance_lock(config):
+        if config.options.gpu_direct_rdma:
+            peermem.advise(config)
         plan = _prepare(config)
         with rootfs.exposed_root(config, config.options.container_root, keep=True):
             loaded: list[str] = []

@@ -16,8 +16,21 @@ path, and libcuda.so.1 is loaded from them, else found by the default search: th
 driver's own libraries are tested, not another copy. Links are resolved inside the
 root (Debian's alternatives links are absolute).
 
-Exit 7 when there is no GPU (none on the PCI bus, or cuInit says CUDA_ERROR_NO_DEVICE);
-every other failure is exit 1 and names the call and CUDA's error name.
+Healthy nodes that are not plain pass too, each saying what it did not test and why:
+- GPUs bound to another driver (vfio-pci for VMs, nouveau) are named and not counted;
+  only the GPUs bound to `nvidia` (or to none, which the driver should have) must be seen.
+- A GPU with MIG enabled has its MIG devices listed (`nvidia-smi -L`); CUDA enumerates a
+  MIG device only when CUDA_VISIBLE_DEVICES names it, one per process (NVIDIA's MIG user
+  guide, "CUDA Device Enumeration"), so the vector add is skipped on that GPU, saying so,
+  unless CUDA_VISIBLE_DEVICES=MIG-UUID names one of its devices for this run.
+- A GPU in exclusive-process compute mode whose one context another process holds
+  (cuCtxCreate: CUDA_ERROR_DEVICE_UNAVAILABLE) is "in use", not a failure; a GPU in
+  prohibited mode is skipped.
+CUDA's devices are matched to nvidia-smi's GPUs by UUID (cuDeviceGetUuid_v2).
+
+Exit 7 when there is no GPU (none on the PCI bus, none left to the driver, or cuInit says
+CUDA_ERROR_NO_DEVICE); every other failure is exit 1 and names the call and CUDA's error
+name.
 """
 
 from __future__ import annotations
@@ -30,20 +43,36 @@ import dataclasses
 import importlib.resources
 import io
 import logging
+import os
 import platform
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, NoGpuError
-from nvdriver.host import nvidia_gpus, resolve_in
+from nvdriver.host import PciDevice, nvidia_gpus, resolve_in
 from nvdriver.rootfs import DRIVER_ROOT, NVIDIA_SMI_TIMEOUT, find_nvidia_smi
 from nvdriver.run import run
 
 log = logging.getLogger(__name__)
 
-SMI_FIELDS = ("index", "name", "pci.bus_id", "driver_version", "uuid")
+SMI_FIELDS = (
+    "index",
+    "name",
+    "pci.bus_id",
+    "driver_version",
+    "uuid",
+    "mig.mode.current",  # Enabled, Disabled, or [N/A] where the GPU has no MIG
+    "compute_mode",  # Default, Exclusive_Process, Prohibited
+)
+# `nvidia-smi -L`: no CSV query lists MIG devices; this listing is where NVIDIA's MIG user
+# guide takes the MIG-UUIDs for CUDA_VISIBLE_DEVICES from. A GPU's line, then its MIG
+# devices' (the UUID MIG-GPU-<uuid>/<gi>/<ci> before R470, MIG-<uuid> since).
+_SMI_GPU_LINE = re.compile(r"^GPU (?P<index>\d+): .*\(UUID: (?P<uuid>GPU-[^)]+)\)$")
+_SMI_MIG_LINE = re.compile(r"^\s+MIG .*Device\s+\d+: \(UUID: (?P<uuid>MIG-[^)]+)\)$")
+NVIDIA_DRIVER = "nvidia"  # the kernel driver name GPUs are bound to
 LIBRARY_DIRS = ("usr/lib64", f"usr/lib/{platform.machine()}-linux-gnu")
 # libcuda.so.1 opens the PTX JIT by this name: loaded first from the driver root, the
 # name is taken and libcuda uses the root's copy, of its own version.
@@ -52,6 +81,11 @@ KERNEL = "vector_add"
 ELEMENTS = 1 << 18  # 1 MiB per vector: many blocks, a fraction of a second to check
 BLOCK = 256
 CUDA_ERROR_NO_DEVICE = 100
+# cuda.h: "requested CUDA device is unavailable at the current time. Devices are often
+# unavailable due to use of CU_COMPUTEMODE_EXCLUSIVE_PROCESS or CU_COMPUTEMODE_PROHIBITED."
+CUDA_ERROR_DEVICE_UNAVAILABLE = 46
+CU_DEVICE_ATTRIBUTE_COMPUTE_MODE = 20
+COMPUTE_MODES = {0: "Default", 2: "Prohibited", 3: "Exclusive_Process"}  # CUcomputemode
 OUTPUT_TAIL_LINES = 20
 
 _c = ctypes
@@ -65,6 +99,8 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "cuDeviceGetCount": (_P(_c.c_int),),
     "cuDeviceGet": (_P(_c.c_int), _c.c_int),
     "cuDeviceGetName": (_c.c_char_p, _c.c_int, _c.c_int),
+    "cuDeviceGetUuid_v2": (_c.c_char_p, _c.c_int),  # CUuuid: 16 bytes
+    "cuDeviceGetAttribute": (_P(_c.c_int), _c.c_int, _c.c_int),
     "cuCtxCreate_v2": (_P(_c.c_void_p), _c.c_uint, _c.c_int),
     "cuCtxDestroy_v2": (_c.c_void_p,),
     "cuCtxSynchronize": (),
@@ -86,12 +122,70 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class CudaDevice:
+    ordinal: int
+    name: str
+    uuid: str  # the 16 bytes as 8-4-4-4-12 hex digits, without GPU- or MIG-
+    compute_mode: str
+
+
+@dataclasses.dataclass(frozen=True)
 class CudaReport:
     driver_version: int
-    devices: tuple[str, ...]
+    devices: tuple[CudaDevice, ...]
+
+
+class DeviceUnavailable(DriverError):
+    """CUDA_ERROR_DEVICE_UNAVAILABLE: another process has the one context an
+    exclusive-process GPU allows (or the GPU allows none)."""
+
+
+def _bare(uuid: str) -> str:
+    """A UUID without its GPU- or MIG- prefix, as CUDA's 16 bytes print."""
+    return uuid.removeprefix("GPU-").removeprefix("MIG-").lower()
 
 
 def validate(config: Config) -> dict[str, Any]:
+    gpus, others = _gpus_of_the_driver(config)
+    root = driver_root(config)
+    rows = nvidia_smi(config, root)
+    if len(rows) != len(gpus):
+        raise DriverError(
+            f"nvidia-smi sees {len(rows)} GPU(s), the PCI bus has {len(gpus)} for the driver: "
+            + ", ".join(g.address for g in gpus)
+            + ".",
+            hint="A GPU the driver does not drive: check the kernel log (dmesg) for NVRM lines.",
+        )
+    log.info("nvidia-smi sees %d GPU(s): %s", len(rows), ", ".join(r["name"] for r in rows))
+    # The MIG devices of each MIG-enabled GPU (its UUID: their MIG-UUIDs).
+    mig: dict[str, list[str]] = {r["uuid"]: [] for r in rows if r["mig.mode.current"] == "Enabled"}
+    if mig:
+        listed = mig_devices(config, root)
+        mig = {gpu: listed.get(gpu, []) for gpu in mig}
+    cuda = Cuda(config, root)
+    try:
+        report = cuda.devices()
+    except NoGpuError:
+        if len(mig) < len(rows):
+            raise
+        report = CudaReport(cuda.driver_version(), ())  # every GPU is MIG: none enumerated
+    devices, skipped = _match(rows, mig, report.devices)
+    for device in report.devices:
+        devices[device.uuid].update(_vector_add_or_why_not(cuda, device))
+    result: dict[str, Any] = {
+        "gpus": rows,
+        "cuda": {"driver_version": report.driver_version, "devices": list(devices.values())},
+    }
+    if skipped:
+        result["skipped"] = skipped
+    if others:
+        result["other_gpus"] = [{"address": g.address, "driver": g.driver} for g in others]
+    return result
+
+
+def _gpus_of_the_driver(config: Config) -> tuple[list[PciDevice], list[PciDevice]]:
+    """The GPUs of the PCI bus the driver should have (bound to nvidia, or to nothing yet),
+    and those bound to another driver (vfio-pci for VMs, nouveau), which are named only."""
     gpus = nvidia_gpus(config)
     if not gpus:
         raise NoGpuError(
@@ -99,32 +193,104 @@ def validate(config: Config) -> dict[str, Any]:
             "nothing to validate.",
             hint="Run validate on a GPU node.",
         )
-    root = driver_root(config)
-    rows = nvidia_smi(config, root)
-    if len(rows) != len(gpus):
-        raise DriverError(
-            f"nvidia-smi sees {len(rows)} GPU(s), the PCI bus has {len(gpus)}: "
-            + ", ".join(g.address for g in gpus)
-            + ".",
-            hint="A GPU the driver does not drive: check the kernel log (dmesg) for NVRM lines.",
+    ours = [g for g in gpus if g.driver in (None, NVIDIA_DRIVER)]
+    others = [g for g in gpus if g not in ours]
+    named = ", ".join(f"{g.address} ({g.driver})" for g in others)
+    if not ours:
+        raise NoGpuError(
+            f"Every NVIDIA GPU on the PCI bus is bound to another driver: {named}: "
+            "nothing for the NVIDIA driver to validate.",
+            hint="GPUs bound to vfio-pci are passed through to virtual machines; validate "
+            "runs where the nvidia driver has GPUs.",
         )
-    log.info("nvidia-smi sees %d GPU(s): %s", len(rows), ", ".join(r["name"] for r in rows))
-    cuda = Cuda(config, root)
-    report = cuda.devices()
-    if len(report.devices) != len(gpus):
+    if others:
+        log.info("Not validating GPUs bound to another driver: %s", named)
+    return ours, others
+
+
+def _match(
+    rows: list[dict[str, str]], mig: dict[str, list[str]], cuda: tuple[CudaDevice, ...]
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """CUDA's devices matched to nvidia-smi's GPUs and MIG devices by UUID (an entry per
+    CUDA device), and each GPU CUDA does not show with why (a failure where none holds)."""
+    known = {_bare(r["uuid"]): r for r in rows}
+    owner = {_bare(m): gpu for gpu, devices in mig.items() for m in devices}
+    strangers = [d for d in cuda if d.uuid not in known and d.uuid not in owner]
+    if strangers:
         raise DriverError(
-            f"CUDA sees {len(report.devices)} device(s), the PCI bus has {len(gpus)}.",
+            f"CUDA sees {len(cuda)} device(s), nvidia-smi {len(rows)} GPU(s) of the driver; "
+            "unknown to nvidia-smi: " + ", ".join(f"{d.name} ({d.uuid})" for d in strangers) + ".",
             hint="Check CUDA_VISIBLE_DEVICES and the kernel log (dmesg) for NVRM lines.",
         )
-    for ordinal, name in enumerate(report.devices):
-        vector_add(cuda, ordinal, name)
-    return {
-        "gpus": rows,
-        "cuda": {
-            "driver_version": report.driver_version,
-            "devices": [{"name": name, KERNEL: "passed"} for name in report.devices],
-        },
-    }
+    seen = {d.uuid for d in cuda}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    skipped = []
+    for row in rows:
+        uuid = row["uuid"]
+        if _bare(uuid) in seen:
+            continue
+        if uuid in mig:
+            tested = [m for m in mig[uuid] if _bare(m) in seen]
+            if not tested:
+                skipped.append(_mig_skipped(row, mig[uuid]))
+            continue
+        if visible is not None:
+            why = f"hidden by CUDA_VISIBLE_DEVICES={visible}"
+            log.info("GPU %s (%s): no vector add: %s", row["index"], row["name"], why)
+            skipped.append({"gpu": row["index"], "uuid": uuid, "reason": why})
+            continue
+        raise DriverError(
+            f"CUDA does not see GPU {row['index']} ({row['name']}, {uuid}), which nvidia-smi "
+            f"sees; CUDA sees {len(cuda)} device(s).",
+            hint="Check CUDA_VISIBLE_DEVICES and the kernel log (dmesg) for NVRM lines.",
+        )
+    devices: dict[str, dict[str, Any]] = {}
+    for d in cuda:
+        entry: dict[str, Any] = (
+            {"name": d.name, "uuid": known[d.uuid]["uuid"]}
+            if (d.uuid in known)
+            else {"name": d.name, "uuid": f"MIG-{d.uuid}", "gpu": owner[d.uuid]}
+        )
+        devices[d.uuid] = entry
+    return devices, skipped
+
+
+def _mig_skipped(row: dict[str, str], devices: list[str]) -> dict[str, Any]:
+    """Why the vector add skips a MIG-enabled GPU, with its MIG devices."""
+    if devices:
+        why = (
+            "MIG is enabled: CUDA enumerates a MIG device only when CUDA_VISIBLE_DEVICES "
+            "names it, one per process; to test one, run validate with "
+            f"CUDA_VISIBLE_DEVICES={devices[0]}"
+        )
+    else:
+        why = (
+            "MIG is enabled with no MIG devices: nothing CUDA can use until GPU and compute "
+            "instances are created (nvidia-smi mig -cgi PROFILES -C, or the MIG manager)"
+        )
+    log.info("GPU %s (%s): no vector add: %s", row["index"], row["name"], why)
+    return {"gpu": row["index"], "uuid": row["uuid"], "reason": why, "mig_devices": devices}
+
+
+def _vector_add_or_why_not(cuda: Cuda, device: CudaDevice) -> dict[str, str]:
+    """The vector add on `device`, or why an exclusive-process or prohibited GPU that
+    another process uses (or no process may use) was not tested: in use, not a failure."""
+    if device.compute_mode == "Prohibited":
+        why = "compute mode Prohibited: no process may create a context on it"
+        log.info("GPU %d (%s): no vector add: %s", device.ordinal, device.name, why)
+        return {KERNEL: "skipped", "reason": why}
+    try:
+        vector_add(cuda, device.ordinal, device.name)
+    except DeviceUnavailable:
+        if device.compute_mode != "Exclusive_Process":
+            raise
+        why = (
+            "in use: its compute mode is Exclusive_Process and another process holds its "
+            "one context (nvidia-smi shows which)"
+        )
+        log.info("GPU %d (%s): no vector add: %s", device.ordinal, device.name, why)
+        return {KERNEL: "in use", "reason": why}
+    return {KERNEL: "passed"}
 
 
 def driver_root(config: Config) -> Path:
@@ -155,17 +321,38 @@ def nvidia_smi(config: Config, root: Path) -> list[dict[str, str]]:
             if exposed
             else "The driver image must ship NVIDIA's user space (nvidia-smi, libcuda).",
         )
+    result = _run_smi(
+        config, root, smi, f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"
+    )
+    return [
+        dict(zip(SMI_FIELDS, (f.strip() for f in r), strict=True))
+        for r in csv.reader(io.StringIO(result.stdout))
+        if r
+    ]
+
+
+def mig_devices(config: Config, root: Path) -> dict[str, list[str]]:
+    """The MIG devices (their MIG-UUIDs) of each GPU, by the GPU's UUID (`nvidia-smi -L`)."""
+    smi = find_nvidia_smi(root)
+    assert smi is not None  # nvidia_smi found it
+    devices: dict[str, list[str]] = {}
+    gpu: list[str] | None = None
+    for line in _run_smi(config, root, smi, "-L").stdout.splitlines():
+        if m := _SMI_GPU_LINE.match(line):
+            gpu = devices.setdefault(m["uuid"], [])
+        elif (m := _SMI_MIG_LINE.match(line)) and gpu is not None:
+            gpu.append(m["uuid"])
+    return devices
+
+
+def _run_smi(config: Config, root: Path, smi: Path, *args: str) -> Any:
+    """The root's nvidia-smi with the root's libraries on its path; an error when it fails."""
     found = [driver_library(root, s) for s in ("libnvidia-ml.so.1", "libcuda.so.1")]
     dirs = [str(p.parent) for p in found if p is not None]
     dirs += [str(root / d) for d in LIBRARY_DIRS if (root / d).is_dir()]
     dirs += config.library_path()  # then ours
-    query: list[str | Path] = [
-        smi,
-        f"--query-gpu={','.join(SMI_FIELDS)}",
-        "--format=csv,noheader,nounits",
-    ]
     result = run(
-        query,
+        [smi, *args],
         check=False,
         env={"LD_LIBRARY_PATH": ":".join(dict.fromkeys(dirs))},
         timeout=NVIDIA_SMI_TIMEOUT,
@@ -177,11 +364,7 @@ def nvidia_smi(config: Config, root: Path) -> list[dict[str, str]]:
             hint="nvidia-smi must see the GPUs: check that the driver is loaded "
             "(nvidia-driver status) and the kernel log (dmesg) for NVRM lines.",
         )
-    return [
-        dict(zip(SMI_FIELDS, (f.strip() for f in r), strict=True))
-        for r in csv.reader(io.StringIO(result.stdout))
-        if r
-    ]
+    return result
 
 
 class Cuda:
@@ -221,6 +404,8 @@ class Cuda:
                 if nodes
                 else "There is no /dev/nvidia0: is the driver loaded (nvidia-driver status)?",
             )
+        if status == CUDA_ERROR_DEVICE_UNAVAILABLE:
+            raise DeviceUnavailable(f"CUDA {name} failed: {self.error(status)}.")
         if status != 0:
             raise DriverError(f"CUDA {name} failed: {self.error(status)}.")
 
@@ -239,20 +424,38 @@ class Cuda:
         if status != 0:
             log.warning("CUDA %s failed: %s", name, self.error(status))
 
+    def driver_version(self) -> int:
+        """The CUDA version of the driver (12020: 12.2); needs no device."""
+        version = ctypes.c_int()
+        self("cuDriverGetVersion", ctypes.byref(version))
+        return version.value
+
     def devices(self) -> CudaReport:
         self("cuInit", 0)
-        version, count = ctypes.c_int(), ctypes.c_int()
-        self("cuDriverGetVersion", ctypes.byref(version))
+        version, count = self.driver_version(), ctypes.c_int()
         self("cuDeviceGetCount", ctypes.byref(count))
-        names = []
+        devices = []
         for i in range(count.value):
             device, name = ctypes.c_int(), ctypes.create_string_buffer(256)
+            uuid, mode = ctypes.create_string_buffer(16), ctypes.c_int()
             self("cuDeviceGet", ctypes.byref(device), i)
             self("cuDeviceGetName", name, len(name), device)
-            names.append(name.value.decode())
-        major, minor = divmod(version.value, 1000)
+            self("cuDeviceGetUuid_v2", uuid, device)
+            self(
+                "cuDeviceGetAttribute", ctypes.byref(mode), CU_DEVICE_ATTRIBUTE_COMPUTE_MODE, device
+            )
+            h = uuid.raw.hex()
+            devices.append(
+                CudaDevice(
+                    ordinal=i,
+                    name=name.value.decode(),
+                    uuid=f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}",
+                    compute_mode=COMPUTE_MODES.get(mode.value, str(mode.value)),
+                )
+            )
+        major, minor = divmod(version, 1000)
         log.info("CUDA %d.%d (libcuda) sees %d device(s)", major, minor // 10, count.value)
-        return CudaReport(version.value, tuple(names))
+        return CudaReport(version, tuple(devices))
 
     @contextlib.contextmanager
     def context(self, ordinal: int) -> Iterator[None]:

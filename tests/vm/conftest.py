@@ -81,12 +81,13 @@ def guest(guest_kernel: str) -> Guest:
 
 @pytest.fixture(scope="session")
 def standin(tmp_path_factory: pytest.TempPathFactory, guest_kernel: str) -> Driver:
-    """Both flavours of the stand-in packed for the guest's kernel, the holder module,
+    """Both flavours of the stand-in (with nvidia-peermem, loaded only when asked for)
+    packed for the guest's kernel, the holder module,
     the stand-in daemon, module parameters."""
     kernel_build = Path("/lib/modules") / guest_kernel / "build"
     assert (kernel_build / "Makefile").is_file(), f"no headers for {guest_kernel}"
     work = tmp_path_factory.mktemp("driver")
-    source = make_standin_source(work / "src", version=VERSION)
+    source = make_standin_source(work / "src", version=VERSION, peermem=True)
     build_env = standin_env(work, source, VERSION)
     for flavour in ("proprietary", "open"):
         update_package({**build_env, "KERNEL_MODULE_TYPE": flavour}, kernel_build)

@@ -11,4 +11,5 @@
 - `unloading`: how modules are unloaded (NVIDIA's refcount rule, gdrdrv first, undoing a
   failed load).
 - `firmware`: the firmware search path for GSP firmware.
+- `peermem`: nvidia-peermem (GPUDirect RDMA), whose failure to load is a warning.
 """

@@ -1,8 +1,9 @@
-"""Loading NVIDIA's modules from the private tree, all or none.
+"""Loading NVIDIA's modules from the private tree, all or none, then nvidia-peermem.
 
 The host modules they need come first from the host's own tree (see `tree`);
 a failure unloads again what this load added (see `unloading`) and becomes
-the error `refusal` makes of the kernel's words.
+the error `refusal` makes of the kernel's words. nvidia-peermem is not part of the
+all or none: it loads after the others, and its failure is a warning (see `peermem`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from nvdriver.host import nvidia_gpus
 from nvdriver.kmod.devices import make_device_nodes
 from nvdriver.kmod.kmsg import KernelLog
 from nvdriver.kmod.loaded import loaded_modules, loaded_names, sysfs_name
+from nvdriver.kmod.peermem import PEERMEM, load_peermem
 from nvdriver.kmod.refusal import load_error
 from nvdriver.kmod.tree import ModuleTree
 from nvdriver.kmod.unloading import unload, unload_new
@@ -60,26 +62,34 @@ def load(
 
     Modules already loaded are left alone. When one fails, every module this
     call loaded is unloaded again (no half-loaded set) and the error quotes the
-    kernel's log (see `refusal`). Then the missing /dev/nvidia* nodes are made.
+    kernel's log (see `refusal`). Then the missing /dev/nvidia* nodes are made, and
+    then nvidia-peermem, when asked for, is loaded: its failure is only a warning.
     """
     before = {m.name for m in loaded_modules(config)}
     host_before = loaded_names(config)
+    base = [m for m in modules if m != PEERMEM]
     try:
         # All loaded already (a restart): their host modules are too, and asking modinfo
         # for them costs a process per module and field.
-        if any(sysfs_name(m) not in before for m in modules):
-            _load_host_dependencies(config, tree, modules)
-        for module in modules:
+        if any(sysfs_name(m) not in before for m in base):
+            _load_host_dependencies(config, tree, base)
+        for module in base:
             if sysfs_name(module) not in {m.name for m in loaded_modules(config)}:
                 _modprobe(config, tree, module, params.get(module, ()))
     except BaseException:
         with signals.deferred():
             unload_new(config, before, host_before)
         raise
+    make_device_nodes(config, params.get("nvidia", ()))
+    if PEERMEM in modules and sysfs_name(PEERMEM) not in before:
+        # Its own host modules (MOFED's ib_core, where it was built against MOFED) are
+        # best effort: without them it fails, and says so.
+        depends, softdeps = tree.host_dependencies([PEERMEM])
+        _load_host_modules(config, softdeps + depends, required=False)
+        load_peermem(config, tree, params.get(PEERMEM, ()))
     now = [m.name for m in loaded_modules(config) if m.name not in before]
     if now:
         log.info("Loaded %s", ", ".join(now))
-    make_device_nodes(config, params.get("nvidia", ()))
     return now
 
 

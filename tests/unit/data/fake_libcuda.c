@@ -10,7 +10,18 @@
  *     arguments it was passed; so a wrong argument order, size, grid or copy in validate
  *     gives a wrong result that validate's element check must catch.
  * Environment: FAKE_CUDA_DEVICES=N devices (default 1; 0: cuInit says CUDA_ERROR_NO_DEVICE,
- * as the real library does without a GPU); FAKE_CUDA_CORRUPT=1 flips a byte on the way back;
+ * as the real library does without a GPU), device I with the UUID 5eed0000-0000-0000-0000-I
+ * (I in 12 hex digits); FAKE_CUDA_MIG=MIG-UUID,...: the MIG devices of the node's
+ * MIG-enabled GPUs, which (as NVIDIA's MIG user guide says under "CUDA Device Enumeration")
+ * CUDA enumerates only when CUDA_VISIBLE_DEVICES names one, and then that one alone (a
+ * process enumerates a single MIG device; CUDA_VISIBLE_DEVICES naming no device it has:
+ * cuInit says CUDA_ERROR_NO_DEVICE); FAKE_CUDA_EXCLUSIVE=I,...: devices in exclusive-process
+ * compute mode (cuDeviceGetAttribute's CU_DEVICE_ATTRIBUTE_COMPUTE_MODE says
+ * CU_COMPUTEMODE_EXCLUSIVE_PROCESS) and FAKE_CUDA_HELD=I,...: of those, the ones another
+ * process has a context on, where cuCtxCreate says CUDA_ERROR_DEVICE_UNAVAILABLE (cuda.h:
+ * "Devices are often unavailable due to use of CU_COMPUTEMODE_EXCLUSIVE_PROCESS or
+ * CU_COMPUTEMODE_PROHIBITED"; the runtime calls the same code 46
+ * cudaErrorDevicesUnavailable); FAKE_CUDA_CORRUPT=1 flips a byte on the way back;
  * FAKE_CUDA_WRONG=I makes the kernel's element I wrong; FAKE_CUDA_FAIL=NAME:CODE makes the
  * call NAME return CODE; FAKE_CUDA_REPORT=FILE: at exit, what was never freed is written
  * there ("contexts=C modules=M allocations=A"). */
@@ -25,12 +36,14 @@ typedef struct context *CUcontext;
 typedef struct module *CUmodule;
 typedef struct function *CUfunction;
 typedef void *CUstream;
+typedef struct { char bytes[16]; } CUuuid;
 
 enum {
     SUCCESS = 0,
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
     NOT_INITIALIZED = 3,
+    DEVICE_UNAVAILABLE = 46,
     NO_DEVICE = 100,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
@@ -49,6 +62,7 @@ static const struct {
     {INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
     {OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
     {NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {DEVICE_UNAVAILABLE, "CUDA_ERROR_DEVICE_UNAVAILABLE", "CUDA-capable device(s) is/are busy or unavailable"},
     {NO_DEVICE, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected"},
     {INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
     {INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
@@ -68,7 +82,37 @@ static struct { CUdeviceptr start; size_t size; } allocations[MAX_ALLOCATIONS];
 static int initialized, live_contexts, live_modules, live_allocations;
 static CUcontext current;
 
+/* cuda.h: CU_DEVICE_ATTRIBUTE_COMPUTE_MODE and the CUcomputemode values. */
+enum { ATTRIBUTE_COMPUTE_MODE = 20 };
+enum { COMPUTEMODE_DEFAULT = 0, COMPUTEMODE_EXCLUSIVE_PROCESS = 3 };
+
+/* Whether the comma-separated list in environment variable `name` has `item`. */
+static int listed(const char *name, const char *item) {
+    const char *list = getenv(name);
+    size_t len = strlen(item);
+    for (const char *p = list; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+        if (strncmp(p, item, len) == 0 && (p[len] == ',' || p[len] == '\0')) return 1;
+    return 0;
+}
+
+static int listed_ordinal(const char *name, int ordinal) {
+    char item[16];
+    snprintf(item, sizeof item, "%d", ordinal);
+    return listed(name, item);
+}
+
+/* The MIG device CUDA_VISIBLE_DEVICES names (an existing one), else NULL. */
+static const char *visible_mig(void) {
+    const char *visible = getenv("CUDA_VISIBLE_DEVICES");
+    return visible && strncmp(visible, "MIG-", 4) == 0 && listed("FAKE_CUDA_MIG", visible)
+               ? visible
+               : NULL;
+}
+
 static int devices(void) {
+    if (visible_mig()) return 1;
+    const char *visible = getenv("CUDA_VISIBLE_DEVICES");
+    if (visible && strncmp(visible, "MIG-", 4) == 0) return 0; /* names no device here */
     const char *n = getenv("FAKE_CUDA_DEVICES");
     return n ? atoi(n) : 1;
 }
@@ -157,8 +201,37 @@ CUresult cuDeviceGetName(char *name, int len, CUdevice device) {
     ENTER("cuDeviceGetName");
     if (device < 0 || device >= devices()) return INVALID_DEVICE;
     if (len <= 0) return INVALID_VALUE;
-    strncpy(name, "NVIDIA H200", (size_t)len - 1);
+    strncpy(name, visible_mig() ? "NVIDIA H200 MIG 1g.18gb" : "NVIDIA H200", (size_t)len - 1);
     name[len - 1] = '\0';
+    return SUCCESS;
+}
+
+/* The 16 bytes of the device's UUID; a MIG device's is its MIG UUID (MIG-<these bytes>). */
+CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice device) {
+    ENTER("cuDeviceGetUuid_v2");
+    if (device < 0 || device >= devices()) return INVALID_DEVICE;
+    char text[40];
+    const char *mig = visible_mig();
+    if (mig)
+        snprintf(text, sizeof text, "%s", mig + 4);
+    else
+        snprintf(text, sizeof text, "5eed0000-0000-0000-0000-%012x", (unsigned)device);
+    for (int i = 0, j = 0; i < 16; i++, j += 2) {
+        if (text[j] == '-') j++;
+        unsigned byte;
+        if (sscanf(text + j, "%2x", &byte) != 1) return INVALID_VALUE;
+        uuid->bytes[i] = (char)byte;
+    }
+    return SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
+    ENTER("cuDeviceGetAttribute");
+    if (device < 0 || device >= devices()) return INVALID_DEVICE;
+    if (attribute != ATTRIBUTE_COMPUTE_MODE) return INVALID_VALUE; /* the one validate asks */
+    *value = !visible_mig() && listed_ordinal("FAKE_CUDA_EXCLUSIVE", device)
+                 ? COMPUTEMODE_EXCLUSIVE_PROCESS
+                 : COMPUTEMODE_DEFAULT;
     return SUCCESS;
 }
 
@@ -166,6 +239,9 @@ CUresult cuCtxCreate_v2(CUcontext *ctx, unsigned int flags, CUdevice device) {
     ENTER("cuCtxCreate_v2");
     if (device < 0 || device >= devices()) return INVALID_DEVICE;
     (void)flags;
+    if (!visible_mig() && listed_ordinal("FAKE_CUDA_EXCLUSIVE", device) &&
+        listed_ordinal("FAKE_CUDA_HELD", device))
+        return DEVICE_UNAVAILABLE; /* another process has its one context */
     *ctx = current = malloc(sizeof **ctx);
     current->device = device;
     live_contexts++;

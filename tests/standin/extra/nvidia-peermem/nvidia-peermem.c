@@ -1,12 +1,16 @@
 /*
- * Stand-in NVIDIA driver: nvidia-peermem.ko (GPUDirect RDMA). The real one
- * also needs ib_core (or MOFED); the stand-in only depends on nvidia.
+ * Stand-in NVIDIA driver: nvidia-peermem.ko (GPUDirect RDMA), as NVIDIA's builds where
+ * MOFED is absent (Flatcar's developer container): NVIDIA's conftest finds no
+ * ib_register_peer_memory_client in a MOFED Module.symvers, leaves
+ * NV_MLNX_IB_PEER_MEM_SYMBOLS_PRESENT undefined, and the module's init then returns
+ * -EINVAL without a word in the kernel log (open-gpu-kernel-modules,
+ * kernel-open/nvidia-peermem/nvidia-peermem.c, nv_mem_client_init). modprobe says
+ * "could not insert 'nvidia_peermem': Invalid argument". Nothing else of it is needed:
+ * without the symbols the real one references nothing of nvidia.ko either.
  */
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/init.h>
-
-#include "nv-standin.h"
 
 MODULE_LICENSE("Dual MIT/GPL");
 MODULE_DESCRIPTION("Stand-in for NVIDIA's GPUDirect RDMA peer memory driver (tests only)");
@@ -19,12 +23,11 @@ MODULE_PARM_DESC(peerdirect_support, "Set level of support for Peer-direct, 0 [d
 
 static int __init nv_mem_client_init(void)
 {
-    return nvidia_standin_register_client("nvidia-peermem");
+    return -EINVAL;
 }
 
 static void __exit nv_mem_client_cleanup(void)
 {
-    nvidia_standin_unregister_client("nvidia-peermem");
 }
 
 module_init(nv_mem_client_init);
