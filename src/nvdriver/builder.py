@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from nvdriver import fleet
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.driver.build import BuildOutput, BuildRoot, build_modules
@@ -29,7 +30,8 @@ from nvdriver.run import run
 
 log = logging.getLogger(__name__)
 
-# Inside the developer root (its tmpfs overlay): where the driver tree is built.
+# Inside the developer root (its overlay, whose writes land in the work dir under the
+# cache, on disk: flatcar/image.py): where the driver tree is built.
 BUILD_DIR = "/var/tmp/nvidia-driver-build"
 # The container's own resolver configuration (not the host's: the container may run
 # with a network of its own), bound into the developer root for `--emerge-sources`.
@@ -149,12 +151,17 @@ def make_package(
         check_key(config.sign_key)
     with build_lock(config):
         _remove_stale_locked(config)
+        used: set[str] = set()
         with workdir(config, "build") as work:
             if config.kernel_source is not None:
                 output = _from_kernel_tree(config, source, flavour, work)
             else:
-                output = _in_developer_container(config, source, flavour, work, target)
-            return pkg.write_package(into, output, tag=config.tag)
+                output, version = _in_developer_container(config, source, flavour, work, target)
+                used.add(version)
+            package = pkg.write_package(into, output, tag=config.tag)
+        # Build ahead adds a developer container per release: keep the disk from filling.
+        fleet.prune_developer_containers(config, also_keep=used)
+        return package
 
 
 def _from_kernel_tree(
@@ -179,10 +186,11 @@ def _in_developer_container(
     flavour: str,
     work: Path,
     target: release.NamedRelease | None,
-) -> BuildOutput:
+) -> tuple[BuildOutput, str]:
     """Build in the developer container of `target`'s release against the kernel tree
     the feed names for it, or (no target) of the release that ships `config.kernel`
-    (default: the running kernel) against that kernel's tree."""
+    (default: the running kernel) against that kernel's tree; returns the output and
+    the release's version."""
     kernel = None if target is not None else config.kernel or release.running_kernel()
     flatcar = target.release if target is not None else release.resolve(config, kernel)
     from nvdriver.flatcar.fetch import fetch_developer_container  # http, ssl: only to build
@@ -212,9 +220,8 @@ def _in_developer_container(
         output = _build(config, source, flavour, tree, build_dir, build_root)
         # Keep what the package needs: the overlay (and the build dir) vanish on unmount.
         kept = _kept(output, work / "out")
-        return dataclasses.replace(
-            kept, linker_files=collect_linker(build_root, work / "out" / "linker")
-        )
+        linker = collect_linker(build_root, work / "out" / "linker")
+        return dataclasses.replace(kept, linker_files=linker), flatcar.version
 
 
 def _kept(output: BuildOutput, dest: Path) -> BuildOutput:

@@ -15,6 +15,8 @@ import datetime
 import json
 import logging
 import os
+import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +179,25 @@ def kept_releases(config: Config) -> set[str]:
     record = next_record(config)
     kept = {release.host_version(config), record["version"] if record else None}
     return {v for v in kept if v is not None}
+
+
+def prune_developer_containers(config: Config, *, also_keep: Collection[str] = ()) -> list[Path]:
+    """Remove the cached developer containers (gigabytes each) of the releases other than
+    `kept_releases` and `also_keep` (the one a build just used). Only where no build runs:
+    by `packages prune` when builds are idle, and by a build, holding the build lock,
+    once its package is written."""
+    from nvdriver.flatcar import fetch  # http, ssl: not on the init path
+
+    kept = kept_releases(config) | set(also_keep)
+    removed = []
+    for dirs in fetch.cached_versions(config).values():
+        for d in dirs:
+            if d.name not in kept:
+                log.info("Removing the Flatcar %s developer container %s", d.name, d)
+                shutil.rmtree(d, ignore_errors=True)
+                if not d.exists():
+                    removed.append(d)
+    return removed
 
 
 def staged_release(config: Config) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 import signal
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -546,7 +545,7 @@ def prune_packages(config: Config) -> list[Path]:
         for store in pkg.stores(config):
             removed += _prune_store(config, store, keep_kernels, idle=idle)
         if idle:
-            removed += _prune_images(config)
+            removed += fleet.prune_developer_containers(config)
     return removed
 
 
@@ -572,21 +571,4 @@ def _prune_store(
         for d in store.root.iterdir() if store.root.is_dir() else []:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-    return removed
-
-
-def _prune_images(config: Config) -> list[Path]:
-    """Each developer container is gigabytes: keep the running release's (a rebuild for
-    this kernel needs it) and the next release's (built ahead for the reboot)."""
-    from nvdriver.flatcar import fetch  # http, ssl: not on the init path
-
-    kept = fleet.kept_releases(config)
-    removed = []
-    for dirs in fetch.cached_versions(config).values():
-        for d in dirs:
-            if d.name not in kept:
-                log.info("Removing the Flatcar %s developer container %s", d.name, d)
-                shutil.rmtree(d, ignore_errors=True)
-                if not d.exists():
-                    removed.append(d)
     return removed

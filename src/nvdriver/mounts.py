@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -419,12 +420,23 @@ def _overlay_path(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def overlay(lower: Path, where: Path, *, scratch: Path, size: str | None = None) -> Iterator[Path]:
-    """A writable view of `lower` at `where`; writes go to a tmpfs at `scratch` and vanish."""
+def overlay(
+    lower: Path, where: Path, *, scratch: Path, tmpfs_size: str | None = None
+) -> Iterator[Path]:
+    """A writable view of `lower` at `where`; writes go to `scratch` and vanish on exit.
+
+    By default `scratch` is a new directory on the file system that holds it (a disk: a
+    build's gigabytes never take the node's memory), removed after the unmount; with
+    `tmpfs_size`, a tmpfs of that size mounted there.
+    """
     with contextlib.ExitStack() as stack:
-        stack.enter_context(
-            mount("tmpfs", scratch, fstype="tmpfs", options=[f"size={size}"] if size else [])
-        )
+        if tmpfs_size is not None:
+            stack.enter_context(
+                mount("tmpfs", scratch, fstype="tmpfs", options=[f"size={tmpfs_size}"])
+            )
+        else:  # removed after the unmount (a killed run's: by `cleanup_stale`'s caller)
+            scratch.mkdir(parents=True)
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         upper, work = scratch / "upper", scratch / "work"
         upper.mkdir()
         work.mkdir()

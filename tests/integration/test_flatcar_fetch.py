@@ -18,7 +18,7 @@ import pytest
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError
-from nvdriver.flatcar import fetch, release
+from nvdriver.flatcar import fetch, release, space
 from nvdriver.flatcar.download import RetryPolicy
 from nvdriver.flatcar.release import FlatcarRelease, resolve
 from nvdriver.log import Progress
@@ -39,6 +39,7 @@ class Mirror(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.heads: list[str] = []
         self.if_range: list[str | None] = []
         self.cut_once: dict[str, int] = {}
         self.ignore_range = False
@@ -53,6 +54,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def do_HEAD(self) -> None:
+        srv = self.server
+        srv.heads.append(self.path)
+        body = srv.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
 
     def do_GET(self) -> None:
         srv = self.server
@@ -497,10 +509,66 @@ def test_leftover_partial_of_a_killed_run_is_removed(
     )
 
 
-def test_full_disk_is_a_clear_error_naming_the_cache(
-    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path, decompressor: str
+@contextlib.contextmanager
+def small_cache(cfg: Config, size: str) -> Iterator[None]:
+    cfg.cache_dir.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", cfg.cache_dir])
+    try:
+        yield
+    finally:
+        run(["umount", cfg.cache_dir])
+
+
+def test_too_little_space_is_refused_before_the_download_naming_bytes_and_directory(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path
 ) -> None:
     need(os.geteuid() == 0, "mounting a small tmpfs needs root")
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+    with small_cache(cfg, "4m"):
+        directory = fetch.cache_path(cfg, RELEASE).parent
+        with pytest.raises(DriverError, match="Not enough space") as info:
+            fetch.fetch_developer_container(cfg, RELEASE, policy=FAST)
+        message = str(info.value)
+        free = space.free_bytes(cfg.cache_dir)
+        assert str(directory) in message
+        assert f"needs about {space.EXPANSION * len(compressed)} bytes" in message
+        assert f"and {free} bytes" in message and 0 < free <= 4 * MiB
+        assert "packages prune" in (info.value.hint or "")
+        assert mirror.heads == [BZ2]
+        assert [path for path, _ in mirror.requests if path == BZ2] == []  # never fetched
+        assert cache_files(cfg) == []
+
+
+def test_without_a_size_from_the_server_the_documented_need_is_checked(
+    mirror: Mirror, keys: tuple[Gpg, Gpg], compressed: bytes, tmp_path: Path
+) -> None:
+    need(os.geteuid() == 0, "mounting a small tmpfs needs root")
+    trusted, _ = keys
+    publish(mirror, trusted, compressed)
+    cfg = config(mirror, tmp_path, trusted.public)
+    closed = Mirror()  # a server that cannot be reached for the HEAD request
+    closed.server_close()
+    url = closed.url.replace("{channel}", "stable") + BZ2.removeprefix("/stable")
+    assert space.compressed_size(url, FAST) is None
+    with small_cache(cfg, "4m"), pytest.raises(DriverError, match="does not say its size") as e:
+        space.require_room_for_developer_container(url, cfg.cache_dir, FAST)
+    assert f"needs about {space.UNKNOWN_NEED} bytes" in str(e.value)
+
+
+def test_full_disk_is_a_clear_error_naming_the_cache(
+    mirror: Mirror,
+    keys: tuple[Gpg, Gpg],
+    compressed: bytes,
+    tmp_path: Path,
+    decompressor: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The space check is an estimate: an image that decompresses to more than it said
+    still meets a full disk, and the fetch reports that."""
+    need(os.geteuid() == 0, "mounting a small tmpfs needs root")
+    monkeypatch.setattr(space, "EXPANSION", 0)
     trusted, _ = keys
     publish(mirror, trusted, compressed)
     cfg = config(mirror, tmp_path, trusted.public)

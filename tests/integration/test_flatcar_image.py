@@ -136,6 +136,54 @@ def test_developer_root_is_writable_and_leaves_the_image_unchanged(
     assert our_loops(tmp_path) == [] and our_mounts(tmp_path) == []
 
 
+def filesystems(directory: Path) -> dict[str, tuple[str, str]]:
+    """Each mount at or under `directory`: its type and options."""
+    found = json.loads(
+        run(["findmnt", "--json", "--list", "--output", "TARGET,FSTYPE,OPTIONS"]).stdout
+    )
+    return {
+        m["target"]: (m["fstype"], m["options"])
+        for m in found["filesystems"]
+        if m["target"].startswith(str(directory))
+    }
+
+
+def test_the_builds_writes_go_to_the_work_directorys_disk_never_to_memory(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    workdir = tmp_path / "work"
+    with img.developer_root(disk, workdir, {}) as root:
+        (root / "usr/src/object.o").write_bytes(os.urandom(4 * MiB))
+        assert str(workdir / img.SCRATCH) not in filesystems(workdir)  # no tmpfs there
+        upper = workdir / img.SCRATCH / "upper" / "usr/src/object.o"
+        assert upper.stat().st_size == 4 * MiB
+        assert os.stat(upper).st_dev == os.stat(tmp_path).st_dev  # the disk under the cache
+    assert not (workdir / img.SCRATCH).exists(), "the writes are removed with the overlay"
+
+
+def test_where_the_disk_cannot_hold_the_writes_a_bounded_tmpfs_does(
+    tmp_path: Path, disk: Path, leftovers: None
+) -> None:
+    """A work directory on an overlayfs (a container's own layer): the kernel refuses it
+    as an upper layer, and a tmpfs of FALLBACK_TMPFS_SIZE takes the writes."""
+    layer = tmp_path / "layer"
+    for d in ("lower", "upper", "work", "merged"):
+        (layer / d).mkdir(parents=True)
+    merged = layer / "merged"
+    options = f"lowerdir={layer / 'lower'},upperdir={layer / 'upper'},workdir={layer / 'work'}"
+    run(["mount", "-t", "overlay", "container-layer", "-o", options, merged])
+    try:
+        workdir = merged / "work"
+        with img.developer_root(disk, workdir, {}) as root:
+            (root / "usr/src/object.o").write_bytes(os.urandom(MiB))
+            tmpfs = filesystems(workdir)[str(workdir / img.SCRATCH_TMPFS)]
+            assert tmpfs[0] == "tmpfs"
+            assert "size=4194304k" in tmpfs[1].split(",")
+        assert list(filesystems(workdir)) == []
+    finally:
+        run(["umount", merged])
+
+
 def test_binds_through_absolute_symlinks_stay_inside_the_image(
     tmp_path: Path, disk: Path, leftovers: None
 ) -> None:
@@ -240,6 +288,7 @@ def interrupted(signum, frame):
 signal.signal(signal.SIGTERM, interrupted)
 disk, workdir, ready = map(Path, sys.argv[1:4])
 with developer_root(disk, workdir, {}) as root:
+    (root / "usr/src/object.o").write_bytes(b"x" * 65536)
     ready.write_text(str(root))
     time.sleep(60)
 """
@@ -282,6 +331,7 @@ def test_cleanup_stale_removes_what_a_sigkilled_run_left(
     img.cleanup_stale(workdir, backing_dir=disk.parent)
 
     assert our_loops(tmp_path) == [] and our_mounts(tmp_path) == []
+    assert not (workdir / img.SCRATCH).exists(), "the killed build's writes stay on disk"
     # And the next run works.
     with img.developer_root(disk, workdir, {}) as root:
         assert (root / "etc/os-release").exists()

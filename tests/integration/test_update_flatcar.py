@@ -9,7 +9,9 @@ overlay), builds in it with chroot and packs. Nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -99,6 +101,47 @@ def test_update_for_a_kernel_builds_in_its_developer_container(
     assert_clean(tmp_path)
 
 
+def cached_release(tmp_path: Path, version: str) -> Path:
+    """A cached developer container of `version` (its content does not matter to prune)."""
+    directory = tmp_path / "cache" / "flatcar" / "amd64-usr" / version
+    directory.mkdir(parents=True)
+    (directory / "flatcar_developer_container.bin").write_bytes(b"image")
+    return directory
+
+
+def on_flatcar(tmp_path: Path, running: str, following: str) -> None:
+    """The host runs Flatcar `running`; `following` is recorded as the next release."""
+    (tmp_path / "host" / "host-etc").mkdir(parents=True)
+    (tmp_path / "host" / "host-etc" / "os-release").write_text(f"ID=flatcar\nVERSION={running}\n")
+    record = {"version": following, "channel": "stable", "kernel": None}
+    (tmp_path / "cache" / "next-release.json").write_text(json.dumps(record))
+
+
+def test_a_build_prunes_the_developer_containers_of_other_releases_not_packages(
+    env, tmp_path, kernel_release
+):
+    """Build ahead adds a developer container per release to the kubelet's disk: after a
+    build only the running, the next and the just used release's stay."""
+    running, older, following = (
+        cached_release(tmp_path, v) for v in ("4081.2.9", "3975.2.2", "4230.2.1")
+    )
+    on_flatcar(tmp_path, "4081.2.9", "4230.2.1")
+    other_kernel = tmp_path / "precompiled" / "6.1.0-old" / "nvidia-old.tar.gz"
+    other_kernel.parent.mkdir(parents=True)
+    other_kernel.write_bytes(b"a package of another kernel")
+
+    result = run_tool("update", "--kernel", kernel_release, env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert running.is_dir() and following.is_dir()
+    assert not older.exists(), "the developer container of an older release was kept"
+    assert [p.parent.name for p in cached_images(tmp_path)] == sorted(
+        ["4081.2.9", "4152.2.3", "4230.2.1"]  # 4152.2.3: the one just used
+    )
+    assert other_kernel.exists(), "packages are pruned by `packages prune` only"
+    assert_clean(tmp_path)
+
+
 def test_an_interrupted_download_resumes(env, tmp_path, flatcar_mirror_server, kernel_release):
     flatcar_mirror_server.close_after("flatcar_developer_container.bin.bz2", 20 << 20, times=2)
     result = run_tool("update", "--kernel", kernel_release, env=env)
@@ -178,14 +221,22 @@ def test_a_malformed_feed_is_a_clear_error(env, tmp_path, kernel_release):
     assert str(feed) in result.stderr and "Traceback" not in result.stderr
 
 
-def test_disk_full_during_decompression_removes_the_partial(env, tmp_path, kernel_release):
+def test_a_cache_too_small_for_the_image_is_refused_before_the_download(
+    env, tmp_path, kernel_release, flatcar_mirror_server
+):
     cache = tmp_path / "cache"
     cache.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", cache], check=True)
     try:
         result = run_tool("update", "--kernel", kernel_release, env=env)
         assert result.returncode == 1, result.stderr
-        assert "space" in result.stderr.lower()
+        assert re.search(
+            r"Not enough space in \S+/cache/flatcar/\S+ for the developer container .*: it "
+            r"needs about \d+ bytes .* and \d+ bytes \(\d+ MiB\) are free",
+            result.stderr,
+        ), result.stderr
+        image = flatcar_mirror_server.requests_for("flatcar_developer_container.bin.bz2")
+        assert [r.method for r in image] == ["HEAD"]
         assert cached_images(tmp_path) == []
         assert list(cache.rglob("*partial*")) == []
     finally:
@@ -259,8 +310,10 @@ def test_sigterm_at_any_step_leaves_nothing_and_a_rerun_succeeds(
 def test_emerge_sources_failing_is_clear_and_leaves_nothing(env, tmp_path, kernel_release):
     """The old emerge path needs Gentoo's tools and network: the Debian-made developer
     root has neither, so this proves the strategy runs in the chroot and fails cleanly."""
+    older = cached_release(tmp_path, "3975.2.2")
     result = run_tool("update", "--kernel", kernel_release, "--emerge-sources", env=env)
     assert result.returncode == 1
+    assert older.is_dir(), "a failed build prunes nothing"
     assert "emerge-gitclone" in result.stderr and "network" in result.stderr
     assert "Traceback" not in result.stderr
     assert_clean(tmp_path)

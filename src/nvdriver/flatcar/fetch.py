@@ -33,7 +33,7 @@ from typing import IO, Protocol
 from nvdriver.atomic import atomic_file, write_atomically
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError
-from nvdriver.flatcar import gpg
+from nvdriver.flatcar import gpg, space
 from nvdriver.flatcar.download import (
     DEFAULT_RETRY,
     Download,
@@ -530,6 +530,7 @@ def fetch_developer_container(
             return final
         _remove_leftovers(final.parent)
         url = developer_container_url(config, release)
+        space.require_room_for_developer_container(url, final.parent, policy)
         label = f"Downloading the Flatcar {release.version} developer container"
         log.info("%s from %s", label, url)
         with gpg.keyring(gpg.signing_key(config)) as ring:

@@ -3,12 +3,16 @@
 The image stays untouched: its ROOT partition is attached read-only through
 a free loop device (asked of /dev/loop-control, never a fixed device; its node
 made when a container's /dev lacks it: `mounts.free_loop_device`), mounted read-only,
-and covered by an overlay whose upper layer lives on a tmpfs — no `dd`, no
-`resize2fs`. Every step is a context manager of `nvdriver.mounts` that
-undoes itself on every exit path. All mount points live under one work
-directory, itself a private bind mount, so that nothing propagates to the
-host and `cleanup_stale` can tell our leftovers (after a SIGKILL) from
-anything else. What is Flatcar's is here: the partition table, the layout.
+and covered by an overlay — no `dd`, no `resize2fs`. The overlay's upper layer (all a
+build writes) is a directory on the disk of the work directory, under the cache: never
+memory, which a node's jobs need (a tmpfs with no bound is half the RAM, unswappable).
+Where that file system cannot hold an overlay's upper layer (an overlayfs itself: a
+container's own layer; NFS), a tmpfs bounded at `FALLBACK_TMPFS_SIZE` takes its place.
+Every step is a context manager of `nvdriver.mounts` that undoes itself on
+every exit path. All mount points live under one work directory, itself a
+private bind mount, so that nothing propagates to the host and
+`cleanup_stale` can tell our leftovers (after a SIGKILL) from anything else.
+What is Flatcar's is here: the partition table, the layout.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from nvdriver import mounts
 from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
-from nvdriver.run import run
+from nvdriver.run import RunError, run
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,11 @@ ROOT_PARTITION_NAME = "ROOT"
 # Mount points under the work directory: what each one is makes it ours.
 LOWER = "lower"
 SCRATCH = "scratch"
+SCRATCH_TMPFS = "scratch-tmpfs"
 ROOT = "root"
+# The bound of the tmpfs used where the work directory's file system refuses to be an
+# overlay's upper layer (docs/troubleshooting.md, "The build's scratch").
+FALLBACK_TMPFS_SIZE = "4g"
 SYSTEM_BINDS = ("/proc", "/sys", "/dev")
 
 
@@ -106,33 +115,60 @@ def root_partition(image: Path) -> Partition:
 
 @contextlib.contextmanager
 def developer_root(
-    image: Path,
-    workdir: Path,
-    binds: Mapping[str, Path] | None = None,
-    *,
-    scratch_size: str | None = None,
+    image: Path, workdir: Path, binds: Mapping[str, Path] | None = None
 ) -> Iterator[Path]:
-    """The developer container's root tree, writable (tmpfs overlay), with /proc, /sys,
-    /dev and `binds` (path inside → host path) bound in; everything undone on exit."""
+    """The developer container's root tree, writable (its writes under `workdir`, on
+    disk), with /proc, /sys, /dev and `binds` (path inside → host path) bound in;
+    everything unmounted on exit (the caller removes `workdir`)."""
     part = root_partition(image)
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(mounts.private_tree(workdir))
         device = stack.enter_context(mounts.loop_device(image, offset=part.start, size=part.size))
         lower = stack.enter_context(mounts.mount(device, workdir / LOWER, options=["ro"]))
-        root = stack.enter_context(
-            mounts.overlay(lower, workdir / ROOT, scratch=workdir / SCRATCH, size=scratch_size)
-        )
+        root = stack.enter_context(_writable(lower, workdir))
         for inside, source in [*((p, Path(p)) for p in SYSTEM_BINDS), *(binds or {}).items()]:
             stack.enter_context(mounts.bind(source, resolve_in(root, Path(inside))))
         log.info("Mounted the developer container %s at %s", image, root)
         yield root
 
 
+@contextlib.contextmanager
+def _writable(lower: Path, workdir: Path) -> Iterator[Path]:
+    """The overlay of `lower` at `workdir/root`, its upper layer on `workdir`'s disk, or
+    on a bounded tmpfs where that file system refuses (the kernel says so in its log:
+    "not supported as upperdir")."""
+    with contextlib.ExitStack() as stack:
+        try:
+            root = stack.enter_context(
+                mounts.overlay(lower, workdir / ROOT, scratch=workdir / SCRATCH)
+            )
+        except RunError as e:
+            log.warning(
+                "The file system of %s cannot hold the build's writes (an overlay's upper "
+                "layer): %s. Using a tmpfs of at most %s instead; point NVIDIA_DRIVER_CACHE "
+                "at a directory of the host's disk (ext4, xfs, btrfs) to build on disk.",
+                workdir,
+                e,
+                FALLBACK_TMPFS_SIZE,
+            )
+            root = stack.enter_context(
+                mounts.overlay(
+                    lower,
+                    workdir / ROOT,
+                    scratch=workdir / SCRATCH_TMPFS,
+                    tmpfs_size=FALLBACK_TMPFS_SIZE,
+                )
+            )
+        yield root
+
+
 def cleanup_stale(workdir: Path, *, backing_dir: Path | None = None) -> None:
-    """Remove what a killed run left: mounts under `workdir` and unused loop devices whose
-    backing file is under `backing_dir` (the image cache). Call it before `developer_root`,
-    holding the lock that keeps other runs from using `workdir`."""
+    """Remove what a killed run left: mounts under `workdir`, the writes of its overlay
+    (on disk), and unused loop devices whose backing file is under `backing_dir` (the
+    image cache). Call it before `developer_root`, holding the lock that keeps other runs
+    from using `workdir`."""
     mounts.unmount_under(workdir)
+    shutil.rmtree(workdir / SCRATCH, ignore_errors=True)
     if backing_dir is not None:
         mounts.detach_loops_backed_by(backing_dir)
