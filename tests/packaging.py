@@ -11,6 +11,9 @@ from pathlib import Path
 from nvdriver.driver.build import Artifact, BuildOutput
 from nvdriver.host import KernelIdentity
 
+# The Flatcar release a fake developer-container build stands for (builder's prune keeps it).
+FAKE_RELEASE = "4152.2.3"
+
 KERNEL = KernelIdentity(
     "6.1.0-99-amd64",
     "Linux version 6.1.0-99-amd64 (x@y) (gcc 12) #1 SMP Debian 6.1.1",

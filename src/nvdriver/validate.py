@@ -43,7 +43,6 @@ import dataclasses
 import importlib.resources
 import io
 import logging
-import os
 import platform
 import re
 from collections.abc import Iterator
@@ -169,7 +168,8 @@ def validate(config: Config) -> dict[str, Any]:
         if len(mig) < len(rows):
             raise
         report = CudaReport(cuda.driver_version(), ())  # every GPU is MIG: none enumerated
-    devices, skipped = _match(rows, mig, report.devices)
+    visible = config.environment.get("CUDA_VISIBLE_DEVICES")
+    devices, skipped = _match(rows, mig, report.devices, visible)
     for device in report.devices:
         devices[device.uuid].update(_vector_add_or_why_not(cuda, device))
     result: dict[str, Any] = {
@@ -209,7 +209,10 @@ def _gpus_of_the_driver(config: Config) -> tuple[list[PciDevice], list[PciDevice
 
 
 def _match(
-    rows: list[dict[str, str]], mig: dict[str, list[str]], cuda: tuple[CudaDevice, ...]
+    rows: list[dict[str, str]],
+    mig: dict[str, list[str]],
+    cuda: tuple[CudaDevice, ...],
+    visible: str | None,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """CUDA's devices matched to nvidia-smi's GPUs and MIG devices by UUID (an entry per
     CUDA device), and each GPU CUDA does not show with why (a failure where none holds)."""
@@ -223,7 +226,6 @@ def _match(
             hint="Check CUDA_VISIBLE_DEVICES and the kernel log (dmesg) for NVRM lines.",
         )
     seen = {d.uuid for d in cuda}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     skipped = []
     for row in rows:
         uuid = row["uuid"]

@@ -38,7 +38,7 @@ from nvdriver.errors import DriverError
 from nvdriver.host import KernelIdentity
 from nvdriver.kmod.abi import RunningAbi
 from tests.conftest import need, run_tool, standin_env
-from tests.packaging import KERNEL, fake_build
+from tests.packaging import FAKE_RELEASE, KERNEL, fake_build
 from tests.registry import (
     PASSWORD,
     USER,
@@ -163,13 +163,15 @@ def fallback_builds(monkeypatch) -> list[Config]:
     developer container for this machine's kernel) makes a plain-file package."""
     built: list[Config] = []
 
-    def developer_container_build(config, source, flavour, work: Path, target) -> BuildOutput:
+    def developer_container_build(
+        config, source, flavour, work: Path, target
+    ) -> tuple[BuildOutput, str]:
         built.append(config)
         build = fake_build(
             work / "fake",
             kernel=KernelIdentity.running(config).with_abi(KERNEL.vermagic, dict(KERNEL.symbols)),
         )
-        return dataclasses.replace(build, driver_version=VERSION)
+        return dataclasses.replace(build, driver_version=VERSION), FAKE_RELEASE
 
     monkeypatch.setattr(builder, "_in_developer_container", developer_container_build)
     return built

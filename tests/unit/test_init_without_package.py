@@ -17,7 +17,7 @@ from nvdriver.driver.package import Package
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.host import KernelIdentity, PciDevice
 from nvdriver.kmod.abi import RunningAbi
-from tests.packaging import fake_build
+from tests.packaging import FAKE_RELEASE, fake_build
 from tests.standin.tree import make_standin_source
 
 
@@ -121,10 +121,10 @@ def test_a_package_that_init_builds_goes_into_the_nodes_store(
 
     def developer_container_build(
         config: Config, source: DriverSource, flavour: str, work: Path, target: object
-    ) -> BuildOutput:
+    ) -> tuple[BuildOutput, str]:
         assert target is None, "init builds for the running kernel"
         built.append(config)
-        return running_build(config, work / "fake")
+        return running_build(config, work / "fake"), FAKE_RELEASE
 
     monkeypatch.setattr(builder, "_in_developer_container", developer_container_build)
     package = find(stores_config)
@@ -141,7 +141,7 @@ def test_a_package_in_either_store_is_used_without_a_build(
 ) -> None:
     """The image's store first (the seed's `update` + `docker commit`), then the node's."""
 
-    def no_build(*args: object) -> BuildOutput:
+    def no_build(*args: object) -> tuple[BuildOutput, str]:
         raise AssertionError("a package was there: nothing may be built")
 
     monkeypatch.setattr(builder, "_in_developer_container", no_build)

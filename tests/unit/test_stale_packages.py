@@ -20,7 +20,7 @@ from nvdriver.errors import DriverError, KernelAbiRefused
 from nvdriver.host import KernelIdentity
 from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.tree import ModuleTree
-from tests.packaging import KERNEL, fake_build
+from tests.packaging import FAKE_RELEASE, KERNEL, fake_build
 from tests.unit.test_init_without_package import node_without_package
 
 VERSION = "535.999.01"
@@ -113,9 +113,10 @@ def test_a_fresh_build_that_does_not_fit_stops_without_building_again(
     )
     builds: list[object] = []
 
-    def build(config, source, flavour, work: Path, target) -> BuildOutput:
+    def build(config, source, flavour, work: Path, target) -> tuple[BuildOutput, str]:
         builds.append(config)
-        return dataclasses.replace(fake_build(work / "fake", kernel=kernel), driver_version=VERSION)
+        output = fake_build(work / "fake", kernel=kernel)
+        return dataclasses.replace(output, driver_version=VERSION), FAKE_RELEASE
 
     monkeypatch.setattr(builder, "_in_developer_container", build)
     source = DriverSource.from_config(config)
@@ -146,9 +147,10 @@ def test_a_package_for_another_abi_is_stale_and_the_right_one_is_built_once(
     bad = package_in(config.precompiled_dir, other, tmp_path / "bad")
     builds: list[object] = []
 
-    def build(config, source, flavour, work: Path, target) -> BuildOutput:
+    def build(config, source, flavour, work: Path, target) -> tuple[BuildOutput, str]:
         builds.append(config)
-        return dataclasses.replace(fake_build(work / "fake", kernel=kernel), driver_version=VERSION)
+        output = fake_build(work / "fake", kernel=kernel)
+        return dataclasses.replace(output, driver_version=VERSION), FAKE_RELEASE
 
     monkeypatch.setattr(builder, "_in_developer_container", build)
     source = DriverSource.from_config(config)
