@@ -74,3 +74,13 @@ def hostile_package(
         tar.addfile(info, io.BytesIO(raw))
         evil.size = len(data) if evil.isfile() else 0
         tar.addfile(evil, io.BytesIO(data) if evil.isfile() else None)
+
+
+def host_build_tree(host_modules: Path, kernel: KernelIdentity) -> Path:
+    """A build tree of the running kernel on the host (`HOST/lib/modules/RELEASE/build`),
+    its Module.symvers holding `kernel`'s CRCs: what kmod/abi.py reads as evidence."""
+    build = host_modules / kernel.release / "build"
+    build.mkdir(parents=True)
+    lines = [f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols]
+    (build / "Module.symvers").write_text("".join(lines))
+    return build

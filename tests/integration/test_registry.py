@@ -38,7 +38,7 @@ from nvdriver.errors import DriverError
 from nvdriver.host import KernelIdentity
 from nvdriver.kmod.abi import RunningAbi
 from tests.conftest import need, run_tool, standin_env
-from tests.packaging import FAKE_RELEASE, KERNEL, fake_build
+from tests.packaging import FAKE_RELEASE, KERNEL, fake_build, host_build_tree
 from tests.registry import (
     PASSWORD,
     USER,
@@ -132,11 +132,7 @@ def running_kernel(node: Node) -> KernelIdentity:
 def with_host_tree(node: Node) -> Node:
     """Give the node's host a build tree of its running kernel (its Module.symvers): the
     evidence of the running kernel's CRCs (kmod/abi.py)."""
-    kernel = running_kernel(node)
-    build = node.config.host("/lib/modules") / kernel.release / "build"
-    build.mkdir(parents=True)
-    lines = [f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols]
-    (build / "Module.symvers").write_text("".join(lines))
+    host_build_tree(node.config.host("/lib/modules"), running_kernel(node))
     return node
 
 

@@ -20,7 +20,7 @@ from nvdriver.errors import DriverError, KernelAbiRefused
 from nvdriver.host import KernelIdentity
 from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.tree import ModuleTree
-from tests.packaging import FAKE_RELEASE, KERNEL, fake_build
+from tests.packaging import FAKE_RELEASE, KERNEL, fake_build, host_build_tree
 from tests.unit.test_init_without_package import node_without_package
 
 VERSION = "535.999.01"
@@ -99,18 +99,10 @@ def test_a_second_refusal_is_an_error_not_a_build_loop(
     assert not first.path.exists() and not second.path.exists()  # both stale, kept aside
 
 
-def test_a_fresh_build_that_does_not_fit_stops_without_building_again(
-    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The developer container's tree is not the running kernel's ABI (the node's build
-    tree says another CRC for _printk): the built package is refused once, no loop."""
-    kernel = running_kernel(config)
-    host_tree = config.host("/lib/modules") / kernel.release / "build"
-    host_tree.mkdir(parents=True)
-    crcs = {**dict(kernel.symbols), "_printk": 0x12345678}
-    host_tree.joinpath("Module.symvers").write_text(
-        "".join(f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in crcs.items())
-    )
+def building(monkeypatch: pytest.MonkeyPatch, kernel: KernelIdentity) -> list[object]:
+    """Make the developer container's build (the one step that cannot exist here: no
+    Flatcar release ships this machine's kernel) a plain-file package of `kernel`'s ABI;
+    the list gets an entry per build."""
     builds: list[object] = []
 
     def build(config, source, flavour, work: Path, target) -> tuple[BuildOutput, str]:
@@ -119,6 +111,17 @@ def test_a_fresh_build_that_does_not_fit_stops_without_building_again(
         return dataclasses.replace(output, driver_version=VERSION), FAKE_RELEASE
 
     monkeypatch.setattr(builder, "_in_developer_container", build)
+    return builds
+
+
+def test_a_fresh_build_that_does_not_fit_stops_without_building_again(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The developer container's tree is not the running kernel's ABI (the node's build
+    tree says another CRC for _printk): the built package is refused once, no loop."""
+    kernel = running_kernel(config)
+    host_build_tree(config.host("/lib/modules"), running_kernel(config, _printk=0x12345678))
+    builds = building(monkeypatch, kernel)
     source = DriverSource.from_config(config)
     running = RunningAbi(config, kernel.release)
     with pytest.raises(DriverError, match="does not fit the running kernel") as e:
@@ -133,26 +136,12 @@ def test_a_package_for_another_abi_is_stale_and_the_right_one_is_built_once(
 ) -> None:
     """The image's package was made on another ABI of this release (the node's build tree
     says another CRC for _printk): moved aside before anything is loaded, the right one
-    is built once into the node's store; the next start uses it, nothing built. The
-    developer container's build is the one step that cannot exist here (no Flatcar
-    release ships this machine's kernel): it makes a plain-file package of the kernel's
-    ABI."""
+    is built once into the node's store; the next start uses it, nothing built."""
     kernel = running_kernel(config)
-    host_tree = config.host("/lib/modules") / kernel.release / "build"
-    host_tree.mkdir(parents=True)
-    host_tree.joinpath("Module.symvers").write_text(
-        "".join(f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols)
-    )
+    host_build_tree(config.host("/lib/modules"), kernel)
     other = running_kernel(config, _printk=dict(kernel.symbols)["_printk"] ^ 0x5A5A5A5A)
     bad = package_in(config.precompiled_dir, other, tmp_path / "bad")
-    builds: list[object] = []
-
-    def build(config, source, flavour, work: Path, target) -> tuple[BuildOutput, str]:
-        builds.append(config)
-        output = fake_build(work / "fake", kernel=kernel)
-        return dataclasses.replace(output, driver_version=VERSION), FAKE_RELEASE
-
-    monkeypatch.setattr(builder, "_in_developer_container", build)
+    builds = building(monkeypatch, kernel)
     source = DriverSource.from_config(config)
 
     def find() -> pkg.Package:

@@ -11,7 +11,7 @@ from nvdriver import daemons, rootfs, status
 from nvdriver.config import Config
 from nvdriver.driver import package as pkg
 from nvdriver.host import KernelIdentity
-from tests.packaging import KERNEL, fake_build
+from tests.packaging import KERNEL, fake_build, host_build_tree
 
 
 def test_status_reports_modules_daemon_readiness_and_flatcar(
@@ -101,11 +101,7 @@ def test_status_says_which_package_fits_the_running_kernel_and_why(tmp_path: Pat
         }
     )
     kernel = KernelIdentity.running(config).with_abi(KERNEL.vermagic, dict(KERNEL.symbols))
-    tree = tmp_path / "lib" / "modules" / kernel.release / "build"
-    tree.mkdir(parents=True)
-    tree.joinpath("Module.symvers").write_text(
-        "".join(f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols)
-    )
+    host_build_tree(config.host("/lib/modules"), kernel)
     other = kernel.with_abi(kernel.vermagic, {**dict(kernel.symbols), "_printk": 1})
     fits = pkg.write_package(config.precompiled_dir, fake_build(tmp_path / "a", kernel), tag=None)
     stale = pkg.write_package(
