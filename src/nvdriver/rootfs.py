@@ -118,12 +118,25 @@ def ready(config: Config, flags: Mapping[str, bool]) -> Iterator[Path]:
     path = config.host(READY_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        write_atomically(path, readiness_text(flags).encode())
+        _write_for_the_operator(path, readiness_text(flags).encode())
         log.info("The driver is ready (%s)", path)
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _write_for_the_operator(path: Path, data: bytes) -> None:
+    """One of the files the GPU Operator reads, written atomically; a full or read-only
+    /run/nvidia is the user's to fix (DriverError), and leaves no temporary file."""
+    try:
+        write_atomically(path, data)
+    except OSError as e:
+        raise DriverError(
+            f"Cannot write {path}: {e.strerror or e}.",
+            hint="/run/nvidia must be the host's, mounted read-write (rshared), with free "
+            "space: it is a small tmpfs on the host.",
+        ) from e
 
 
 class DaemonsStatus:
@@ -133,7 +146,7 @@ class DaemonsStatus:
         self.path = path
 
     def write(self, status: str) -> None:
-        write_atomically(self.path, status.encode())
+        _write_for_the_operator(self.path, status.encode())
         log.info("Daemons: %s (%s)", status, self.path)
 
     @contextlib.contextmanager
@@ -146,8 +159,8 @@ class DaemonsStatus:
         finally:
             try:
                 self.write(DAEMONS_NOT_READY)
-            except OSError as e:  # the file goes at the end of init in any case
-                log.warning("Could not mark the daemons not ready in %s: %s", self.path, e)
+            except DriverError as e:  # the file goes at the end of init in any case
+                log.warning("Could not mark the daemons not ready: %s", e)
 
 
 @contextlib.contextmanager
