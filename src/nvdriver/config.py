@@ -336,7 +336,7 @@ class Config:
     flatcar_version: str | None = None
     next_release: bool = False
     store: str = "image"
-    # The registry (registry.py, trust.py): PRECOMPILED_REGISTRY or --pull, --push.
+    # The registry (registry/, trust.py): PRECOMPILED_REGISTRY or --pull, --push.
     registry: str | None = None
     push: str | None = None
     registry_push: bool = False
