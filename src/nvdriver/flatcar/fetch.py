@@ -43,7 +43,7 @@ from nvdriver.flatcar.download import (
     read_url,
 )
 from nvdriver.flatcar.pipes import FedChild, fed_child
-from nvdriver.flatcar.release import VERSION_RE, FlatcarRelease
+from nvdriver.flatcar.release import VERSION_RE, FlatcarRelease, release_base_url
 from nvdriver.log import Progress
 from nvdriver.run import which
 
@@ -61,12 +61,6 @@ WRITE_BATCH = 1 << 20
 WRITEBACK_EVERY = 16 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
-
-
-def release_base_url(config: Config, release: FlatcarRelease) -> str:
-    """Where the release's artifacts live: `{release_url}/{board}/{version}`."""
-    base = config.release_url.replace("{channel}", release.channel).rstrip("/")
-    return f"{base}/{release.board}/{release.version}"
 
 
 def developer_container_url(config: Config, release: FlatcarRelease) -> str:
