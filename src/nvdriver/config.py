@@ -1,4 +1,4 @@
-"""Settings from the environment, then flags (SPEC.md section 3), validated once.
+"""Settings from the environment, then flags (docs/configuration.md), validated once.
 
 The result is a frozen `Config`; nothing else reads `os.environ`. What a child process
 gets of our environment is named here too (`child_environment`): a minimal one, so that

@@ -371,7 +371,8 @@ def _loaded_from(
 
 
 def init(config: Config) -> None:
-    """Everything of SPEC section 1, then wait for a signal and shut down in reverse.
+    """Everything `init` does (docs/commands.md, "init"), then wait for a signal and shut
+    down in reverse.
 
     Returns after a clean shutdown; raises when a step fails or is interrupted
     (having undone what it did), or when the shutdown finds the driver in use.

@@ -4,8 +4,8 @@ Why no library: the API a package needs is six requests (GET/HEAD a manifest or 
 blob, POST+PUT a blob upload, PUT a manifest) plus the token dance, which `http.client`
 and `ssl` do in a few hundred lines; the image gains no dependency and no byte. PyPI's
 `oras` (with `requests`, `jsonschema`, ~7 MB) sent its blob PUT without credentials
-against a registry with basic auth over TLS (FACTS), and the `skopeo`/`oras` binaries
-are 20-40 MB each.
+against a registry with basic auth over TLS (README, "Registry"), and the `skopeo`/`oras`
+binaries are 20-40 MB each.
 
 One concern per module:
 
