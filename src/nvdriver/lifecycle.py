@@ -52,7 +52,7 @@ __all__ = [
 
 def _pause_at(options: Options, step: str) -> None:
     """Test hook: stop at `step` until a signal (NVIDIA_DRIVER_TEST_PAUSE_AT)."""
-    if options.pause_at == step:
+    if options.hooks.pause_at == step:
         log.warning("Pausing at step %s (NVIDIA_DRIVER_TEST_PAUSE_AT)", step)
         while True:
             signals.sleep()
