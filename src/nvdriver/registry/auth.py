@@ -16,9 +16,7 @@ import http.client
 import json
 import re
 import urllib.parse
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable, Mapping
 
 from nvdriver import credhelper
 from nvdriver.config import Config
@@ -105,18 +103,9 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-class Opener(Protocol):
-    """How the client opens one request (following redirects), its answer open for the block."""
-
-    def __call__(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        body: bytes | Path | None = None,
-        auth: bool = True,
-    ) -> contextlib.AbstractContextManager[http.client.HTTPResponse]: ...
+# How the client opens one request (Client._open: method, url, headers=, body=, auth=),
+# its answer open for the block.
+Opener = Callable[..., contextlib.AbstractContextManager[http.client.HTTPResponse]]
 
 
 def authorization(challenge: str, creds: Credentials | None, open_: Opener) -> str:
