@@ -92,8 +92,8 @@ def kernel(request: pytest.FixtureRequest) -> str:
     The rule (tests/kernels.py): the newest pair (`/boot/vmlinuz-K` with
     `/lib/modules/K/build`) of each installed series, discovered when the tests are
     collected, ids = the release. Outside CI a machine with fewer series tests fewer
-    (none: skip). Under `CI` every series of `CI_SERIES` (6.1 and 6.12, FACTS "The kernel
-    series") must have a pair: a missing one is a failing parameter `<series>-missing`,
+    (none: skip). Under `CI` every series of `CI_SERIES` (6.1 and 6.12, README,
+    "Kernels") must have a pair: a missing one is a failing parameter `<series>-missing`,
     so CI cannot pass on one kernel.
     """
     what = "kernel pair (/boot/vmlinuz-K with /lib/modules/K/build)"

@@ -526,7 +526,7 @@ def _build_devroot(
 # (coreos-modules: `kmake vmlinux modules`, installed by install-extmod-build) apart from
 # the kernel it boots (coreos-kernel: a fresh `kmake bzImage` from the same .config) and
 # does not fix KBUILD_BUILD_TIMESTAMP, so the booted /proc/version names another build
-# time than the tree (FACTS, "A kernel's /proc/version without running it"). The guest
+# time than the tree (docs/package.md, "Which package fits a kernel"). The guest
 # boots Debian's kernel, whose UTS_VERSION this never equals; release, vermagic and CRCs
 # stay the booted kernel's.
 TREE_UTS_VERSION = "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 09:12:34 -00 2026"

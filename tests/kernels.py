@@ -7,7 +7,7 @@ boot or build for a kernel run once per kernel *series* (major.minor): on the
 newest pair of each series, so that an old kernel left behind by an upgrade
 (6.1.0-56 beside 6.1.0-57) does not double the run for nothing.
 
-CI must cover the series the project supports (FACTS "The kernel series"):
+CI must cover the series the project supports (README, "Layout", "Kernels"):
 Debian 12's default 6.1 and 6.12, the series Flatcar stable runs. `CI_SERIES`
 names them; under `CI` a missing one is a failure, not a skip (tests/conftest.py
 `kernel`).

@@ -245,7 +245,8 @@ def _kept(output: BuildOutput, dest: Path) -> BuildOutput:
     )
 
 
-# Releases up to 3115.0.0 kept modules in /usr/lib64/modules (FACTS).
+# Releases up to 3115.0.0 kept modules in /usr/lib64/modules (docs/paths.md, "Inside the
+# developer container").
 MODULE_DIRS = ("/lib/modules", "/usr/lib/modules", "/usr/lib64/modules")
 
 

@@ -1,4 +1,4 @@
-"""Commands and flags (SPEC.md section 2); the steps themselves live in lifecycle."""
+"""Commands and flags (docs/commands.md); the steps themselves live in lifecycle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings from the environment, then flags (SPEC.md section 3), validated once.
+"""Settings from the environment, then flags (docs/configuration.md), validated once.
 
 The result is a frozen `Config`; nothing else reads `os.environ`. What a child process
 gets of our environment is named here too (`child_environment`): a minimal one, so that
@@ -128,6 +128,39 @@ def default_board() -> str:
 
 # Where `init` can be told to stop (NVIDIA_DRIVER_TEST_PAUSE_AT), for tests that kill it there.
 PAUSE_STEPS = ("locked", "linked", "loaded", "mounted", "persistenced")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """The test hooks: the only settings that exist for the tests, all here
+    (docs/configuration.md, "Test hooks"). Each is a point a test cannot reach from
+    outside the program: a step inside `init` to be killed at, and the build ahead's
+    child, which is our own interpreter (not looked up in PATH).
+
+    pause_at (NVIDIA_DRIVER_TEST_PAUSE_AT): a step of PAUSE_STEPS where `init` stops
+    until a signal. build_ahead_command (NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND): the
+    command line that stands in for `nvidia-driver` in the build's child, so that tests
+    can watch a child of their own.
+    """
+
+    pause_at: str | None = None
+    build_ahead_command: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Hooks:
+        pause_at = env.get("NVIDIA_DRIVER_TEST_PAUSE_AT") or None
+        if pause_at is not None and pause_at not in PAUSE_STEPS:
+            raise UsageError(
+                f"NVIDIA_DRIVER_TEST_PAUSE_AT={pause_at!r} is not a step: expected one of "
+                f"{', '.join(PAUSE_STEPS)}."
+            )
+        command = env.get("NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND")
+        return cls(
+            pause_at=pause_at,
+            build_ahead_command=tuple(shlex.split(command)) if command else None,
+        )
+
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -139,42 +172,30 @@ class Options:
     container_root (CONTAINER_ROOT, default /): the file system bound at
     /run/nvidia/driver. gpu_direct_rdma, gds, gdrcopy (GPU_DIRECT_RDMA_ENABLED,
     GDS_ENABLED, GDRCOPY_ENABLED): what the readiness file announces;
-    GPUDirect RDMA also loads nvidia-peermem. pause_at
-    (NVIDIA_DRIVER_TEST_PAUSE_AT, tests only): a step of PAUSE_STEPS where
-    `init` stops until a signal.
+    GPUDirect RDMA also loads nvidia-peermem. hooks: the test hooks (Hooks).
 
     Building ahead while `init` waits (watch.py): build_ahead (BUILD_AHEAD, auto|on|off;
     auto: on when the host is Flatcar), build_ahead_interval (BUILD_AHEAD_INTERVAL,
     seconds between the feed-driven builds, jittered), build_ahead_staged_poll
     (BUILD_AHEAD_STAGED_POLL, seconds between two looks at update_engine's status),
-    build_ahead_threads (BUILD_AHEAD_THREADS, the build's -m). build_ahead_command
-    (NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND, tests only): the command line that stands
-    in for `nvidia-driver` in the build's child, so that tests can watch a child of
-    their own.
+    build_ahead_threads (BUILD_AHEAD_THREADS, the build's -m).
     """
 
     container_root: Path = Path("/")
     gpu_direct_rdma: bool = False
     gds: bool = False
     gdrcopy: bool = False
-    pause_at: str | None = None
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
     build_ahead: str = "auto"
     build_ahead_interval: float = 21600.0
     build_ahead_staged_poll: float = 60.0
     build_ahead_threads: int = 1
-    build_ahead_command: tuple[str, ...] | None = None
     fabric_manager: str = "auto"
     fabric_manager_timeout: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Options:
-        pause_at = env.get("NVIDIA_DRIVER_TEST_PAUSE_AT") or None
-        if pause_at is not None and pause_at not in PAUSE_STEPS:
-            raise UsageError(
-                f"NVIDIA_DRIVER_TEST_PAUSE_AT={pause_at!r} is not a step: expected one of "
-                f"{', '.join(PAUSE_STEPS)}."
-            )
-        command = env.get("NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND")
+        hooks = Hooks.from_env(env)
         root = Path(env.get("CONTAINER_ROOT") or "/")
         if not root.is_absolute():
             raise UsageError(f"CONTAINER_ROOT={str(root)!r} is not an absolute path.")
@@ -183,12 +204,11 @@ class Options:
             gpu_direct_rdma=_flag(env, "GPU_DIRECT_RDMA_ENABLED"),
             gds=_flag(env, "GDS_ENABLED"),
             gdrcopy=_flag(env, "GDRCOPY_ENABLED"),
-            pause_at=pause_at,
+            hooks=hooks,
             build_ahead=_choice("BUILD_AHEAD", env.get("BUILD_AHEAD") or "auto", BUILD_AHEAD_MODES),
             build_ahead_interval=_seconds(env, "BUILD_AHEAD_INTERVAL", 21600.0),
             build_ahead_staged_poll=_seconds(env, "BUILD_AHEAD_STAGED_POLL", 60.0),
             build_ahead_threads=_count(env, "BUILD_AHEAD_THREADS", 1),
-            build_ahead_command=tuple(shlex.split(command)) if command else None,
             fabric_manager=_choice(
                 "FABRIC_MANAGER", env.get("FABRIC_MANAGER") or "auto", FABRIC_MANAGER_MODES
             ),
@@ -336,7 +356,7 @@ class Config:
     flatcar_version: str | None = None
     next_release: bool = False
     store: str = "image"
-    # The registry (registry.py, trust.py): PRECOMPILED_REGISTRY or --pull, --push.
+    # The registry (registry/, trust.py): PRECOMPILED_REGISTRY or --pull, --push.
     registry: str | None = None
     push: str | None = None
     registry_push: bool = False

@@ -1,4 +1,4 @@
-"""Error types and the exit codes of SPEC.md section 2.
+"""Error types and the exit codes of docs/commands.md ("Exit codes").
 
 Every failure a user can cause or meet is one of these: the CLI prints the
 message (and the hint) and exits with the code, never a traceback unless

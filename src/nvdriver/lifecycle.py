@@ -52,7 +52,7 @@ __all__ = [
 
 def _pause_at(options: Options, step: str) -> None:
     """Test hook: stop at `step` until a signal (NVIDIA_DRIVER_TEST_PAUSE_AT)."""
-    if options.pause_at == step:
+    if options.hooks.pause_at == step:
         log.warning("Pausing at step %s (NVIDIA_DRIVER_TEST_PAUSE_AT)", step)
         while True:
             signals.sleep()
@@ -371,7 +371,8 @@ def _loaded_from(
 
 
 def init(config: Config) -> None:
-    """Everything of SPEC section 1, then wait for a signal and shut down in reverse.
+    """Everything `init` does (docs/commands.md, "init"), then wait for a signal and shut
+    down in reverse.
 
     Returns after a clean shutdown; raises when a step fails or is interrupted
     (having undone what it did), or when the shutdown finds the driver in use.

@@ -66,7 +66,7 @@ def update_command(config: Config, *args: str) -> list[str]:
     """The child's command line: `nvidia-driver update --store node ARGS -m N` at low
     priority, run with our own interpreter (the image's venv) unless a test stands in."""
     options = config.options
-    program = options.build_ahead_command or (sys.executable, "-m", "nvdriver.cli")
+    program = options.hooks.build_ahead_command or (sys.executable, "-m", "nvdriver.cli")
     debug = ("--debug",) if config.debug else ()
     return [
         *LOW_PRIORITY,

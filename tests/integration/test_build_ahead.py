@@ -62,7 +62,8 @@ def environment(tmp_path: Path, standin: Path, server: MirrorServer, host: str) 
 def fits_the_booted_kernel(kernel: KernelIdentity, kernel_release: str) -> bool:
     """Whether a package's kernel identity fits the kernel installed here, which the guest
     boots: the mirror's developer root is another build of the same Debian headers (another
-    UTS_VERSION, FACTS), so the release and every CRC agree while /proc/version does not."""
+    UTS_VERSION: docs/package.md, "Which package fits a kernel"), so the release and every
+    CRC agree while /proc/version does not."""
     build = Path("/lib/modules") / kernel_release / "build"
     booted = KernelIdentity.from_build_tree(KernelTree.from_dir(build).output)
     symvers = read_symvers(build / "Module.symvers")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from nvdriver import unpack
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.flatcar import fetch, release, space
@@ -204,7 +205,7 @@ def decompressor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "lbzip2":
         need(which("lbzip2") is not None, "lbzip2 is not installed")
     if request.param == "stdlib":
-        monkeypatch.setattr(fetch, "which", lambda program: None)
+        monkeypatch.setattr(unpack, "which", lambda program: None)
     return str(request.param)
 
 

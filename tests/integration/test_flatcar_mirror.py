@@ -123,7 +123,8 @@ def _tree(devroot: Path, kernel: str) -> Path:
 def test_devroot_holds_another_build_of_the_host_headers_kernel(flatcar_mirror):
     """Flatcar ships a tree of another build than the kernel it boots: the release, the
     .config (so the vermagic) and every CRC are the booted kernel's, the build time in
-    UTS_VERSION is not (FACTS: coreos-modules and coreos-kernel are two builds)."""
+    UTS_VERSION is not (docs/package.md, "Which package fits a kernel": coreos-modules and
+    coreos-kernel are two builds)."""
     kernel = flatcar_mirror.kernel_release
     ours, host = _tree(flatcar_mirror.devroot, kernel), Path("/lib/modules") / kernel / "build"
     booted = KernelIdentity.from_build_tree(host)

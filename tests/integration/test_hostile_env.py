@@ -1,4 +1,4 @@
-"""Every command under hostile environments and files: an exit code of the SPEC table
+"""Every command under hostile environments and files: an exit code of docs/commands.md
 and a message, never a Python traceback.
 
 Each scenario breaks one thing a node or an operator can get wrong: HOST_ROOT

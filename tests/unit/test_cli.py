@@ -1,4 +1,4 @@
-"""The command line of SPEC.md section 2: every command parses and has --help."""
+"""The command line of docs/commands.md: every command parses and has --help."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nvdriver import unpack
 from nvdriver.config import Config
 from nvdriver.errors import IntegrityError
 from nvdriver.flatcar import fetch
@@ -78,9 +79,9 @@ def _image(block: int) -> bytes:
 
 @pytest.mark.parametrize("piece", [1000, 65536, 3 << 20])
 def test_sparse_writer_keeps_content_and_makes_holes(tmp_path: Path, piece: int) -> None:
-    data = _image(fetch.SPARSE_BLOCK)
+    data = _image(unpack.SPARSE_BLOCK)
     path = tmp_path / "out"
-    with path.open("wb") as out, fetch.sparse_writer(out.fileno()) as writer:
+    with path.open("wb") as out, unpack.sparse_writer(out.fileno()) as writer:
         for i in range(0, len(data), piece):
             writer.write(data[i : i + piece])
         assert writer.finish() == len(data)
@@ -92,7 +93,7 @@ def test_sparse_writer_reports_the_error_dd_met(tmp_path: Path) -> None:
     # /dev/full fails every write with ENOSPC, as a full cache file system does.
     with (
         open("/dev/full", "wb") as out,
-        fetch.sparse_writer(out.fileno()) as writer,
+        unpack.sparse_writer(out.fileno()) as writer,
         pytest.raises(OSError) as info,
     ):
         writer.write(os.urandom(4 << 20))  # more than the pipe holds
@@ -103,8 +104,8 @@ def test_sparse_writer_reports_the_error_dd_met(tmp_path: Path) -> None:
 def _decompress(tmp_path: Path, compressed: bytes, piece: int) -> bytes:
     """Feed `compressed` to a Bz2Decompressor in pieces; what it wrote."""
     path = tmp_path / "out"
-    with path.open("wb") as out, fetch.sparse_writer(out.fileno()) as writer:
-        dec = fetch.Bz2Decompressor(writer, "http://x/y.bz2")
+    with path.open("wb") as out, unpack.sparse_writer(out.fileno()) as writer:
+        dec = unpack.Bz2Decompressor(writer, "http://x/y.bz2")
         for i in range(0, len(compressed), piece):
             dec.feed(compressed[i : i + piece])
         dec.finish()
@@ -175,11 +176,11 @@ def test_start_writeback_reaches_the_kernel_and_keeps_the_content(tmp_path: Path
     """The writeback started while dd writes is the kernel's sync_file_range: it accepts
     the call for the image (0) and refuses a closed descriptor (EBADF), so the binding's
     arguments arrive as the system call's; what dd wrote is unchanged by it."""
-    start = fetch.sync_file_range()
+    start = unpack.sync_file_range()
     assert start is not None, "the C library has no sync_file_range"
     content = os.urandom(1 << 20) + bytes(1 << 20)
     path = tmp_path / "image"
-    with path.open("wb") as out, fetch.sparse_writer(out.fileno()) as writer:
+    with path.open("wb") as out, unpack.sparse_writer(out.fileno()) as writer:
         writer.write(content)
         assert start(out.fileno()) == 0
         writer.start_writeback()

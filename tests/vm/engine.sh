@@ -1,6 +1,6 @@
 # A container engine in the QEMU guest, for test_container.py: Debian's containerd
-# and dockerd with their storage on tmpfs, no bridge network (FACTS "This machine as
-# a test bed"). Sourced after lifecycle.sh (say, stuck) by a script that runs as
+# and dockerd with their storage on tmpfs, no bridge network (README, "Layout",
+# "Kernels"). Sourced after lifecycle.sh (say, stuck) by a script that runs as
 # root in the guest.
 #
 # Expects: LOGS (a shared directory for logs); DOCKER_DISK (optional): a block device

@@ -67,8 +67,8 @@ def _fake_modules(root: Path, release: str, dep: str, builtin: str) -> None:
     (moddir / "modules.builtin").write_text(builtin)
 
 
-# modules.dep and modules.builtin in the two shapes of Debian 12's kernels (FACTS "The
-# kernel series"): 6.1 has virtio as modules, 6.12 builds it in; 9p and overlay are
+# modules.dep and modules.builtin in the two shapes of Debian 12's kernels (README,
+# "Kernels"): 6.1 has virtio as modules, 6.12 builds it in; 9p and overlay are
 # modules in both, 9pnet needs netfs on 6.12.
 SHAPES = {
     "modular-virtio": (

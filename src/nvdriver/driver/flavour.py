@@ -1,6 +1,6 @@
 """Which kernel module flavour to build and load: KERNEL_MODULE_TYPE, `auto` decided by the GPUs.
 
-The rules (FACTS "Which kernel module flavour"): the proprietary modules are
+The rules (docs/configuration.md, "The driver and the kernel"): the proprietary modules are
 required for Maxwell, Pascal and Volta; the open ones need GSP (Turing and
 newer) and are NVIDIA's default from branch 560; Grace Hopper and Blackwell
 require the open ones; a mix of old and new GPUs takes the proprietary ones.

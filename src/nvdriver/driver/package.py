@@ -1,4 +1,4 @@
-"""The precompiled package (SPEC.md section 5).
+"""The precompiled package (docs/package.md).
 
 One file per (driver version, flavour, tag) under <store>/<kernel-release>/, in one of
 two stores of the same layout (`stores`): the image's (PRECOMPILED_DIR) and the node's

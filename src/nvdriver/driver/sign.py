@@ -2,10 +2,10 @@
 
 KEY is a PEM file holding the private key and its X.509 certificate, as the
 kernel's `sign-file` takes them. Finished modules are signed in place before
-packing. Split modules are never stored linked (FACTS: license), so they are
-linked here once, signed, and only the signature is kept, with the SHA-256 of
-the module it covers; linking on the node gives the same bytes (same linker,
-same inputs) and the signature is appended.
+packing. Split modules are never stored linked (a license constraint:
+docs/package.md, "The file"), so they are linked here once, signed, and only the
+signature is kept, with the SHA-256 of the module it covers; linking on the node
+gives the same bytes (same linker, same inputs) and the signature is appended.
 
 In a container KEY must come from a mount: `docker commit` (the seed's workflow)
 keeps whatever lies on the container's own layer, a private key among it

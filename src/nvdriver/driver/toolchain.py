@@ -1,7 +1,7 @@
 """The linker that links split modules on the node, carried in the package.
 
-The interface objects must be linked with the linker that built them (FACTS: the
-seed copied binutils out of the developer container), and a signed package's
+The interface objects must be linked with the linker that built them (docs/package.md,
+"The file": the seed copied binutils out of the developer container), and a signed package's
 signature holds only for the bytes that linker gives. So every package carries its
 build's `ld`, the shared libraries it needs and the dynamic loader (members under
 `linker/`), and every node that gets the package (through the image, the registry or

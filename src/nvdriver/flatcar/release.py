@@ -212,6 +212,12 @@ def feed_url(config: Config, channel: str) -> str:
     return config.releases_feed.replace("{channel}", channel)
 
 
+def release_base_url(config: Config, release: FlatcarRelease) -> str:
+    """Where the release's artifacts live: `{release_url}/{board}/{version}`."""
+    base = config.release_url.replace("{channel}", release.channel).rstrip("/")
+    return f"{base}/{release.board}/{release.version}"
+
+
 def load_feed(source: str, *, policy: RetryPolicy | None = None) -> dict[str, object]:
     """The releases feed: a JSON object keyed by version. Any other shape is an error."""
     from nvdriver.flatcar.download import DEFAULT_RETRY, UrlNotFound, read_url
@@ -385,7 +391,6 @@ def _check_published(
     """A release the feed does not list must at least be published (its version.txt):
     a typo in the version is "no such release" (exit 6), not a failed verification."""
     from nvdriver.flatcar.download import DEFAULT_RETRY, UrlNotFound, read_url
-    from nvdriver.flatcar.fetch import release_base_url
 
     url = f"{release_base_url(config, flatcar)}/version.txt"
     try:

@@ -2,7 +2,7 @@
 
 nvidia.ko registers its character devices but creates no nodes; on a node
 without udev rules for them (and in a container, whose /dev is a copy) CUDA
-finds none. The numbers (FACTS "Devices"): /dev/nvidiactl is 195:255,
+finds none. The numbers (docs/paths.md, "Device nodes"): /dev/nvidiactl is 195:255,
 /dev/nvidiaN is 195:N (N the GPU's "Device Minor" in
 /proc/driver/nvidia/gpus/*/information), /dev/nvidia-uvm has the major that
 /proc/devices gives nvidia-uvm, minor 0, and /dev/nvidia-uvm-tools minor 1 (as
