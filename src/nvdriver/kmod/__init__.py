@@ -12,4 +12,6 @@
   failed load).
 - `firmware`: the firmware search path for GSP firmware.
 - `peermem`: nvidia-peermem (GPUDirect RDMA), whose failure to load is a warning.
+- `modversions`: what a module file says of its kernel: vermagic, the CRCs it imports.
+- `abi`: whether a package fits the running kernel, by those, read from the host.
 """
