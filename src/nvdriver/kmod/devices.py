@@ -392,7 +392,7 @@ def make_device_nodes(config: Config, nvidia_params: Sequence[str]) -> list[Path
     if nodes:
         log.info("Made %s", ", ".join(str(p) for p in nodes))
     if links:
-        log.info("Linked %s", ", ".join(str(p) for p in links))
+        log.info("Made the links %s", ", ".join(str(p) for p in links))
     return nodes
 
 
