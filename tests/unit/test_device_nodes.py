@@ -14,7 +14,7 @@ import pytest
 
 from nvdriver.errors import BusyError
 from nvdriver.kmod.devices import make_device_nodes
-from nvdriver.kmod.unloading import unload
+from nvdriver.kmod.unloading import unload, unload_new
 from tests.unit.test_kmod import config_for, driver_proc, fake_module, write_rmmod
 
 CAPS_MAJOR = 237
@@ -213,3 +213,18 @@ def test_a_node_of_an_earlier_load_with_other_numbers_is_made_again_anothers_is_
         "nvidia-uvm": "507:0",
         "nvidia-uvm-tools": "507:1",
     }
+
+
+def test_undoing_a_load_removes_the_nodes_of_the_modules_it_took_out_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nvidia was loaded before (kept), nvidia-uvm and nvidia-modeset by the load undone."""
+    loaded_driver(tmp_path, mig=None)
+    (tmp_path / "proc" / "modules").write_text("")
+    dev = tmp_path / "dev"
+    config = config_for(tmp_path)
+    make_device_nodes(config, ())
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    write_rmmod(tmp_path, tmp_path)
+    unload_new(config, {"nvidia"}, set())
+    assert everything(dev) == {"nvidiactl", "nvidia0", "char", "char/195:255", "char/195:0"}
