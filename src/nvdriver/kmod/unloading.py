@@ -5,7 +5,8 @@ another NVIDIA module that goes with it; anything else (a process with
 /dev/nvidia* open, a foreign module) means the driver is in use, and then
 nothing is unloaded at all. GDRCopy's `gdrdrv` uses nvidia too; as NVIDIA's
 container does, it goes first, with the driver, when nothing uses it itself.
-A failed load is undone here too.
+A failed load is undone here too. The device nodes made for a module go after it
+(see `devices`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from nvdriver.config import Config
 from nvdriver.driver.source import MODULE_ORDER
 from nvdriver.errors import BusyError, DriverError
 from nvdriver.host import read_optional
+from nvdriver.kmod.devices import remove_device_nodes
 from nvdriver.kmod.loaded import LoadedModule, loaded_modules, loaded_names, sysfs_name
 from nvdriver.run import RunError, run
 
@@ -58,6 +60,7 @@ def unload(config: Config) -> list[str]:
     loaded = loaded_modules(config, UNLOAD_ORDER)
     if not loaded:
         log.info("No NVIDIA kernel module is loaded")
+        remove_device_nodes(config)  # of a driver unloaded by someone else
         return []
     reasons = busy_reasons(loaded)
     if reasons:
@@ -79,6 +82,7 @@ def unload(config: Config) -> list[str]:
             hint="Something took the driver while it was being unloaded; stop it and run "
             "`nvidia-driver unload` again.",
         ) from e
+    remove_device_nodes(config)
     return names
 
 
@@ -90,6 +94,7 @@ def unload_new(config: Config, nvidia_before: set[str], host_before: set[str]) -
     if names:
         log.info("Unloading %s again", ", ".join(names))
         run(["rmmod", *names], check=False)
+        remove_device_nodes(config)
     left = [m.name for m in loaded_modules(config) if m.name not in nvidia_before]
     if left:
         log.error("Could not unload %s again after the failure", ", ".join(left))

@@ -23,4 +23,7 @@ void nvidia_exit_module(void);
 int nv_procfs_init(void);
 void nv_procfs_exit(void);
 
+int nv_caps_init(void);
+void nv_caps_exit(void);
+
 #endif /* NV_LINUX_H */

@@ -184,6 +184,13 @@ int nvidia_init_module(void)
         goto shutdown;
     }
 
+    rc = nv_caps_init();
+    if (rc < 0) {
+        printk(KERN_ERR "NVRM: nv-caps-drv failed to initialize.\n");
+        nv_procfs_exit();
+        goto shutdown;
+    }
+
     printk(KERN_INFO "NVRM: loading %s\n", pNVRM_ID);
     return 0;
 
@@ -194,6 +201,7 @@ shutdown:
 
 void nvidia_exit_module(void)
 {
+    nv_caps_exit();
     nv_procfs_exit();
     rm_shutdown_rm();
 }
