@@ -151,6 +151,9 @@ class Options:
     (NVIDIA_DRIVER_TEST_BUILD_AHEAD_COMMAND, tests only): the command line that stands
     in for `nvidia-driver` in the build's child, so that tests can watch a child of
     their own.
+
+    busy_timeout (DRIVER_BUSY_TIMEOUT): seconds `init` waits for another driver that is
+    loaded and in use to be free before it gives up (exit 3); None: no bound, 0: no wait.
     """
 
     container_root: Path = Path("/")
@@ -165,6 +168,7 @@ class Options:
     build_ahead_command: tuple[str, ...] | None = None
     fabric_manager: str = "auto"
     fabric_manager_timeout: float = 300.0
+    busy_timeout: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Options:
@@ -193,6 +197,7 @@ class Options:
                 "FABRIC_MANAGER", env.get("FABRIC_MANAGER") or "auto", FABRIC_MANAGER_MODES
             ),
             fabric_manager_timeout=_seconds(env, "FABRIC_MANAGER_TIMEOUT", 300.0),
+            busy_timeout=_bound(env, "DRIVER_BUSY_TIMEOUT"),
         )
 
     @property
@@ -217,6 +222,24 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 < value < float("inf"):
         raise UsageError(
             f"{name}={env[name]!r} is not valid: expected a positive number of seconds.",
+            hint=f"Fix {name} in the container's environment.",
+        )
+    return value
+
+
+def _bound(env: Mapping[str, str], name: str) -> float | None:
+    """Seconds a wait may last: unset, empty or `none` for no bound, 0 for no wait."""
+    text = env.get(name, "").strip()
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UsageError(
+            f"{name}={env[name]!r} is not valid: expected a number of seconds (0: do not "
+            "wait) or `none` (no bound).",
             hint=f"Fix {name} in the container's environment.",
         )
     return value
