@@ -28,13 +28,14 @@ from nvdriver.errors import BusyError
 from nvdriver.host import read_optional
 from nvdriver.kmod.loaded import LoadedModule, loaded_modules
 from nvdriver.kmod.unloading import UNLOAD_ORDER
-from nvdriver.kmod.users import Users, driver_users
+from nvdriver.kmod.users import Users, driver_users, only_held_by
 
 log = logging.getLogger(__name__)
 
 # What a waiting `init` waits for (JSON), on the host's shared /run/nvidia: `status` reads it.
 WAIT_FILE = "/run/nvidia/nvidia-driver.waiting"
-# Seconds between two looks at the driver's users, and between two log lines.
+# Seconds between two looks at the driver's refcounts, and between two log lines (each
+# naming the users: a look at every process's open files).
 POLL = 2.0
 LOG_EVERY = 60.0
 # A module attribute, so that a test can run the wait on a virtual clock.
@@ -104,8 +105,11 @@ def wait_until_free(config: Config, wanted: str, *, wait: bool = True) -> None:
         while True:
             waited = clock() - started
             if bound is not None and waited >= bound:
+                now = users(config, loaded)
                 raise _busy(old, wanted, now, f"waited {waited:.0f} s (DRIVER_BUSY_TIMEOUT)")
             if clock() >= next_log:
+                if waited > 0:  # who holds it now (at the start: known already)
+                    now = users(config, loaded)
                 log.warning(
                     "The loaded NVIDIA driver %s is in use; waiting (%.0f s so far%s) for it "
                     "to be free before replacing it with %s, its daemons left running. "
@@ -120,8 +124,9 @@ def wait_until_free(config: Config, wanted: str, *, wait: bool = True) -> None:
             left = None if bound is None else bound - waited
             signals.sleep(POLL if left is None else max(0.0, min(POLL, left)))
             loaded = loaded_modules(config, UNLOAD_ORDER)
-            now = users(config, loaded)
-            if not now.busy:
+            ours = _our_daemons(config)
+            # Every process's open files are read only when the refcounts say it may be free.
+            if only_held_by(config, loaded, ours) and not driver_users(config, loaded, ours).busy:
                 log.info(
                     "The NVIDIA driver %s is free after %.0f s; replacing it with %s",
                     old,

@@ -30,6 +30,7 @@ from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver.source import Flavour
 from nvdriver.errors import BusyError, Interrupted, UsageError
+from nvdriver.kmod import users
 from nvdriver.kmod.loaded import loaded_modules
 from nvdriver.kmod.users import Container, container_of, holders
 from tests.unit.test_kmod import fake_module, write_rmmod
@@ -191,7 +192,7 @@ def test_init_waits_for_a_driver_in_use_leaving_its_daemon_then_swaps_when_it_is
     assert status.collect(config)["instance"]["waiting"] is None
 
 
-def test_the_wait_logs_a_line_every_minute(
+def test_the_wait_logs_a_line_every_minute_and_reads_every_process_only_then(
     node: Node, new_driver: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = [1000.0]
@@ -204,8 +205,15 @@ def test_the_wait_logs_a_line_every_minute(
         if clock[0] >= 1000.0 + 150:  # two and a half minutes
             node.holder_exits()
 
+    scans = [0]
+
+    def counted(config: Config) -> list[users.Holder]:
+        scans[0] += 1
+        return holders(config)
+
     monkeypatch.setattr(handover, "clock", lambda: clock[0])
     monkeypatch.setattr(signals, "sleep", sleep)
+    monkeypatch.setattr(users, "holders", counted)
     caplog.set_level(logging.INFO, logger="nvdriver")
     lifecycle._prepare(node.config())
     waits = [r for r in caplog.records if "is in use; waiting" in r.getMessage()]
@@ -215,6 +223,9 @@ def test_the_wait_logs_a_line_every_minute(
         "120",
     ]
     assert looks[0] == 75
+    # Every process's open files are read at the start, for each log line and once the
+    # refcounts say the driver may be free; the looks in between read /sys/module only.
+    assert scans[0] == 4
 
 
 def test_the_bound_ends_the_wait_with_exit_3_and_nothing_stopped(

@@ -157,6 +157,25 @@ class Users:
         }
 
 
+def _references(loaded: Sequence[LoadedModule]) -> tuple[tuple[str, ...], int]:
+    """The modules from elsewhere that use `loaded`, and the references on `loaded` that
+    are neither theirs nor those of the NVIDIA modules among themselves: open files."""
+    names = {m.name for m in loaded}
+    modules = tuple(sorted({h for m in loaded for h in m.holders if h not in names}))
+    return modules, sum(max(0, m.refcnt - len(m.holders)) for m in loaded)
+
+
+def only_held_by(config: Config, loaded: Sequence[LoadedModule], ours: Collection[int]) -> bool:
+    """Whether nothing but the processes `ours` can hold `loaded`: no module from elsewhere,
+    and no more references than their open /dev/nvidia* files. Reads /sys/module and their
+    descriptors only, not every process's: the cheap look of a long wait (`driver_users`
+    then confirms, and names the users)."""
+    modules, opened = _references(loaded)
+    proc = config.host("/proc")
+    mine = sum(len(_open_devices(str(proc / str(pid) / "fd"))) for pid in ours)
+    return not modules and opened <= mine
+
+
 def driver_users(
     config: Config, loaded: Sequence[LoadedModule], ours: Collection[int] = ()
 ) -> Users:
@@ -167,9 +186,7 @@ def driver_users(
     each module that uses one holds one. References beyond those of the visible processes
     (ours included) and modules are counted as unseen.
     """
-    names = {m.name for m in loaded}
-    modules = tuple(sorted({h for m in loaded for h in m.holders if h not in names}))
-    opened = sum(max(0, m.refcnt - len(m.holders)) for m in loaded)
+    modules, opened = _references(loaded)
     found = holders(config)
     others = tuple(h for h in found if h.pid not in ours and h.pid != os.getpid())
     seen = sum(len(h.devices) for h in found)
