@@ -179,6 +179,9 @@ class Options:
     seconds between the feed-driven builds, jittered), build_ahead_staged_poll
     (BUILD_AHEAD_STAGED_POLL, seconds between two looks at update_engine's status),
     build_ahead_threads (BUILD_AHEAD_THREADS, the build's -m).
+
+    busy_timeout (DRIVER_BUSY_TIMEOUT): seconds `init` waits for another driver that is
+    loaded and in use to be free before it gives up (exit 3); None: no bound, 0: no wait.
     """
 
     container_root: Path = Path("/")
@@ -192,6 +195,7 @@ class Options:
     build_ahead_threads: int = 1
     fabric_manager: str = "auto"
     fabric_manager_timeout: float = 300.0
+    busy_timeout: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Options:
@@ -213,6 +217,7 @@ class Options:
                 "FABRIC_MANAGER", env.get("FABRIC_MANAGER") or "auto", FABRIC_MANAGER_MODES
             ),
             fabric_manager_timeout=_seconds(env, "FABRIC_MANAGER_TIMEOUT", 300.0),
+            busy_timeout=_bound(env, "DRIVER_BUSY_TIMEOUT"),
         )
 
     @property
@@ -237,6 +242,24 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 < value < float("inf"):
         raise UsageError(
             f"{name}={env[name]!r} is not valid: expected a positive number of seconds.",
+            hint=f"Fix {name} in the container's environment.",
+        )
+    return value
+
+
+def _bound(env: Mapping[str, str], name: str) -> float | None:
+    """Seconds a wait may last: unset, empty or `none` for no bound, 0 for no wait."""
+    text = env.get(name, "").strip()
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UsageError(
+            f"{name}={env[name]!r} is not valid: expected a number of seconds (0: do not "
+            "wait) or `none` (no bound).",
             hint=f"Fix {name} in the container's environment.",
         )
     return value

@@ -18,7 +18,18 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import builder, daemons, fabric, fleet, lock, rootfs, signals, trust, watch
+from nvdriver import (
+    builder,
+    daemons,
+    fabric,
+    fleet,
+    handover,
+    lock,
+    rootfs,
+    signals,
+    trust,
+    watch,
+)
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.builder import builds_idle
 from nvdriver.config import Config, Options
@@ -229,13 +240,16 @@ def _push_built(config: Config, package: Package, reference: str) -> None:
         log.error("Could not share %s: %s", package.path.name, e)
 
 
-def _prepare(config: Config, refused: Collection[Path] = ()) -> DriverPlan:
+def _prepare(config: Config, refused: Collection[Path] = (), *, wait: bool = True) -> DriverPlan:
     """Find (or build) the package, link it into the private tree; unload other drivers.
 
     Modules already loaded from this very package (same version and srcversion)
     are kept: a restarted container must not disturb running GPU work. When an earlier
     run loaded them from this package's linked tree (its stamp), nothing is relinked.
-    `refused`: packages the kernel refused in this run (see `_load_fitting`).
+    Other modules in use are never touched: with `wait` (init) they are waited for until
+    they are free (handover.py), else it is exit 3 at once; their daemons are stopped only
+    when the driver is free. `refused`: packages the kernel refused in this run (see
+    `_load_fitting`).
     """
     options = config.options
     source, choice = _choose(config)
@@ -266,6 +280,8 @@ def _prepare(config: Config, refused: Collection[Path] = ()) -> DriverPlan:
             "Other NVIDIA modules are loaded (%s); unloading them first",
             ", ".join(f"{m.name} {m.version or ''}".strip() for m in loaded),
         )
+        # Before anything is stopped: the old daemons serve the work that holds the driver.
+        handover.wait_until_free(config, f"{version} ({flavour})", wait=wait)
         fabric.stop(config)  # it holds the NVSwitches: before the modules go
         daemons.stop_persistenced(config)
         unload_modules(config)
@@ -431,7 +447,7 @@ def load(config: Config) -> list[str]:
     with lock.instance_lock(config):
         if config.options.gpu_direct_rdma:
             peermem.advise(config)
-        plan = _prepare(config)
+        plan = _prepare(config, wait=False)  # `load` does not wait for a driver in use
         with rootfs.exposed_root(config, config.options.container_root, keep=True):
             loaded: list[str] = []
 

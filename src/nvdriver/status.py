@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from nvdriver import daemons, fabric, fleet, lock, mounts, rootfs
+from nvdriver import daemons, fabric, fleet, handover, lock, mounts, rootfs
 from nvdriver.config import Config
 from nvdriver.driver.flavour import choose_flavour
 from nvdriver.driver.package import stores
@@ -14,6 +15,8 @@ from nvdriver.flatcar.release import host_os_release, host_version
 from nvdriver.host import KernelIdentity, nvidia_gpus, read_optional
 from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.loaded import loaded_modules
+from nvdriver.kmod.unloading import UNLOAD_ORDER
+from nvdriver.kmod.users import Container
 
 
 def _readiness(config: Config) -> dict[str, str] | None:
@@ -31,6 +34,38 @@ def _driver_root_mounted(config: Config) -> bool | None:
         return mounts.is_mount_point(config.host(rootfs.DRIVER_ROOT))
     except (OSError, DriverError):  # no findmnt, or no mount table to read
         return None
+
+
+def _users(config: Config) -> dict[str, object] | None:
+    """Who holds the loaded driver (our daemons apart), or None when none is loaded."""
+    loaded = loaded_modules(config, UNLOAD_ORDER)
+    return handover.users(config, loaded).as_json() if loaded else None
+
+
+def _render_waiting(record: dict[str, Any]) -> str:
+    until = record.get("until")
+    return (
+        f"waiting:      init waits for the loaded driver {record.get('loaded')} to be free to "
+        f"replace it with {record.get('wanted')}, since "
+        + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.get("since") or 0))
+        + (
+            ", until " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+            if isinstance(until, int)
+            else ", no bound"
+        )
+    )
+
+
+def _render_users(users: dict[str, Any]) -> str:
+    held = [
+        f"pid {p['pid']} ({p['command']})"
+        + (f" in {Container(**p['container'])}" if p["container"] else "")
+        for p in users["processes"]
+    ]
+    held += [f"module {m}" for m in users["modules"]]
+    if users["unseen_references"]:
+        held.append(f"{users['unseen_references']} reference(s) no process here shows")
+    return "in use by:    " + ("; ".join(held) or "nobody (but its daemons)")
 
 
 def collect(config: Config) -> dict[str, Any]:
@@ -51,7 +86,8 @@ def collect(config: Config) -> dict[str, Any]:
         },
         "packages": [],
         "flatcar": host_version(config, os_release),
-        "instance": {"pid": lock.holder(config)},
+        "instance": {"pid": lock.holder(config), "waiting": handover.read_record(config)},
+        "users": _users(config),
         "modules": [
             {
                 "name": m.name,
@@ -160,6 +196,10 @@ def render(report: dict[str, Any]) -> str:
             or "none loaded"
         )
     )
+    if report["users"] is not None:
+        lines.append(_render_users(report["users"]))
+    if report["instance"]["waiting"]:
+        lines.append(_render_waiting(report["instance"]["waiting"]))
     lines.append(
         "gpus:         "
         + (

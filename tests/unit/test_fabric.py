@@ -421,7 +421,7 @@ def without_modules(node: Node, monkeypatch: pytest.MonkeyPatch) -> Node:
         return ["nvidia"]
 
     plan = types.SimpleNamespace(tree=None, modules=(), params={}, version="x", flavour="open")
-    monkeypatch.setattr(lifecycle, "_prepare", lambda config: plan)
+    monkeypatch.setattr(lifecycle, "_prepare", lambda config, **_: plan)
     monkeypatch.setattr(lifecycle, "_stamp_loaded", lambda config, plan: None)
     monkeypatch.setattr(rootfs, "exposed_root", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(loading, "driver_loaded", driver_loaded)

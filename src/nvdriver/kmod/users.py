@@ -1,0 +1,193 @@
+"""Who uses the loaded NVIDIA driver: processes with /dev/nvidia* open, their containers, and
+modules that use it.
+
+`unloading.busy_reasons` decides from the refcounts alone whether the driver can go; this
+names the users, for people: the log of an `init` that waits for a driver in use and
+`status`. It reads /proc only (every process is visible with `--pid=host`): a process's
+open files (`/proc/PID/fd`, as the holder's mount namespace names them; the container
+toolkit gives containers the host's /dev/nvidia* names) and its cgroup (`/proc/PID/cgroup`),
+from which the container runtime and the Kubernetes pod are read.
+
+Our own daemons (nvidia-persistenced, the fabric manager) hold the driver too; they are
+stopped before an unload, so they are not users that make it busy. A reference that no
+visible process or module explains (a /dev/dri client of nvidia-drm, a process this
+container cannot read) still does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Collection, Sequence
+
+from nvdriver.config import Config
+from nvdriver.host import read_optional
+from nvdriver.kmod.loaded import LoadedModule
+
+DEVICE_PREFIX = "/dev/nvidia"
+
+# The cgroup path forms of containers, with the systemd and the cgroupfs drivers (cgroup v1
+# lines `N:controllers:PATH`, v2 `0::PATH`): Docker `docker-ID.scope`, `/docker/ID`;
+# containerd `cri-containerd-ID.scope`, `/kubepods/.../ID`; CRI-O `crio-ID.scope`.
+_SCOPE_RE = re.compile(r"(?:^|/)(docker|cri-containerd|crio)-([0-9a-f]{64})\.scope(?:/|$)")
+_DOCKER_RE = re.compile(r"(?:^|/)docker/([0-9a-f]{64})(?:/|$)")
+_KUBEPODS_ID_RE = re.compile(r"(?:^|/)kubepods(?:/[^/]+)*/pod[0-9a-f-]+/([0-9a-f]{64})(?:/|$)")
+# The pod's UID: `pod<uid>` (cgroupfs) or `kubepods-<qos>-pod<uid with _>.slice` (systemd).
+_POD_RE = re.compile(
+    r"(?:^|/|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
+)
+_RUNTIMES = {"docker": "docker", "cri-containerd": "containerd", "crio": "cri-o"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Container:
+    """The container a process runs in, as its cgroup path says."""
+
+    runtime: str  # docker, containerd, cri-o; "kubernetes" when only the pod is known
+    id: str | None
+    pod_uid: str | None
+
+    def __str__(self) -> str:
+        what = f"{self.runtime} container {self.id[:12]}" if self.id else self.runtime
+        return what + (f" of pod {self.pod_uid}" if self.pod_uid else "")
+
+
+def container_of(cgroup: str) -> Container | None:
+    """The container of a process from its /proc/PID/cgroup text, or None (the host's)."""
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1]
+        pod = _POD_RE.search(path)
+        pod_uid = pod.group(1).replace("_", "-") if pod else None
+        if m := _SCOPE_RE.search(path):
+            return Container(_RUNTIMES[m.group(1)], m.group(2), pod_uid)
+        if m := _DOCKER_RE.search(path):
+            return Container("docker", m.group(1), pod_uid)
+        if m := _KUBEPODS_ID_RE.search(path):
+            return Container("kubernetes", m.group(1), pod_uid)
+        if pod_uid is not None:
+            return Container("kubernetes", None, pod_uid)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """A process with NVIDIA device files open."""
+
+    pid: int
+    command: str
+    devices: tuple[str, ...]  # the /dev/nvidia* files it has open, one per open descriptor
+    container: Container | None
+
+    def __str__(self) -> str:
+        where = f" in {self.container}" if self.container else ""
+        return f"pid {self.pid} ({self.command}){where}: {', '.join(sorted(set(self.devices)))}"
+
+    def as_json(self) -> dict[str, object]:
+        c = self.container
+        return {
+            "pid": self.pid,
+            "command": self.command,
+            "devices": sorted(set(self.devices)),
+            "container": None if c is None else dataclasses.asdict(c),
+        }
+
+
+def _open_devices(fd_dir: str) -> tuple[str, ...]:
+    devices = []
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:  # gone, or not ours to read
+        return ()
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fd_dir, name))
+        except OSError:
+            continue
+        if target.startswith(DEVICE_PREFIX):
+            devices.append(target.removesuffix(" (deleted)"))
+    return tuple(devices)
+
+
+def holders(config: Config) -> list[Holder]:
+    """Every process with a /dev/nvidia* file open, by pid."""
+    proc = config.host("/proc")
+    try:
+        pids = sorted(int(n) for n in os.listdir(proc) if n.isdigit())
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        devices = _open_devices(str(proc / str(pid) / "fd"))
+        if not devices:
+            continue
+        command = read_optional(proc / str(pid) / "comm") or "?"
+        cgroup = read_optional(proc / str(pid) / "cgroup") or ""
+        found.append(Holder(pid, command, devices, container_of(cgroup)))
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Users:
+    """Who uses a set of loaded NVIDIA modules, our own daemons apart."""
+
+    processes: tuple[Holder, ...]
+    modules: tuple[str, ...]  # modules from elsewhere that use the driver (a holder, gdrdrv)
+    unseen: int  # references that no visible process or module explains
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.processes or self.modules or self.unseen)
+
+    def __str__(self) -> str:
+        parts = [str(h) for h in self.processes]
+        parts += [f"module {m}" for m in self.modules]
+        if self.unseen:
+            parts.append(
+                f"{self.unseen} reference(s) that no process here shows (a /dev/dri client "
+                "of nvidia-drm, or a process this container cannot see)"
+            )
+        return "; ".join(parts) or "nobody"
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "processes": [h.as_json() for h in self.processes],
+            "modules": list(self.modules),
+            "unseen_references": self.unseen,
+        }
+
+
+def _references(loaded: Sequence[LoadedModule]) -> tuple[tuple[str, ...], int]:
+    """The modules from elsewhere that use `loaded`, and the references on `loaded` that
+    are neither theirs nor those of the NVIDIA modules among themselves: open files."""
+    names = {m.name for m in loaded}
+    modules = tuple(sorted({h for m in loaded for h in m.holders if h not in names}))
+    return modules, sum(max(0, m.refcnt - len(m.holders)) for m in loaded)
+
+
+def only_held_by(config: Config, loaded: Sequence[LoadedModule], ours: Collection[int]) -> bool:
+    """Whether nothing but the processes `ours` can hold `loaded`: no module from elsewhere,
+    and no more references than their open /dev/nvidia* files. Reads /sys/module and their
+    descriptors only, not every process's: the cheap look of a long wait (`driver_users`
+    then confirms, and names the users)."""
+    modules, opened = _references(loaded)
+    proc = config.host("/proc")
+    mine = sum(len(_open_devices(str(proc / str(pid) / "fd"))) for pid in ours)
+    return not modules and opened <= mine
+
+
+def driver_users(
+    config: Config, loaded: Sequence[LoadedModule], ours: Collection[int] = ()
+) -> Users:
+    """Who uses `loaded` (the NVIDIA modules loaded now), apart from the processes `ours`
+    (our daemons, which go before an unload).
+
+    Each open file of a /dev/nvidia* device holds one reference on the module behind it;
+    each module that uses one holds one. References beyond those of the visible processes
+    (ours included) and modules are counted as unseen.
+    """
+    modules, opened = _references(loaded)
+    found = holders(config)
+    others = tuple(h for h in found if h.pid not in ours and h.pid != os.getpid())
+    seen = sum(len(h.devices) for h in found)
+    return Users(others, modules, max(0, opened - seen))
