@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from nvdriver.config import Config
-from nvdriver.errors import DriverError
+from nvdriver.errors import BusyError, DriverError
 from nvdriver.host import read_optional
 from nvdriver.run import PathLike, run, which
 
@@ -28,6 +28,8 @@ PERSISTENCED = "nvidia-persistenced"
 # Where the daemon writes its pid: its own fixed path in the container's file system
 # (never under HOST_ROOT, nor CONTAINER_ROOT: the daemon knows neither). Tests patch it.
 PERSISTENCED_PID = Path("/var/run/nvidia-persistenced/nvidia-persistenced.pid")
+# Where the daemons open the driver's devices: the container's /dev. Tests patch it.
+DEVICES = Path("/dev")
 STOP_TIMEOUT = 5.0
 START_TIMEOUT = 30.0
 POLL = 0.1
@@ -121,12 +123,16 @@ def running(
 
     Leaving the block normally (a shutdown) stops the daemon, unless `keep` (`load`
     leaves it to `unload`); leaving it with an error stops it only if this block
-    started it (a restart adopts a running one).
+    started it (a restart adopts a running one), and never for a BusyError: a driver in
+    use keeps its daemons.
     """
     adopted = running_pid(config, daemon.pidfile) is not None
     try:
         start()
         yield
+    except BusyError:
+        log.warning("The driver is in use: leaving %s running", daemon.name)
+        raise
     except BaseException:
         if not adopted:
             try:
@@ -136,6 +142,45 @@ def running(
         raise
     if not keep:
         stop_daemon(config, daemon)
+
+
+def _device_module(device: Path) -> str | None:
+    """The module whose reference an open NVIDIA device file holds (its sysfs name):
+    nvidia-uvm's and nvidia-modeset's own; every other /dev/nvidia* (nvidiactl, nvidiaN,
+    nvidia-nvswitch*, nvidia-caps/*) is nvidia.ko's."""
+    try:
+        first = device.relative_to(DEVICES).parts[0]
+    except (ValueError, IndexError):
+        return None
+    if not first.startswith("nvidia"):
+        return None
+    if first.startswith("nvidia-uvm"):
+        return "nvidia_uvm"
+    return "nvidia_modeset" if first == "nvidia-modeset" else "nvidia"
+
+
+def references(config: Config, others: Sequence[Daemon] = ()) -> dict[str, int]:
+    """The references that nvidia-persistenced and `others` (the fabric manager's), where
+    they run, hold on NVIDIA's modules: one per open /dev/nvidia* descriptor (the kernel
+    counts one per open file; a descriptor dup'ed in the daemon shares one, so this may
+    count more than there are, never fewer: a driver used by no one else is never called
+    busy because of its own daemons)."""
+    counts: dict[str, int] = {}
+    for daemon in (_persistenced(), *others):
+        pid = running_pid(config, daemon.pidfile)
+        fd_dir = config.host(f"/proc/{pid}/fd")
+        try:
+            fds = list(fd_dir.iterdir()) if pid is not None else []
+        except OSError:  # gone, or not ours to read: count nothing (so: busy, not wrongly free)
+            continue
+        for fd in fds:
+            try:
+                module = _device_module(Path(os.readlink(fd)))
+            except OSError:
+                continue
+            if module is not None:
+                counts[module] = counts.get(module, 0) + 1
+    return counts
 
 
 def _persistenced() -> Daemon:

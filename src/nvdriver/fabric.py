@@ -94,6 +94,11 @@ def _nvlsm() -> Daemon:
     return Daemon(NVLSM, NVLSM_PID)
 
 
+def fabric_daemons() -> tuple[Daemon, ...]:
+    """The fabric manager and nvlsm, as `stop` stops them."""
+    return (_fm(), _nvlsm())
+
+
 def nvlink5_ports(config: Config) -> tuple[str, ...]:
     """The InfiniBand devices of NVLink5 switch trays: their PCI VPD holds SW_MNG (NVIDIA's
     driver container greps /sys/class/infiniband/*/device/vpd for it)."""

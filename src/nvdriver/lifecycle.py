@@ -36,6 +36,7 @@ from nvdriver.kmod.firmware import set_firmware_path
 from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
 from nvdriver.kmod.params import read_params
 from nvdriver.kmod.tree import ModuleTree, wanted_modules
+from nvdriver.kmod.unloading import check_unused
 from nvdriver.kmod.unloading import unload as unload_modules
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,14 @@ def _prepare(config: Config, refused: Collection[Path] = ()) -> DriverPlan:
     return plan
 
 
+def _check_unused(config: Config) -> None:
+    """BusyError (exit 3) when anything but the driver's own daemons uses it: checked before
+    any of them stops, so that a driver in use keeps its fabric manager, whose stop aborts
+    running CUDA jobs on HGX A100 and fails new launches on later boards
+    (docs/fabric-manager.md)."""
+    check_unused(config, daemons.references(config, fabric.fabric_daemons()))
+
+
 def _load_fitting(
     config: Config, plan: DriverPlan, load_plan: Callable[[DriverPlan], object]
 ) -> DriverPlan:
@@ -417,6 +426,9 @@ def init(config: Config) -> None:
             watch.wait(config)  # builds ahead for the next Flatcar release meanwhile
         except Interrupted as e:
             log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
+        # Before any daemon stops: a driver in use keeps its modules and daemons (their
+        # blocks let a BusyError through untouched) and init exits 3.
+        _check_unused(config)
     log.info("Shut down cleanly")
 
 
@@ -446,13 +458,16 @@ def load(config: Config) -> list[str]:
 
 
 def unload(config: Config) -> None:
-    """Stop the daemons (the fabric manager first), unload the modules (unless in use),
-    then unmount the driver root and remove the readiness and daemons' status files.
+    """Unless the driver is in use, stop the daemons (the fabric manager first), unload
+    the modules, then unmount the driver root and remove the readiness and daemons' status
+    files.
 
-    A driver in use (BusyError, exit 3) keeps its root bound: the loaded driver reads
-    its GSP firmware through it at a GPU's next first open, and the toolkit its files.
+    A driver in use (BusyError, exit 3) keeps all: its daemons (the fabric manager's stop
+    would break running CUDA work), and its root bound (the loaded driver reads its GSP
+    firmware through it at a GPU's next first open, and the toolkit its files).
     """
     with lock.instance_lock(config):
+        _check_unused(config)  # before any daemon stops: in use, all stays running
         fabric.stop(config)  # first: it holds the NVSwitches
         try:
             daemons.stop_persistenced(config)

@@ -15,6 +15,9 @@ product depends on it (docs/fabric-manager.md):
 * NVLink5's `nvidia-fabricmanager-start.sh` starts a stand-in nvlsm (its pid file from
   --nvlsm-pid-file) and then the fabric manager (--fm-pid-file).
 
+A daemon holds open the files that STANDIN_FM_OPENS, STANDIN_NVLSM_OPENS or
+STANDIN_PERSISTENCED_OPENS name (space-separated), as the real ones hold /dev/nvidia*.
+
 Each program appends what it did to `STANDIN_FABRIC_DIR/events`, so a test sees the
 order of starts, checks and stops. The stand-ins do not read their settings from the
 environment: the product gives its children a minimal one (run.py). Each knows its
@@ -47,6 +50,11 @@ if [ "$1" = --standin-daemon ]; then
         exit 0
     }
     trap stop TERM
+    n=3
+    for device in ${@OPENS_VAR@:-}; do  # the devices it holds open, from fd 3 on
+        eval "exec $n<\"\$device\""
+        n=$((n + 1))
+    done
     mkdir -p "$(dirname "$pidfile")"
     echo $$ >"$pidfile"
 @BODY@
@@ -117,6 +125,7 @@ def _daemon(name: str, pidfile_var: str, body: str = "", check: str = "") -> str
     return (
         _DAEMON.replace("@NAME@", name)
         .replace("@PIDFILE_VAR@", pidfile_var)
+        .replace("@OPENS_VAR@", pidfile_var.replace("_PIDFILE", "_OPENS"))
         .replace("@BODY@", body)
         .replace("@CHECK@", check)
     )

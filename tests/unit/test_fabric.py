@@ -29,7 +29,7 @@ import yaml
 
 from nvdriver import cli, daemons, fabric, lifecycle, rootfs, status
 from nvdriver.config import Config, Options
-from nvdriver.errors import DriverError, UnsupportedError, UsageError
+from nvdriver.errors import BusyError, DriverError, UnsupportedError, UsageError
 from nvdriver.kmod import loading
 from tests import sysfs
 from tests.standin import fabric as standin
@@ -413,8 +413,12 @@ def without_modules(node: Node, monkeypatch: pytest.MonkeyPatch) -> Node:
         note("modules loaded")
         try:
             yield ["nvidia"]
-        finally:  # as the real one: a failure unloads what it loaded
+        except BusyError:  # as the real one (test_a_driver_in_use_at_shutdown_stays_loaded)
+            raise
+        except BaseException:  # as the real one: a failure unloads what it loaded
             note("modules unloaded")
+            raise
+        note("modules unloaded")
 
     def load(*args: object) -> list[str]:
         note("modules loaded")
@@ -628,6 +632,119 @@ def test_load_leaves_the_fabric_manager_running_and_unload_stops_it_before_persi
     assert not status_file.exists()
     stops = [e for e in node.events() if e.endswith("stopped")]
     assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
+
+
+def loaded_driver(node: Node, refcnt: int) -> None:
+    """nvidia.ko as /sys/module shows it, with `refcnt` references (no driver loads here)."""
+    module = node.host / "sys/module/nvidia"
+    module.mkdir(parents=True, exist_ok=True)
+    (module / "refcnt").write_text(f"{refcnt}\n")
+
+
+def daemons_hold_devices(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in daemons hold devices open as the real ones hold /dev/nvidia* (files in
+    a directory of the test's, daemons.DEVICES: no NVIDIA device can exist here):
+    nvidia-persistenced 2 of nvidia.ko's, the fabric manager 3."""
+    dev = node.root.parent / "dev"
+    dev.mkdir()
+    for name in ("nvidiactl", "nvidia0", "nvidia-nvswitchctl", "nvidia-nvswitch0"):
+        (dev / name).touch()
+    monkeypatch.setattr(daemons, "DEVICES", dev)
+    standin.configure(
+        node.state,
+        STANDIN_PERSISTENCED_OPENS=f"{dev}/nvidiactl {dev}/nvidia0",
+        STANDIN_FM_OPENS=f"{dev}/nvidiactl {dev}/nvidia-nvswitchctl {dev}/nvidia-nvswitch0",
+    )
+
+
+@pytest.mark.parametrize(
+    ("held", "refcnt", "busy"),
+    [(True, 5, False), (True, 6, True), (False, 1, True)],
+    ids=["daemons-only", "daemons-and-a-job", "a-job"],
+)
+def test_unload_looks_for_users_before_it_stops_the_fabric_manager(
+    without_modules: Node, monkeypatch: pytest.MonkeyPatch, held: bool, refcnt: int, busy: bool
+) -> None:
+    """The daemons' own open devices are not users of the driver; a reference more (a
+    CUDA job) is: exit 3 with the fabric manager and persistenced left running (stopping
+    the fabric manager aborts that job on HGX A100, NVIDIA's ABORT_CUDA_JOBS_ON_FM_EXIT=1).
+    rmmod cannot run here: the modules' unload is replaced, after the check."""
+    node = without_modules
+    if held:
+        daemons_hold_devices(node, monkeypatch)
+    unloaded: list[str] = []
+    monkeypatch.setattr(lifecycle, "unload_modules", lambda config: unloaded.append("nvidia"))
+    config = node.config()
+    lifecycle.load(config)
+    daemons.start_persistenced(config)
+    fm, persistenced = started_pid(node, fabric.FM_PID), started_pid(node, daemons.PERSISTENCED_PID)
+    loaded_driver(node, refcnt)
+    if busy:
+        with pytest.raises(BusyError) as e:
+            lifecycle.unload(config)
+        assert e.value.exit_code == 3
+        from_daemons = " and 5 from the driver's daemons" if held else ""
+        assert (
+            f"nvidia has {refcnt} reference(s), 0 of them from NVIDIA modules{from_daemons}."
+            in e.value.message
+        )
+        assert alive(node, fm) and alive(node, persistenced)
+        assert not [e for e in node.events() if e.endswith("stopped")]
+        assert unloaded == []
+    else:
+        lifecycle.unload(config)
+        stops = [e for e in node.events() if e.endswith("stopped")]
+        assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
+        assert unloaded == ["nvidia"]
+
+
+def test_init_whose_driver_is_in_use_at_shutdown_exits_3_and_leaves_its_daemons_running(
+    without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA job opens the driver while init runs; at SIGTERM init checks for users
+    before any daemon stops: exit 3, the fabric manager, persistenced and the modules as
+    they were; readiness and the daemons' status gone (this container no longer runs)."""
+    node = without_modules
+    pids: list[int] = []
+
+    def job_starts() -> None:
+        loaded_driver(node, 1)
+        pids.extend(started_pid(node, p) for p in (fabric.FM_PID, daemons.PERSISTENCED_PID))
+
+    with stopped_when_ready(node, look=job_starts) as seen:
+        assert cli.main(["init"]) == 3
+    assert seen and len(pids) == 2
+    assert all(alive(node, pid) for pid in pids), node.events()
+    events = node.events()
+    assert not [e for e in events if e.endswith("stopped")]
+    assert "modules unloaded" not in events
+    assert not (node.host / rootfs.READY_FILE.lstrip("/")).exists()
+    assert not (node.host / rootfs.DAEMONS_STATUS_FILE.lstrip("/")).exists()
+
+
+def test_a_driver_in_use_at_shutdown_stays_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real driver_loaded lets the shutdown's BusyError through with nothing undone;
+    any other failure unloads what its block loaded. Loading and rmmod cannot run here:
+    both are replaced by notes."""
+    done: list[str] = []
+
+    def load(*args: object) -> list[str]:
+        done.append("load")
+        return ["nvidia"]
+
+    monkeypatch.setattr(loading, "load", load)
+    monkeypatch.setattr(loading, "unload_new", lambda *args: done.append("unload_new"))
+    monkeypatch.setattr(loading, "unload", lambda *args: done.append("unload"))
+    config = Config.from_env({"HOST_ROOT": str(tmp_path)})
+    tree: Any = None
+    with pytest.raises(BusyError), loading.driver_loaded(config, tree, ["nvidia"], {}):
+        raise BusyError("The NVIDIA driver is in use")
+    assert done == ["load"]
+    with pytest.raises(DriverError), loading.driver_loaded(config, tree, ["nvidia"], {}):
+        raise DriverError("the fabric did not come up")
+    assert done == ["load", "load", "unload_new"]
 
 
 # --- settings ---------------------------------------------------------------------------

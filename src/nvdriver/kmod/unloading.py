@@ -11,7 +11,8 @@ A failed load is undone here too.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from nvdriver.config import Config
 from nvdriver.driver.source import MODULE_ORDER
@@ -26,27 +27,45 @@ log = logging.getLogger(__name__)
 GOES_WITH_NVIDIA = ("gdrdrv",)
 # rmmod order: every module before the modules it uses.
 UNLOAD_ORDER = (*GOES_WITH_NVIDIA, *reversed(MODULE_ORDER))
+_NONE: Mapping[str, int] = MappingProxyType({})
 
 
-def busy_reasons(loaded: Sequence[LoadedModule]) -> list[str]:
+def busy_reasons(loaded: Sequence[LoadedModule], daemons: Mapping[str, int] = _NONE) -> list[str]:
     """Why this set of modules cannot be unloaded together (empty: it can).
 
     A module's references must all come from modules of the set (its holders
     among them: nvidia-uvm and nvidia-modeset hold nvidia, nvidia-drm holds
-    nvidia-modeset); any other reference is a user: an open /dev/nvidia*, a
-    daemon, a foreign module.
+    nvidia-modeset) or, where `daemons` counts them, from the driver's own daemons'
+    open devices (by module: they are stopped with the driver); any other reference
+    is a user: an open /dev/nvidia*, a foreign module.
     """
     names = {m.name for m in loaded}
     reasons = []
     for m in loaded:
         ours = sum(1 for h in m.holders if h in names)
-        if m.refcnt > ours:
+        theirs = daemons.get(m.name, 0)
+        if m.refcnt > ours + theirs:
             others = [h for h in m.holders if h not in names]
             users = f" (used by {', '.join(others)})" if others else ""
+            daemon_refs = f" and {theirs} from the driver's daemons" if theirs else ""
             reasons.append(
-                f"{m.name} has {m.refcnt} reference(s), {ours} of them from NVIDIA modules{users}"
+                f"{m.name} has {m.refcnt} reference(s), {ours} of them from NVIDIA modules"
+                f"{daemon_refs}{users}"
             )
     return reasons
+
+
+def check_unused(config: Config, daemons: Mapping[str, int] = _NONE) -> list[LoadedModule]:
+    """The NVIDIA modules loaded, in unload order; BusyError (exit 3) when one has a user
+    other than NVIDIA's modules and the references `daemons` counts (`busy_reasons`)."""
+    loaded = loaded_modules(config, UNLOAD_ORDER)
+    if reasons := busy_reasons(loaded, daemons):
+        raise BusyError(
+            "The NVIDIA driver is in use, nothing was unloaded: " + "; ".join(reasons) + ".",
+            hint="Stop the GPU workloads (processes with /dev/nvidia* open, modules using "
+            "nvidia), then run `nvidia-driver unload` again.",
+        )
+    return loaded
 
 
 def unload(config: Config) -> list[str]:
@@ -55,17 +74,10 @@ def unload(config: Config) -> list[str]:
     Returns the modules unloaded. Raises BusyError (exit 3) without touching
     anything when a module has a user outside the set.
     """
-    loaded = loaded_modules(config, UNLOAD_ORDER)
+    loaded = check_unused(config)
     if not loaded:
         log.info("No NVIDIA kernel module is loaded")
         return []
-    reasons = busy_reasons(loaded)
-    if reasons:
-        raise BusyError(
-            "The NVIDIA driver is in use, nothing was unloaded: " + "; ".join(reasons) + ".",
-            hint="Stop the GPU workloads (processes with /dev/nvidia* open, modules using "
-            "nvidia), then run `nvidia-driver unload` again.",
-        )
     by_name = {m.name: m for m in loaded}
     names = [sysfs_name(n) for n in UNLOAD_ORDER if sysfs_name(n) in by_name]
     log.info("Unloading %s", ", ".join(names))
