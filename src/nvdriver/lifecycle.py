@@ -267,6 +267,7 @@ def _prepare(config: Config, refused: Collection[Path] = ()) -> DriverPlan:
             "Other NVIDIA modules are loaded (%s); unloading them first",
             ", ".join(f"{m.name} {m.version or ''}".strip() for m in loaded),
         )
+        _check_unused(config)  # in use: exit 3, its daemons left running
         fabric.stop(config)  # it holds the NVSwitches: before the modules go
         daemons.stop_persistenced(config)
         unload_modules(config)
