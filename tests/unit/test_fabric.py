@@ -751,6 +751,42 @@ def daemons_hold_devices(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def test_a_daemons_open_devices_count_for_the_module_that_made_them(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nvidia-uvm's and nvidia-modeset's devices are theirs, every other /dev/nvidia*
+    nvidia.ko's; other open files are no reference (the stand-in holds files of the test's
+    device directory, daemons.DEVICES: no NVIDIA device can exist here)."""
+    dev = node.root.parent / "dev"
+    (dev / "nvidia-caps").mkdir(parents=True)
+    names = [
+        "nvidiactl",
+        "nvidia-uvm",
+        "nvidia-uvm-tools",
+        "nvidia-modeset",
+        "nvidia-caps/nvidia-cap1",
+        "null",
+    ]
+    for name in names:
+        (dev / name).touch()
+    monkeypatch.setattr(daemons, "DEVICES", dev)
+    other = node.root.parent / "nvidia-elsewhere"
+    other.touch()
+    opens = " ".join([*(str(dev / n) for n in names), str(other)])
+    standin.configure(node.state, STANDIN_PERSISTENCED_OPENS=opens)
+    bin_dir = node.root.parent / "bin"
+    standin.persistenced(bin_dir / "nvidia-persistenced", node.state)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    config = node.config()
+    assert daemons.references(config) == {}  # not running
+    daemons.start_persistenced(config)
+    assert daemons.references(config, fabric.fabric_daemons()) == {
+        "nvidia": 2,
+        "nvidia_uvm": 2,
+        "nvidia_modeset": 1,
+    }
+
+
 @pytest.mark.parametrize(
     ("held", "refcnt", "busy"),
     [(True, 5, False), (True, 6, True), (False, 1, True)],
