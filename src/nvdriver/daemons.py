@@ -168,9 +168,10 @@ def references(config: Config, others: Sequence[Daemon] = ()) -> dict[str, int]:
     counts: dict[str, int] = {}
     for daemon in (_persistenced(), *others):
         pid = running_pid(config, daemon.pidfile)
-        fd_dir = config.host(f"/proc/{pid}/fd")
+        if pid is None:
+            continue
         try:
-            fds = list(fd_dir.iterdir()) if pid is not None else []
+            fds = list(config.host(f"/proc/{pid}/fd").iterdir())
         except OSError:  # gone, or not ours to read: count nothing (so: busy, not wrongly free)
             continue
         for fd in fds:
