@@ -287,7 +287,19 @@ class FabricLog:
     offset: int
 
     @classmethod
-    def before_start(cls, cfg: str) -> FabricLog:
+    def before_start(cls, cfg: str) -> FabricLog | None:
+        """None, with a warning, where the config keeps the line out of the file: a
+        LOG_LEVEL below INFO (4), or LOG_USE_SYSLOG=1."""
+        level = config_value(cfg, "LOG_LEVEL") or "4"
+        if not level.isdigit() or int(level) < 4 or config_value(cfg, "LOG_USE_SYSLOG") == "1":
+            log.warning(
+                "The fabric manager's config (LOG_LEVEL=%s, LOG_USE_SYSLOG=%s) keeps its INFO "
+                "lines out of its log file: on GPUs that report no fabric state (before "
+                "Hopper) readiness waits only for the daemon to run, not for its NVSwitches",
+                level,
+                config_value(cfg, "LOG_USE_SYSLOG") or "0",
+            )
+            return None
         path = Path(config_value(cfg, "LOG_FILE_NAME") or DEFAULT_LOG)
         try:
             offset = path.stat().st_size

@@ -249,6 +249,21 @@ def test_an_earlier_runs_log_line_does_not_make_the_fabric_up(node: Node) -> Non
     assert daemons.running_pid(node.config(), fabric.FM_PID) is None
 
 
+@pytest.mark.parametrize("setting", [{"LOG_LEVEL": "3"}, {"LOG_USE_SYSLOG": "1"}])
+def test_a_config_that_keeps_the_line_out_of_the_log_waits_for_the_daemon_only(
+    node: Node, caplog: pytest.LogCaptureFixture, setting: dict[str, str]
+) -> None:
+    """An operator's NVFM_CONFIG_LOG_LEVEL below INFO, or LOG_USE_SYSLOG=1: the line never
+    reaches the file, so readiness does not wait for it (a warning says so) rather than
+    running into the timeout on every start."""
+    standin.configure(node.state, STANDIN_FM_NEVER_UP="1")
+    hgx_a100(node)
+    env = {f"NVFM_CONFIG_{k}": v for k, v in setting.items()}
+    with fabric.fabric_manager(node.config(FABRIC_MANAGER_TIMEOUT="5", **env)):
+        pass
+    assert "keeps its INFO lines out of its log file" in caplog.text
+
+
 def test_without_nvidia_modprobe_nvswitches_are_refused_naming_it(node: Node) -> None:
     """nv-fabricmanager runs nvidia-modprobe to make /dev/nvidia-nvswitch*: without it the
     fabric never comes up, so nothing starts, and the hint names its package."""
