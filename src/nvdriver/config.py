@@ -196,6 +196,7 @@ class Options:
     fabric_manager: str = "auto"
     fabric_manager_timeout: float = 300.0
     busy_timeout: float | None = None
+    fabric_manager_config: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Options:
@@ -218,6 +219,7 @@ class Options:
             ),
             fabric_manager_timeout=_seconds(env, "FABRIC_MANAGER_TIMEOUT", 300.0),
             busy_timeout=_bound(env, "DRIVER_BUSY_TIMEOUT"),
+            fabric_manager_config=_fm_config(env),
         )
 
     @property
@@ -231,6 +233,28 @@ class Options:
 
 # Seconds a pull or a push keeps trying a throttled or failing registry (backoff.py).
 REGISTRY_RETRY_BUDGET = 120.0
+
+
+FM_CONFIG_PREFIX = "NVFM_CONFIG_"
+_FM_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def _fm_config(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """NVFM_CONFIG_<KEY>=<value>: a key of fabricmanager.cfg set to the value (NVIDIA's
+    driver container's names), sorted by key; one line each, so no newline in a value."""
+    found = []
+    for name, value in sorted(env.items()):
+        if not name.startswith(FM_CONFIG_PREFIX):
+            continue
+        key = name[len(FM_CONFIG_PREFIX) :]
+        if not _FM_KEY_RE.fullmatch(key) or "\n" in value or "\r" in value:
+            raise UsageError(
+                f"{name} is not a fabric manager setting: expected NVFM_CONFIG_<KEY>=<value> "
+                "with a key of fabricmanager.cfg (letters, digits, _) and a one-line value.",
+                hint=f"Fix {name} in the container's environment.",
+            )
+        found.append((key, value))
+    return tuple(found)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from nvdriver.config import Config
-from nvdriver.errors import DriverError
+from nvdriver.errors import BusyError, DriverError
 from nvdriver.host import read_optional
 from nvdriver.run import PathLike, run, which
 
@@ -121,12 +121,16 @@ def running(
 
     Leaving the block normally (a shutdown) stops the daemon, unless `keep` (`load`
     leaves it to `unload`); leaving it with an error stops it only if this block
-    started it (a restart adopts a running one).
+    started it (a restart adopts a running one), and never for a BusyError: a driver in
+    use keeps its daemons.
     """
     adopted = running_pid(config, daemon.pidfile) is not None
     try:
         start()
         yield
+    except BusyError:
+        log.warning("The driver is in use: leaving %s running", daemon.name)
+        raise
     except BaseException:
         if not adopted:
             try:

@@ -9,6 +9,12 @@ after the modules load with its config from the driver root, readiness waits
 (bounded) for `nvidia-smi -q -x` to show each GPU's fabric state "Completed", and
 the daemon is stopped before the modules unload (it holds the NVSwitch devices).
 
+Its config is NVIDIA's `fabricmanager.cfg` from the driver root, rewritten at each start
+onto the container's own disk with ABORT_CUDA_JOBS_ON_FM_EXIT=0 (so that a fabric
+manager that exits, a restarted container's, does not abort running CUDA jobs on HGX
+A100) and the operator's NVFM_CONFIG_<KEY> settings. GPUs before Hopper report no fabric
+state: there the fabric is up once the daemon's log says it configured the NVSwitches.
+
 NVLink5 systems (HGX/DGX B200 and later) have no NVSwitch on the host's PCI bus:
 the switches are programmed through InfiniBand ports of the switch trays (their
 VPD says SW_MNG) by NVIDIA's NVLink Subnet Manager, `nvlsm`, which
@@ -22,13 +28,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from nvdriver import daemons, rootfs
+from nvdriver.atomic import write_atomically
 from nvdriver.config import Config
 from nvdriver.daemons import Daemon
 from nvdriver.errors import DriverError, UnsupportedError
@@ -40,6 +48,17 @@ log = logging.getLogger(__name__)
 FABRIC_MANAGER = "nv-fabricmanager"
 # In the driver root, where NVIDIA's nvidia-fabricmanager package puts it.
 FM_CONFIG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
+# What the daemon reads (`-c`): that file with our defaults and the operator's settings,
+# written at each start on the container's own disk (Config.own).
+FM_CONFIG_WRITTEN = "/etc/nvidia-fabricmanager/fabricmanager.cfg"
+# Keys of fabricmanager.cfg set unless the operator sets them (NVFM_CONFIG_<KEY>): a fabric
+# manager that exits must not abort running CUDA jobs (NVIDIA's default 1 does on HGX A100).
+FM_DEFAULTS = (("ABORT_CUDA_JOBS_ON_FM_EXIT", "0"),)
+# The daemon opens /dev/nvidia-nvswitch* through it (docs/fabric-manager.md).
+NVIDIA_MODPROBE = "nvidia-modprobe"
+# What the fabric manager logs once its NVSwitches route NVLink traffic (NVSwitch gen 2/3).
+NVSWITCHES_CONFIGURED = b"Successfully configured all the available NVSwitches"
+DEFAULT_LOG = "/var/log/fabricmanager.log"  # its default LOG_FILE_NAME
 # Where the daemons write their pid files: their own fixed paths in the container's file
 # system (as PERSISTENCED_PID; NVIDIA's container reads the same). Tests patch them.
 FM_PID = Path("/var/run/nvidia-fabricmanager/nv-fabricmanager.pid")
@@ -70,12 +89,20 @@ def fm_package(driver_version: str | None) -> str:
     return "nvidia-fabricmanager"
 
 
-def _fm_package_hint(driver_version: str | None) -> str:
+def _fm_package_hint(driver_version: str | None, missing: list[str]) -> str:
     version = f"={driver_version}*" if driver_version else " of the driver's version"
+    packages = []
+    if set(missing) - {NVIDIA_MODPROBE}:
+        packages.append(f"NVIDIA's {fm_package(driver_version)}{version}")
+    if NVIDIA_MODPROBE in missing:
+        packages.append(
+            "nvidia-modprobe (the package of that name; the driver's .run installs it "
+            "unless given --no-nvidia-modprobe)"
+        )
     return (
-        f"Install NVIDIA's {fm_package(driver_version)}{version} from NVIDIA's CUDA "
-        "repository into the image, as NVIDIA's driver container does; or set "
-        "FABRIC_MANAGER=off if the host runs its own fabric manager."
+        f"Install {' and '.join(packages)} from NVIDIA's CUDA repository into the image, as "
+        "NVIDIA's driver container does; or set FABRIC_MANAGER=off if the host runs its own "
+        "fabric manager."
     )
 
 
@@ -92,6 +119,11 @@ def _fm() -> Daemon:
 
 def _nvlsm() -> Daemon:
     return Daemon(NVLSM, NVLSM_PID)
+
+
+def fabric_daemons() -> tuple[Daemon, ...]:
+    """The fabric manager and nvlsm, as `stop` stops them."""
+    return (_fm(), _nvlsm())
 
 
 def nvlink5_ports(config: Config) -> tuple[str, ...]:
@@ -118,6 +150,7 @@ class Fabric:
     nvlink5: tuple[str, ...]
     binary: Path | None
     config_file: Path | None
+    modprobe: Path | None
     start_script: Path | None
     nvlsm: Path | None
     nvlsm_config: Path | None
@@ -137,6 +170,7 @@ class Fabric:
             nvlink5=ib,
             binary=rootfs.find_program(root, FABRIC_MANAGER),
             config_file=file(FM_CONFIG),
+            modprobe=rootfs.find_program(root, NVIDIA_MODPROBE),
             start_script=rootfs.find_program(root, FM_START_SCRIPT) if ib else None,
             nvlsm=rootfs.find_program(root, NVLSM) if ib else None,
             nvlsm_config=file(NVLSM_CONFIG) if ib else None,
@@ -156,12 +190,12 @@ class Fabric:
         return ", ".join(switches + trays)
 
     def fm_missing(self) -> list[str]:
-        """What the driver root lacks of the fabric manager itself."""
-        return [
-            name
-            for name, path in ((FABRIC_MANAGER, self.binary), (FM_CONFIG, self.config_file))
-            if path is None
-        ]
+        """What the driver root lacks of the fabric manager itself; with NVSwitches on the
+        bus, nvidia-modprobe too (it makes /dev/nvidia-nvswitch* for the daemon)."""
+        wanted = [(FABRIC_MANAGER, self.binary), (FM_CONFIG, self.config_file)]
+        if self.nvswitches:
+            wanted.append((NVIDIA_MODPROBE, self.modprobe))
+        return [name for name, path in wanted if path is None]
 
     def nvlsm_missing(self) -> list[str]:
         """What the driver root lacks of NVLink5's subnet manager (nothing off NVLink5)."""
@@ -182,7 +216,7 @@ class Fabric:
             raise UnsupportedError(
                 f"This node has an NVLink fabric ({self.devices()}), which needs NVIDIA "
                 f"Fabric Manager, and the driver root {root} has no {' and no '.join(missing)}.",
-                hint=_fm_package_hint(config.driver_version),
+                hint=_fm_package_hint(config.driver_version, missing),
             )
         if missing := self.nvlsm_missing():
             raise UnsupportedError(
@@ -201,20 +235,20 @@ class Fabric:
                 "MLNX_OFED does); the driver container's restart then finds them.",
             )
 
-    def start_argv(self) -> list[str | Path]:
+    def start_argv(self, config_file: Path) -> list[str | Path]:
         """NVLink5: NVIDIA's start script, which starts nvlsm and then the fabric manager
         (the flags of NVIDIA's driver container); otherwise the fabric manager itself,
         `-c` its config (it forks into the background: DAEMONIZE=1, its default)."""
-        assert self.binary is not None and self.config_file is not None  # check() passed
+        assert self.binary is not None  # check() passed
         if not self.nvlink5:
-            return [self.binary, "-c", self.config_file]
+            return [self.binary, "-c", config_file]
         assert self.start_script is not None and self.nvlsm_config is not None
         return [
             self.start_script,
             "--mode",
             "start",
             "--fm-config-file",
-            self.config_file,
+            config_file,
             "--fm-pid-file",
             FM_PID,
             "--nvlsm-config-file",
@@ -222,6 +256,89 @@ class Fabric:
             "--nvlsm-pid-file",
             NVLSM_PID,
         ]
+
+
+def configured(text: str, settings: Sequence[tuple[str, str]]) -> str:
+    """fabricmanager.cfg's `text` with each KEY=value of `settings` set: its line replaced
+    where the file has one (comments and the other keys kept), else appended (what NVIDIA's
+    driver container does with NVFM_CONFIG_<KEY>)."""
+    lines = text.splitlines()
+    for key, value in settings:
+        at = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        for i in at:
+            lines[i] = f"{key}={value}"
+        if not at:
+            lines.append(f"{key}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def config_value(text: str, key: str) -> str | None:
+    """The value of `key` in fabricmanager.cfg's `text` (its last KEY= line), if any."""
+    values = [line.partition("=")[2] for line in text.splitlines() if line.startswith(f"{key}=")]
+    return values[-1].strip() if values else None
+
+
+@dataclasses.dataclass(frozen=True)
+class FabricLog:
+    """The fabric manager's log file from where it stood before a start: an earlier run's
+    lines (LOG_APPEND_TO_LOG=1, the default) do not count."""
+
+    path: Path
+    offset: int
+
+    @classmethod
+    def before_start(cls, cfg: str) -> FabricLog | None:
+        """None, with a warning, where the config keeps the line out of the file: a
+        LOG_LEVEL below INFO (4), or LOG_USE_SYSLOG=1."""
+        level = config_value(cfg, "LOG_LEVEL") or "4"
+        if not level.isdigit() or int(level) < 4 or config_value(cfg, "LOG_USE_SYSLOG") == "1":
+            log.warning(
+                "The fabric manager's config (LOG_LEVEL=%s, LOG_USE_SYSLOG=%s) keeps its INFO "
+                "lines out of its log file: on GPUs that report no fabric state (before "
+                "Hopper) readiness waits only for the daemon to run, not for its NVSwitches",
+                level,
+                config_value(cfg, "LOG_USE_SYSLOG") or "0",
+            )
+            return None
+        path = Path(config_value(cfg, "LOG_FILE_NAME") or DEFAULT_LOG)
+        try:
+            offset = path.stat().st_size
+        except OSError:
+            offset = 0
+        return cls(path, offset)
+
+    def says_configured(self) -> bool:
+        """Whether the daemon logged, since the start, that its NVSwitches are configured."""
+        try:
+            with self.path.open("rb") as f:
+                # Smaller than before: the start truncated it (LOG_APPEND_TO_LOG=0).
+                f.seek(self.offset if os.fstat(f.fileno()).st_size >= self.offset else 0)
+                return NVSWITCHES_CONFIGURED in f.read()
+        except OSError:
+            return False
+
+
+def write_config(config: Config, fabric: Fabric) -> tuple[Path, str]:
+    """The driver root's fabricmanager.cfg with FM_DEFAULTS and the operator's
+    NVFM_CONFIG_<KEY> settings (which win), written atomically at FM_CONFIG_WRITTEN under
+    the container's root: the path and the text the daemon reads."""
+    assert fabric.config_file is not None  # check() passed
+    settings = [
+        *[(k, v) for k, v in FM_DEFAULTS if k not in dict(config.options.fabric_manager_config)],
+        *config.options.fabric_manager_config,
+    ]
+    text = configured(fabric.config_file.read_text(), settings)
+    path = config.own(FM_CONFIG_WRITTEN)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, text.encode())
+    log.info(
+        "Fabric manager config %s: %s from %s with %s",
+        path,
+        FM_CONFIG,
+        fabric.config_file,
+        ", ".join(f"{k}={v}" for k, v in settings),
+    )
+    return path, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,9 +394,10 @@ def fabric_states(smi: Path) -> tuple[list[GpuFabric] | None, str]:
         return None, f"{smi} -q -x printed no XML ({e})"
 
 
-def wait_for_fabric(config: Config, timeout: float) -> None:
-    """Until every GPU's fabric registration completed (or none reports one), at most
-    `timeout` seconds; raise when it failed, the daemon died, or time ran out."""
+def wait_for_fabric(config: Config, timeout: float, fm_log: FabricLog | None = None) -> None:
+    """Until every GPU's fabric registration completed, at most `timeout` seconds; where
+    GPUs report none (before Hopper), until `fm_log` says the NVSwitches are configured.
+    Raise when a registration failed, the daemon died, or time ran out."""
     smi = rootfs.find_nvidia_smi(config.options.container_root)
     deadline = time.monotonic() + timeout
     why = "nvidia-smi has not answered yet"
@@ -308,7 +426,13 @@ def wait_for_fabric(config: Config, timeout: float) -> None:
                     "and the kernel log (dmesg) for NVRM and nvidia-nvswitch lines.",
                 )
             pending = [s for s in states if not s.up]
-            if not pending:
+            unreported = not states or any(s.unreported for s in states)
+            if not pending and unreported and fm_log is not None and not fm_log.says_configured():
+                why = (
+                    f"the GPUs report no fabric state, and the fabric manager's log "
+                    f'{fm_log.path} does not say yet "{NVSWITCHES_CONFIGURED.decode()}"'
+                )
+            elif not pending:
                 reported = [s for s in states if not s.unreported]
                 log.info(
                     "The NVLink fabric is up (%d GPU(s) registered%s)",
@@ -318,7 +442,8 @@ def wait_for_fabric(config: Config, timeout: float) -> None:
                     else "",
                 )
                 return
-            why = "fabric state " + ", ".join(map(str, pending))
+            else:
+                why = "fabric state " + ", ".join(map(str, pending))
         if time.monotonic() >= deadline:
             raise DriverError(
                 f"The NVLink fabric is not up {timeout:g} s after {FABRIC_MANAGER} started "
@@ -354,16 +479,20 @@ def fabric_manager(config: Config, *, keep: bool = False) -> Iterator[Fabric | N
         return
     fabric.check(config)
     log.info("NVLink fabric: %s", fabric.devices())
+    adopted = daemons.running_pid(config, FM_PID) is not None
     with contextlib.ExitStack() as stack:
         if fabric.nvlink5:  # started by the start script; stopped after the fabric manager
             stack.enter_context(daemons.running(config, _nvlsm(), lambda: None, keep=keep))
-        argv = fabric.start_argv()
+        config_file, cfg = write_config(config, fabric)
+        # A running one (a restart adopts it) said so in an earlier part of its log.
+        fm_log = None if adopted else FabricLog.before_start(cfg)
+        argv = fabric.start_argv(config_file)
         stack.enter_context(
             daemons.running(
                 config, _fm(), lambda: daemons.start_daemon(config, _fm(), argv), keep=keep
             )
         )
-        wait_for_fabric(config, config.options.fabric_manager_timeout)
+        wait_for_fabric(config, config.options.fabric_manager_timeout, fm_log)
         yield fabric
 
 

@@ -136,6 +136,22 @@ def wait_until_free(config: Config, wanted: str, *, wait: bool = True) -> None:
                 return
 
 
+def check_free(config: Config) -> None:
+    """BusyError (exit 3) when anything but our daemons holds the loaded driver: checked at
+    a stop before any daemon stops, so that a driver in use keeps its daemons. The fabric
+    manager's stop aborts running CUDA jobs on HGX A100 and fails new launches on later
+    boards (docs/fabric-manager.md); persistenced's lets the GPUs' state go."""
+    loaded = loaded_modules(config, UNLOAD_ORDER)
+    now = users(config, loaded)
+    if now.busy:
+        raise BusyError(
+            f"The NVIDIA driver {_version(loaded)} is in use: nothing was stopped or unloaded, "
+            f"its daemons keep running. Held by: {now}.",
+            hint="Stop the GPU work (processes with /dev/nvidia* open, modules using nvidia), "
+            "then stop again; Kubernetes: cordon the node and drain or delete its GPU pods.",
+        )
+
+
 def _busy(old: str, wanted: str, now: Users, why: str) -> BusyError:
     return BusyError(
         f"The loaded NVIDIA driver {old} is in use and {why}; it was not replaced with "

@@ -434,6 +434,9 @@ def init(config: Config) -> None:
             watch.wait(config)  # builds ahead for the next Flatcar release meanwhile
         except Interrupted as e:
             log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
+        # Before any daemon stops: a driver in use keeps its modules and daemons (their
+        # blocks let a BusyError through untouched) and init exits 3.
+        handover.check_free(config)
     log.info("Shut down cleanly")
 
 
@@ -463,13 +466,16 @@ def load(config: Config) -> list[str]:
 
 
 def unload(config: Config) -> None:
-    """Stop the daemons (the fabric manager first), unload the modules (unless in use),
-    then unmount the driver root and remove the readiness and daemons' status files.
+    """Unless the driver is in use, stop the daemons (the fabric manager first), unload
+    the modules, then unmount the driver root and remove the readiness and daemons' status
+    files.
 
-    A driver in use (BusyError, exit 3) keeps its root bound: the loaded driver reads
-    its GSP firmware through it at a GPU's next first open, and the toolkit its files.
+    A driver in use (BusyError, exit 3) keeps all: its daemons (the fabric manager's stop
+    would break running CUDA work), and its root bound (the loaded driver reads its GSP
+    firmware through it at a GPU's next first open, and the toolkit its files).
     """
     with lock.instance_lock(config):
+        handover.check_free(config)  # before any daemon stops: in use, all stays running
         fabric.stop(config)  # first: it holds the NVSwitches
         try:
             daemons.stop_persistenced(config)

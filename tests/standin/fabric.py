@@ -8,12 +8,20 @@ product depends on it (docs/fabric-manager.md):
   file, then registers the GPUs with the "fabric": "In Progress", after
   STANDIN_FM_DELAY seconds "Completed" (with STANDIN_FM_STATUS, default "Success"),
   never with STANDIN_FM_NEVER_UP; SIGTERM ends it and removes its pid file. With
-  STANDIN_FM_FAIL_START it prints that and exits 1 instead of forking.
+  STANDIN_FM_FAIL_START it prints that and exits 1 instead of forking. Once up it appends
+  NVIDIA's line "Successfully configured all the available NVSwitches ..." to the
+  LOG_FILE_NAME of its config, as the real one does on NVSwitch gen 2 and 3 boards.
 * `nvidia-smi -q -x` prints nvidia-smi's XML (nvsmi_device_v12.dtd: gpu/fabric/state
-  and status) for the GPUs of `STANDIN_FABRIC_DIR/gpus`; plain `nvidia-smi` (the
-  readiness check) passes.
+  and status) for the GPUs of `STANDIN_FABRIC_DIR/gpus`, with STANDIN_SMI_NO_FABRIC_STATE
+  "N/A" as GPUs before Hopper (HGX A100) report it whatever the fabric does; plain
+  `nvidia-smi` (the readiness check) passes.
+* `nvidia-modprobe` (which the real fabric manager runs for /dev/nvidia-nvswitch*)
+  notes that it ran.
 * NVLink5's `nvidia-fabricmanager-start.sh` starts a stand-in nvlsm (its pid file from
   --nvlsm-pid-file) and then the fabric manager (--fm-pid-file).
+
+A daemon holds open the files that STANDIN_FM_OPENS, STANDIN_NVLSM_OPENS or
+STANDIN_PERSISTENCED_OPENS name (space-separated), as the real ones hold /dev/nvidia*.
 
 Each program appends what it did to `STANDIN_FABRIC_DIR/events`, so a test sees the
 order of starts, checks and stops. The stand-ins do not read their settings from the
@@ -47,6 +55,11 @@ if [ "$1" = --standin-daemon ]; then
         exit 0
     }
     trap stop TERM
+    n=3
+    for device in ${@OPENS_VAR@:-}; do  # the devices it holds open, from fd 3 on
+        eval "exec $n<\"\$device\""
+        n=$((n + 1))
+    done
     mkdir -p "$(dirname "$pidfile")"
     echo $$ >"$pidfile"
 @BODY@
@@ -62,11 +75,17 @@ _FM_BODY = r"""    printf 'In Progress\nN/A\n' >"$dir/fabric-state"
     if [ -z "${STANDIN_FM_NEVER_UP:-}" ]; then
         sleep "${STANDIN_FM_DELAY:-0.5}" & sleeper=$!; wait $sleeper
         printf 'Completed\n%s\n' "${STANDIN_FM_STATUS:-Success}" >"$dir/fabric-state"
+        printf '%s %s\n' "[Dec 06 2026 07:00:00] [INFO] [tid 1] Successfully configured" \
+            "all the available NVSwitches to route GPU NVLink traffic." \
+            >>"$(cat "$dir/fm-log-path")"
     fi"""
 _FM_CHECK = r"""if [ "$1" != -c ] || [ ! -r "$2" ]; then
     echo "nv-fabricmanager: cannot open the config file '${2:-}'" >&2
     exit 1
 fi
+cp "$2" "$dir/fabricmanager.cfg.read"  # what it read, for the tests
+log=$(sed -n 's/^LOG_FILE_NAME=//p' "$2" | tail -n 1)
+echo "${log:-/var/log/fabricmanager.log}" >"$dir/fm-log-path"
 if [ -n "${STANDIN_FM_FAIL_START:-}" ]; then
     echo "$STANDIN_FM_FAIL_START" >&2
     exit 1
@@ -79,6 +98,7 @@ state="Not Started"; status="N/A"
 if [ -r "$dir/fabric-state" ]; then
     { read -r state; read -r status; } <"$dir/fabric-state"
 fi
+[ -z "${STANDIN_SMI_NO_FABRIC_STATE:-}" ] || { state="N/A"; status="N/A"; }
 echo "nvidia-smi${*:+ $*} (fabric $state)" >>"$dir/events"
 [ "$*" = "-q -x" ] || exit 0
 echo '<?xml version="1.0" ?>'
@@ -117,6 +137,7 @@ def _daemon(name: str, pidfile_var: str, body: str = "", check: str = "") -> str
     return (
         _DAEMON.replace("@NAME@", name)
         .replace("@PIDFILE_VAR@", pidfile_var)
+        .replace("@OPENS_VAR@", pidfile_var.replace("_PIDFILE", "_OPENS"))
         .replace("@BODY@", body)
         .replace("@CHECK@", check)
     )
@@ -125,6 +146,11 @@ def _daemon(name: str, pidfile_var: str, body: str = "", check: str = "") -> str
 FABRIC_MANAGER = _daemon("nv-fabricmanager", "STANDIN_FM_PIDFILE", _FM_BODY, _FM_CHECK)
 NVLSM = _daemon("nvlsm", "STANDIN_NVLSM_PIDFILE")
 PERSISTENCED = _daemon("nvidia-persistenced", "STANDIN_PERSISTENCED_PIDFILE")
+_MODPROBE = """#!/bin/sh
+# Stand-in nvidia-modprobe (tests/standin/fabric.py).
+@SETTINGS@
+echo "nvidia-modprobe $*" >>"$dir/events"
+"""
 
 
 # How a stand-in finds its directory and its settings (`_program` writes the directory in).
@@ -159,12 +185,14 @@ def driver_root(
     gpus: dict[str, str],
     *,
     fabric_manager: bool = True,
+    nvidia_modprobe: bool = True,
     nvlink5: bool = False,
 ) -> Path:
     """A driver root with the stand-in nvidia-smi and (`fabric_manager`) nv-fabricmanager
     with its config at NVIDIA's path; `nvlink5` adds nvlsm, its config and the start
-    script. `gpus`: bus id → name, what nvidia-smi reports; `state`: the stand-ins'
-    directory (STANDIN_FABRIC_DIR)."""
+    script; `nvidia_modprobe` the nvidia-modprobe it needs. `gpus`: bus id → name, what
+    nvidia-smi reports; `state`: the stand-ins' directory (STANDIN_FABRIC_DIR), where the
+    config's LOG_FILE_NAME is (`fabric_log`): NVIDIA's config otherwise."""
     state.mkdir(parents=True, exist_ok=True)
     (state / "settings").touch()
     (state / "gpus").write_text("".join(f"{bus} {name}\n" for bus, name in gpus.items()))
@@ -174,7 +202,15 @@ def driver_root(
         _program(root / "usr/bin/nv-fabricmanager", FABRIC_MANAGER, state)
         config = root / fabric.FM_CONFIG.lstrip("/")
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text("LOG_LEVEL=4\nLOG_FILE_NAME=/var/log/fabricmanager.log\nDAEMONIZE=1\n")
+        config.write_text(
+            "# NVIDIA Fabric Manager configuration file (stand-in).\n"
+            f"LOG_LEVEL=4\nLOG_FILE_NAME={fabric_log(state)}\nLOG_APPEND_TO_LOG=1\n"
+            "DAEMONIZE=1\n"
+            "# 0 - Do not abort running CUDA jobs when Fabric Manager exits.\n"
+            "ABORT_CUDA_JOBS_ON_FM_EXIT=1\n"
+        )
+    if nvidia_modprobe:
+        _program(root / "usr/bin/nvidia-modprobe", _MODPROBE, state)
     if nvlink5:
         _program(root / "usr/sbin/nvlsm", NVLSM, state)
         _program(root / "usr/bin/nvidia-fabricmanager-start.sh", _START, state)
@@ -182,6 +218,11 @@ def driver_root(
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text("# stand-in nvlsm.conf\n")
     return root
+
+
+def fabric_log(state: Path) -> Path:
+    """The fabric manager's log (LOG_FILE_NAME of the stand-in config)."""
+    return state / "fabricmanager.log"
 
 
 def events(state: Path) -> list[str]:

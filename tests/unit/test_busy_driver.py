@@ -286,6 +286,24 @@ def test_references_no_process_shows_keep_the_driver_busy(node: Node) -> None:
     assert "no process here shows" in str(users)
 
 
+def test_a_child_of_our_daemon_sharing_its_files_is_not_a_user(node: Node) -> None:
+    """A fork shares its parent's open files (no reference more): the old daemon's child
+    with the daemon's /dev/nvidiactl is neither a user nor a reference seen twice; any other
+    process with it open is a user."""
+    node.holder_exits()
+    child = 4343
+    process(node.root, child, "sleep", "0::/system.slice/docker-b.scope\n", "/dev/nvidiactl")
+    (node.root / "proc" / str(child) / "stat").write_text(
+        f"{child} (sl) e(p) S {node.daemon.pid} {child} {child} 0 -1\n"
+    )
+    config = node.config()
+    users = handover.users(config, loaded_modules(config))
+    assert not users.busy, users
+    (node.root / "proc" / str(child) / "stat").write_text(f"{child} (sleep) S 1 {child}\n")
+    users = handover.users(config, loaded_modules(config))
+    assert [h.pid for h in users.processes] == [child] and users.unseen == 0
+
+
 def test_a_module_using_the_driver_is_named(node: Node) -> None:
     node.holder_exits()
     fake_module(node.root, "nvidia_standin_holder", 0)

@@ -29,8 +29,8 @@ import yaml
 
 from nvdriver import cli, daemons, fabric, lifecycle, rootfs, status
 from nvdriver.config import Config, Options
-from nvdriver.errors import DriverError, UnsupportedError, UsageError
-from nvdriver.kmod import loading
+from nvdriver.errors import BusyError, DriverError, UnsupportedError, UsageError
+from nvdriver.kmod import loading, users
 from tests import sysfs
 from tests.standin import fabric as standin
 
@@ -96,6 +96,11 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
             os.kill(pid, signal.SIGKILL)
 
 
+def written(node: Node) -> Path:
+    """The config the fabric manager reads: on the container's own disk (CONTAINER_ROOT)."""
+    return node.root / fabric.FM_CONFIG_WRITTEN.lstrip("/")
+
+
 def alive(node: Node, pid: int) -> bool:
     return daemons._alive(node.config(), pid)
 
@@ -146,9 +151,12 @@ def test_nvswitches_are_found_by_vendor_and_class() -> None:
 # --- with NVSwitches --------------------------------------------------------------------
 
 
-def test_the_fabric_manager_starts_with_the_roots_config_and_the_fabric_is_up_before_the_block(
+def test_the_fabric_manager_starts_with_the_roots_config_rewritten_not_to_abort_cuda_jobs(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """NVIDIA's config with ABORT_CUDA_JOBS_ON_FM_EXIT=0 (its 1 aborts running CUDA jobs
+    when the daemon exits, on HGX A100), on the container's disk; the rest as shipped; and
+    the block begins once the fabric is up."""
     standin.configure(node.state, STANDIN_FM_DELAY="0.6")
     node.hgx_h100()
     config = node.config()
@@ -158,9 +166,14 @@ def test_the_fabric_manager_starts_with_the_roots_config_and_the_fabric_is_up_be
         assert found is not None and len(found.nvswitches) == 4
         pid = started_pid(node, fabric.FM_PID)
         events = node.events()
-        # Its config from the driver root, at NVIDIA's path.
-        cfg = node.root / "usr/share/nvidia/nvswitch/fabricmanager.cfg"
-        assert events[0] == f"nv-fabricmanager started: -c {cfg}"
+        assert events[0] == f"nv-fabricmanager started: -c {written(node)}"
+        shipped = (node.root / fabric.FM_CONFIG.lstrip("/")).read_text().splitlines()
+        read = (node.state / "fabricmanager.cfg.read").read_text().splitlines()
+        assert read == [
+            "ABORT_CUDA_JOBS_ON_FM_EXIT=0" if line.startswith("ABORT_CUDA") else line
+            for line in shipped
+        ]
+        assert "ABORT_CUDA_JOBS_ON_FM_EXIT=1" in shipped  # the image's file is untouched
         # The block began only once nvidia-smi showed the fabric up, having seen it not up.
         assert "nvidia-smi -q -x (fabric In Progress)" in events
         assert events[-1] == "nvidia-smi -q -x (fabric Completed)"
@@ -168,6 +181,102 @@ def test_the_fabric_manager_starts_with_the_roots_config_and_the_fabric_is_up_be
     assert not alive(node, pid)
     assert not fabric.FM_PID.exists()
     assert node.events()[-1] == "nv-fabricmanager stopped"
+
+
+def test_operators_set_any_key_of_the_config_with_nvfm_config_variables(node: Node) -> None:
+    """NVIDIA's driver container's names: NVFM_CONFIG_<KEY>=<value> replaces the key's line,
+    or adds one where the file has none; ABORT_CUDA_JOBS_ON_FM_EXIT's wins over our 0."""
+    node.hgx_h100()
+    config = node.config(
+        NVFM_CONFIG_ABORT_CUDA_JOBS_ON_FM_EXIT="1",
+        NVFM_CONFIG_LOG_LEVEL="3",
+        NVFM_CONFIG_FABRIC_MODE="0",
+    )
+    with fabric.fabric_manager(config):
+        read = (node.state / "fabricmanager.cfg.read").read_text().splitlines()
+    assert read[0] == "# NVIDIA Fabric Manager configuration file (stand-in)."
+    assert [line for line in read if line.startswith(("ABORT_CUDA", "LOG_LEVEL"))] == [
+        "LOG_LEVEL=3",
+        "ABORT_CUDA_JOBS_ON_FM_EXIT=1",
+    ]
+    assert read[-1] == "FABRIC_MODE=0"
+
+
+# What nvidia-smi calls the GPUs of an HGX A100 board: GPUs before Hopper, which report
+# no fabric state.
+A100_GPUS = {f"00000000:{n:02X}:00.0": "NVIDIA-A100-SXM4-80GB" for n in range(1, 9)}
+
+
+def hgx_a100(node: Node) -> None:
+    """8 A100 and 6 NVSwitches (LR10, 0x1af1); nvidia-smi's fabric state N/A throughout."""
+    sysfs.gpus(node.host, *[sysfs.A100] * 8, driver="nvidia")
+    sysfs.nvswitches(node.host, *[sysfs.NVSWITCH_A100] * 6)
+    standin.driver_root(node.root, node.state, A100_GPUS)
+    standin.configure(node.state, STANDIN_SMI_NO_FABRIC_STATE="1")
+
+
+def test_on_hgx_a100_the_fabric_is_up_once_the_log_says_the_nvswitches_are_configured(
+    node: Node,
+) -> None:
+    """The GPUs report no fabric state (N/A) whatever the fabric does: a running daemon is
+    not enough; its log line "Successfully configured all the available NVSwitches" is."""
+    standin.configure(node.state, STANDIN_FM_DELAY="0.6")
+    hgx_a100(node)
+    start = time.monotonic()
+    with fabric.fabric_manager(node.config()):
+        waited = time.monotonic() - start
+        configured = b"Successfully configured all the available NVSwitches"
+        assert configured in standin.fabric_log(node.state).read_bytes()
+    assert waited >= 0.6
+    assert "nvidia-smi -q -x (fabric N/A)" in node.events()
+
+
+def test_an_earlier_runs_log_line_does_not_make_the_fabric_up(node: Node) -> None:
+    """The log is appended to (LOG_APPEND_TO_LOG=1): only what this start wrote counts."""
+    standin.configure(node.state, STANDIN_FM_NEVER_UP="1")
+    hgx_a100(node)
+    log_file = standin.fabric_log(node.state)
+    log_file.write_text(
+        "[Dec 05 2026 07:00:00] [INFO] [tid 1] Successfully configured all the available "
+        "NVSwitches to route GPU NVLink traffic.\n"
+    )
+    with (
+        pytest.raises(DriverError) as e,
+        fabric.fabric_manager(node.config(FABRIC_MANAGER_TIMEOUT="1")),
+    ):
+        raise AssertionError("the block must not run: the fabric is not up")
+    assert f"the fabric manager's log {log_file} does not say yet" in e.value.message
+    assert daemons.running_pid(node.config(), fabric.FM_PID) is None
+
+
+@pytest.mark.parametrize("setting", [{"LOG_LEVEL": "3"}, {"LOG_USE_SYSLOG": "1"}])
+def test_a_config_that_keeps_the_line_out_of_the_log_waits_for_the_daemon_only(
+    node: Node, caplog: pytest.LogCaptureFixture, setting: dict[str, str]
+) -> None:
+    """An operator's NVFM_CONFIG_LOG_LEVEL below INFO, or LOG_USE_SYSLOG=1: the line never
+    reaches the file, so readiness does not wait for it (a warning says so) rather than
+    running into the timeout on every start."""
+    standin.configure(node.state, STANDIN_FM_NEVER_UP="1")
+    hgx_a100(node)
+    env = {f"NVFM_CONFIG_{k}": v for k, v in setting.items()}
+    with fabric.fabric_manager(node.config(FABRIC_MANAGER_TIMEOUT="5", **env)):
+        pass
+    assert "keeps its INFO lines out of its log file" in caplog.text
+
+
+def test_without_nvidia_modprobe_nvswitches_are_refused_naming_it(node: Node) -> None:
+    """nv-fabricmanager runs nvidia-modprobe to make /dev/nvidia-nvswitch*: without it the
+    fabric never comes up, so nothing starts, and the hint names its package."""
+    node.hgx_h100(nvidia_modprobe=False)
+    with pytest.raises(UnsupportedError) as e, fabric.fabric_manager(node.config()):
+        pass
+    assert e.value.exit_code == 6
+    assert f"{node.root} has no nvidia-modprobe." in e.value.message
+    hint = e.value.hint or ""
+    assert hint.startswith("Install nvidia-modprobe (the package of that name;")
+    assert "nvidia-fabricmanager" not in hint  # that one is there
+    assert node.events() == []
+    assert status.collect(node.config())["fabric_manager"]["missing"] == ["nvidia-modprobe"]
 
 
 def test_a_fabric_that_never_comes_up_fails_after_the_timeout_and_nothing_is_left_running(
@@ -178,9 +287,9 @@ def test_a_fabric_that_never_comes_up_fails_after_the_timeout_and_nothing_is_lef
     pids: list[int] = []
     real_wait = fabric.wait_for_fabric
 
-    def wait(config: Config, timeout: float) -> None:
+    def wait(config: Config, timeout: float, *args: Any) -> None:
         pids.append(started_pid(node, fabric.FM_PID))
-        real_wait(config, timeout)
+        real_wait(config, timeout, *args)
 
     monkeypatch.setattr(fabric, "wait_for_fabric", wait)
     start = time.monotonic()
@@ -324,7 +433,7 @@ def test_nvlink5_starts_nvlsm_and_the_fabric_manager_through_nvidias_script_and_
         root = node.root
         assert node.events()[0] == (
             f"nvidia-fabricmanager-start.sh --mode start "
-            f"--fm-config-file {root}/usr/share/nvidia/nvswitch/fabricmanager.cfg "
+            f"--fm-config-file {written(node)} "
             f"--fm-pid-file {fabric.FM_PID} "
             f"--nvlsm-config-file {root}/usr/share/nvidia/nvlsm/nvlsm.conf "
             f"--nvlsm-pid-file {fabric.NVLSM_PID}"
@@ -413,8 +522,12 @@ def without_modules(node: Node, monkeypatch: pytest.MonkeyPatch) -> Node:
         note("modules loaded")
         try:
             yield ["nvidia"]
-        finally:  # as the real one: a failure unloads what it loaded
+        except BusyError:  # as the real one (test_a_driver_in_use_at_shutdown_stays_loaded)
+            raise
+        except BaseException:  # as the real one: a failure unloads what it loaded
             note("modules unloaded")
+            raise
+        note("modules unloaded")
 
     def load(*args: object) -> list[str]:
         note("modules loaded")
@@ -495,7 +608,7 @@ def test_init_starts_fabric_manager_after_persistenced_readies_after_fabric_and_
     assert order == [
         "modules loaded",
         "nvidia-persistenced started: --persistence-mode",
-        f"nv-fabricmanager started: -c {node.root}/usr/share/nvidia/nvswitch/fabricmanager.cfg",
+        f"nv-fabricmanager started: -c {written(node)}",
         "nvidia-smi (fabric Completed)",  # the readiness check, once the fabric is up
         "nv-fabricmanager stopped",  # at shutdown: first
         "nvidia-persistenced stopped",
@@ -547,7 +660,7 @@ def test_init_says_daemons_not_ready_until_persistenced_and_the_fabric_run_and_r
         "nvidia-persistenced sees NotReady",
         "nvidia-persistenced started: --persistence-mode",
         "nv-fabricmanager sees NotReady",
-        f"nv-fabricmanager started: -c {node.root}/usr/share/nvidia/nvswitch/fabricmanager.cfg",
+        f"nv-fabricmanager started: -c {written(node)}",
         "nvidia-smi (fabric Completed)",
         "ready",
         "Ready",
@@ -630,6 +743,117 @@ def test_load_leaves_the_fabric_manager_running_and_unload_stops_it_before_persi
     assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
 
 
+def loaded_driver(node: Node, refcnt: int) -> None:
+    """nvidia.ko as /sys/module shows it, with `refcnt` references (no driver loads here)."""
+    module = node.host / "sys/module/nvidia"
+    module.mkdir(parents=True, exist_ok=True)
+    (module / "refcnt").write_text(f"{refcnt}\n")
+
+
+def daemons_hold_devices(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in daemons hold devices open as the real ones hold /dev/nvidia* (files in
+    a directory of the test's, users.DEVICE_PREFIX: no NVIDIA device can exist here):
+    nvidia-persistenced 2 of nvidia.ko's, the fabric manager 3. Each daemon's `sleep`
+    children inherit them, as a fork does."""
+    dev = node.root.parent / "dev"
+    dev.mkdir()
+    for name in ("nvidiactl", "nvidia0", "nvidia-nvswitchctl", "nvidia-nvswitch0"):
+        (dev / name).touch()
+    monkeypatch.setattr(users, "DEVICE_PREFIX", f"{dev}/nvidia")
+    standin.configure(
+        node.state,
+        STANDIN_PERSISTENCED_OPENS=f"{dev}/nvidiactl {dev}/nvidia0",
+        STANDIN_FM_OPENS=f"{dev}/nvidiactl {dev}/nvidia-nvswitchctl {dev}/nvidia-nvswitch0",
+    )
+
+
+@pytest.mark.parametrize(
+    ("held", "refcnt", "busy"),
+    [(True, 5, False), (True, 6, True), (False, 1, True)],
+    ids=["daemons-only", "daemons-and-a-job", "a-job"],
+)
+def test_unload_looks_for_users_before_it_stops_the_fabric_manager(
+    without_modules: Node, monkeypatch: pytest.MonkeyPatch, held: bool, refcnt: int, busy: bool
+) -> None:
+    """The daemons' own open devices are not users of the driver; a reference more (a
+    CUDA job) is: exit 3 with the fabric manager and persistenced left running (stopping
+    the fabric manager aborts that job on HGX A100, NVIDIA's ABORT_CUDA_JOBS_ON_FM_EXIT=1).
+    rmmod cannot run here: the modules' unload is replaced, after the check."""
+    node = without_modules
+    if held:
+        daemons_hold_devices(node, monkeypatch)
+    unloaded: list[str] = []
+    monkeypatch.setattr(lifecycle, "unload_modules", lambda config: unloaded.append("nvidia"))
+    config = node.config()
+    lifecycle.load(config)
+    daemons.start_persistenced(config)
+    fm, persistenced = started_pid(node, fabric.FM_PID), started_pid(node, daemons.PERSISTENCED_PID)
+    loaded_driver(node, refcnt)
+    if busy:
+        with pytest.raises(BusyError) as e:
+            lifecycle.unload(config)
+        assert e.value.exit_code == 3
+        assert "is in use: nothing was stopped or unloaded" in e.value.message
+        assert "Held by: 1 reference(s) that no process here shows" in e.value.message
+        assert alive(node, fm) and alive(node, persistenced)
+        assert not [e for e in node.events() if e.endswith("stopped")]
+        assert unloaded == []
+    else:
+        lifecycle.unload(config)
+        stops = [e for e in node.events() if e.endswith("stopped")]
+        assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
+        assert unloaded == ["nvidia"]
+
+
+def test_init_whose_driver_is_in_use_at_shutdown_exits_3_and_leaves_its_daemons_running(
+    without_modules: Node, signal_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA job opens the driver while init runs; at SIGTERM init checks for users
+    before any daemon stops: exit 3, the fabric manager, persistenced and the modules as
+    they were; readiness and the daemons' status gone (this container no longer runs)."""
+    node = without_modules
+    pids: list[int] = []
+
+    def job_starts() -> None:
+        loaded_driver(node, 1)
+        pids.extend(started_pid(node, p) for p in (fabric.FM_PID, daemons.PERSISTENCED_PID))
+
+    with stopped_when_ready(node, look=job_starts) as seen:
+        assert cli.main(["init"]) == 3
+    assert seen and len(pids) == 2
+    assert all(alive(node, pid) for pid in pids), node.events()
+    events = node.events()
+    assert not [e for e in events if e.endswith("stopped")]
+    assert "modules unloaded" not in events
+    assert not (node.host / rootfs.READY_FILE.lstrip("/")).exists()
+    assert not (node.host / rootfs.DAEMONS_STATUS_FILE.lstrip("/")).exists()
+
+
+def test_a_driver_in_use_at_shutdown_stays_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real driver_loaded lets the shutdown's BusyError through with nothing undone;
+    any other failure unloads what its block loaded. Loading and rmmod cannot run here:
+    both are replaced by notes."""
+    done: list[str] = []
+
+    def load(*args: object) -> list[str]:
+        done.append("load")
+        return ["nvidia"]
+
+    monkeypatch.setattr(loading, "load", load)
+    monkeypatch.setattr(loading, "unload_new", lambda *args: done.append("unload_new"))
+    monkeypatch.setattr(loading, "unload", lambda *args: done.append("unload"))
+    config = Config.from_env({"HOST_ROOT": str(tmp_path)})
+    tree: Any = None
+    with pytest.raises(BusyError), loading.driver_loaded(config, tree, ["nvidia"], {}):
+        raise BusyError("The NVIDIA driver is in use")
+    assert done == ["load"]
+    with pytest.raises(DriverError), loading.driver_loaded(config, tree, ["nvidia"], {}):
+        raise DriverError("the fabric did not come up")
+    assert done == ["load", "load", "unload_new"]
+
+
 # --- settings ---------------------------------------------------------------------------
 
 
@@ -640,6 +864,11 @@ def test_load_leaves_the_fabric_manager_running_and_unload_stops_it_before_persi
         ({"FABRIC_MANAGER_TIMEOUT": "soon"}, "FABRIC_MANAGER_TIMEOUT='soon' is not valid"),
         ({"FABRIC_MANAGER_TIMEOUT": "-5"}, "expected a positive number of seconds"),
         ({"FABRIC_MANAGER_TIMEOUT": "inf"}, "expected a positive number of seconds"),
+        ({"NVFM_CONFIG_": "1"}, "NVFM_CONFIG_ is not a fabric manager setting"),
+        (
+            {"NVFM_CONFIG_LOG_LEVEL": "4\nDAEMONIZE=0"},
+            "NVFM_CONFIG_LOG_LEVEL is not a fabric manager setting",
+        ),
     ],
 )
 def test_bad_fabric_manager_settings_are_usage_errors(

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from nvdriver import signals
 from nvdriver.config import Config
+from nvdriver.errors import BusyError
 from nvdriver.host import nvidia_gpus
 from nvdriver.kmod.devices import make_device_nodes
 from nvdriver.kmod.kmsg import KernelLog
@@ -122,13 +123,16 @@ def driver_loaded(
 
     Leaving the block normally (a shutdown) unloads every NVIDIA module (BusyError
     when in use). Leaving it with an error undoes only what this block loaded:
-    modules that were loaded before (a restart of the same driver) stay.
+    modules that were loaded before (a restart of the same driver) stay; with a
+    BusyError (the driver found in use at shutdown) nothing is undone.
     """
     before = {m.name for m in loaded_modules(config)}
     host_before = loaded_names(config)
     loaded_now = load(config, tree, modules, params)
     try:
         yield loaded_now
+    except BusyError:
+        raise
     except BaseException:
         if loaded_now:
             unload_new(config, before, host_before)

@@ -78,6 +78,7 @@ class Holder:
     command: str
     devices: tuple[str, ...]  # the /dev/nvidia* files it has open, one per open descriptor
     container: Container | None
+    parent: int = 0  # its parent's pid (0: unknown)
 
     def __str__(self) -> str:
         where = f" in {self.container}" if self.container else ""
@@ -123,8 +124,16 @@ def holders(config: Config) -> list[Holder]:
             continue
         command = read_optional(proc / str(pid) / "comm") or "?"
         cgroup = read_optional(proc / str(pid) / "cgroup") or ""
-        found.append(Holder(pid, command, devices, container_of(cgroup)))
+        parent = _parent(read_optional(proc / str(pid) / "stat") or "")
+        found.append(Holder(pid, command, devices, container_of(cgroup), parent))
     return found
+
+
+def _parent(stat: str) -> int:
+    """The parent's pid from /proc/PID/stat: the field after the state, which follows the
+    command in parentheses (which may itself hold spaces and parentheses)."""
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +193,14 @@ def driver_users(
 
     Each open file of a /dev/nvidia* device holds one reference on the module behind it;
     each module that uses one holds one. References beyond those of the visible processes
-    (ours included) and modules are counted as unseen.
+    (ours included) and modules are counted as unseen. A child of one of `ours` is ours
+    too: a fork shares its parent's open files, which hold no reference of their own
+    (a daemon's `sleep`, a forked worker).
     """
     modules, opened = _references(loaded)
     found = holders(config)
-    others = tuple(h for h in found if h.pid not in ours and h.pid != os.getpid())
-    seen = sum(len(h.devices) for h in found)
+    mine = {*ours, os.getpid()}
+    others = tuple(h for h in found if h.pid not in mine and h.parent not in mine)
+    # A child's descriptors are its parent's files: no reference more.
+    seen = sum(len(h.devices) for h in found if h.pid in mine or h.parent not in mine)
     return Users(others, modules, max(0, opened - seen))
