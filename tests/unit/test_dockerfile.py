@@ -83,8 +83,16 @@ RUNNERS = {"run", "spawn", "fed_child"}
 # with a toolchain of the container's own, which the image does not ship (README, "The image").
 # NVIDIA's Fabric Manager and NVLink Subnet Manager come from NVIDIA's CUDA repository,
 # which this Debian image does not use: an image for NVSwitch systems adds them (README,
-# "NVSwitch systems"); without them `init` refuses an NVSwitch node (exit 6).
-NOT_IN_THE_IMAGE = {"make", "nv-fabricmanager", "nvlsm", "nvidia-fabricmanager-start.sh"}
+# "NVSwitch systems"); without them `init` refuses an NVSwitch node (exit 6). So with
+# nvidia-modprobe, which makes /dev/nvidia-nvswitch* for the fabric manager: the .run is
+# installed --no-nvidia-modprobe, and the image for NVSwitch systems adds it with them.
+NOT_IN_THE_IMAGE = {
+    "make",
+    "nv-fabricmanager",
+    "nvlsm",
+    "nvidia-fabricmanager-start.sh",
+    "nvidia-modprobe",
+}
 
 
 def programs_run(src: Path) -> set[str]:
