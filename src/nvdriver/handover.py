@@ -28,7 +28,7 @@ from nvdriver.errors import BusyError
 from nvdriver.host import read_optional
 from nvdriver.kmod.loaded import LoadedModule, loaded_modules
 from nvdriver.kmod.unloading import UNLOAD_ORDER
-from nvdriver.kmod.users import Users, driver_users, only_held_by
+from nvdriver.kmod.users import Users, driver_users
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ def _our_daemons(config: Config) -> set[int]:
 def users(config: Config, loaded: list[LoadedModule]) -> Users:
     """Who holds `loaded`, our daemons apart."""
     return driver_users(config, loaded, ours=_our_daemons(config))
+
+
+def _references(loaded: list[LoadedModule]) -> list[tuple[str, int, tuple[str, ...]]]:
+    return [(m.name, m.refcnt, m.holders) for m in loaded]
 
 
 def _version(loaded: list[LoadedModule]) -> str:
@@ -108,8 +112,6 @@ def wait_until_free(config: Config, wanted: str, *, wait: bool = True) -> None:
                 now = users(config, loaded)
                 raise _busy(old, wanted, now, f"waited {waited:.0f} s (DRIVER_BUSY_TIMEOUT)")
             if clock() >= next_log:
-                if waited > 0:  # who holds it now (at the start: known already)
-                    now = users(config, loaded)
                 log.warning(
                     "The loaded NVIDIA driver %s is in use; waiting (%.0f s so far%s) for it "
                     "to be free before replacing it with %s, its daemons left running. "
@@ -123,17 +125,20 @@ def wait_until_free(config: Config, wanted: str, *, wait: bool = True) -> None:
                 next_log += LOG_EVERY
             left = None if bound is None else bound - waited
             signals.sleep(POLL if left is None else max(0.0, min(POLL, left)))
+            looked = _references(loaded)
             loaded = loaded_modules(config, UNLOAD_ORDER)
-            ours = _our_daemons(config)
-            # Every process's open files are read only when the refcounts say it may be free.
-            if only_held_by(config, loaded, ours) and not driver_users(config, loaded, ours).busy:
-                log.info(
-                    "The NVIDIA driver %s is free after %.0f s; replacing it with %s",
-                    old,
-                    clock() - started,
-                    wanted,
-                )
-                return
+            # Every process's open files are read again only when the references changed
+            # (a user that closes its files drops some), and for each log line.
+            if _references(loaded) != looked or clock() >= next_log:
+                now = users(config, loaded)
+                if not now.busy:
+                    log.info(
+                        "The NVIDIA driver %s is free after %.0f s; replacing it with %s",
+                        old,
+                        clock() - started,
+                        wanted,
+                    )
+                    return
 
 
 def check_free(config: Config) -> None:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import types
@@ -768,41 +769,57 @@ def daemons_hold_devices(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("held", "refcnt", "busy"),
-    [(True, 5, False), (True, 6, True), (False, 1, True)],
-    ids=["daemons-only", "daemons-and-a-job", "a-job"],
+    ("job", "busy"),
+    [(None, None), ("visible", "pid "), ("hidden", "2 reference(s) that no process here shows")],
+    ids=["daemons-only", "a-job", "a-job-this-container-cannot-see"],
 )
 def test_unload_looks_for_users_before_it_stops_the_fabric_manager(
-    without_modules: Node, monkeypatch: pytest.MonkeyPatch, held: bool, refcnt: int, busy: bool
+    without_modules: Node, monkeypatch: pytest.MonkeyPatch, job: str | None, busy: str | None
 ) -> None:
-    """The daemons' own open devices are not users of the driver; a reference more (a
-    CUDA job) is: exit 3 with the fabric manager and persistenced left running (stopping
-    the fabric manager aborts that job on HGX A100, NVIDIA's ABORT_CUDA_JOBS_ON_FM_EXIT=1).
-    rmmod cannot run here: the modules' unload is replaced, after the check."""
+    """The daemons' own open devices (two references per file, as the kernel counts
+    NVIDIA's: chrdev_open takes the cdev's owner and the file operations') are not users of
+    the driver; a CUDA job is, seen with /dev/nvidia0 open or as references on nvidia-uvm,
+    none of whose files is open here: exit 3 with the fabric manager and persistenced left
+    running (stopping the fabric manager aborts that job on HGX A100, NVIDIA's
+    ABORT_CUDA_JOBS_ON_FM_EXIT=1). rmmod cannot run here: the modules' unload is replaced,
+    after the check."""
     node = without_modules
-    if held:
-        daemons_hold_devices(node, monkeypatch)
+    daemons_hold_devices(node, monkeypatch)
     unloaded: list[str] = []
     monkeypatch.setattr(lifecycle, "unload_modules", lambda config: unloaded.append("nvidia"))
     config = node.config()
     lifecycle.load(config)
     daemons.start_persistenced(config)
     fm, persistenced = started_pid(node, fabric.FM_PID), started_pid(node, daemons.PERSISTENCED_PID)
-    loaded_driver(node, refcnt)
-    if busy:
-        with pytest.raises(BusyError) as e:
+    loaded_driver(node, 2 * 5)
+    with contextlib.ExitStack() as stack:
+        if job == "visible":
+            # Not our child (a child of ours would share our files): its shell exits at once.
+            device = users.DEVICE_PREFIX + "0"
+            script = f"(exec 3<{device}; echo $BASHPID; exec sleep 60 >/dev/null) &"
+            out = subprocess.run(["bash", "-c", script], stdout=subprocess.PIPE, check=True)
+            cuda = int(out.stdout)
+            stack.callback(os.kill, cuda, signal.SIGKILL)
+            loaded_driver(node, 2 * 6)
+            busy = f"pid {cuda} (sleep)"
+        elif job == "hidden":
+            module = node.host / "sys/module/nvidia_uvm"
+            module.mkdir(parents=True)
+            (module / "refcnt").write_text("2\n")
+        if busy is not None:
+            with pytest.raises(BusyError) as e:
+                lifecycle.unload(config)
+            assert e.value.exit_code == 3
+            assert "is in use: nothing was stopped or unloaded" in e.value.message
+            assert busy in e.value.message, e.value.message
+            assert alive(node, fm) and alive(node, persistenced)
+            assert not [e for e in node.events() if e.endswith("stopped")]
+            assert unloaded == []
+        else:
             lifecycle.unload(config)
-        assert e.value.exit_code == 3
-        assert "is in use: nothing was stopped or unloaded" in e.value.message
-        assert "Held by: 1 reference(s) that no process here shows" in e.value.message
-        assert alive(node, fm) and alive(node, persistenced)
-        assert not [e for e in node.events() if e.endswith("stopped")]
-        assert unloaded == []
-    else:
-        lifecycle.unload(config)
-        stops = [e for e in node.events() if e.endswith("stopped")]
-        assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
-        assert unloaded == ["nvidia"]
+            stops = [e for e in node.events() if e.endswith("stopped")]
+            assert stops == ["nv-fabricmanager stopped", "nvidia-persistenced stopped"]
+            assert unloaded == ["nvidia"]
 
 
 def test_init_whose_driver_is_in_use_at_shutdown_exits_3_and_leaves_its_daemons_running(

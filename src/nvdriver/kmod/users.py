@@ -1,17 +1,21 @@
 """Who uses the loaded NVIDIA driver: processes with /dev/nvidia* open, their containers, and
 modules that use it.
 
-`unloading.busy_reasons` decides from the refcounts alone whether the driver can go; this
-names the users, for people: the log of an `init` that waits for a driver in use and
-`status`. It reads /proc only (every process is visible with `--pid=host`): a process's
-open files (`/proc/PID/fd`, as the holder's mount namespace names them; the container
-toolkit gives containers the host's /dev/nvidia* names) and its cgroup (`/proc/PID/cgroup`),
-from which the container runtime and the Kubernetes pod are read.
+This decides whether the driver is in use before any of its daemons stops (handover.py:
+init's stop, `unload`, a swap to another driver), and names the users for people: the log
+of an `init` that waits for a driver in use, and `status`. `unloading.busy_reasons`
+applies the kernel's rule once more after the daemons stopped. It reads /proc only (every
+process is visible with `--pid=host`): a process's open files (`/proc/PID/fd`, as the
+holder's mount namespace names them; the container toolkit gives containers the host's
+/dev/nvidia* names) and its cgroup (`/proc/PID/cgroup`), from which the container runtime
+and the Kubernetes pod are read.
 
 Our own daemons (nvidia-persistenced, the fabric manager) hold the driver too; they are
 stopped before an unload, so they are not users that make it busy. A reference that no
 visible process or module explains (a /dev/dri client of nvidia-drm, a process this
-container cannot read) still does.
+container cannot read) still does. What this cannot see: a hidden process holding a file of
+a module whose files our daemons hold too (the references per file are not fixed: see
+`_unexplained`); the kernel's rule after the daemons' stop still keeps that driver loaded.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from nvdriver.config import Config
 from nvdriver.host import read_optional
@@ -166,23 +170,37 @@ class Users:
         }
 
 
-def _references(loaded: Sequence[LoadedModule]) -> tuple[tuple[str, ...], int]:
-    """The modules from elsewhere that use `loaded`, and the references on `loaded` that
-    are neither theirs nor those of the NVIDIA modules among themselves: open files."""
+def device_modules(device: str) -> tuple[str, ...]:
+    """The modules whose references an open NVIDIA device file holds: nvidia-uvm's own;
+    /dev/nvidia-modeset nvidia.ko's (its frontend serves the minor) and nvidia-modeset's;
+    every other /dev/nvidia* (nvidiactl, nvidiaN, nvidia-nvswitch*, nvidia-caps/*)
+    nvidia.ko's."""
+    name = device.removeprefix(DEVICE_PREFIX)
+    if name.startswith("-uvm"):
+        return ("nvidia_uvm",)
+    return ("nvidia", "nvidia_modeset") if name == "-modeset" else ("nvidia",)
+
+
+def _references(loaded: Sequence[LoadedModule]) -> tuple[tuple[str, ...], dict[str, int]]:
+    """The modules from elsewhere that use `loaded`, and per module of `loaded` the
+    references that are not those of the NVIDIA modules among themselves: open files."""
     names = {m.name for m in loaded}
     modules = tuple(sorted({h for m in loaded for h in m.holders if h not in names}))
-    return modules, sum(max(0, m.refcnt - len(m.holders)) for m in loaded)
+    opened = {m.name: m.refcnt - len(m.holders) for m in loaded if m.refcnt > len(m.holders)}
+    return modules, opened
 
 
-def only_held_by(config: Config, loaded: Sequence[LoadedModule], ours: Collection[int]) -> bool:
-    """Whether nothing but the processes `ours` can hold `loaded`: no module from elsewhere,
-    and no more references than their open /dev/nvidia* files. Reads /sys/module and their
-    descriptors only, not every process's: the cheap look of a long wait (`driver_users`
-    then confirms, and names the users)."""
-    modules, opened = _references(loaded)
-    proc = config.host("/proc")
-    mine = sum(len(_open_devices(str(proc / str(pid) / "fd"))) for pid in ours)
-    return not modules and opened <= mine
+def _unexplained(opened: dict[str, int], devices: Iterable[str]) -> int:
+    """The references of `opened` on modules none of whose device files is among `devices`.
+
+    How many references one open file holds is the kernel's and the driver's business:
+    chrdev_open takes one on the cdev's owner and one on the file operations' owner
+    (fs/char_dev.c: two per file where a driver sets both, as NVIDIA's do, and the stand-in
+    does), NVIDIA's frontend may take its own. So a module whose files a visible process
+    has open explains all its references; one with references and no file open anywhere
+    has a user nobody here sees."""
+    covered = {m for d in devices for m in device_modules(d)}
+    return sum(n for m, n in opened.items() if m not in covered)
 
 
 def driver_users(
@@ -191,16 +209,15 @@ def driver_users(
     """Who uses `loaded` (the NVIDIA modules loaded now), apart from the processes `ours`
     (our daemons, which go before an unload).
 
-    Each open file of a /dev/nvidia* device holds one reference on the module behind it;
-    each module that uses one holds one. References beyond those of the visible processes
-    (ours included) and modules are counted as unseen. A child of one of `ours` is ours
-    too: a fork shares its parent's open files, which hold no reference of their own
-    (a daemon's `sleep`, a forked worker).
+    Each open file of a /dev/nvidia* device holds references on the modules behind it;
+    each module that uses one holds one. References on a module no visible process (ours
+    included) has a file of are counted as unseen (`_unexplained`). A child of one of
+    `ours` is ours too: a fork shares its parent's open files (a daemon's `sleep`, a
+    forked worker).
     """
     modules, opened = _references(loaded)
     found = holders(config)
     mine = {*ours, os.getpid()}
     others = tuple(h for h in found if h.pid not in mine and h.parent not in mine)
-    # A child's descriptors are its parent's files: no reference more.
-    seen = sum(len(h.devices) for h in found if h.pid in mine or h.parent not in mine)
-    return Users(others, modules, max(0, opened - seen))
+    unseen = _unexplained(opened, (d for h in found for d in h.devices))
+    return Users(others, modules, unseen)
