@@ -150,8 +150,8 @@ def check_free(config: Config) -> None:
     now = users(config, loaded)
     if now.busy:
         raise BusyError(
-            f"The NVIDIA driver {_version(loaded)} is in use: nothing was stopped or unloaded, "
-            f"its daemons keep running. Held by: {now}.",
+            f"The NVIDIA driver is in use, nothing was stopped or unloaded (its daemons keep "
+            f"running): {_version(loaded)} held by {now}.",
             hint="Stop the GPU work (processes with /dev/nvidia* open, modules using nvidia), "
             "then stop again; Kubernetes: cordon the node and drain or delete its GPU pods.",
         )

@@ -810,7 +810,7 @@ def test_unload_looks_for_users_before_it_stops_the_fabric_manager(
             with pytest.raises(BusyError) as e:
                 lifecycle.unload(config)
             assert e.value.exit_code == 3
-            assert "is in use: nothing was stopped or unloaded" in e.value.message
+            assert "is in use, nothing was stopped or unloaded" in e.value.message
             assert busy in e.value.message, e.value.message
             assert alive(node, fm) and alive(node, persistenced)
             assert not [e for e in node.events() if e.endswith("stopped")]

@@ -155,7 +155,9 @@ def test_a_driver_in_use_is_never_unloaded_and_a_restart_keeps_it(
             "held_modules": ORDER,
             "held_mounted": "no",
             "held_ready": "no",
-            "held_daemons": "0",
+            # In use: checked before any daemon stops, so persistenced (and on an NVSwitch
+            # board the fabric manager) keep serving the work; `unload` stops it later.
+            "held_daemons": "1",
             "rmmod_rc": "0",
             "unload_rc": "0",
             "after_modules": "",
