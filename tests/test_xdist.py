@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def probe(tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     out = tmp_path / "workers"
     out.touch()
-    env = {**os.environ, "XDIST_PROBE_OUT": str(out)}
+    # Not this run's worker (under tools/test the outer pytest is an xdist worker too).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env["XDIST_PROBE_OUT"] = str(out)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
          f"--basetemp={tmp_path / 'bt'}", *options, "tests/xdist_probe.py"],
