@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.container import CommittedImages, EngineError, committed_images, docker_engine
+from tests.flatcar_mirror import _locked
 from tests.integration.conftest_mirror import (
     flatcar_mirror,
     flatcar_mirror_server,
@@ -85,6 +86,56 @@ def _kernel_params() -> list[Any]:
     return kernel_params(kernels_under_test())
 
 
+def xdist_scope(nodeid: str, releases: list[str]) -> str:
+    """The unit of work of a test under pytest-xdist (tools/test: `-n 2 --dist loadgroup`,
+    `pytest_xdist_make_scheduler`): ``kernel-K`` for a test whose parameters name the
+    kernel release K of `releases` (the `kernel` fixture's, or a module's kernel
+    parameter, or `K-missing` for a missing CI series), so each kernel's guests,
+    committed images and session fixtures are made by one worker while the other kernel
+    runs beside it; for any other test its file, so a module's fixtures are made once.
+
+    From the test's id, not an `xdist_group` mark: pytest-xdist 3.8 groups by a suffix
+    it writes to `item._nodeid`, which pytest 9 no longer reads (`nodeid` is `_id`)."""
+    path, _, rest = nodeid.partition("::")
+    rest = rest.rsplit("@", 1)[0] if rest.rfind("@") > rest.rfind("]") else rest
+    params = rest[rest.find("[") + 1 : -1] if rest.endswith("]") else ""
+    parts = params.split("-")
+    for release in sorted(releases, key=len, reverse=True):
+        n = len(release.split("-"))
+        if any("-".join(parts[i : i + n]) == release for i in range(len(parts) - n + 1)):
+            return f"kernel-{release.removesuffix('-missing')}"
+    return path
+
+
+def _xdist_releases() -> list[str]:
+    releases = kernels_under_test()
+    return [*releases, *header_kernels(), *(f"{s}-missing" for s in missing_ci_series(releases))]
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup` with the groups of `xdist_scope`: by kernel, else by file."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    releases = _xdist_releases()
+
+    class ByKernel(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid, releases)
+
+        def _assign_work_unit(self, node: Any) -> None:
+            # The kernels first, whatever their size: one to each worker at the start
+            # (the longest units: guests under TCG), the rest to whichever is free.
+            kernels = [s for s in self.workqueue if s.startswith("kernel-")]
+            for scope in reversed(kernels):
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return ByKernel(config, log)
+
+
 @pytest.fixture(scope="session", params=_kernel_params())
 def kernel(request: pytest.FixtureRequest) -> str:
     """A kernel release to boot and build for; a test that takes it runs once per kernel.
@@ -119,17 +170,20 @@ def unpack_debian_source(flavour: str) -> Path:
     need(tarball.is_file(), f"{tarball} (Debian's nvidia-kernel-source) is not installed")
     digest = hashlib.sha256(tarball.read_bytes()).hexdigest()[:16]
     dest = CACHE / f"debian-{flavour}-{digest}"
-    if not (dest / ".complete").exists():
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        subprocess.run(["rm", "-rf", tmp], check=True)
-        tmp.mkdir(parents=True)
-        with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="tar") if hasattr(
-                tarfile, "data_filter"
-            ) else tar.extractall(tmp)
-        (tmp / ".complete").touch()
-        subprocess.run(["rm", "-rf", dest], check=True)
-        tmp.rename(dest)
+    # Locked: a second process (an xdist worker, another checkout) that finds the entry
+    # incomplete waits for the first instead of deleting the tree it is unpacking.
+    with _locked(dest.with_name(dest.name + ".lock")):
+        if not (dest / ".complete").exists():
+            tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+            subprocess.run(["rm", "-rf", tmp], check=True)
+            tmp.mkdir(parents=True)
+            with tarfile.open(tarball) as tar:
+                tar.extractall(tmp, filter="tar") if hasattr(
+                    tarfile, "data_filter"
+                ) else tar.extractall(tmp)
+            (tmp / ".complete").touch()
+            subprocess.run(["rm", "-rf", dest], check=True)
+            tmp.rename(dest)
     return dest
 
 

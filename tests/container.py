@@ -522,20 +522,23 @@ def build_image(eng: Engine, variant: Variant, signing_key: Path) -> str:
         inputs.mkdir(parents=True)
         shutil.copy(DOCKERIGNORE, context / ".dockerignore")
         shutil.copy(signing_key, inputs / "flatcar-image-signing-key.asc")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "-q",
-                "--wheel-dir",
-                inputs / "wheelhouse",
-                ROOT,
-            ],
-            check=True,
-            capture_output=True,
-        )
+        # Locked: pip builds in the checkout (build/, src/*.egg-info), which two xdist
+        # workers building their images at once would write together.
+        with _locked(CACHE / f"wheel-{_digest(str(ROOT))}.lock"):
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "-q",
+                    "--wheel-dir",
+                    inputs / "wheelhouse",
+                    ROOT,
+                ],
+                check=True,
+                capture_output=True,
+            )
         if variant == "standin":
             make_standin_run(tmp / "driver")
             args["DRIVER_SOURCE"] = "nvidia"
@@ -625,17 +628,22 @@ def update_container(
         kernel,
         *update_args,
     ]
-    try:
-        started = time.monotonic()
-        if create is None:
-            result = eng.docker("run", *argv, check=False, timeout=3600)
-        else:
-            eng.docker("create", *argv)
-            create(name)
-            result = eng.docker("start", "--attach", name, check=False, timeout=3600)
-        yield Updated(name, result, time.monotonic() - started)
-    finally:
-        eng.docker("rm", "--force", name, check=False)
+    # One update at a time in a developer cache: `committed_image` checks that an update
+    # left nothing in it, which another one running there (another xdist worker's test
+    # of the same kernel's mirror) would fail.
+    cache = developer_cache(server.mirror)
+    with _locked(cache.with_name(f"{cache.name}.lock")):
+        try:
+            started = time.monotonic()
+            if create is None:
+                result = eng.docker("run", *argv, check=False, timeout=3600)
+            else:
+                eng.docker("create", *argv)
+                create(name)
+                result = eng.docker("start", "--attach", name, check=False, timeout=3600)
+            yield Updated(name, result, time.monotonic() - started)
+        finally:
+            eng.docker("rm", "--force", name, check=False)
 
 
 def _base_and_image_key(variant: Variant, signing_key: Path) -> str:

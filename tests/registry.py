@@ -150,32 +150,45 @@ def serve_registry(work: Path) -> Iterator[Registry]:
     tls = make_tls(work / "tls")
     htpasswd = work / "htpasswd"
     htpasswd.write_bytes(_run("htpasswd", "-Bbn", USER, PASSWORD).stdout)
-    port = free_port()
     storage = work / "storage"
     config = work / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: info\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-        f"  tls:\n    certificate: {tls.cert}\n    key: {tls.key}\n"
-        f"auth:\n  htpasswd:\n    realm: nvidia-driver-tests\n    path: {htpasswd}\n"
-    )
     log = work / "registry.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["docker-registry", "serve", str(config)], stdout=out, stderr=subprocess.STDOUT
+    # The port is free when chosen but another process (another xdist worker's server)
+    # may bind it before docker-registry does: then it exits and another port is tried.
+    for attempt in range(1, 4):
+        port = free_port()
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: info\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n"
+            f"  tls:\n    certificate: {tls.cert}\n    key: {tls.key}\n"
+            f"auth:\n  htpasswd:\n    realm: nvidia-driver-tests\n    path: {htpasswd}\n"
         )
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                ["docker-registry", "serve", str(config)], stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for_v2(port, tls.ca, proc)
+            break
+        except RuntimeError:
+            _stop_registry(proc)
+            if attempt == 3 or "address already in use" not in log.read_text(errors="replace"):
+                raise
     try:
-        wait_for_v2(port, tls.ca, proc)
         yield Registry(port, tls, storage, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_registry(proc)
+
+
+def _stop_registry(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def sent_and_acked(sock: socket.socket) -> None:

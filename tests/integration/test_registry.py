@@ -855,3 +855,26 @@ def test_skopeo_reads_both_forms_we_push_and_copies_them_to_a_mirror_that_a_node
         found = pulled_without_building(node, fallback_builds, caplog)
         assert found.path.read_bytes() == package.path.read_bytes()
         assert f"{mirror.reference}@" in caplog.text
+
+
+def test_a_port_taken_before_the_registry_binds_it_is_given_up_for_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """free_port's port is free when chosen; another process (an xdist worker's server)
+    may take it before docker-registry binds it: serve_registry tries another."""
+    import socket
+
+    from tests import registry as test_registry
+
+    missing = tools_missing()
+    need(not missing, f"missing {', '.join(missing)} (docker-registry, apache2-utils)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        first = int(taken.getsockname()[1])
+        chosen = iter([first])
+        free_port = test_registry.free_port
+        monkeypatch.setattr(test_registry, "free_port", lambda: next(chosen, None) or free_port())
+        with serve_registry(tmp_path) as server:
+            assert server.port != first
+            test_registry.wait_for_v2(server.port, server.tls.ca)

@@ -242,6 +242,14 @@ def _copy_tree(src: Path, dest: Path) -> None:
     shutil.copytree(src, dest, symlinks=True, copy_function=link_or_copy)
 
 
+def count_objects(tree: Path) -> int:
+    """The object files under `tree` so far, for the progress report. kbuild's temporary
+    directories (`.tmp_PID` of its try-run, of NVIDIA's conftest) come and go while the
+    tree is walked: os.walk skips one gone (Path.rglob raised FileNotFoundError, which
+    ended a build that was going well as an unexpected error)."""
+    return sum(1 for _, _, files in os.walk(tree) for name in files if name.endswith(".o"))
+
+
 def _make(argv: list[str], tree: Path, logfile: Path) -> None:
     """Run make with its output in `logfile`, reporting progress every few seconds."""
     start = time.monotonic()
@@ -258,7 +266,7 @@ def _make(argv: list[str], tree: Path, logfile: Path) -> None:
             now = time.monotonic()
             if now - last >= PROGRESS_INTERVAL:
                 last = now
-                done = sum(1 for _ in tree.rglob("*.o"))
+                done = count_objects(tree)
                 log.info("building: %d objects after %.0f s", done, now - start)
     if proc.returncode != 0:
         raise RunError(
