@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,6 +249,8 @@ class GpuFabric:
 
 def parse_fabric_states(xml: str) -> list[GpuFabric]:
     """The fabric state of each GPU of `nvidia-smi -q -x` (nvidia_smi_log/gpu/fabric)."""
+    import xml.etree.ElementTree as ET  # NVSwitch boards only: not on every start
+
     states = []
     for gpu in ET.fromstring(xml).iter("gpu"):
         fabric = gpu.find("fabric")
@@ -267,6 +268,8 @@ def parse_fabric_states(xml: str) -> list[GpuFabric]:
 
 def fabric_states(smi: Path) -> tuple[list[GpuFabric] | None, str]:
     """The GPUs' fabric states, or None and why nvidia-smi could not tell (yet)."""
+    import xml.etree.ElementTree as ET
+
     result = run([smi, "-q", "-x"], check=False, timeout=SMI_TIMEOUT)
     if result.returncode != 0:
         said = (result.stdout + result.stderr).strip().splitlines()[-3:]
