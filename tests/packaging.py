@@ -8,8 +8,13 @@ import random
 import tarfile
 from pathlib import Path
 
+from nvdriver.config import Config
+from nvdriver.driver import package as pkg
 from nvdriver.driver.build import Artifact, BuildOutput
+from nvdriver.driver.package import Package
+from nvdriver.driver.source import DriverSource
 from nvdriver.host import KernelIdentity
+from nvdriver.run import run
 
 # The Flatcar release a fake developer-container build stands for (builder's prune keeps it).
 FAKE_RELEASE = "4152.2.3"
@@ -84,3 +89,37 @@ def host_build_tree(host_modules: Path, kernel: KernelIdentity) -> Path:
     lines = [f"0x{crc:08x}\t{name}\tvmlinux\tEXPORT_SYMBOL\t\n" for name, crc in kernel.symbols]
     (build / "Module.symvers").write_text("".join(lines))
     return build
+
+
+def linkable_build(work: Path, source: DriverSource, kernel: KernelIdentity) -> BuildOutput:
+    """A build of `source` that links for real on this machine: nvidia split into an empty
+    interface object (`as`) and the stand-in's core object (tests/standin), nvidia-uvm a
+    finished plain file. `ld -r` and depmod take it; no kernel would load it."""
+    work.mkdir(parents=True)
+    interface = work / "nv-linux.o"
+    run(["as", "/dev/null", "-o", interface])
+    (work / "nvidia-uvm.ko").write_bytes(random.randbytes(4096))
+    lds = work / "module.lds"
+    lds.write_text("SECTIONS { }\n")
+    return BuildOutput(
+        kernel=kernel,
+        flavour="proprietary",
+        driver_version=source.version,
+        tree=source.flavour_dir("proprietary"),
+        artifacts=(
+            Artifact("nvidia", interface, core="nvidia/nv-kernel.o_binary"),
+            Artifact("nvidia-uvm", work / "nvidia-uvm.ko"),
+        ),
+        ld_scripts=(lds,),
+        compiler="gcc-12 (Debian 12.2.0-14) 12.2.0",
+        linker=run(["ld", "--version"]).stdout.splitlines()[0].strip(),
+    )
+
+
+def package_for_running_kernel(config: Config, work: Path) -> Package:
+    """A linkable package (`linkable_build`) in the image's store that fits the running
+    kernel: the host's build tree says the package's CRCs (`host_build_tree`)."""
+    kernel = KernelIdentity.running(config).with_abi(KERNEL.vermagic, dict(KERNEL.symbols))
+    host_build_tree(config.host("/lib/modules"), kernel)
+    build = linkable_build(work, DriverSource.from_config(config), kernel)
+    return pkg.write_package(config.precompiled_dir, build, tag=None)

@@ -1,4 +1,9 @@
-"""Commands and flags (docs/commands.md); the steps themselves live in lifecycle."""
+"""Commands and flags (docs/commands.md); the steps themselves live in lifecycle.
+
+Each command imports the modules it calls when it runs: `--help` and a usage error load
+nothing of the driver, `status` none of lifecycle's, `init` nothing of a build
+(tests/unit/test_imports.py keeps it so).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nvdriver import __version__, fleet, lifecycle, lock, signals
-from nvdriver import log as logsetup
-from nvdriver.config import Config, process_environment
-from nvdriver.driver.package import stores
+from nvdriver import __version__
 from nvdriver.errors import DriverError, ExitCode, Interrupted
-from nvdriver.run import set_timeouts
+
+if TYPE_CHECKING:
+    from nvdriver.config import Config
 
 log = logging.getLogger("nvdriver")
 
@@ -128,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
+    from nvdriver.config import Config
+
     flags = {
         "kernel": getattr(args, "kernel", None),
         "kernel_source": getattr(args, "kernel_source", None),
@@ -148,6 +155,19 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
 
 def dispatch(args: argparse.Namespace, config: Config) -> int:
     command = args.command
+    if command == "status":
+        from nvdriver import status
+
+        report = status.collect(config)
+        print(json.dumps(report, indent=2) if args.json else status.render(report))
+        return ExitCode.OK
+    if command == "validate":
+        from nvdriver import validate
+
+        print(json.dumps(validate.validate(config), indent=2))
+        return ExitCode.OK
+    from nvdriver import lifecycle
+
     if command == "init":
         lifecycle.init(config)
         return ExitCode.OK
@@ -162,22 +182,14 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
         if package is not None:  # --next with nothing newer prints nothing
             print(package.path)
         return ExitCode.OK
-    if command == "packages":
-        return _packages(args, config)
-    if command == "status":
-        from nvdriver import status
-
-        report = status.collect(config)
-        print(json.dumps(report, indent=2) if args.json else status.render(report))
-        return ExitCode.OK
-    assert command == "validate", command
-    from nvdriver import validate
-
-    print(json.dumps(validate.validate(config), indent=2))
-    return ExitCode.OK
+    assert command == "packages", command
+    return _packages(args, config)
 
 
 def _packages(args: argparse.Namespace, config: Config) -> int:
+    from nvdriver import fleet, lifecycle
+    from nvdriver.driver.package import stores
+
     if args.action == "list":
         rows, unreadable = [], []
         for store in stores(config):
@@ -229,7 +241,12 @@ def _packages(args: argparse.Namespace, config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # --help and usage errors end here
+    from nvdriver import lock, signals
+    from nvdriver import log as logsetup
+    from nvdriver.config import process_environment
+    from nvdriver.run import set_timeouts
+
     env = process_environment()
     logsetup.setup(env.get("LOG_FORMAT") or "text", debug=args.debug)
     with contextlib.ExitStack() as stack:

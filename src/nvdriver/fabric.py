@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -367,6 +366,8 @@ class GpuFabric:
 
 def parse_fabric_states(xml: str) -> list[GpuFabric]:
     """The fabric state of each GPU of `nvidia-smi -q -x` (nvidia_smi_log/gpu/fabric)."""
+    import xml.etree.ElementTree as ET  # NVSwitch boards only: not on every start
+
     states = []
     for gpu in ET.fromstring(xml).iter("gpu"):
         fabric = gpu.find("fabric")
@@ -384,6 +385,8 @@ def parse_fabric_states(xml: str) -> list[GpuFabric]:
 
 def fabric_states(smi: Path) -> tuple[list[GpuFabric] | None, str]:
     """The GPUs' fabric states, or None and why nvidia-smi could not tell (yet)."""
+    import xml.etree.ElementTree as ET
+
     result = run([smi, "-q", "-x"], check=False, timeout=SMI_TIMEOUT)
     if result.returncode != 0:
         said = (result.stdout + result.stderr).strip().splitlines()[-3:]

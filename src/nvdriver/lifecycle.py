@@ -18,20 +18,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvdriver import (
-    builder,
-    daemons,
-    fabric,
-    fleet,
-    handover,
-    lock,
-    rootfs,
-    signals,
-    trust,
-    watch,
-)
+from nvdriver import daemons, fabric, handover, lock, rootfs, signals
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
-from nvdriver.builder import builds_idle
+from nvdriver.buildlock import builds_idle, remove_stale_builds
 from nvdriver.config import Config, Options
 from nvdriver.driver import link
 from nvdriver.driver import package as pkg
@@ -39,7 +28,6 @@ from nvdriver.driver.flavour import FlavourChoice, choose_flavour
 from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.errors import DriverError, IntegrityError, Interrupted, KernelAbiRefused
-from nvdriver.flatcar import release
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading, peermem
 from nvdriver.kmod.abi import RunningAbi
@@ -89,7 +77,7 @@ def _remove_stale(config: Config, version: str) -> None:
     """
     rootfs.remove_stale(config)
     link.remove_stale(_module_base(config, version))
-    builder.remove_stale_builds(config)
+    remove_stale_builds(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +142,8 @@ def _find_package(
         where + (f" or the registry {config.registry}" if config.registry else ""),
         config.node_precompiled_dir,
     )
+    from nvdriver import builder, trust  # the compiler's world: only when there is no package
+
     pushes = config.registry is not None and config.registry_push
     if pushes and config.fleet_signing_key is not None:
         trust.check_signing_key(config.fleet_signing_key)  # exit 2 before anything is built
@@ -431,6 +421,8 @@ def init(config: Config) -> None:
                 log.info(
                     "NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour
                 )
+            from nvdriver import watch  # the release feed, D-Bus: once the driver is up
+
             watch.wait(config)  # builds ahead for the next Flatcar release meanwhile
         except Interrupted as e:
             log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
@@ -497,6 +489,9 @@ def update(config: Config) -> Package | None:
     is recorded as the next one (fleet.py), for `status` and `packages prune`; when the
     record names its package already (built ahead before), that package is the result.
     """
+    from nvdriver import builder, fleet, trust
+    from nvdriver.flatcar import release
+
     if config.push is not None and config.fleet_signing_key is not None:
         trust.check_signing_key(config.fleet_signing_key)  # exit 2 before anything is built
     target = None
@@ -562,6 +557,8 @@ def prune_packages(config: Config) -> list[Path]:
     While a build runs, what it may be using is left alone: temp files, the kernel
     directories it may be about to write into, and the developer containers.
     """
+    from nvdriver import fleet
+
     removed: list[Path] = []
     keep_kernels = fleet.kept_kernels(config)
     with builds_idle(config) as idle:
@@ -589,6 +586,8 @@ def _prune_store(
     for p in removed:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+    from nvdriver import fleet
+
     removed += fleet.remove_orphan_origins(store.root)
     if idle:
         for d in store.root.iterdir() if store.root.is_dir() else []:

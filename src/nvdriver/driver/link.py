@@ -6,7 +6,9 @@ with the linker that built the interface, which the package carries
 (driver/toolchain.py): a signed package's modules come out byte for byte as signed,
 on any node. The tree is
 /opt/nvidia/VERSION/lib/modules/KERNEL (Flatcar's /lib/modules is read-only),
-staged beside its final place, `depmod -b`'d, then swapped in.
+staged beside its final place, `depmod -b`'d, given its proof (driver/proof.py),
+then swapped in. A later start whose package, core objects and tree are those of
+the proof uses the tree as it is: nothing is verified, linked or depmod'ed again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nvdriver.atomic import OLD_PREFIX, replace_directory
-from nvdriver.driver.package import Manifest, sha256_file, unpacked
+from nvdriver.driver import proof
+from nvdriver.driver.package import Manifest, read_manifest, sha256_file, unpacked
+from nvdriver.driver.proof import FileIdentity
 from nvdriver.driver.source import DriverSource
 from nvdriver.driver.toolchain import packed_linker
 from nvdriver.errors import DriverError, IntegrityError
@@ -44,10 +48,13 @@ def link_package(
 
     The package is verified completely before any member is used; with `release`, it
     must have been built for that kernel release (whether it fits the running kernel's
-    ABI was decided before: kmod/abi.py). The tree at `base/lib/modules/KERNEL` is
-    replaced only once the new one is complete.
+    ABI was decided before: kmod/abi.py), and the tree linked from it before is used
+    as it is when its proof holds. The tree at `base/lib/modules/KERNEL` is replaced
+    only once the new one is complete.
     """
     try:
+        if release is not None and (proven := _proven_tree(package, source, base, release)):
+            return proven
         return _link_package(package, source, base, release=release)
     except OSError as e:  # a read-only or full disk under /opt/nvidia
         raise DriverError(
@@ -59,6 +66,39 @@ def link_package(
         ) from e
 
 
+def _proven_tree(package: Path, source: DriverSource, base: Path, release: str) -> Path | None:
+    """The tree linked from `package` on this node before, when its proof holds."""
+    moddir = base / "lib" / "modules" / release
+    recorded = proof.recorded(moddir)
+    if recorded is None or not recorded.is_of(package):  # a stat: before reading anything
+        return None
+    try:
+        manifest = read_manifest(package)
+        cores = _cores(source, manifest)
+    except DriverError:
+        return None  # the full verification says what is wrong with it
+    if manifest.kernel_release != release or not recorded.holds(package, manifest, cores, moddir):
+        return None
+    log.info(
+        "Using %s as linked from %s, verified on this node before (its proof holds)",
+        moddir,
+        package,
+    )
+    return moddir
+
+
+def _cores(source: DriverSource, manifest: Manifest) -> list[Path]:
+    """NVIDIA's core objects the package's split modules link with, from the driver image."""
+    return [source.flavour_dir(manifest.flavour) / e.core for e in manifest.modules if e.core]
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    try:
+        return FileIdentity.of(path)
+    except OSError:
+        return None  # the verification says what is wrong with it
+
+
 def _link_package(
     package: Path,
     source: DriverSource,
@@ -67,6 +107,7 @@ def _link_package(
     release: str | None,
 ) -> Path:
     base.mkdir(parents=True, exist_ok=True)
+    verified = _identity(package)  # taken before verifying: it must still hold after
     with (
         _staging(base) as staging,
         unpacked(package, staging) as (manifest, members),
@@ -83,12 +124,14 @@ def _link_package(
         moddir.mkdir(parents=True)
         flavour_dir = source.flavour_dir(manifest.flavour)
         order = []
+        cores: dict[Path, FileIdentity | None] = {}
         for entry in manifest.modules:
             out = moddir / f"{entry.name}.ko"
             if entry.core is None:
                 shutil.copyfile(members / entry.file, out)
             else:
                 core = flavour_dir / entry.core
+                cores[core] = _identity(core)
                 _check_core(package, manifest, core, entry.core_sha256)
                 scripts = [str(members / s) for s in manifest.ld_scripts]
                 run(link_command(ld, scripts, str(out), str(members / entry.file), str(core)))
@@ -97,10 +140,31 @@ def _link_package(
             order.append(out.name)
         (moddir / "modules.order").write_text("".join(f"{name}\n" for name in order))
         run(["depmod", "-b", staging, release])
+        _record_proof(package, verified, manifest, cores, moddir)
         final = base / "lib" / "modules" / release
         replace_directory(moddir, final)
         log.info("Linked and installed %s into %s", ", ".join(order), final)
         return final
+
+
+def _record_proof(
+    package: Path,
+    verified: FileIdentity | None,
+    manifest: Manifest,
+    cores: dict[Path, FileIdentity | None],
+    moddir: Path,
+) -> None:
+    """Write the tree's proof, unless the package or a core object changed while it was
+    read (or is gone): then the next start verifies again."""
+    try:
+        now = proof.observe(package, FileIdentity.of(package), manifest, list(cores), moddir)
+    except OSError:
+        now = None
+    before = {str(core): identity for core, identity in cores.items()}
+    if now is None or now.identity != verified or now.cores != before:
+        log.warning("%s changed while it was verified; not recording its proof", package)
+        return
+    proof.record(now, moddir)
 
 
 def link_command(

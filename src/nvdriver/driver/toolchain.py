@@ -17,11 +17,14 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nvdriver.driver.build import BuildRoot
 from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
 from nvdriver.run import run
+
+if TYPE_CHECKING:  # the compiler's world: `update` builds, a node only links
+    from nvdriver.driver.build import BuildRoot
 
 log = logging.getLogger(__name__)
 

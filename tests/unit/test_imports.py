@@ -1,0 +1,109 @@
+"""The start path imports only what it calls (issue 22): `nvidia-driver status --help`
+loads nothing of the driver, and `init` up to its linked tree nothing of a build, a
+registry, the Flatcar feed or the D-Bus client. Each runs the installed command in a
+child interpreter under `-X importtime` and reads which modules it imported; a new
+top-level import of one of these modules fails here, naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvdriver.config import Config
+from nvdriver.run import spawn
+from tests.packaging import package_for_running_kernel
+from tests.unit.test_init_without_package import node_without_package
+
+TOOL = Path(sys.executable).parent / "nvidia-driver"
+
+# What only `update`, `packages`, a registry, a build or an NVSwitch board needs.
+HEAVY = (
+    "ssl",
+    "http.client",
+    "urllib.request",
+    "email",
+    "concurrent.futures",
+    "socket",
+    "xml.etree.ElementTree",
+    "jeepney",
+    "nvdriver.registry",
+    "nvdriver.credhelper",
+    "nvdriver.builder",
+    "nvdriver.driver.build",
+    "nvdriver.driver.sign",
+    "nvdriver.flatcar.fetch",
+    "nvdriver.flatcar.download",
+    "nvdriver.flatcar.gpg",
+    "nvdriver.flatcar.image",
+    "nvdriver.flatcar.release",
+    "nvdriver.fleet",
+    "nvdriver.trust",
+    "nvdriver.staged",
+    "nvdriver.watch",
+    "nvdriver.unpack",
+    "nvdriver.validate",
+)
+
+
+def imported(importtime: str) -> list[str]:
+    """The modules of `-X importtime` lines, in the order they were imported."""
+    return [
+        line.split("|")[2].strip()
+        for line in importtime.splitlines()
+        if line.startswith("import time:") and not line.rstrip().endswith("| imported package")
+    ]
+
+
+def heavy(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+
+
+def test_status_help_imports_nothing_of_the_driver() -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", TOOL, "status", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--json" in result.stdout
+    modules = imported(result.stderr)
+    assert "nvdriver.cli" in modules
+    assert [m for m in modules if m.startswith("nvdriver")] == [
+        "nvdriver",
+        "nvdriver.errors",
+        "nvdriver.cli",
+    ]
+    assert heavy(modules) == []
+    assert "subprocess" not in modules and "tarfile" not in modules
+
+
+def test_init_imports_nothing_of_a_build_up_to_its_linked_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`init` with a package for the running kernel, stopped once its tree is linked
+    (NVIDIA_DRIVER_TEST_PAUSE_AT): the package was found, verified, linked and depmod'ed."""
+    node_without_package(tmp_path, monkeypatch)
+    package_for_running_kernel(Config.from_env(dict(os.environ)), tmp_path / "build")
+    env = {**os.environ, "NVIDIA_DRIVER_TEST_PAUSE_AT": "linked"}
+    lines = []
+    with spawn(
+        [sys.executable, "-X", "importtime", TOOL, "init"],
+        env=env,
+        stderr=subprocess.PIPE,
+        terminate_timeout=30,
+    ) as proc:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            lines.append(raw.decode(errors="replace"))
+            if "Pausing at step linked" in lines[-1]:
+                break
+        else:
+            pytest.fail("init did not reach its linked tree:\n" + "".join(lines[-30:]))
+    modules = imported("".join(lines))
+    assert {"nvdriver.lifecycle", "nvdriver.driver.link", "nvdriver.kmod.loading"} <= set(modules)
+    assert heavy(modules) == []
