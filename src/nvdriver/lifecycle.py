@@ -92,13 +92,12 @@ def _sweep(config: Config, version: str) -> None:
 
 def _sweep_after_ready(config: Config, version: str) -> None:
     """The sweep of a restart that adopted the driver, once it is ready: off the path to
-    readiness, and never a reason to fail the running driver (logged). A stop that comes
-    meanwhile is held until it ends: a stopped `init` leaves nothing of a killed one."""
-    with signals.deferred():
-        try:
-            _sweep(config, version)
-        except (DriverError, OSError) as e:
-            log.error("Could not remove what a killed run left (the driver runs on): %s", e)
+    readiness, and never a reason to fail the running driver (logged). Called with the
+    stop signals held (`init`): a stopped `init` leaves nothing of a killed one."""
+    try:
+        _sweep(config, version)
+    except (DriverError, OSError) as e:
+        log.error("Could not remove what a killed run left (the driver runs on): %s", e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,8 +480,8 @@ def _adopted(
         missing = [m for m in plan.modules if m != peermem.PEERMEM and sysfs_name(m) not in names]
         if not missing:
             log.info(
-                "The modules of %s are loaded already (%s); keeping them: adopted as the "
-                "earlier run left them, without reading the package",
+                "The modules of %s are loaded already (%s); keeping them, nothing to link "
+                "(adopted as the earlier run left them: the package is not read)",
                 stamp.package,
                 ", ".join(m.name for m in loaded),
             )
@@ -549,14 +548,15 @@ def init(config: Config) -> None:
         try:
             # A stop from here on is the normal one (exit 0), also one that comes while
             # the readiness file is written: held back until it is and its removal is
-            # on the stack.
+            # on the stack, and, after a restart that adopted the driver, until what a
+            # killed run left is swept.
             with signals.deferred():
                 stack.enter_context(rootfs.ready(config, rootfs.readiness_flags(config)))
                 log.info(
                     "NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour
                 )
-            if adopted:
-                _sweep_after_ready(config, plan.version)
+                if adopted:
+                    _sweep_after_ready(config, plan.version)
             from nvdriver import watch  # the release feed, D-Bus: once the driver is up
 
             watch.wait(config)  # builds ahead for the next Flatcar release meanwhile
