@@ -4,7 +4,10 @@
 daemons' status file, the bind mount, the loaded modules, the daemons, the readiness
 file) and waits; a signal unwinds the stack in reverse, which is the shutdown. A
 failure or a signal in the middle of a step unwinds the same way, so nothing is left
-half done; what a SIGKILLed run left is removed by the next run before it starts.
+half done; what a SIGKILLed run left is removed by the next run: its mount and readiness
+file before anything else, its staging trees and a killed build's leftovers before the
+package is looked up, or, when the restart adopts the driver its predecessor loaded (see
+`_adopted`), once the driver is ready again.
 """
 
 from __future__ import annotations
@@ -22,17 +25,18 @@ from nvdriver import daemons, fabric, handover, lock, rootfs, signals
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
 from nvdriver.buildlock import builds_idle, remove_stale_builds
 from nvdriver.config import Config, Options
-from nvdriver.driver import link
+from nvdriver.driver import link, proof
 from nvdriver.driver import package as pkg
 from nvdriver.driver.flavour import FlavourChoice, choose_flavour
 from nvdriver.driver.package import Package, PackageStore
+from nvdriver.driver.proof import FileIdentity
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.errors import DriverError, IntegrityError, Interrupted, KernelAbiRefused
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading, peermem
 from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.firmware import set_firmware_path
-from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules
+from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules, sysfs_name
 from nvdriver.kmod.params import read_params
 from nvdriver.kmod.tree import ModuleTree, wanted_modules
 from nvdriver.kmod.unloading import unload as unload_modules
@@ -76,8 +80,24 @@ def _remove_stale(config: Config, version: str) -> None:
     instance lock is held), and a dead build's work dirs and temp files (unless a build runs).
     """
     rootfs.remove_stale(config)
+    _sweep(config, version)
+
+
+def _sweep(config: Config, version: str) -> None:
+    """A killed run's staging and old trees, and a dead build's work dirs and temp files
+    (unless a build runs): what a build or a link could have left."""
     link.remove_stale(_module_base(config, version))
     remove_stale_builds(config)
+
+
+def _sweep_after_ready(config: Config, version: str) -> None:
+    """The sweep of a restart that adopted the driver, once it is ready: off the path to
+    readiness, and never a reason to fail the running driver (logged). Called with the
+    stop signals held (`init`): a stopped `init` leaves nothing of a killed one."""
+    try:
+        _sweep(config, version)
+    except (DriverError, OSError) as e:
+        log.error("Could not remove what a killed run left (the driver runs on): %s", e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +106,7 @@ class DriverPlan:
 
     version: str
     flavour: Flavour
-    package: Package
+    package: Path
     tree: ModuleTree
     modules: tuple[str, ...]
     params: Mapping[str, Sequence[str]]
@@ -230,7 +250,13 @@ def _push_built(config: Config, package: Package, reference: str) -> None:
         log.error("Could not share %s: %s", package.path.name, e)
 
 
-def _prepare(config: Config, refused: Collection[Path] = (), *, wait: bool = True) -> DriverPlan:
+def _prepare(
+    config: Config,
+    refused: Collection[Path] = (),
+    chosen: tuple[DriverSource, FlavourChoice] | None = None,
+    *,
+    wait: bool = True,
+) -> DriverPlan:
     """Find (or build) the package, link it into the private tree; unload other drivers.
 
     Modules already loaded from this very package (same version and srcversion)
@@ -239,10 +265,11 @@ def _prepare(config: Config, refused: Collection[Path] = (), *, wait: bool = Tru
     Other modules in use are never touched: with `wait` (init) they are waited for until
     they are free (handover.py), else it is exit 3 at once; their daemons are stopped only
     when the driver is free. `refused`: packages the kernel refused in this run (see
-    `_load_fitting`).
+    `_load_fitting`); `chosen`: the source and flavour, when the caller has chosen them
+    already.
     """
     options = config.options
-    source, choice = _choose(config)
+    source, choice = chosen if chosen is not None else _choose(config)
     version, flavour = source.version, choice.flavour
     kernel = KernelIdentity.running(config)
     _remove_stale(config, version)
@@ -256,7 +283,7 @@ def _prepare(config: Config, refused: Collection[Path] = (), *, wait: bool = Tru
         link.link_package(package.path, source, base, release=kernel.release)
     _pause_at(options, "linked")
 
-    plan = _plan(config, version, flavour, package, tree)
+    plan = _plan(config, version, flavour, package.path, tree)
     if kept:  # loaded from this very tree: nothing to compare or unload
         loaded = []
     same_flavour = loaded_flavour(config) in (None, flavour)
@@ -291,21 +318,21 @@ def _load_fitting(
         load_plan(plan)
         return plan
     except KernelAbiRefused as e:
-        pkg.move_aside(plan.package.path, pkg.STALE_SUFFIX)
+        pkg.move_aside(plan.package, pkg.STALE_SUFFIX)
         log.warning(
             "The kernel refused the modules of %s: %s It is stale for this kernel; looking "
             "for another package (once).",
-            plan.package.path,
+            plan.package,
             e.message,
         )
-        refused = plan.package.path
+        refused = plan.package
     again = _prepare(config, refused={refused})
     try:
         load_plan(again)
     except KernelAbiRefused as e:
-        pkg.move_aside(again.package.path, pkg.STALE_SUFFIX)
+        pkg.move_aside(again.package, pkg.STALE_SUFFIX)
         raise DriverError(
-            f"The kernel refused the modules of {again.package.path} too, after refusing "
+            f"The kernel refused the modules of {again.package} too, after refusing "
             f"{refused}: {e.message} Not trying another package (no build loop).",
             hint="The packages and the developer container do not match the running kernel's "
             "ABI; see `nvidia-driver status` for each package's verdict.",
@@ -314,7 +341,7 @@ def _load_fitting(
 
 
 def _plan(
-    config: Config, version: str, flavour: Flavour, package: Package, tree: ModuleTree
+    config: Config, version: str, flavour: Flavour, package: Path, tree: ModuleTree
 ) -> DriverPlan:
     """Which modules of the linked tree to load, with their parameters."""
     params = {m: read_params(config.module_params_dir, m) for m in tree.modules()}
@@ -325,18 +352,68 @@ def _plan(
 # In the linked tree: which package it was linked from and what the kernel showed once
 # its modules were loaded (written after each successful load).
 _LOADED_STAMP = ".loaded-from.json"
+_STAMP_FORMAT = 2
 
 
-def _package_identity(package: Package) -> dict[str, object]:
-    st = package.path.stat()
-    return {"package": str(package.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+@dataclasses.dataclass(frozen=True)
+class _Stamp:
+    """The loaded stamp: the package as the tree's proof (driver/proof.py) names it (path,
+    file identity, manifest digest), the flavour, and each loaded module's srcversion."""
+
+    package: Path
+    identity: FileIdentity
+    manifest_sha256: str
+    flavour: str
+    srcversion: Mapping[str, str]
+
+    @classmethod
+    def read(cls, tree: ModuleTree) -> _Stamp | None:
+        """The stamp in `tree`, or None: none, unreadable, of an older format, or written
+        for a tree without a proof (nothing identifies its package strongly enough)."""
+        try:
+            obj = json.loads((tree.directory / _LOADED_STAMP).read_text())
+            if obj["format"] != _STAMP_FORMAT:
+                return None
+            srcversion = obj["srcversion"]
+            if not isinstance(srcversion, dict):
+                return None
+            return cls(
+                package=Path(obj["package"]),
+                identity=FileIdentity(**obj["identity"]),
+                manifest_sha256=str(obj["manifest_sha256"]),
+                flavour=str(obj["flavour"]),
+                srcversion={str(k): str(v) for k, v in srcversion.items()},
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def matches_loaded(self, config: Config, flavour: str, loaded: Sequence[LoadedModule]) -> bool:
+        """Whether the NVIDIA modules loaded now are those this stamp recorded: the same
+        flavour, each with the srcversion the kernel showed when they were loaded."""
+        return (
+            self.flavour == flavour
+            and loaded_flavour(config) in (None, flavour)
+            and bool(loaded)
+            and all(
+                m.srcversion is not None and self.srcversion.get(m.name) == m.srcversion
+                for m in loaded
+            )
+        )
 
 
 def _stamp_loaded(config: Config, plan: DriverPlan) -> None:
-    """Record that the modules now loaded came from `package` through `plan.tree`, so that
-    a restart with the same driver loaded skips the unpack, verify and relink."""
+    """Record that the modules now loaded came from `plan.package` through `plan.tree`, so
+    that a restart with the same driver loaded adopts them (`_adopted`), or at least skips
+    the unpack, verify and relink (`_loaded_from`). The package is named as the tree's
+    proof names it; a tree without one (its package changed while it was verified) gets a
+    stamp that no restart trusts."""
+    recorded = proof.recorded(plan.tree.directory)
+    named = recorded is not None and recorded.package == str(plan.package)
     stamp = {
-        **_package_identity(plan.package),
+        "format": _STAMP_FORMAT,
+        "package": str(plan.package),
+        "identity": dataclasses.asdict(recorded.identity) if named and recorded else None,
+        "manifest_sha256": recorded.manifest_sha256 if named and recorded else None,
         "flavour": plan.flavour,
         "srcversion": {m.name: m.srcversion for m in loaded_modules(config)},
     }
@@ -347,24 +424,23 @@ def _loaded_from(
     config: Config, tree: ModuleTree, package: Package, loaded: Sequence[LoadedModule]
 ) -> bool:
     """Whether the NVIDIA modules loaded now are the ones an earlier run linked from this
-    very package (the same file, flavour and srcversions) and loaded from `tree`.
+    very package (the same file by its identity, the same manifest, flavour and
+    srcversions) and loaded from `tree`.
 
     Then nothing needs unpacking, verifying or linking (the package was verified when it
     was linked): a restart goes straight to readiness without touching the driver.
     """
+    stamp = _Stamp.read(tree)
     try:
-        stamp = json.loads((tree.directory / _LOADED_STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    flavour = package.manifest.flavour
-    recorded = stamp.get("srcversion") if isinstance(stamp, dict) else None
+        same_file = stamp is not None and FileIdentity.of(package.path) == stamp.identity
+    except OSError:
+        same_file = False
     if (
-        not isinstance(recorded, dict)
-        or {k: stamp.get(k) for k in ("package", "size", "mtime_ns")} != _package_identity(package)
-        or stamp.get("flavour") != flavour
-        or loaded_flavour(config) not in (None, flavour)
-        or not loaded
-        or any(m.srcversion is None or recorded.get(m.name) != m.srcversion for m in loaded)
+        stamp is None
+        or not same_file
+        or stamp.package != package.path
+        or stamp.manifest_sha256 != proof.manifest_digest(package.manifest)
+        or not stamp.matches_loaded(config, package.manifest.flavour, loaded)
         or not tree.modules()
     ):
         return False
@@ -374,6 +450,70 @@ def _loaded_from(
         ", ".join(m.name for m in loaded),
     )
     return True
+
+
+def _adopted(
+    config: Config, version: str, flavour: Flavour, release: str, loaded: Sequence[LoadedModule]
+) -> DriverPlan | None:
+    """The plan of a restart that adopts the driver an earlier run loaded, or None (then
+    the full start: `_prepare`).
+
+    Adopted when the tree's stamp names the package the tree's proof names (file
+    identity and manifest digest), the loaded modules are the stamp's (flavour and
+    srcversions), the package, the core objects and the tree are the files the proof
+    names (a stat of each), and every module to load is loaded. Nothing is read of the
+    package and no store is searched: the tree was linked from that package, verified on
+    this node, and its modules are the ones the kernel runs.
+    """
+    tree = ModuleTree(_module_base(config, version), release)
+    stamp = _Stamp.read(tree)
+    if stamp is None:
+        return None
+    recorded = proof.recorded(tree.directory)
+    why = None
+    if not stamp.matches_loaded(config, flavour, loaded):
+        why = "the loaded modules are not the ones it loaded"
+    elif recorded is None or (recorded.package, recorded.identity, recorded.manifest_sha256) != (
+        str(stamp.package),
+        stamp.identity,
+        stamp.manifest_sha256,
+    ):
+        why = "its tree has been linked again since"
+    elif not recorded.unchanged(stamp.package, tree.directory):
+        why = f"{stamp.package}, its core objects or its tree changed"
+    if why is None:
+        plan = _plan(config, version, flavour, stamp.package, tree)
+        names = {m.name for m in loaded}
+        missing = [m for m in plan.modules if m != peermem.PEERMEM and sysfs_name(m) not in names]
+        if not missing:
+            log.info(
+                "The modules of %s are loaded already (%s); keeping them, nothing to link "
+                "(adopted as the earlier run left them: the package is not read)",
+                stamp.package,
+                ", ".join(m.name for m in loaded),
+            )
+            return plan
+        why = f"{', '.join(missing)} not loaded"
+    log.info("Not adopting the loaded driver (%s); starting in full", why)
+    return None
+
+
+def _adopt_or_prepare(config: Config) -> tuple[DriverPlan, bool]:
+    """`init`'s plan, and whether it adopts the driver loaded already (see `_adopted`):
+    then only the killed run's mount and readiness file are removed before the root is
+    bound again, and the rest of its leftovers once the driver is ready
+    (`_sweep_after_ready`). Otherwise the full start (`_prepare`)."""
+    chosen = _choose(config)
+    source, choice = chosen
+    loaded = loaded_modules(config)
+    if loaded:
+        release = KernelIdentity.running(config).release
+        plan = _adopted(config, source.version, choice.flavour, release, loaded)
+        if plan is not None:
+            rootfs.remove_stale(config)
+            set_firmware_path(config, rootfs.FIRMWARE_DIR, plan.params.get("nvidia", ()))
+            return plan, True
+    return _prepare(config, chosen=chosen), False
 
 
 def init(config: Config) -> None:
@@ -391,7 +531,7 @@ def init(config: Config) -> None:
         _pause_at(options, "locked")
         if options.gpu_direct_rdma:
             peermem.advise(config)
-        plan = _prepare(config)
+        plan, adopted = _adopt_or_prepare(config)
         # Bound before the modules load: the kernel reads the GSP firmware through it
         # (firmware_class.path) when a GPU is first opened, during the load already
         # when nvidia-drm's modeset opens it.
@@ -415,12 +555,15 @@ def init(config: Config) -> None:
         try:
             # A stop from here on is the normal one (exit 0), also one that comes while
             # the readiness file is written: held back until it is and its removal is
-            # on the stack.
+            # on the stack, and, after a restart that adopted the driver, until what a
+            # killed run left is swept.
             with signals.deferred():
                 stack.enter_context(rootfs.ready(config, rootfs.readiness_flags(config)))
                 log.info(
                     "NVIDIA driver %s (%s) is up; waiting for a signal", plan.version, plan.flavour
                 )
+                if adopted:
+                    _sweep_after_ready(config, plan.version)
             from nvdriver import watch  # the release feed, D-Bus: once the driver is up
 
             watch.wait(config)  # builds ahead for the next Flatcar release meanwhile

@@ -536,6 +536,7 @@ def without_modules(node: Node, monkeypatch: pytest.MonkeyPatch) -> Node:
 
     plan = types.SimpleNamespace(tree=None, modules=(), params={}, version="x", flavour="open")
     monkeypatch.setattr(lifecycle, "_prepare", lambda config, **_: plan)
+    monkeypatch.setattr(lifecycle, "_adopt_or_prepare", lambda config: (plan, False))
     monkeypatch.setattr(lifecycle, "_stamp_loaded", lambda config, plan: None)
     monkeypatch.setattr(rootfs, "exposed_root", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(loading, "driver_loaded", driver_loaded)

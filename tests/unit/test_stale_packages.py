@@ -44,7 +44,7 @@ def package_in(store: Path, kernel: KernelIdentity, work: Path, tag: str | None 
 
 def plan_of(package: pkg.Package) -> lifecycle.DriverPlan:
     tree = ModuleTree(Path("/nonexistent"), package.manifest.kernel_release)
-    return lifecycle.DriverPlan(VERSION, Flavour.PROPRIETARY, package, tree, ("nvidia",), {})
+    return lifecycle.DriverPlan(VERSION, Flavour.PROPRIETARY, package.path, tree, ("nvidia",), {})
 
 
 def refused(plan: lifecycle.DriverPlan) -> None:
@@ -68,12 +68,12 @@ def test_a_package_the_kernel_refuses_is_stale_and_the_next_one_loads(
     loaded: list[Path] = []
 
     def load(plan: lifecycle.DriverPlan) -> None:
-        if plan.package.path == bad.path:
+        if plan.package == bad.path:
             refused(plan)
-        loaded.append(plan.package.path)
+        loaded.append(plan.package)
 
     result = lifecycle._load_fitting(config, plan_of(bad), load)
-    assert result.package == good and loaded == [good.path]
+    assert result.package == good.path and loaded == [good.path]
     assert asked == [frozenset({bad.path})]
     assert not bad.path.exists()
     assert [p.name.endswith(".stale") for p in bad.path.parent.iterdir()] == [True]

@@ -99,6 +99,20 @@ class Proof:
             log.info("%s changed since its proof was written (%s)", tree, ", ".join(changed))
         return not changed
 
+    def unchanged(self, package: Path, tree: Path) -> bool:
+        """Whether `package`, the core objects and `tree` are the very files this proof
+        names, by their identities alone (a stat of each, nothing read): a restart that
+        adopts the modules loaded from `tree` (lifecycle) reads no package. The manifest
+        digest needs no reading either: it is the one of the file whose identity holds."""
+        try:
+            return (
+                self.is_of(package)
+                and {core: FileIdentity.of(Path(core)) for core in self.cores} == self.cores
+                and _tree_files(tree) == self.tree
+            )
+        except OSError:
+            return False
+
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, indent=2) + "\n"
 
