@@ -95,15 +95,18 @@ def system_bus(host_root: Path, *, extra_policy: str = "") -> Iterator[Path]:
     socket.parent.mkdir(parents=True, exist_ok=True)
     config = host_root / "bus.conf"
     config.write_text(bus_config(socket, extra_policy))
+    # --print-address: written once the daemon listens (the socket file exists from its
+    # bind on, when a connection is still refused).
     proc = subprocess.Popen(
-        [DBUS_DAEMON, "--nofork", "--nopidfile", f"--config-file={config}"],
+        [DBUS_DAEMON, "--nofork", "--nopidfile", "--print-address", f"--config-file={config}"],
         stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        wait_for(lambda: socket.exists() or proc.poll() is not None, "the bus socket")
-        assert proc.poll() is None, (
+        address = proc.stdout.readline() if proc.stdout else ""
+        assert address and proc.poll() is None, (
             f"dbus-daemon exited: {proc.stderr.read() if proc.stderr else ''}"
         )
         yield socket

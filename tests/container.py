@@ -628,11 +628,11 @@ def update_container(
         kernel,
         *update_args,
     ]
-    # One update at a time in a developer cache: `committed_image` checks that an update
-    # left nothing in it, which another one running there (another xdist worker's test
-    # of the same kernel's mirror) would fail.
-    cache = developer_cache(server.mirror)
-    with _locked(cache.with_name(f"{cache.name}.lock")):
+    # One update at a time on this machine: `committed_image` checks that an update left
+    # no loop device of its cache, and the loops' backing files are named as the
+    # containers see them (CACHE_MOUNT/...), the same for every developer cache: another
+    # xdist worker's update, of another kernel's mirror, would look left behind.
+    with _locked(CACHE / "update.lock"):
         try:
             started = time.monotonic()
             if create is None:

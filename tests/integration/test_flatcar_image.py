@@ -382,6 +382,7 @@ def test_cleanup_stale_with_nothing_to_do(tmp_path: Path, caplog: pytest.LogCapt
     try:
         files = sorted(tmp_path.rglob("*"))
         caplog.set_level(logging.DEBUG, logger="nvdriver")
+        caplog.clear()  # the attach above logs too where an earlier test left DEBUG on
         img.cleanup_stale(workdir, backing_dir=cache)
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
         commands = [r.getMessage() for r in caplog.records if r.getMessage().startswith("+ ")]
