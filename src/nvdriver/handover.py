@@ -53,10 +53,6 @@ def users(config: Config, loaded: list[LoadedModule]) -> Users:
     return driver_users(config, loaded, ours=_our_daemons(config))
 
 
-def _references(loaded: list[LoadedModule]) -> list[tuple[str, int, tuple[str, ...]]]:
-    return [(m.name, m.refcnt, m.holders) for m in loaded]
-
-
 def _version(loaded: list[LoadedModule]) -> str:
     return next((m.version for m in loaded if m.name == "nvidia" and m.version), "?")
 
@@ -125,11 +121,10 @@ def wait_until_free(config: Config, wanted: str, *, wait: bool = True) -> None:
                 next_log += LOG_EVERY
             left = None if bound is None else bound - waited
             signals.sleep(POLL if left is None else max(0.0, min(POLL, left)))
-            looked = _references(loaded)
-            loaded = loaded_modules(config, UNLOAD_ORDER)
-            # Every process's open files are read again only when the references changed
-            # (a user that closes its files drops some), and for each log line.
-            if _references(loaded) != looked or clock() >= next_log:
+            looked, loaded = loaded, loaded_modules(config, UNLOAD_ORDER)
+            # Every process's open files are read again only when the modules changed (a
+            # user that closes its files drops references), and for each log line.
+            if loaded != looked or clock() >= next_log:
                 now = users(config, loaded)
                 if not now.busy:
                     log.info(
