@@ -21,6 +21,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import tempfile
 import termios
 import threading
 import time
@@ -82,17 +83,24 @@ class Key:
 
 
 def make_key(work: Path, name: str) -> Key:
-    home = work / f"gnupg-{name}"
-    home.mkdir(parents=True, mode=0o700)
-    gpg = ["gpg", "--batch", "--homedir", str(home), "--passphrase", ""]
-    _run(*gpg, "--quick-gen-key", f"{name} <{name}@fleet.test>", "ed25519", "sign", "never")
-    colons = _run(*gpg, "--with-colons", "--list-keys").stdout.decode()
-    fpr = next(line.split(":")[9] for line in colons.splitlines() if line.startswith("fpr"))
-    secret, public = work / f"{name}.secret.asc", work / f"{name}.public.asc"
-    secret.write_bytes(_run(*gpg, "--pinentry-mode", "loopback", "--armor",
-                            "--export-secret-keys", fpr).stdout)  # fmt: skip
-    public.write_bytes(_run(*gpg, "--armor", "--export", fpr).stdout)
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
+    """A fresh ed25519 signing key, exported armored into `work`.
+
+    The GnuPG home is a short directory of its own: gpg-agent's socket lives in it
+    (no /run/user here), and a socket path longer than 107 bytes (a deep pytest
+    tmp_path under xdist) makes `--quick-gen-key` fail."""
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fleet-gpg-", dir="/tmp") as home:
+        gpg = ["gpg", "--batch", "--homedir", home, "--passphrase", ""]
+        try:
+            _run(*gpg, "--quick-gen-key", f"{name} <{name}@fleet.test>", "ed25519", "sign", "never")
+            colons = _run(*gpg, "--with-colons", "--list-keys").stdout.decode()
+            fpr = next(line.split(":")[9] for line in colons.splitlines() if line.startswith("fpr"))
+            secret, public = work / f"{name}.secret.asc", work / f"{name}.public.asc"
+            secret.write_bytes(_run(*gpg, "--pinentry-mode", "loopback", "--armor",
+                                    "--export-secret-keys", fpr).stdout)  # fmt: skip
+            public.write_bytes(_run(*gpg, "--armor", "--export", fpr).stdout)
+        finally:
+            subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
     return Key(secret, public, fpr)
 
 
