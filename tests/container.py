@@ -61,7 +61,7 @@ from tests.flatcar_mirror import (
     host_suite,
     serve_mirror,
 )
-from tests.leftovers import ours
+from tests.leftovers import loops_of, ours
 from tests.real_build import product_digest
 
 log = logging.getLogger(__name__)
@@ -628,11 +628,10 @@ def update_container(
         kernel,
         *update_args,
     ]
-    # One update at a time on this machine: `committed_image` checks that an update left
-    # no loop device of its cache, and the loops' backing files are named as the
-    # containers see them (CACHE_MOUNT/...), the same for every developer cache: another
-    # xdist worker's update, of another kernel's mirror, would look left behind.
-    with _locked(CACHE / "update.lock"):
+    # One update at a time per developer cache: `committed_image` checks that an update
+    # left no loop device of its cache (another cache's loops are told apart by their
+    # files: `loops_of`).
+    with _locked(developer_cache(server.mirror).with_suffix(".lock")):
         try:
             started = time.monotonic()
             if create is None:
@@ -732,9 +731,13 @@ def committed_image(
 def _left_behind(cache: Path) -> list[str]:
     """What an update with `cache` mounted at CACHE_MOUNT left on this machine: loop devices
     or mounts of the cache, entries of its work directory."""
-    found = ours(cache, f"{CACHE_MOUNT}/")
     work = cache / "work"
-    return [*found["loops"], *found["mounts"], *map(str, work.iterdir() if work.is_dir() else ())]
+    return [
+        *ours(cache)["loops"],
+        *loops_of(cache, CACHE_MOUNT),
+        *ours(cache, f"{CACHE_MOUNT}/")["mounts"],
+        *map(str, work.iterdir() if work.is_dir() else ()),
+    ]
 
 
 def _prune(stem: Path) -> None:

@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 
+def _loops() -> list[dict[str, object]]:
+    out = subprocess.run(
+        ["losetup", "--json", "--output", "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return list(json.loads(out or "{}").get("loopdevices", []))
+
+
+def _identity(loop: dict[str, object]) -> tuple[int, int] | None:
+    """The backing file's (st_dev, st_ino), as losetup reports them."""
+    try:
+        major, minor = str(loop["back-maj:min"]).strip().split(":")
+        return os.makedev(int(major), int(minor)), int(str(loop["back-ino"]))
+    except (KeyError, ValueError):
+        return None
+
+
 def ours(*roots: Path | str) -> dict[str, list[str]]:
     """Loop devices and mounts that lie under (or are backed by files under) any of
-    `roots`. A container's loop device shows its back file as the container names it."""
+    `roots`, as this machine names them."""
     prefixes = tuple(str(root) for root in roots)
-    loops = json.loads(
-        subprocess.run(["losetup", "--json"], capture_output=True, text=True, check=True).stdout
-        or "{}"
-    )
     mounts = json.loads(
         subprocess.run(
             ["findmnt", "--json", "--list", "-o", "TARGET"],
@@ -25,9 +41,26 @@ def ours(*roots: Path | str) -> dict[str, list[str]]:
     )
     return {
         "loops": [
-            d["name"]
-            for d in loops.get("loopdevices", [])
-            if str(d.get("back-file") or "").startswith(prefixes)
+            str(d["name"]) for d in _loops() if str(d.get("back-file") or "").startswith(prefixes)
         ],
         "mounts": [m["target"] for m in mounts["filesystems"] if m["target"].startswith(prefixes)],
     }
+
+
+def loops_of(directory: Path, named: str) -> list[str]:
+    """Loop devices backed by a file under the host's `directory`, which a container had
+    mounted at `named`: losetup shows the back file by the container's name, the same for
+    every directory mounted there, so the file is told by its device and inode. A loop
+    whose file was deleted since is counted too (it can only have been left behind)."""
+    files = {
+        (st.st_dev, st.st_ino)
+        for root, _, names in os.walk(directory)
+        for st in (os.lstat(os.path.join(root, n)) for n in names)
+    }
+    prefix = named.rstrip("/") + "/"
+    return [
+        str(d["name"])
+        for d in _loops()
+        if str(d.get("back-file") or "").startswith(prefix)
+        and (_identity(d) in files or str(d.get("back-file")).endswith("(deleted)"))
+    ]
