@@ -24,8 +24,13 @@ Prints the medians, each ratio to its floor, and the exit codes seen (a run
 that did not reach readiness shows here, not as an assertion: a bench prints
 numbers). Progress lines come from the guest as it works.
 
+Natively, with no guest (the host's speed; no module is loaded, the run stops where
+the kernel would take over): the real package's link path, ours (a first link, which
+verifies everything, and a start whose proof holds) against the floor script up to its
+last `ld -r`. `--native-only` runs only these rows.
+
 Run: .venv/bin/python -m bench.lifecycle [--rounds N] [--kernel RELEASE] [--no-real]
-(the real package is built once per kernel and product version, minutes; it
+[--native-only] (the real package is built once per kernel and product version, minutes; it
 needs what `tests/real_build.py` needs: root, the local Flatcar mirror).
 """
 
@@ -34,9 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,11 +66,14 @@ FLOOR_DIR = "/tmp/bench-floor"  # the guest's own tmpfs
 BASE_MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")  # no nvidia-drm without modeset=1
 
 
-def floor_script(package: Path, source: Path, cache: Path, *, stop_at_nvidia: bool) -> str:
+def floor_script(
+    package: Path, source: Path, cache: Path, *, stop_at_nvidia: bool, links_only: bool = False
+) -> str:
     """Bash that does the package's untar, links and insmods, nothing else.
 
     `stop_at_nvidia`: the real driver without a GPU, where `insmod nvidia.ko` fails
-    (ENODEV) and the modules that need it cannot follow."""
+    (ENODEV) and the modules that need it cannot follow. `links_only`: up to the last
+    `ld -r`, where the kernel would take over (the native rows)."""
     manifest = read_manifest(package)
     flavour_dir = DriverSource.from_config(
         Config.from_env({"NVIDIA_DRIVER_SOURCE": str(source)})
@@ -87,6 +98,8 @@ def floor_script(package: Path, source: Path, cache: Path, *, stop_at_nvidia: bo
         core = str(flavour_dir / entry.core)
         lines.append(shlex.join(link_command(ld, scripts, str(out), str(w / entry.file), core)))
         built[entry.name] = out
+    if links_only:
+        return "set -e\n" + "\n".join(lines) + "\n"
     prerequisites = [*PREREQUISITES, "video"]
     lines.append(shlex.join(["modprobe", "-a", *prerequisites]) + " 2>/dev/null")
     for name in (m for m in MODULE_ORDER if m in built):
@@ -96,6 +109,61 @@ def floor_script(package: Path, source: Path, cache: Path, *, stop_at_nvidia: bo
             break
         lines.append(insmod)
     return "\n".join(lines) + "\n"
+
+
+# Ours on the host: a fresh interpreter running the link path `load` and `init` take
+# (driver/link.py: verify every member, check the core objects, link with the carried
+# linker, depmod, record the proof), up to where the kernel would take over.
+NATIVE_LINK = """
+import sys
+from pathlib import Path
+from nvdriver.config import Config
+from nvdriver.driver.link import link_package
+from nvdriver.driver.source import DriverSource
+package, source, base, release = sys.argv[1:]
+link_package(Path(package), DriverSource.from_config(Config.from_env(
+    {"NVIDIA_DRIVER_SOURCE": source})), Path(base), release=release)
+"""
+
+
+def _timed(argv: Sequence[str]) -> float:
+    started = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def native_link_rows(package: Path, source: Path, rounds: int) -> list[str]:
+    """The real package's link path on this machine, no guest: the floor script up to its
+    last `ld -r` against ours, a first link (the tree's proof absent: everything verified)
+    and a start whose proof holds; median of `rounds`, each round in fresh processes."""
+    release = read_manifest(package).kernel_release
+    floor = floor_script(package, source, Path("/nonexistent"), stop_at_nvidia=True,
+                         links_only=True)  # fmt: skip
+    times: dict[str, list[float]] = {"floor": [], "first": [], "proven": [], "python": []}
+    with tempfile.TemporaryDirectory(prefix="bench-native-") as tmp:
+        script = Path(tmp) / "floor.sh"
+        script.write_text(floor)
+        base = Path(tmp) / "opt"
+        ours = [sys.executable, "-c", NATIVE_LINK, str(package), str(source), str(base), release]
+        for _ in range(rounds):
+            times["floor"].append(_timed(["bash", str(script)]))
+            shutil.rmtree(base, ignore_errors=True)
+            times["first"].append(_timed(ours))
+            times["proven"].append(_timed(ours))
+            times["python"].append(_timed([sys.executable, "-c", "pass"]))
+        shutil.rmtree(FLOOR_DIR, ignore_errors=True)
+    m = {k: statistics.median(v) for k, v in times.items()}
+    size = package.stat().st_size / 2**20
+    return [
+        f"native, real {read_manifest(package).driver_version} package ({size:.1f} MiB), kernel "
+        f"{release}, median of {rounds}:",
+        f"{'  floor: untar, the links (bash)':<46} {m['floor']:7.3f} s",
+        f"{'  ours, first link (verify, link, depmod)':<46} {m['first']:7.3f} s  "
+        f"{m['first'] / m['floor']:6.2f}x  <= 1.2x floor",
+        f"{'  ours, proof holds (a restart)':<46} {m['proven']:7.3f} s  "
+        f"{m['proven'] / m['floor']:6.2f}x",
+        f"{'  python -c pass':<46} {m['python']:7.3f} s",
+    ]
 
 
 GUEST = r"""
@@ -231,11 +299,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel", help="kernel release to boot (default: newest 6.12, else 6.1)")
     parser.add_argument("--no-real", action="store_true", help="skip the real 535 package")
     parser.add_argument("--json", type=Path, help="also write the raw facts here")
+    parser.add_argument(
+        "--native-only", action="store_true", help="only the real package's native link rows"
+    )
     args = parser.parse_args(argv)
     kernel = args.kernel or preferred_kernel()
     if kernel is None:
         print("bench: no kernel pair (image, modules, headers) of 6.12 or 6.1", file=sys.stderr)
         return 1
+    if args.native_only:
+        # The committed real image's package for the kernel when the test bed made one
+        # (as bench/verified_once.py takes it), else a build on this machine (minutes).
+        source = unpack_debian_source("proprietary")
+        committed = sorted(
+            CACHE.glob(
+                f"images/committed-real-{kernel.replace('+', '_')}-*.built/precompiled/*/*.tar.gz"
+            )
+        )
+        if committed:
+            package = committed[-1]
+        else:
+            package = build_real_535(kernel, build_mirror(kernel), source, CACHE).package
+        print("\n".join(native_link_rows(package, source, args.rounds)))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="nvidia-driver-bench-"))
     print(f"bench: kernel {kernel}; work in {work}", flush=True)
     kernel_build = Path("/lib/modules") / kernel / "build"
@@ -253,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (work / "bin" / "nvidia-persistenced").chmod(0o755)
     (work / "params").mkdir()
 
+    native: list[str] = []
     real_floor, subst = "", {"real": "no", "real_source": "", "real_store": "", "real_cache": ""}
     subst["real_version"] = ""
     if not args.no_real:
@@ -266,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Config.from_env({"NVIDIA_DRIVER_SOURCE": str(built.source)})
         )
         real_floor = floor_script(built.package, built.source, built.cache, stop_at_nvidia=True)
+        native = native_link_rows(built.package, built.source, args.rounds)
         subst = {
             "real": "yes",
             "real_source": shlex.quote(str(built.source)),
@@ -304,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(facts, indent=2) + "\n")
     print(f"bench: guest exit {result.returncode}; logs in {logs}")
-    for line in table(facts, args.rounds, not args.no_real):
+    for line in [*table(facts, args.rounds, not args.no_real), *native]:
         print(line)
     return 0 if result.returncode == 0 else 1
 
