@@ -59,7 +59,7 @@ from tests.kernels import header_kernels, kernels_under_test
 
 log = logging.getLogger(__name__)
 
-SCRIPT_VERSION = 3  # bump to invalidate every cache entry
+SCRIPT_VERSION = 4  # bump to invalidate every cache entry
 
 DEFAULT_VERSION = "4152.2.3"
 DEFAULT_BOARD = "amd64-usr"
@@ -494,6 +494,7 @@ def _build_devroot(
         timeout=1800,
     )
     log.info("mmdebstrap %s: %.1f s", kernel_release, time.monotonic() - started)
+    _drop_kernel_image(rootfs, kernel_release)
     build = rootfs / "lib" / "modules" / kernel_release / "build"
     target = os.readlink(build)
     if not (rootfs / target.lstrip("/")).is_dir():
@@ -520,6 +521,20 @@ def _build_devroot(
     )
     flatcar_tree_layout(rootfs, kernel_release)
     second_build(rootfs, kernel_release)
+
+
+def _drop_kernel_image(rootfs: Path, kernel_release: str) -> None:
+    """Remove what a kernel image package put into the root (Debian's 6.12 headers depend
+    on linux-image, 6.1's do not): its modules, vmlinuz, System.map and the initrd that
+    initramfs-tools made. A build uses the kernel tree only (`build/`); these 140 MB are
+    compressed already and would double the 6.12 image's .bz2, and with it every fetch
+    of the tests (minutes under TCG in the guest). Both kernels' roots are alike then."""
+    moddir = rootfs / "usr" / "lib" / "modules" / kernel_release
+    for entry in list(moddir.iterdir()) if moddir.is_dir() else []:
+        if entry.name not in ("build", "source"):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in (rootfs / "boot").glob(f"*-{kernel_release}"):
+        entry.unlink()
 
 
 # The UTS_VERSION of the developer container's kernel tree: Flatcar builds the tree it ships
