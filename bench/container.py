@@ -24,9 +24,11 @@ that no row pays the engine's first start. Both timed rows poll for their file t
 way (engine.sh `until_true`, every 0.2 s), and the engine's own cost is in both: the
 difference is what `init` costs beyond the floor's work.
 
-Prints the medians, the difference and the ratio to the floor container, every
-round's values, the exit codes seen and the guest's kernel (a run that did not reach
-readiness shows here, not as an assertion: a bench prints numbers).
+Prints the medians, the difference and the ratio to the floor container, ours split
+by the time stamps of init's own log (`docker run` to its first line: the engine and
+the interpreter; from there to ready, and of that the package lookup with its kernel
+ABI check), every round's values, the exit codes seen and the guest's kernel (a run
+that did not reach readiness shows here, not as an assertion: a bench prints numbers).
 
 Run: .venv/bin/python -m bench.container [--rounds N] [--kernel RELEASE] [--json FILE]
 (as root; the committed image is taken from the tests' cache, or made once with a
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import shlex
 import statistics
@@ -110,7 +113,7 @@ for r in $(seq $ROUNDS); do
     to_mark floor nvidia-driver-floor "${run[@]}" --entrypoint bash "$IMAGE" -c "$floor"
     progress "round $r: floor container (untar, ld -r, insmod): $last s"
 
-    t=$(now)
+    t=$(now); say ours_start_$r "$t"
     $DOCKER run -d --name nvidia-driver "${run[@]}" "$IMAGE" >/dev/null
     until_true '[ -e $READY ]' 300 nvidia-driver; rc=$?
     last=$(since $t)
@@ -147,6 +150,45 @@ def container_floor(image: CommittedImage) -> str:
             raise RuntimeError(f"the floor script names no {host}:\n{text}")
         text = text.replace(host, inside)
     return f"set -u\n{text}touch {MARK}\n"
+
+
+# Lines of init's log (their UTC time stamps) that split ours: its first line (any), the
+# line before the package lookup (the kernel ABI check), the package chosen, the readiness.
+FIRST = ""
+CHOOSING = "Kernel modules:"
+CHOSEN = "Using the precompiled package"
+READY = "The driver is ready"
+
+
+def init_timeline(logs: Path, facts: dict[str, str], rounds: int) -> None:
+    """Add to `facts`, per round, from the container's log: `docker run` to init's first
+    log line (ours_to_log_R: the engine's start and the interpreter's), that line to the
+    readiness (ours_log_to_ready_R), and the choice of the package (ours_choosing_R)."""
+    for r in range(1, rounds + 1):
+        path = logs / f"ours-{r}.log"
+        start = facts.get(f"ours_start_{r}")
+        if start is None or not path.is_file():
+            continue
+        stamps: dict[str, float] = {}
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                stamp = datetime.datetime.strptime(line[:24], "%Y-%m-%dT%H:%M:%S.%fZ")
+            except ValueError:
+                continue
+            seconds = stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
+            for key in (FIRST, CHOOSING, CHOSEN, READY):
+                if key in line:
+                    stamps.setdefault(key, seconds)
+        spans = {
+            "to_log": (None, FIRST),
+            "log_to_ready": (FIRST, READY),
+            "choosing": (CHOOSING, CHOSEN),
+        }
+        for name, (begin, end) in spans.items():
+            b = float(start) if begin is None else stamps.get(begin)
+            e = stamps.get(end)
+            if b is not None and e is not None:
+                facts[f"ours_{name}_{r}"] = f"{e - b:.2f}"
 
 
 def rounds_of(facts: dict[str, str], key: str, rounds: int) -> list[float]:
@@ -187,6 +229,12 @@ def table(facts: dict[str, str], rounds: int) -> list[str]:
         f"{'engine alone (docker run of touch)':<42} "
         f"{seconds(median(facts, 'engine', rounds)):>15}",
         f"{'floor container to its exit':<42} {seconds(median(facts, 'floor_exit', rounds)):>15}",
+        f"{'ours: docker run to init first log line':<42} {'':>15}  "
+        f"{seconds(median(facts, 'ours_to_log', rounds))}",
+        f"{'ours: init first log line to ready':<42} {'':>15}  "
+        f"{seconds(median(facts, 'ours_log_to_ready', rounds))}",
+        f"{'  of which choosing the package (ABI)':<42} {'':>15}  "
+        f"{seconds(median(facts, 'ours_choosing', rounds))}",
         f"rounds (s): floor container {per_round('floor')} (to exit {per_round('floor_exit')});"
         f" ours {per_round('ours')}; engine alone {per_round('engine')}",
         f"exit codes: ours ready/stop {codes(facts, 'ours_ready_rc', rounds)}/"
@@ -256,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         disk.unlink()  # gigabytes
     facts = facts_of(result.stdout)
+    init_timeline(logs, facts, args.rounds)
     if args.json:
         args.json.write_text(json.dumps(facts, indent=2) + "\n")
     print(f"bench: guest exit {result.returncode}; logs in {logs}")
