@@ -139,9 +139,7 @@ def container_floor(image: CommittedImage) -> str:
     # (the image's is the same generator's, make_standin_run).
     with tempfile.TemporaryDirectory(prefix="nvidia-driver-bench-src-") as tmp:
         source = make_standin_source(Path(tmp) / "src", version=image.driver_version)
-        text = floor_script(
-            image.built_package, source, image.built / "cache", stop_at_nvidia=False
-        )
+        text = floor_script(image.built_package, source, stop_at_nvidia=False)
     for host, inside in (
         (f"{image.built_package}", shlex.quote(image.package)),
         (f"{source}/", '"$NVIDIA_DRIVER_SOURCE"/'),

@@ -54,6 +54,7 @@ from nvdriver.driver.package import read_manifest
 from nvdriver.driver.source import MODULE_ORDER, DriverSource
 from nvdriver.kmod.loading import PREREQUISITES
 from tests.conftest import CACHE, standin_env, unpack_debian_source
+from tests.container import committed_packages
 from tests.flatcar_mirror import build_mirror
 from tests.kernels import preferred_kernel
 from tests.real_build import build_real_535
@@ -67,7 +68,7 @@ BASE_MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")  # no nvidia-drm witho
 
 
 def floor_script(
-    package: Path, source: Path, cache: Path, *, stop_at_nvidia: bool, links_only: bool = False
+    package: Path, source: Path, *, stop_at_nvidia: bool, links_only: bool = False
 ) -> str:
     """Bash that does the package's untar, links and insmods, nothing else.
 
@@ -136,9 +137,9 @@ def native_link_rows(package: Path, source: Path, rounds: int) -> list[str]:
     """The real package's link path on this machine, no guest: the floor script up to its
     last `ld -r` against ours, a first link (the tree's proof absent: everything verified)
     and a start whose proof holds; median of `rounds`, each round in fresh processes."""
-    release = read_manifest(package).kernel_release
-    floor = floor_script(package, source, Path("/nonexistent"), stop_at_nvidia=True,
-                         links_only=True)  # fmt: skip
+    manifest = read_manifest(package)
+    release = manifest.kernel_release
+    floor = floor_script(package, source, stop_at_nvidia=True, links_only=True)
     times: dict[str, list[float]] = {"floor": [], "first": [], "proven": [], "python": []}
     with tempfile.TemporaryDirectory(prefix="bench-native-") as tmp:
         script = Path(tmp) / "floor.sh"
@@ -155,7 +156,7 @@ def native_link_rows(package: Path, source: Path, rounds: int) -> list[str]:
     m = {k: statistics.median(v) for k, v in times.items()}
     size = package.stat().st_size / 2**20
     return [
-        f"native, real {read_manifest(package).driver_version} package ({size:.1f} MiB), kernel "
+        f"native, real {manifest.driver_version} package ({size:.1f} MiB), kernel "
         f"{release}, median of {rounds}:",
         f"{'  floor: untar, the links (bash)':<46} {m['floor']:7.3f} s",
         f"{'  ours, first link (verify, link, depmod)':<46} {m['first']:7.3f} s  "
@@ -311,11 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The committed real image's package for the kernel when the test bed made one
         # (as bench/verified_once.py takes it), else a build on this machine (minutes).
         source = unpack_debian_source("proprietary")
-        committed = sorted(
-            CACHE.glob(
-                f"images/committed-real-{kernel.replace('+', '_')}-*.built/precompiled/*/*.tar.gz"
-            )
-        )
+        committed = committed_packages("real", kernel)
         if committed:
             package = committed[-1]
         else:
@@ -352,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         real_source = DriverSource.from_config(
             Config.from_env({"NVIDIA_DRIVER_SOURCE": str(built.source)})
         )
-        real_floor = floor_script(built.package, built.source, built.cache, stop_at_nvidia=True)
+        real_floor = floor_script(built.package, built.source, stop_at_nvidia=True)
         native = native_link_rows(built.package, built.source, args.rounds)
         subst = {
             "real": "yes",
@@ -365,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.mkdir()
     script = logs / "bench.sh"
     body = GUEST.format(lib=LIB, floor_dir=FLOOR_DIR, rounds=args.rounds, **subst)
-    standin_floor = floor_script(package, source, work / "cache", stop_at_nvidia=False)
+    standin_floor = floor_script(package, source, stop_at_nvidia=False)
     script.write_text(_functions(standin_floor, real_floor) + body)
     guest_env = {
         "PY": sys.executable,

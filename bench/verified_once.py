@@ -29,14 +29,15 @@ from nvdriver.driver import proof
 from nvdriver.driver.link import link_package
 from nvdriver.driver.package import read_manifest
 from nvdriver.driver.source import DriverSource
-from tests.conftest import CACHE, unpack_debian_source
+from tests.conftest import unpack_debian_source
+from tests.container import committed_packages
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    packages = sorted(CACHE.glob("images/committed-real-*.built/precompiled/*/*.tar.gz"))
+    packages = committed_packages("real")
     if not packages:
         sys.exit("No real 535 package: run the real-driver tests first (tests/real_build.py).")
     package = packages[-1]

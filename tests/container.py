@@ -126,6 +126,13 @@ class CommittedImage:
         return _built_package(self.built, self.kernel, self.package)
 
 
+def committed_packages(variant: Variant, kernel: str | None = None) -> list[Path]:
+    """The packages of the cached committed images of `variant` (of `kernel`, else of
+    every kernel): the copies `committed_image` keeps beside each image, for the benches."""
+    tag = "*" if kernel is None else _tag(kernel)
+    return sorted(CACHE.glob(f"committed-{variant}-{tag}-*.built/precompiled/*/*.tar.gz"))
+
+
 def _built_package(built: Path, kernel: str, package: str) -> Path:
     """Where the copy of the update's package lies: the store layout, KERNEL/PACKAGE."""
     return built / "precompiled" / kernel / PurePosixPath(package).name
@@ -631,7 +638,8 @@ def update_container(
     # One update at a time per developer cache: `committed_image` checks that an update
     # left no loop device of its cache (another cache's loops are told apart by their
     # files: `loops_of`).
-    with _locked(developer_cache(server.mirror).with_suffix(".lock")):
+    cache = developer_cache(server.mirror)
+    with _locked(cache.with_name(f"{cache.name}.lock")):
         try:
             started = time.monotonic()
             if create is None:
@@ -733,7 +741,6 @@ def _left_behind(cache: Path) -> list[str]:
     or mounts of the cache, entries of its work directory."""
     work = cache / "work"
     return [
-        *ours(cache)["loops"],
         *loops_of(cache, CACHE_MOUNT),
         *ours(cache, f"{CACHE_MOUNT}/")["mounts"],
         *map(str, work.iterdir() if work.is_dir() else ()),

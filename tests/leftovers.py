@@ -48,19 +48,19 @@ def ours(*roots: Path | str) -> dict[str, list[str]]:
 
 
 def loops_of(directory: Path, named: str) -> list[str]:
-    """Loop devices backed by a file under the host's `directory`, which a container had
-    mounted at `named`: losetup shows the back file by the container's name, the same for
-    every directory mounted there, so the file is told by its device and inode. A loop
-    whose file was deleted since is counted too (it can only have been left behind)."""
+    """Loop devices backed by a file under the host's `directory`, also where a container
+    had it mounted at `named`: losetup shows such a back file by the container's name, the
+    same for every directory mounted there, so that file is told by its device and inode.
+    A loop whose file was deleted since is counted too (it can only have been left behind)."""
     files = {
         (st.st_dev, st.st_ino)
         for root, _, names in os.walk(directory)
         for st in (os.lstat(os.path.join(root, n)) for n in names)
     }
-    prefix = named.rstrip("/") + "/"
+    host, container = str(directory).rstrip("/") + "/", named.rstrip("/") + "/"
     return [
         str(d["name"])
         for d in _loops()
-        if str(d.get("back-file") or "").startswith(prefix)
-        and (_identity(d) in files or str(d.get("back-file")).endswith("(deleted)"))
+        if (back := str(d.get("back-file") or "")).startswith(host)
+        or (back.startswith(container) and (_identity(d) in files or back.endswith("(deleted)")))
     ]
