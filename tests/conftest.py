@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,17 @@ DEBIAN_SOURCES = {
     "open": Path("/usr/src/nvidia-open-kernel.tar.xz"),
 }
 TOOL = Path(sys.executable).parent / "nvidia-driver"
+# The product's default cache: a test gives every command a cache of its own.
+MACHINE_CACHE = Path("/var/cache/nvidia-driver")
+
+
+@pytest.fixture(autouse=True)
+def _machine_cache_untouched() -> Iterator[None]:
+    """No test writes into this machine's own cache (a Config made without
+    NVIDIA_DRIVER_CACHE would): it would outlive the test and be shared by all."""
+    before = MACHINE_CACHE.exists()
+    yield
+    assert before or not MACHINE_CACHE.exists(), f"a test made {MACHINE_CACHE}"
 
 
 def need(condition: bool, reason: str) -> None:

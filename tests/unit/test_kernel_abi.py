@@ -32,7 +32,12 @@ def host_with_modules(tmp_path: Path, kernel: str, *, tree: bool) -> Config:
     (moddir / "kernel").symlink_to(real_modules(kernel) / "kernel")
     if tree:
         (moddir / "build").symlink_to(real_modules(kernel) / "build")
-    return Config.from_env({"HOST_ROOT": str(tmp_path / "host")})
+    (tmp_path / "host" / "proc").mkdir()
+    (tmp_path / "host" / "proc" / "version").write_text(f"Linux version {kernel} (this build)\n")
+    (moddir / "modules.dep").write_text("kernel/drivers/block/loop.ko:\n")
+    return Config.from_env(
+        {"HOST_ROOT": str(tmp_path / "host"), "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache")}
+    )
 
 
 def package_kernel(kernel: str, **changed_crcs: int) -> KernelIdentity:
@@ -172,18 +177,78 @@ def test_an_unsigned_module_that_only_taints_is_no_signature_refusal() -> None:
     assert "signature" not in error.message
 
 
+def every_module(kernel: str) -> int:
+    tree = real_modules(kernel) / "kernel"
+    return sum(1 for p in tree.rglob("*") if p.name.endswith(MODULE_SUFFIXES))
+
+
 def test_host_modules_are_read_once_and_within_the_budget(kernel: str, tmp_path: Path) -> None:
     """A symbol no host module imports would cost a read of every module (4,000 here, at
     every start): reading stops at the budget, and what was read is not read again."""
     config = host_with_modules(tmp_path, kernel, tree=False)
-    tree = real_modules(kernel) / "kernel"
-    every = sum(1 for p in tree.rglob("*") if p.name.endswith(MODULE_SUFFIXES))
-    whole = RunningAbi(config, kernel, budget=float("inf"))
+    every = every_module(kernel)
+    whole = RunningAbi(config, kernel, budget=float("inf"), keep=False)
     assert whole.crcs(["no_such_symbol_anywhere"]) == {}
     assert whole.modules_read == every
-    bounded = RunningAbi(config, kernel, budget=0.2)
+    bounded = RunningAbi(config, kernel, budget=0.2, keep=False)
     assert bounded.crcs(["no_such_symbol_anywhere"]) == {}
     assert 0 < bounded.modules_read < every
     read = bounded.modules_read
     assert bounded.crcs(["_printk", "another_missing_symbol"]).keys() == {"_printk"}
     assert bounded.modules_read == read, "spent: nothing more is read"
+
+
+def test_the_next_command_goes_on_where_the_last_stopped_and_then_reads_nothing(
+    kernel: str, tmp_path: Path
+) -> None:
+    """What a command read of the host modules is kept in the node's cache: the next one
+    reads only the modules not read yet, and once all are read, a symbol that no host
+    module imports is known to be nowhere without reading any."""
+    config = host_with_modules(tmp_path, kernel, tree=False)
+    every = every_module(kernel)
+    package = package_kernel(kernel, no_such_symbol_anywhere=0x1234)
+    first = RunningAbi(config, kernel, budget=0.2)
+    verdict = first.fit(package)
+    assert verdict.fits and 0 < first.modules_read < every
+    reads = [first.modules_read]
+    while sum(reads) < every:
+        command = RunningAbi(config, kernel, budget=0.5)
+        assert str(command.fit(package)) == str(verdict), "the same evidence, kept or read"
+        assert command.modules_read > 0, "goes on where the last one stopped"
+        reads.append(command.modules_read)
+        assert len(reads) < every, "no progress"
+    assert sum(reads) == every, "each module read once over all the commands"
+    done = RunningAbi(config, kernel, budget=0.0)
+    assert done.fit(package).checked == verdict.checked and done.modules_read == 0
+    assert done.crcs(["another_missing_symbol", "_printk"]).keys() == {"_printk"}
+    assert [p.name for p in (config.cache_dir / "kernel-abi").iterdir()] == [f"{kernel}.json"]
+
+
+@pytest.mark.parametrize("change", ["kernel-build", "modules", "corrupt", "unwritable"])
+def test_what_was_kept_is_used_only_for_the_same_kernel_build_and_modules(
+    kernel: str, tmp_path: Path, change: str
+) -> None:
+    """Another kernel build (another /proc/version: Flatcar's update with the same release),
+    other module files (modules.dep rewritten) or a kept file that cannot be read: the
+    modules are read again, and a correct verdict comes out. An unwritable cache keeps
+    nothing and costs nothing but the reading."""
+    config = host_with_modules(tmp_path, kernel, tree=False)
+    package = package_kernel(kernel)
+    index = config.cache_dir / "kernel-abi" / f"{kernel}.json"
+    if change == "unwritable":
+        config.cache_dir.mkdir()
+        config.cache_dir.chmod(0o500)  # root ignores modes: a file where the directory goes
+        (config.cache_dir / "kernel-abi").write_text("not a directory")
+    first = RunningAbi(config, kernel)
+    assert first.fit(package).fits and first.modules_read > 0
+    if change == "kernel-build":
+        config.host("/proc/version").write_text(f"Linux version {kernel} (another build)\n")
+    elif change == "modules":
+        (config.host("/lib/modules") / kernel / "modules.dep").write_text("rewritten:\n")
+    elif change == "corrupt":
+        index.write_text(index.read_text()[:100])
+    else:
+        assert not index.exists()
+    again = RunningAbi(config, kernel)
+    assert again.fit(package).fits
+    assert again.modules_read == first.modules_read, "read again, the same modules"

@@ -16,6 +16,12 @@ the running kernel's are read here, without loading anything, from:
    seconds each start), and one agreeing CRC of a core symbol is already strong evidence
    (a rebuild with another configuration changes the CRCs of the structures it changed).
 
+What the host modules gave is kept in the node's cache (`kernel-abi/RELEASE.json`), for this
+very kernel build (its `/proc/version`) and modules (`modules.dep`'s identity): the next
+command goes on reading where the last one stopped, and once every module has been read, a
+symbol that no host module imports is known to be nowhere at once. Only the first starts
+after a kernel update spend the budget.
+
 A package fits when its release is the running one, its vermagic equals the host
 modules' (when one could be read) and every CRC the node could read agrees. Symbols
 the node finds nowhere are left to the kernel's own check at load; a refusal there
@@ -26,12 +32,14 @@ another build than the kernel it boots (docs/package.md).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from nvdriver.atomic import write_atomically
 from nvdriver.config import Config
 from nvdriver.host import KernelIdentity
 from nvdriver.kmod.modversions import MODULE_SUFFIXES, NotAModule, read_module, read_symvers
@@ -44,6 +52,9 @@ log = logging.getLogger(__name__)
 _FIRST = ("kernel/drivers/gpu/drm/", "kernel/drivers/gpu", "kernel/drivers/video")
 # Seconds of reading host modules per command, at most (see the module's docstring).
 SCAN_BUDGET = 3.0
+# The kept scans' directory in the cache, and their format.
+INDEX_DIRECTORY = "kernel-abi"
+_INDEX_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +73,24 @@ class RunningAbi:
     """The running kernel's vermagic and symbol CRCs, as far as the node can read them;
     one per command (what was read once is kept)."""
 
-    def __init__(self, config: Config, release: str, *, budget: float = SCAN_BUDGET) -> None:
+    def __init__(
+        self, config: Config, release: str, *, budget: float = SCAN_BUDGET, keep: bool = True
+    ) -> None:
         self.release = release
         self.directory = config.host("/lib/modules") / release
-        self._crcs: dict[str, int] = {}
+        self._crcs: dict[str, int] = {}  # from the build tree, then from host modules
+        self._scanned: dict[str, int] = {}  # from host modules only: what is kept
         self._vermagic: str | None = None
         self._started = False
         self._files: Iterator[Path] = iter(())
         self._budget = budget  # seconds of reading left
-        self.modules_read = 0
+        self.modules_read = 0  # by this command
+        # The kept scan: where, for which kernel build and modules, how far it got.
+        self._index = config.cache_dir / INDEX_DIRECTORY / f"{release}.json" if keep else None
+        self._proc_version = config.host("/proc/version")
+        self._position = 0  # module files consumed, in _module_files' order
+        self._complete = False  # every module file was consumed
+        self._kept_at = 0  # _position when last kept
 
     def _start(self) -> None:
         if self._started:
@@ -84,6 +104,71 @@ class RunningAbi:
         else:
             log.debug("Read the running kernel's CRCs from %s", symvers)
         self._files = self._module_files()
+        self._resume()
+
+    def _identity(self) -> dict[str, object] | None:
+        """What the kept scan is valid for: this kernel build and these module files."""
+        try:
+            version = self._proc_version.read_text().strip()
+            dep = self.directory / "modules.dep"
+            st = (dep if dep.exists() else self.directory).stat()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return {
+            "format": _INDEX_FORMAT,
+            "kernel": version,
+            "modules": [str(self.directory), st.st_ino, st.st_size, st.st_mtime_ns],
+        }
+
+    def _resume(self) -> None:
+        """Take what an earlier command read of these very modules, and skip those files."""
+        if self._index is None:
+            return
+        try:
+            kept = json.loads(self._index.read_bytes())
+            if kept["identity"] != self._identity():
+                return
+            crcs = {str(n): int(c) for n, c in kept["crcs"].items()}
+            vermagic, position = kept["vermagic"], int(kept["position"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # none kept, another kernel's, or unreadable: read the modules
+        self._scanned.update(crcs)
+        for name, crc in crcs.items():
+            self._crcs.setdefault(name, crc)
+        self._vermagic = vermagic if isinstance(vermagic, str) else None
+        self._position = self._kept_at = position
+        if kept.get("complete") is True:
+            self._complete = True
+            self._files = iter(())
+        else:
+            for _ in range(position):
+                next(self._files, None)
+        log.debug("Took %d host modules' CRCs from %s", position, self._index)
+
+    def _keep(self) -> None:
+        """Keep what was read for the next command (best effort: a cache, never needed)."""
+        if self._index is None or self._position == self._kept_at:
+            return
+        identity = self._identity()
+        if identity is None:
+            return
+        kept = {
+            "identity": identity,
+            "vermagic": self._vermagic,
+            "position": self._position,
+            "complete": self._complete,
+            "crcs": self._scanned,
+        }
+        try:
+            self._index.parent.mkdir(parents=True, exist_ok=True)
+            for other in self._index.parent.glob("*.json"):  # only the running kernel's
+                if other != self._index:
+                    other.unlink(missing_ok=True)
+            write_atomically(self._index, json.dumps(kept, separators=(",", ":")).encode())
+        except OSError as e:
+            log.debug("Not keeping the host modules' CRCs in %s: %s", self._index, e)
+            return
+        self._kept_at = self._position
 
     def _module_files(self) -> Iterator[Path]:
         """Every module file once: those of _FIRST in its order, then the rest."""
@@ -103,10 +188,10 @@ class RunningAbi:
     def _read_next(self) -> bool:
         """Read one more host module into what is known; False when none is left or the
         reading budget is spent."""
+        if self._budget <= 0:
+            return False
         for path in self._files:
-            if self._budget <= 0:
-                log.debug("Stopped reading host modules after %d", self.modules_read)
-                return False
+            self._position += 1
             started = time.monotonic()
             try:
                 facts = read_module(path)
@@ -117,26 +202,32 @@ class RunningAbi:
                 self._budget -= time.monotonic() - started
             self.modules_read += 1
             for name, crc in facts.versions.items():
+                self._scanned.setdefault(name, crc)
                 self._crcs.setdefault(name, crc)
             if self._vermagic is None:
                 self._vermagic = facts.vermagic
+            if self._budget <= 0:
+                log.debug("Stopped reading host modules after %d", self.modules_read)
             return True
+        self._complete = True
         return False
 
     def vermagic(self) -> str | None:
         """The running kernel's vermagic: that of its own modules (the kernel refuses any
         other), None when no host module can be read."""
         self._start()
-        while self._vermagic is None and self._read_next():
+        while self._vermagic is None and not self._complete and self._read_next():
             pass
+        self._keep()
         return self._vermagic
 
     def crcs(self, names: Iterable[str]) -> dict[str, int]:
         """The running kernel's CRCs of `names`, those the node can find."""
         self._start()
         wanted = set(names)
-        while not wanted <= self._crcs.keys() and self._read_next():
+        while not wanted <= self._crcs.keys() and not self._complete and self._read_next():
             pass
+        self._keep()
         return {n: self._crcs[n] for n in wanted if n in self._crcs}
 
     def fit(self, kernel: KernelIdentity) -> Fit:
