@@ -61,8 +61,11 @@ step() {
 
 step 1
 cp "$BAD" "$PRECOMPILED_DIR/$K/"
-# No evidence: the host's build tree (through its link) and modules hidden.
+# No evidence: the host's build tree (through its link) and modules hidden, and what step 1
+# kept of them in the node's cache (a node whose first start sees no modules).
+say kept_before "$(ls "$NVIDIA_DRIVER_CACHE/kernel-abi" 2>/dev/null | paste -sd, -)"
 mount -t tmpfs tmpfs "/lib/modules/$K/build" && mount -t tmpfs tmpfs "/lib/modules/$K/kernel"
+rm -rf "$NVIDIA_DRIVER_CACHE/kernel-abi"
 say hidden "$(find "/lib/modules/$K/build/" "/lib/modules/$K/kernel/" -type f | wc -l)"
 step 2
 step 3
@@ -131,6 +134,7 @@ def test_a_package_for_another_abi_is_never_loaded_and_is_replaced_once(
     assert (facts["load1_refusals"], facts["load1_stale"]) == ("0", "1"), explain
     assert facts["load1_modules"] == "nvidia,nvidia_modeset,nvidia_uvm"
     # 2: no evidence; the kernel refused the bad copy once; the good one loaded.
+    assert facts["kept_before"] == f"{guest.kernel}.json", "step 1 kept the vermagic it read"
     assert facts["hidden"] == "0", explain
     assert facts["load2_rc"] == "0", log.get(2, "") + explain
     assert "the kernel's own check at load decides" in log[2], log[2]
