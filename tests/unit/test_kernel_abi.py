@@ -252,3 +252,17 @@ def test_what_was_kept_is_used_only_for_the_same_kernel_build_and_modules(
     again = RunningAbi(config, kernel)
     assert again.fit(package).fits
     assert again.modules_read == first.modules_read, "read again, the same modules"
+
+
+def test_modules_read_in_threads_give_what_one_thread_reads(kernel: str, tmp_path: Path) -> None:
+    """The host modules are read a few at a time in parallel threads: every module once,
+    the same CRCs and vermagic as one thread reading them in order; a file that is no
+    module is passed over in any thread."""
+    config = host_with_modules(tmp_path, kernel, tree=False)
+    (config.host("/lib/modules") / kernel / "extra").mkdir()
+    (config.host("/lib/modules") / kernel / "extra" / "broken.ko").write_bytes(b"not ELF")
+    one = RunningAbi(config, kernel, budget=float("inf"), keep=False, threads=1)
+    many = RunningAbi(config, kernel, budget=float("inf"), keep=False, threads=4)
+    assert one.crcs(["-"]) == many.crcs(["-"]) == {}
+    assert one._crcs == many._crcs and one.vermagic() == many.vermagic() is not None
+    assert one.modules_read == many.modules_read == every_module(kernel)

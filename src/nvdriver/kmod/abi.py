@@ -32,9 +32,11 @@ another build than the kernel it boots (docs/package.md).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,7 +44,13 @@ from pathlib import Path
 from nvdriver.atomic import write_atomically
 from nvdriver.config import Config
 from nvdriver.host import KernelIdentity
-from nvdriver.kmod.modversions import MODULE_SUFFIXES, NotAModule, read_module, read_symvers
+from nvdriver.kmod.modversions import (
+    MODULE_SUFFIXES,
+    ModuleFacts,
+    NotAModule,
+    read_module,
+    read_symvers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,10 @@ log = logging.getLogger(__name__)
 _FIRST = ("kernel/drivers/gpu/drm/", "kernel/drivers/gpu", "kernel/drivers/video")
 # Seconds of reading host modules per command, at most (see the module's docstring).
 SCAN_BUDGET = 3.0
+# Threads that read host modules at once (at most; one per CPU this process may use), and
+# the modules each reads per batch (the budget is checked between batches).
+READ_THREADS = 8
+_PER_THREAD = 4
 # The kept scans' directory in the cache, and their format.
 INDEX_DIRECTORY = "kernel-abi"
 _INDEX_FORMAT = 1
@@ -74,7 +86,13 @@ class RunningAbi:
     one per command (what was read once is kept)."""
 
     def __init__(
-        self, config: Config, release: str, *, budget: float = SCAN_BUDGET, keep: bool = True
+        self,
+        config: Config,
+        release: str,
+        *,
+        budget: float = SCAN_BUDGET,
+        keep: bool = True,
+        threads: int = READ_THREADS,
     ) -> None:
         self.release = release
         self.directory = config.host("/lib/modules") / release
@@ -85,6 +103,7 @@ class RunningAbi:
         self._files: Iterator[Path] = iter(())
         self._budget = budget  # seconds of reading left
         self.modules_read = 0  # by this command
+        self._threads = max(1, min(threads, len(os.sched_getaffinity(0))))
         # The kept scan: where, for which kernel build and modules, how far it got.
         self._index = config.cache_dir / INDEX_DIRECTORY / f"{release}.json" if keep else None
         self._proc_version = config.host("/proc/version")
@@ -186,31 +205,32 @@ class RunningAbi:
                         yield path
 
     def _read_next(self) -> bool:
-        """Read one more host module into what is known; False when none is left or the
+        """Read the next few host modules (in parallel threads: xz and zlib decoding let go
+        of the interpreter's lock) into what is known; False when none is left or the
         reading budget is spent."""
         if self._budget <= 0:
             return False
-        for path in self._files:
-            self._position += 1
-            started = time.monotonic()
-            try:
-                facts = read_module(path)
-            except (OSError, NotAModule) as e:
-                log.debug("Not reading %s: %s", path, e)
+        batch = list(itertools.islice(self._files, self._threads * _PER_THREAD))
+        if not batch:
+            self._complete = True
+            return False
+        started = time.monotonic()
+        read = _read_modules(batch, self._threads)
+        self._budget -= time.monotonic() - started
+        self._position += len(batch)
+        for path, facts in zip(batch, read, strict=True):
+            if isinstance(facts, Exception):
+                log.debug("Not reading %s: %s", path, facts)
                 continue
-            finally:
-                self._budget -= time.monotonic() - started
             self.modules_read += 1
             for name, crc in facts.versions.items():
                 self._scanned.setdefault(name, crc)
                 self._crcs.setdefault(name, crc)
             if self._vermagic is None:
                 self._vermagic = facts.vermagic
-            if self._budget <= 0:
-                log.debug("Stopped reading host modules after %d", self.modules_read)
-            return True
-        self._complete = True
-        return False
+        if self._budget <= 0:
+            log.debug("Stopped reading host modules after %d", self.modules_read)
+        return True
 
     def vermagic(self) -> str | None:
         """The running kernel's vermagic: that of its own modules (the kernel refuses any
@@ -268,3 +288,25 @@ class RunningAbi:
             "agree with the running kernel's" + (rest if unread else ""),
             len(found),
         )
+
+
+def _read_modules(paths: list[Path], threads: int) -> list[ModuleFacts | Exception]:
+    """`read_module` of each path, in up to `threads` threads (each a stride of `paths`,
+    the first in this one); a module that cannot be read gives its error, in its place."""
+    threads = max(1, min(threads, len(paths)))
+    read: list[ModuleFacts | Exception] = [NotAModule("not read")] * len(paths)
+
+    def work(first: int) -> None:
+        for i in range(first, len(paths), threads):
+            try:
+                read[i] = read_module(paths[i])
+            except (OSError, NotAModule) as e:
+                read[i] = e
+
+    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, threads)]
+    for worker in workers:
+        worker.start()
+    work(0)
+    for worker in workers:
+        worker.join()
+    return read
