@@ -4,6 +4,8 @@ the others online for the command, no kernel code patched when one comes online.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from .conftest import Guest
 from .guest import (
     GUEST_MODULES,
     GuestError,
+    GuestResult,
     GuestTimeout,
     _command_script,
     _module_name,
@@ -153,89 +156,130 @@ def test_changes_lists_each_changed_run_of_bytes() -> None:
 # --- booting a guest ---------------------------------------------------------
 
 
-def test_guest_runs_the_booted_kernel(guest: Guest) -> None:
-    result = guest(["sh", "-c", "uname -r; echo vmguest-kmsg-marker >/dev/kmsg"])
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == guest.kernel
-    assert f"Linux version {guest.kernel}" in result.console
-    assert "vmguest-kmsg-marker" in result.console
+# One boot per kernel runs the command of every test below (a boot is most of each one's
+# time under TCG): each part prints a marker line on both streams and its exit status,
+# and each test reads its own part. The command as a whole exits 3.
+ONE_BOOT = r"""
+part() { echo "== $1"; echo "== $1" >&2; }
+rc() { echo "rc=$?"; }
+echo vmguest-kmsg-marker >/dev/kmsg
+part uname; uname -r; rc
+part env
+cat from-host; echo "$GREETING" >from-guest; pwd; echo "pytest=${PYTEST_CURRENT_TEST:-unset}"
+echo scratch >/etc/vmguest-scratch && cat /etc/vmguest-scratch; rc
+part modprobe; modprobe dummy && grep '^dummy ' /proc/modules; rc
+part loop
+mkdir -p /mnt/img && mount -o loop,ro fs.img /mnt/img && cat /mnt/img/hello.txt &&
+    grep -oE '^(loop|ext4) ' /proc/modules | sort && umount /mnt/img; rc
+part python; "$PY" -c 'import nvdriver, sys; print(nvdriver.__file__); print(sys.prefix)'; rc
+part cpus; nproc; cat /sys/devices/system/cpu/online /proc/cmdline; rc
+part streams; echo to-out; echo to-err >&2; exit 3
+"""
 
 
-def test_exit_status_and_separate_streams(guest: Guest) -> None:
-    result = guest(["sh", "-c", "echo to-out; echo to-err >&2; exit 3"])
-    assert result.returncode == 3
-    assert result.stdout == "to-out\n"
-    assert result.stderr == "to-err\n"
+@dataclasses.dataclass(frozen=True)
+class OneBoot:
+    result: GuestResult
+    share: Path
+
+    def part(self, name: str, *, stream: str = "stdout") -> list[str]:
+        """The lines of part `name` on `stream`, its `rc=` line last (stdout)."""
+        lines = getattr(self.result, stream).splitlines()
+        marker = f"== {name}"
+        assert marker in lines, f"no part {name}:\n{self.result.stdout}\n{self.result.stderr}"
+        after = lines[lines.index(marker) + 1 :]
+        return list(itertools.takewhile(lambda line: not line.startswith("== "), after))
+
+    def succeeded(self, name: str) -> list[str]:
+        """The output of part `name`, which must have exited 0."""
+        *output, rc = self.part(name)
+        assert rc == "rc=0", (
+            f"part {name}: {rc}\n{self.result.stderr}\n{self.result.console[-2000:]}"
+        )
+        return output
 
 
-def test_env_cwd_and_rw_share(guest: Guest, tmp_path: Path) -> None:
-    (tmp_path / "from-host").write_text("host data\n")
-    script = (
-        'cat from-host; echo "$GREETING" >from-guest; pwd; '
-        'echo "pytest=${PYTEST_CURRENT_TEST:-unset}"; '
-        "echo scratch >/etc/vmguest-scratch && cat /etc/vmguest-scratch"
+@pytest.fixture(scope="module")
+def one_boot(guest_kernel: str, tmp_path_factory: pytest.TempPathFactory) -> OneBoot:
+    share = tmp_path_factory.mktemp("one-boot")
+    (share / "from-host").write_text("host data\n")
+    content = share / "content"
+    content.mkdir()
+    (content / "hello.txt").write_text("inside ext4\n")
+    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
+    subprocess.run(
+        [
+            mkfs,
+            "-q",
+            "-F",
+            "-T",
+            "default",
+            "-b",
+            "4096",
+            "-d",
+            str(content),
+            str(share / "fs.img"),
+            "8M",
+        ],
+        check=True,
     )
-    result = guest(
-        ["sh", "-c", script],
-        env={"GREETING": "hello from the guest"},
-        shares={str(tmp_path): tmp_path},
-        cwd=str(tmp_path),
+    # The interpreter running pytest (the venv's), by absolute path: shims are slow.
+    result = Guest(guest_kernel)(
+        ["sh", "-c", ONE_BOOT],
+        env={"GREETING": "hello from the guest", "PY": sys.executable},
+        shares={str(share): share},
+        cwd=str(share),
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    return OneBoot(result, share)
+
+
+def test_guest_runs_the_booted_kernel(one_boot: OneBoot, guest: Guest) -> None:
+    assert one_boot.succeeded("uname") == [guest.kernel]
+    assert f"Linux version {guest.kernel}" in one_boot.result.console
+    assert "vmguest-kmsg-marker" in one_boot.result.console
+
+
+def test_exit_status_and_separate_streams(one_boot: OneBoot) -> None:
+    assert one_boot.result.returncode == 3
+    assert one_boot.part("streams") == ["to-out"]
+    assert one_boot.part("streams", stream="stderr") == ["to-err"]
+    assert one_boot.result.stdout.endswith("== streams\nto-out\n")
+    assert one_boot.result.stderr.endswith("== streams\nto-err\n")
+
+
+def test_env_cwd_and_rw_share(one_boot: OneBoot) -> None:
+    assert one_boot.succeeded("env") == [
         "host data",
-        str(tmp_path),
+        str(one_boot.share),
         "pytest=unset",
         "scratch",
     ]
-    assert (tmp_path / "from-guest").read_text() == "hello from the guest\n"
+    assert (one_boot.share / "from-guest").read_text() == "hello from the guest\n"
     # The guest's root is an overlay: its writes never reach the host.
     assert not Path("/etc/vmguest-scratch").exists()
 
 
-def test_modprobe_loads_a_real_module(guest: Guest) -> None:
-    result = guest(["sh", "-c", "modprobe dummy && grep '^dummy ' /proc/modules"])
-    assert result.returncode == 0, result.stderr + result.console[-2000:]
-    assert result.stdout.startswith("dummy ")
+def test_modprobe_loads_a_real_module(one_boot: OneBoot) -> None:
+    (line,) = one_boot.succeeded("modprobe")
+    assert line.startswith("dummy ")
 
 
-def test_loop_mount_autoloads_loop_and_ext4(guest: Guest, tmp_path: Path) -> None:
-    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
-    content = tmp_path / "content"
-    content.mkdir()
-    (content / "hello.txt").write_text("inside ext4\n")
-    image = tmp_path / "fs.img"
-    subprocess.run(
-        [mkfs, "-q", "-F", "-T", "default", "-b", "4096", "-d", str(content), str(image), "8M"],
-        check=True,
-    )
-    script = (
-        "mkdir -p /mnt/img && mount -o loop,ro fs.img /mnt/img && cat /mnt/img/hello.txt && "
-        "grep -oE '^(loop|ext4) ' /proc/modules | sort && umount /mnt/img"
-    )
-    result = guest(["sh", "-c", script], shares={str(tmp_path): tmp_path}, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr + result.console[-2000:]
-    assert result.stdout.split() == ["inside", "ext4", "ext4", "loop"]
+def test_loop_mount_autoloads_loop_and_ext4(one_boot: OneBoot) -> None:
+    assert " ".join(one_boot.succeeded("loop")).split() == ["inside", "ext4", "ext4", "loop"]
 
 
-def test_project_python_runs_in_the_guest(guest: Guest) -> None:
-    # The interpreter running pytest (the venv's), by absolute path: shims are slow.
-    code = "import nvdriver, sys; print(nvdriver.__file__); print(sys.prefix)"
-    result = guest([sys.executable, "-c", code])
-    assert result.returncode == 0, result.stderr
+def test_project_python_runs_in_the_guest(one_boot: OneBoot) -> None:
     import nvdriver
 
-    assert result.stdout.splitlines() == [nvdriver.__file__, sys.prefix]
+    assert one_boot.succeeded("python") == [nvdriver.__file__, sys.prefix]
 
 
-def test_the_command_gets_the_cpus_brought_online_after_boot(guest: Guest) -> None:
+def test_the_command_gets_the_cpus_brought_online_after_boot(one_boot: OneBoot) -> None:
     # The kernel boots one CPU, so that no initcall flips a static key while another vCPU
     # runs; init brings CPU 1 online after the last initcall ("Run /init"), before the command.
-    result = guest(["sh", "-c", "nproc; cat /sys/devices/system/cpu/online /proc/cmdline"])
-    assert result.returncode == 0, result.stderr
-    nproc, online, cmdline = result.stdout.splitlines()
+    nproc, online, cmdline = one_boot.succeeded("cpus")
     assert (nproc, online) == ("2", "0-1")
-    console = result.console
+    console = one_boot.result.console
     booted_one = console.index("smp: Brought up 1 node, 1 CPU")
     init = console.index("Run /init as init process")
     cpu1 = console.index("smpboot: Booting Node 0 Processor 1 ")
