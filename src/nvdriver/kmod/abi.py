@@ -9,7 +9,8 @@ the running kernel's are read here, without loading anything, from:
    (`/lib/modules/RELEASE/build/Module.symvers`): every exported symbol's CRC;
 2. the host's own modules (`/lib/modules/RELEASE/kernel/**.ko[.xz|.gz]`): their
    `__versions` hold the running kernel's CRCs of what they import, their `vermagic`
-   is the kernel's. They are read lazily, the DRM core first, then the GPU drivers
+   is the kernel's. They are read lazily, a few at a time in parallel threads (one per
+   usable CPU, up to READ_THREADS), the DRM core first, then the GPU drivers
    (together they import most of what NVIDIA's modules import), until every symbol asked
    for is found or SCAN_BUDGET seconds of reading are spent: a symbol no host module
    imports would otherwise cost a read of every module (about 2,000 `.ko.xz` on Flatcar,
