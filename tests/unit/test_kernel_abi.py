@@ -13,7 +13,7 @@ from nvdriver.config import Config
 from nvdriver.errors import DriverError, KernelAbiRefused
 from nvdriver.host import KernelIdentity
 from nvdriver.kmod.abi import RunningAbi
-from nvdriver.kmod.modversions import MODULE_SUFFIXES, read_module, read_symvers
+from nvdriver.kmod.modversions import MODULE_SUFFIXES, read_modinfo, read_module, read_symvers
 from nvdriver.kmod.refusal import load_error
 
 # Imported by the NVIDIA modules (and the stand-in) and by many of the host's modules.
@@ -266,3 +266,20 @@ def test_modules_read_in_threads_give_what_one_thread_reads(kernel: str, tmp_pat
     assert one.crcs(["-"]) == many.crcs(["-"]) == {}
     assert one._crcs == many._crcs and one.vermagic() == many.vermagic() is not None
     assert one.modules_read == many.modules_read == every_module(kernel)
+
+
+@pytest.mark.parametrize(
+    "module", ["drivers/gpu/drm/nouveau/nouveau", "drivers/spi/spi-pxa2xx-platform"]
+)
+def test_modinfo_fields_are_read_as_modinfo_prints_them(kernel: str, module: str) -> None:
+    """The fields a start reads of the linked modules (depends, softdep, srcversion,
+    version) without running `modinfo`: 6.1's `.ko` mapped, 6.12's `.ko.xz` decompressed;
+    one line per value, as `modinfo -F` prints them."""
+    (path,) = (real_modules(kernel) / "kernel").glob(f"{module}.ko*")
+    fields = read_modinfo(path)
+    for field in ("depends", "softdep", "srcversion", "vermagic", "alias", "firmware", "license"):
+        printed = subprocess.run(
+            ["modinfo", "-F", field, path], capture_output=True, text=True, check=True
+        ).stdout
+        assert list(fields.get(field, ())) == printed.splitlines(), field
+    assert any(value for f in ("depends", "softdep") for value in fields.get(f, ())), fields

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -478,24 +480,40 @@ def test_firmware_path_is_left_alone_when_gpu_firmware_is_off(tmp_path: Path) ->
     assert param.read_text() == ""
 
 
-def test_host_dependencies_are_depends_and_softdeps_outside_the_tree(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def module_with_modinfo(path: Path, fields: Sequence[str]) -> None:
+    """A minimal relocatable ELF64 object at `path` whose `.modinfo` holds `fields`
+    ("key=value"), as a linked module carries them."""
+    modinfo = b"".join(f.encode() + b"\0" for f in fields)
+    shstrtab = b"\0.modinfo\0.shstrtab\0"
+    shoff = 64 + len(modinfo) + len(shstrtab)
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2)
+    table = ((1, 1, 64, len(modinfo)), (10, 3, 64 + len(modinfo), len(shstrtab)))
+    sections = bytes(64) + b"".join(
+        struct.pack("<IIQQQQIIQQ", name, kind, 0, 0, offset, size, 0, 0, 1, 0)
+        for name, kind, offset, size in table
+    )
+    path.write_bytes(header + modinfo + shstrtab + sections)
+
+
+def test_host_dependencies_are_depends_and_softdeps_outside_the_tree(tmp_path: Path) -> None:
+    """Read from the modules' `.modinfo` (no `modinfo` runs)."""
     tree = tree_with(tmp_path, "nvidia", "nvidia-modeset", "nvidia-drm")
-    info = {
-        "nvidia": {"depends": "drm,video,wmi", "softdep": "pre: ecdh_generic,ecdsa_generic"},
-        "nvidia-modeset": {"depends": "nvidia", "softdep": ""},
-        "nvidia-drm": {"depends": "drm_kms_helper,nvidia-modeset,drm,nvidia", "softdep": ""},
+    fields = {
+        "nvidia": ["depends=drm,video,wmi", "softdep=pre: ecdh_generic,ecdsa_generic"],
+        "nvidia-modeset": ["license=NVIDIA", "depends=nvidia"],
+        "nvidia-drm": ["depends=drm_kms_helper,nvidia-modeset,drm,nvidia", "softdep="],
     }
-    for module, fields in info.items():
-        for field, value in fields.items():
-            (tmp_path / f"{module}.{field}").write_text(value + "\n" if value else "")
-    fake = tmp_path / "bin" / "modinfo"
-    fake.parent.mkdir()
-    # modinfo -F FIELD PATH: the field of the module named by PATH.
-    fake.write_text(f'#!/bin/sh\nm=$(basename "$3" .ko)\ncat {tmp_path}/$m.$2\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    for module, values in fields.items():
+        module_with_modinfo(tree.path(module), values)
     depends, softdeps = tree.host_dependencies(["nvidia", "nvidia-modeset", "nvidia-drm"])
     assert depends == ["drm", "video", "wmi", "drm_kms_helper"]
     assert softdeps == ["ecdh_generic", "ecdsa_generic"]
+
+
+def test_a_damaged_module_in_the_tree_is_a_clear_error(tmp_path: Path) -> None:
+    tree = tree_with(tmp_path, "nvidia", "nvidia-uvm")  # empty files
+    tree.path("nvidia-uvm").write_bytes(b"\x7fELF" + bytes(60))
+    for module in ("nvidia", "nvidia-uvm"):
+        with pytest.raises(DriverError, match="Cannot read the module information of"):
+            tree.info(module, "depends")

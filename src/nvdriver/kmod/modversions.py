@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import lzma
+import mmap
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from pathlib import Path
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz")
@@ -61,7 +62,11 @@ def read_bytes(path: Path) -> bytes:
     return data
 
 
-def _sections(data: bytes) -> Iterator[tuple[str, bytes]]:
+def _sections(
+    data: bytes | mmap.mmap, wanted: Container[str] | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """Each section's name and bytes (only those `wanted`, when given: from a mapped
+    file, only those are read)."""
     if len(data) < 64 or data[:4] != _ELF_MAGIC:
         raise NotAModule("not an ELF file")
     if data[4] != _ELFCLASS64 or data[5] != _ELFDATA2LSB:
@@ -83,7 +88,8 @@ def _sections(data: bytes) -> Iterator[tuple[str, bytes]]:
     for name, _type, offset, size in headers:
         end = strtab.find(b"\0", name)
         label = strtab[name : end if end >= 0 else None].decode("ascii", "replace")
-        yield label, b"" if _type == 8 else data[offset : offset + size]
+        if wanted is None or label in wanted:
+            yield label, b"" if _type == 8 else data[offset : offset + size]
 
 
 def _versions(sections: Mapping[str, bytes]) -> dict[str, int]:
@@ -120,6 +126,25 @@ def module_facts(data: bytes) -> ModuleFacts:
 
 def read_module(path: Path) -> ModuleFacts:
     return module_facts(read_bytes(path))
+
+
+def read_modinfo(path: Path) -> Mapping[str, tuple[str, ...]]:
+    """A module's modinfo fields (`modinfo -F FIELD` prints one line per value). An
+    uncompressed module is mapped and only its `.modinfo` read: NVIDIA's `nvidia.ko` is
+    tens of MB."""
+    if path.name.endswith((".xz", ".gz")):
+        return read_module(path).modinfo
+    with path.open("rb") as f:
+        try:
+            data: bytes | mmap.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # empty, or on a file system that cannot map it
+            data = f.read()
+        try:
+            sections = dict(_sections(data, {".modinfo"}))
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
+    return _modinfo(sections.get(".modinfo", b""))
 
 
 def read_symvers(path: Path) -> dict[str, int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from nvdriver.driver.source import MODULE_ORDER
 from nvdriver.errors import DriverError
 from nvdriver.kmod.loaded import LoadedModule, sysfs_name
-from nvdriver.run import run
+from nvdriver.kmod.modversions import NotAModule, read_modinfo
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,18 @@ class ModuleTree:
         return [m for m in MODULE_ORDER if self.path(m).is_file()]
 
     def info(self, module: str, field: str) -> list[str]:
-        """One `modinfo` field of an installed module (one entry per occurrence)."""
-        out = run(["modinfo", "-F", field, self.path(module)]).stdout
-        return [line.strip() for line in out.splitlines() if line.strip()]
+        """One modinfo field of an installed module (one entry per occurrence, the
+        non-empty ones, as `modinfo -F FIELD` prints them), read from its `.modinfo`."""
+        path = self.path(module)
+        try:
+            values = read_modinfo(path).get(field, ())
+        except (OSError, NotAModule) as e:
+            raise DriverError(
+                f"Cannot read the module information of {path}: {e}.",
+                hint="The linked module tree is damaged; the next start links it again "
+                "(nvidia-driver unload, then init or load).",
+            ) from e
+        return [v.strip() for v in values if v.strip()]
 
     def host_dependencies(self, modules: Sequence[str]) -> tuple[list[str], list[str]]:
         """Modules of the host that `modules` need and that are not in this tree: those
