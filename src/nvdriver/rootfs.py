@@ -50,7 +50,8 @@ def exposed_root(config: Config, container_root: Path, *, keep: bool = False) ->
     the root bound for the loaded driver's firmware, `unload` removes it).
     """
     sysfs = container_root / "sys"
-    if mounts.is_mount_point(sysfs):
+    # A file system of its own (sysfs has its own device): no mount table needed to tell.
+    if os.path.ismount(sysfs):
         mounts.set_propagation(sysfs, "runbindable")
         mounts.set_propagation(sysfs, "private")
     with mounts.propagated_bind(container_root, config.host(DRIVER_ROOT), keep=keep) as target:
