@@ -4,6 +4,7 @@ never by `/proc/version`; and the kernel's own refusals told apart."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -218,6 +219,13 @@ def test_the_next_command_goes_on_where_the_last_stopped_and_then_reads_nothing(
         reads.append(command.modules_read)
         assert len(reads) < every, "no progress"
     assert sum(reads) == every, "each module read once over all the commands"
+    # A command whose budget ran out with the last module has not looked for more: the
+    # next one finds none left and keeps that, so that no later one walks the tree again.
+    index = config.cache_dir / "kernel-abi" / f"{kernel}.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "complete": False}))
+    RunningAbi(config, kernel).crcs(["-"])
+    kept = json.loads(index.read_text())
+    assert kept["complete"] is True and kept["position"] == every
     done = RunningAbi(config, kernel, budget=0.0)
     assert done.fit(package).checked == verdict.checked and done.modules_read == 0
     assert done.crcs(["another_missing_symbol", "_printk"]).keys() == {"_printk"}

@@ -110,7 +110,7 @@ class RunningAbi:
         self._proc_version = config.host("/proc/version")
         self._position = 0  # module files consumed, in _module_files' order
         self._complete = False  # every module file was consumed
-        self._kept_at = 0  # _position when last kept
+        self._kept = (0, False)  # (_position, _complete) as last kept
 
     def _start(self) -> None:
         if self._started:
@@ -156,9 +156,9 @@ class RunningAbi:
         for name, crc in crcs.items():
             self._crcs.setdefault(name, crc)
         self._vermagic = vermagic if isinstance(vermagic, str) else None
-        self._position = self._kept_at = position
-        if kept.get("complete") is True:
-            self._complete = True
+        self._position, self._complete = position, kept.get("complete") is True
+        self._kept = (self._position, self._complete)
+        if self._complete:
             self._files = iter(())
         else:
             for _ in range(position):
@@ -167,7 +167,7 @@ class RunningAbi:
 
     def _keep(self) -> None:
         """Keep what was read for the next command (best effort: a cache, never needed)."""
-        if self._index is None or self._position == self._kept_at:
+        if self._index is None or (self._position, self._complete) == self._kept:
             return
         identity = self._identity()
         if identity is None:
@@ -188,7 +188,7 @@ class RunningAbi:
         except OSError as e:
             log.debug("Not keeping the host modules' CRCs in %s: %s", self._index, e)
             return
-        self._kept_at = self._position
+        self._kept = (self._position, self._complete)
 
     def _module_files(self) -> Iterator[Path]:
         """Every module file once: those of _FIRST in its order, then the rest."""
