@@ -291,3 +291,16 @@ def test_modinfo_fields_are_read_as_modinfo_prints_them(kernel: str, module: str
         ).stdout
         assert list(fields.get(field, ())) == printed.splitlines(), field
     assert any(value for f in ("depends", "softdep") for value in fields.get(f, ())), fields
+
+
+def test_no_module_to_read_keeps_nothing(tmp_path: Path) -> None:
+    """A node whose modules are not mounted (yet) keeps no scan: modules that appear later
+    are read then."""
+    (tmp_path / "lib" / "modules" / "6.12.1-flatcar" / "kernel").mkdir(parents=True)
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "version").write_text("Linux version 6.12.1-flatcar\n")
+    config = Config.from_env(
+        {"HOST_ROOT": str(tmp_path), "NVIDIA_DRIVER_CACHE": str(tmp_path / "cache")}
+    )
+    assert RunningAbi(config, "6.12.1-flatcar").crcs(["_printk"]) == {}
+    assert not (tmp_path / "cache" / "kernel-abi").exists()

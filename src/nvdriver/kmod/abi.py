@@ -169,6 +169,8 @@ class RunningAbi:
         """Keep what was read for the next command (best effort: a cache, never needed)."""
         if self._index is None or (self._position, self._complete) == self._kept:
             return
+        if self._position == 0:  # no module file here (yet): nothing worth keeping
+            return
         identity = self._identity()
         if identity is None:
             return
