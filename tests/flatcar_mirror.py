@@ -524,6 +524,11 @@ def _build_devroot(
     second_build(rootfs, kernel_release)
 
 
+def _remove(entry: Path) -> None:
+    """A file, link or whole directory of the root being built."""
+    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
 def _drop_kernel_image(rootfs: Path, kernel_release: str) -> None:
     """Remove what a kernel image package put into the root (Debian's 6.12 headers depend
     on linux-image, 6.1's do not): its modules, vmlinuz, System.map and the initrd that
@@ -533,7 +538,7 @@ def _drop_kernel_image(rootfs: Path, kernel_release: str) -> None:
     moddir = rootfs / "usr" / "lib" / "modules" / kernel_release
     for entry in list(moddir.iterdir()) if moddir.is_dir() else []:
         if entry.name not in ("build", "source"):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            _remove(entry)
     for entry in (rootfs / "boot").glob(f"*-{kernel_release}"):
         entry.unlink()
 
@@ -559,7 +564,7 @@ def _drop_unused(rootfs: Path) -> None:
     are larger still; the product reads only the kernel tree and runs the compiler."""
     for pattern in _UNUSED:
         for entry in rootfs.glob(pattern):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            _remove(entry)
 
 
 # The UTS_VERSION of the developer container's kernel tree: Flatcar builds the tree it ships
