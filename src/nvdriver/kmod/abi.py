@@ -111,6 +111,7 @@ class RunningAbi:
         self._position = 0  # module files consumed, in _module_files' order
         self._complete = False  # every module file was consumed
         self._kept = (0, False)  # (_position, _complete) as last kept
+        self._identity: dict[str, object] | None = None  # of this kernel and modules, at start
 
     def _start(self) -> None:
         if self._started:
@@ -124,9 +125,11 @@ class RunningAbi:
         else:
             log.debug("Read the running kernel's CRCs from %s", symvers)
         self._files = self._module_files()
-        self._resume()
+        if self._index is not None:
+            self._identity = self._read_identity()
+            self._resume()
 
-    def _identity(self) -> dict[str, object] | None:
+    def _read_identity(self) -> dict[str, object] | None:
         """What the kept scan is valid for: this kernel build and these module files."""
         try:
             version = self._proc_version.read_text().strip()
@@ -142,11 +145,10 @@ class RunningAbi:
 
     def _resume(self) -> None:
         """Take what an earlier command read of these very modules, and skip those files."""
-        if self._index is None:
-            return
+        assert self._index is not None
         try:
             kept = json.loads(self._index.read_bytes())
-            if kept["identity"] != self._identity():
+            if self._identity is None or kept["identity"] != self._identity:
                 return
             crcs = {str(n): int(c) for n, c in kept["crcs"].items()}
             vermagic, position = kept["vermagic"], int(kept["position"])
@@ -171,11 +173,10 @@ class RunningAbi:
             return
         if self._position == 0:  # no module file here (yet): nothing worth keeping
             return
-        identity = self._identity()
-        if identity is None:
+        if self._identity is None:
             return
         kept = {
-            "identity": identity,
+            "identity": self._identity,
             "vermagic": self._vermagic,
             "position": self._position,
             "complete": self._complete,
