@@ -82,7 +82,7 @@ class Node:
 
 # The stand-in's linked modules are no kernel modules: `modinfo` reads no srcversion from
 # them. What it would read is this module's name, upper-cased and padded (23 characters
-# as the kernel's); the full start compares the loaded modules with it (tree.info).
+# as the kernel's); the full start compares the loaded modules with it (tree.fields).
 def srcversion_of(module: str) -> str:
     return module.upper().replace("-", "").ljust(23, "0")
 
@@ -93,13 +93,11 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     config = Config.from_env(dict(os.environ))
     package = package_for_running_kernel(config, tmp_path / "build")
 
-    def modinfo(tree: ModuleTree, module: str, field: str) -> list[str]:
-        assert field in ("srcversion", "version") and tree.path(module).is_file()
-        if field == "version":
-            return [package.manifest.driver_version]
-        return [srcversion_of(module)]
+    def modinfo(tree: ModuleTree, module: str) -> dict[str, list[str]]:
+        assert tree.path(module).is_file()
+        return {"srcversion": [srcversion_of(module)], "version": [package.manifest.driver_version]}
 
-    monkeypatch.setattr(ModuleTree, "info", modinfo)
+    monkeypatch.setattr(ModuleTree, "fields", modinfo)
     plan = lifecycle._prepare(config)  # verified, linked, depmod'ed, its proof recorded
     node = Node(config, package, plan)
     node.show_loaded({m: srcversion_of(m) for m in plan.modules})

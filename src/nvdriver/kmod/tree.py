@@ -42,19 +42,19 @@ class ModuleTree:
         """The NVIDIA modules installed here, in load order."""
         return [m for m in MODULE_ORDER if self.path(m).is_file()]
 
-    def info(self, module: str, field: str) -> list[str]:
-        """One modinfo field of an installed module (one entry per occurrence, the
-        non-empty ones, as `modinfo -F FIELD` prints them), read from its `.modinfo`."""
+    def fields(self, module: str) -> dict[str, list[str]]:
+        """The modinfo fields of an installed module, read from its `.modinfo` once: each
+        field's non-empty values, as `modinfo -F FIELD` prints them."""
         path = self.path(module)
         try:
-            values = read_modinfo(path).get(field, ())
+            found = read_modinfo(path)
         except (OSError, NotAModule) as e:
             raise DriverError(
                 f"Cannot read the module information of {path}: {e}.",
                 hint="The linked module tree is damaged; the next start links it again "
                 "(nvidia-driver unload, then init or load).",
             ) from e
-        return [v.strip() for v in values if v.strip()]
+        return {k: [v.strip() for v in values if v.strip()] for k, values in found.items()}
 
     def host_dependencies(self, modules: Sequence[str]) -> tuple[list[str], list[str]]:
         """Modules of the host that `modules` need and that are not in this tree: those
@@ -66,9 +66,10 @@ class ModuleTree:
         depends: list[str] = []
         softdeps: list[str] = []
         for module in modules:
-            for line in self.info(module, "depends"):
+            fields = self.fields(module)
+            for line in fields.get("depends", []):
                 depends += line.split(",")
-            for line in self.info(module, "softdep"):
+            for line in fields.get("softdep", []):
                 # "pre: a b post: c": the modules before the first "post:" (some
                 # modules separate them with commas).
                 pre = line.split("post:")[0].replace("pre:", " ").replace(",", " ")
@@ -92,9 +93,10 @@ class ModuleTree:
             module = next((n for n in self.modules() if sysfs_name(n) == m.name), None)
             if module is None or m.srcversion is None:
                 return False
-            if self.info(module, "srcversion") != [m.srcversion]:
+            fields = self.fields(module)
+            if fields.get("srcversion", []) != [m.srcversion]:
                 return False
-            version = self.info(module, "version")
+            version = fields.get("version", [])
             if version and [m.version] != version:
                 return False
         return True
