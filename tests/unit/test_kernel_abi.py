@@ -304,3 +304,24 @@ def test_no_module_to_read_keeps_nothing(tmp_path: Path) -> None:
     )
     assert RunningAbi(config, "6.12.1-flatcar").crcs(["_printk"]) == {}
     assert not (tmp_path / "cache" / "kernel-abi").exists()
+
+
+def test_the_build_tree_is_read_only_for_what_the_kept_scan_lacks(
+    kernel: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node that has read its modules once answers from that alone: the build tree's
+    `Module.symvers` (megabytes) is read only for a symbol no host module imports, which
+    only the tree has; both give the running kernel's CRCs."""
+    config = host_with_modules(tmp_path, kernel, tree=True)
+    symvers = read_symvers(real_modules(kernel) / "build" / "Module.symvers")
+    RunningAbi(config, kernel, budget=float("inf")).crcs(["-"])
+    kept = json.loads((config.cache_dir / "kernel-abi" / f"{kernel}.json").read_text())
+    only_in_tree = min(symvers.keys() - kept["crcs"].keys())
+    caplog.set_level("DEBUG", logger="nvdriver")
+    abi = RunningAbi(config, kernel, budget=0.0)
+    assert abi.fit(package_kernel(kernel)).checked == len(SYMBOLS)
+    assert "Read the running kernel's CRCs" not in caplog.text
+    assert abi.crcs([only_in_tree, *SYMBOLS]) == {
+        name: symvers[name] for name in (only_in_tree, *SYMBOLS)
+    }
+    assert "Read the running kernel's CRCs" in caplog.text and abi.modules_read == 0

@@ -6,7 +6,8 @@ equals the kernel's. A package records both for its modules (its KernelIdentity)
 the running kernel's are read here, without loading anything, from:
 
 1. a build tree of the host's own kernel, when one is mounted
-   (`/lib/modules/RELEASE/build/Module.symvers`): every exported symbol's CRC;
+   (`/lib/modules/RELEASE/build/Module.symvers`): every exported symbol's CRC (read
+   only when what was kept, below, does not already have every symbol asked for);
 2. the host's own modules (`/lib/modules/RELEASE/kernel/**.ko[.xz|.gz]`): their
    `__versions` hold the running kernel's CRCs of what they import, their `vermagic`
    is the kernel's. They are read lazily, a few at a time in parallel threads (one per
@@ -101,6 +102,7 @@ class RunningAbi:
         self._scanned: dict[str, int] = {}  # from host modules only: what is kept
         self._vermagic: str | None = None
         self._started = False
+        self._tree_read = False
         self._files: Iterator[Path] = iter(())
         self._budget = budget  # seconds of reading left
         self.modules_read = 0  # by this command
@@ -117,6 +119,19 @@ class RunningAbi:
         if self._started:
             return
         self._started = True
+        self._files = self._module_files()
+        if self._index is not None:
+            self._identity = self._read_identity()
+            self._resume()
+
+    def _read_tree(self) -> None:
+        """The build tree's CRCs, once, when one is mounted: read only when what was kept
+        does not have every symbol asked for (its `Module.symvers` is megabytes: half a
+        second of a start under emulation). Both are the running kernel's; on a symbol
+        both name, the tree's is taken."""
+        if self._tree_read:
+            return
+        self._tree_read = True
         symvers = self.directory / "build" / "Module.symvers"
         try:
             self._crcs.update(read_symvers(symvers))
@@ -124,10 +139,6 @@ class RunningAbi:
             pass
         else:
             log.debug("Read the running kernel's CRCs from %s", symvers)
-        self._files = self._module_files()
-        if self._index is not None:
-            self._identity = self._read_identity()
-            self._resume()
 
     def _read_identity(self) -> dict[str, object] | None:
         """What the kept scan is valid for: this kernel build and these module files."""
@@ -249,6 +260,8 @@ class RunningAbi:
         """The running kernel's CRCs of `names`, those the node can find."""
         self._start()
         wanted = set(names)
+        if not wanted <= self._crcs.keys():
+            self._read_tree()
         while not wanted <= self._crcs.keys() and not self._complete and self._read_next():
             pass
         self._keep()
