@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import re
 import shlex
 from collections.abc import Mapping
@@ -123,7 +122,7 @@ def validate_kernel_release(value: str, name: str = "--kernel") -> str:
 
 
 def default_board() -> str:
-    return "arm64-usr" if platform.machine() in ("aarch64", "arm64") else "amd64-usr"
+    return "arm64-usr" if os.uname().machine in ("aarch64", "arm64") else "amd64-usr"
 
 
 # Where `init` can be told to stop (NVIDIA_DRIVER_TEST_PAUSE_AT), for tests that kill it there.

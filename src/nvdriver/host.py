@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -64,6 +63,8 @@ class KernelIdentity:
     @property
     def abi_digest(self) -> str:
         """The SHA-256 of the vermagic and every CRC: equal digests, equal kernel ABI."""
+        import hashlib  # OpenSSL's library: loaded only by what hashes (not a restart)
+
         lines = [self.vermagic or "", *(f"{crc:08x} {name}" for name, crc in self.symbols)]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 

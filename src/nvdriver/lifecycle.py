@@ -19,27 +19,30 @@ import logging
 import signal
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nvdriver import daemons, fabric, handover, lock, rootfs, signals
+from nvdriver import daemons, fabric, lock, rootfs, signals
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
-from nvdriver.buildlock import builds_idle, remove_stale_builds
 from nvdriver.config import Config, Options
-from nvdriver.driver import link, proof
-from nvdriver.driver import package as pkg
+from nvdriver.driver import proof
 from nvdriver.driver.flavour import FlavourChoice, choose_flavour
-from nvdriver.driver.package import Package, PackageStore
 from nvdriver.driver.proof import FileIdentity
 from nvdriver.driver.source import DriverSource, Flavour
 from nvdriver.errors import DriverError, IntegrityError, Interrupted, KernelAbiRefused
 from nvdriver.host import KernelIdentity, nvidia_gpus
 from nvdriver.kmod import loading, peermem
-from nvdriver.kmod.abi import RunningAbi
 from nvdriver.kmod.firmware import set_firmware_path
 from nvdriver.kmod.loaded import LoadedModule, loaded_flavour, loaded_modules, sysfs_name
 from nvdriver.kmod.params import read_params
 from nvdriver.kmod.tree import ModuleTree, wanted_modules
-from nvdriver.kmod.unloading import unload as unload_modules
+
+# What only a start that reads a package, a shutdown or `update` and `packages` call (the
+# package's format and tar, the ABI check, the link, the build lock, the handover) is
+# imported where it is called: a restart that adopts the loaded driver imports none of it
+# (tests/unit/test_imports.py).
+if TYPE_CHECKING:
+    from nvdriver.driver.package import Package, PackageStore
+    from nvdriver.kmod.abi import RunningAbi
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class _Unwinding(contextlib.ExitStack):
 def _module_base(config: Config, version: str) -> Path:
     """The private module tree: on the container's own disk (Flatcar's /lib/modules is
     read-only), so under CONTAINER_ROOT and never under HOST_ROOT."""
-    return link.module_tree_base(config.own("/opt/nvidia"), version)
+    return config.own("/opt/nvidia") / version
 
 
 def _remove_stale(config: Config, version: str) -> None:
@@ -86,6 +89,9 @@ def _remove_stale(config: Config, version: str) -> None:
 def _sweep(config: Config, version: str) -> None:
     """A killed run's staging and old trees, and a dead build's work dirs and temp files
     (unless a build runs): what a build or a link could have left."""
+    from nvdriver.buildlock import remove_stale_builds
+    from nvdriver.driver import link
+
     link.remove_stale(_module_base(config, version))
     remove_stale_builds(config)
 
@@ -133,6 +139,8 @@ def _find_package(
     the node's, else the registry; built into the node's store when none has one (and a
     build is possible). Packages that do not fit are moved aside as stale; `refused` ones
     (the kernel refused them in this run) are passed over."""
+    from nvdriver.driver import package as pkg
+
     version = source.version
     searched = pkg.stores(config)
     for store in searched:
@@ -203,6 +211,8 @@ def _find_package(
 def _check_built(running: RunningAbi, package: Package) -> None:
     """A package just built for this node must fit it; when the developer container's tree
     is not this kernel's ABI, building again would give the same: stop, no build loop."""
+    from nvdriver.driver import package as pkg
+
     verdict = running.fit(package.manifest.kernel)
     if verdict.fits:
         return
@@ -268,6 +278,11 @@ def _prepare(
     `_load_fitting`); `chosen`: the source and flavour, when the caller has chosen them
     already.
     """
+    from nvdriver import handover
+    from nvdriver.driver import link
+    from nvdriver.kmod.abi import RunningAbi
+    from nvdriver.kmod.unloading import unload as unload_modules
+
     options = config.options
     source, choice = chosen if chosen is not None else _choose(config)
     version, flavour = source.version, choice.flavour
@@ -314,6 +329,8 @@ def _load_fitting(
     tell apart beforehand), move the package aside as stale and load the next one found
     (another store's, the registry's, or a build) once. A second refusal is an error:
     no build loop. Returns the plan that loaded."""
+    from nvdriver.driver import package as pkg
+
     try:
         load_plan(plan)
         return plan
@@ -571,6 +588,8 @@ def init(config: Config) -> None:
             log.info("Caught %s; shutting down", signal.Signals(e.signum).name)
         # Before any daemon stops: a driver in use keeps its modules and daemons (their
         # blocks let a BusyError through untouched) and init exits 3.
+        from nvdriver import handover
+
         handover.check_free(config)
     log.info("Shut down cleanly")
 
@@ -609,6 +628,9 @@ def unload(config: Config) -> None:
     would break running CUDA work), and its root bound (the loaded driver reads its GSP
     firmware through it at a GPU's next first open, and the toolkit its files).
     """
+    from nvdriver import handover
+    from nvdriver.kmod.unloading import unload as unload_modules
+
     with lock.instance_lock(config):
         handover.check_free(config)  # before any daemon stops: in use, all stays running
         fabric.stop(config)  # first: it holds the NVSwitches
@@ -633,6 +655,7 @@ def update(config: Config) -> Package | None:
     record names its package already (built ahead before), that package is the result.
     """
     from nvdriver import builder, fleet, trust
+    from nvdriver.driver import package as pkg
     from nvdriver.flatcar import release
 
     if config.push is not None and config.fleet_signing_key is not None:
@@ -680,6 +703,8 @@ class VerifyReport:
 
 def verify_packages(config: Config) -> VerifyReport:
     """Verify every package of both stores; failed ones are moved aside."""
+    from nvdriver.driver import package as pkg
+
     good, bad = [], []
     for store in pkg.stores(config):
         for path in store.package_files():
@@ -701,6 +726,8 @@ def prune_packages(config: Config) -> list[Path]:
     directories it may be about to write into, and the developer containers.
     """
     from nvdriver import fleet
+    from nvdriver.buildlock import builds_idle
+    from nvdriver.driver import package as pkg
 
     removed: list[Path] = []
     keep_kernels = fleet.kept_kernels(config)

@@ -7,7 +7,6 @@ writes whole lines so that `kubectl logs` shows the step is alive.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import sys
@@ -19,9 +18,8 @@ LOGGER_NAME = "nvdriver"
 
 def _timestamp(record: logging.LogRecord) -> str:
     return (
-        datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from nvdriver import mounts, rootfs
 from nvdriver.config import Config
+from nvdriver.errors import DriverError
 from nvdriver.run import run
 from tests.conftest import need
 
@@ -82,3 +83,14 @@ def test_remove_stale_unmounts_what_a_killed_run_left(node: tuple[Path, Path, Co
     assert mounts.is_mount_point(host_run / "driver")
     rootfs.remove_stale(config)
     assert mounted_under(host_run) == [str(host_run)]
+
+
+def test_a_refused_mount_change_is_a_clear_error(tmp_path: Path) -> None:
+    """The system calls' errors read as the tools' would: what failed and why (a directory
+    that is no mount point has no propagation to change; a missing root cannot be bound)."""
+    with pytest.raises(DriverError, match=r"Could not make .* private: Invalid argument"):
+        mounts.set_propagation(tmp_path, "private")
+    missing = pytest.raises(DriverError, match=r"Could not bind .*: No such file or directory")
+    with missing, mounts.propagated_bind(tmp_path / "missing", tmp_path / "target"):
+        pass
+    assert mounted_under(tmp_path) == []

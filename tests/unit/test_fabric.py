@@ -31,7 +31,7 @@ import yaml
 from nvdriver import cli, daemons, fabric, lifecycle, rootfs, status
 from nvdriver.config import Config, Options
 from nvdriver.errors import BusyError, DriverError, UnsupportedError, UsageError
-from nvdriver.kmod import loading, users
+from nvdriver.kmod import loading, unloading, users
 from tests import sysfs
 from tests.standin import fabric as standin
 
@@ -787,7 +787,7 @@ def test_unload_looks_for_users_before_it_stops_the_fabric_manager(
     node = without_modules
     daemons_hold_devices(node, monkeypatch)
     unloaded: list[str] = []
-    monkeypatch.setattr(lifecycle, "unload_modules", lambda config: unloaded.append("nvidia"))
+    monkeypatch.setattr(unloading, "unload", lambda config: unloaded.append("nvidia"))
     config = node.config()
     lifecycle.load(config)
     daemons.start_persistenced(config)

@@ -107,3 +107,37 @@ def test_init_imports_nothing_of_a_build_up_to_its_linked_tree(
     modules = imported("".join(lines))
     assert {"nvdriver.lifecycle", "nvdriver.driver.link", "nvdriver.kmod.loading"} <= set(modules)
     assert heavy(modules) == []
+
+
+# What a start needs only when it reads a package or stops: not before a restart that
+# adopts the loaded driver is ready (lifecycle imports these where they are called).
+NOT_ON_A_RESTART = (
+    "tarfile",
+    "hashlib",
+    "_hashlib",
+    "ctypes",
+    "datetime",
+    "platform",
+    "nvdriver.driver.package",
+    "nvdriver.driver.link",
+    "nvdriver.kmod.abi",
+    "nvdriver.buildlock",
+    "nvdriver.handover",
+    "nvdriver.kmod.users",
+)
+
+
+def test_what_a_restart_imports_leaves_out_the_package_the_link_and_the_shutdown() -> None:
+    """`init` imports lifecycle before its first step: a restart that adopts the loaded
+    driver reads no package, links nothing and stops nothing on its way to readiness, so
+    none of what those need is imported with it (each costs tens of milliseconds under
+    emulation: the tar and gzip modules, OpenSSL's library, the ABI scan, the handover)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import nvdriver.lifecycle, nvdriver.cli"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    modules = imported(result.stderr)
+    assert {"nvdriver.lifecycle", "nvdriver.rootfs", "nvdriver.kmod.loading"} <= set(modules)
+    assert [m for m in modules if m in NOT_ON_A_RESTART] == []

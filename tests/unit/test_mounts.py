@@ -41,6 +41,20 @@ def test_the_mount_table_comes_from_findmnt_with_escapes_and_propagation(
     assert "slave" in table[2].propagation
     assert mounts.is_mount_point(Path("/run/nvidia/driver"), mountinfo)
     assert not mounts.is_mount_point(Path("/run/nvidia"), mountinfo)
+    assert mounts.is_mount_point(Path("/run/with blank"), mountinfo)
+
+
+def test_a_mount_point_is_told_as_findmnt_tells_it() -> None:
+    """Whether a path is mounted is read from the kernel's table in this process (every
+    start asks): for each of this machine's mounts, and for directories that are none, the
+    same answer as the real findmnt."""
+    table = mounts.mount_table()
+    targets = {m.target for m in table}
+    assert len(targets) > 5
+    for target in targets:
+        assert mounts.is_mount_point(target), target
+    for path in (Path("/usr/share"), Path("/etc"), Path("/proc/self/fd")):
+        assert mounts.is_mount_point(path) == (path.resolve() in targets), path
 
 
 def test_an_empty_mount_table_has_no_mounts(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from nvdriver.atomic import TEMP_PREFIX
 from nvdriver.config import Config
 from nvdriver.driver import link, proof
 from nvdriver.driver import package as pkg
-from nvdriver.kmod import loading
+from nvdriver.kmod import loading, unloading
 from nvdriver.kmod.loaded import sysfs_name
 from nvdriver.kmod.tree import ModuleTree
 from tests.packaging import package_for_running_kernel
@@ -272,7 +272,7 @@ def test_modules_of_another_srcversion_are_not_adopted(
     found = full_start_counted(node, monkeypatch)
     unloaded: list[str] = []
     monkeypatch.setattr(daemons, "stop_persistenced", lambda config: None)
-    monkeypatch.setattr(lifecycle, "unload_modules", lambda config: unloaded.append("unloaded"))
+    monkeypatch.setattr(unloading, "unload", lambda config: unloaded.append("unloaded"))
     lifecycle.init(node.config)
     assert found == [node.config.precompiled_dir] and unloaded == ["unloaded"]
     assert "the loaded modules are not the ones it loaded" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import fcntl
 import json
 import os
@@ -223,3 +224,9 @@ def test_json_log_lines_are_one_object_each_with_time_and_level(tmp_path):
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert lines and all({"time", "level", "message"} <= set(o) for o in lines)
     assert lines[0]["level"] == "error" and lines[0]["time"].endswith("Z")
+    # ISO 8601 in UTC to the millisecond, as datetime writes it (what log shippers parse).
+    stamp = datetime.datetime.fromisoformat(lines[0]["time"].replace("Z", "+00:00"))
+    assert stamp.tzinfo == datetime.timezone.utc and len(lines[0]["time"]) == len(
+        "2026-12-06T19:00:00.000Z"
+    )
+    assert abs(stamp - datetime.datetime.now(datetime.timezone.utc)) < datetime.timedelta(minutes=5)

@@ -32,11 +32,6 @@ from nvdriver.run import run
 log = logging.getLogger(__name__)
 
 
-def module_tree_base(host_opt: Path, driver_version: str) -> Path:
-    """The `-b`/`-d` base directory of modprobe and depmod for a driver version."""
-    return host_opt / driver_version
-
-
 def link_package(
     package: Path,
     source: DriverSource,

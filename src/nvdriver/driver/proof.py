@@ -31,16 +31,17 @@ differs after a remount) costs one verification, never trust in a changed file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nvdriver.atomic import write_atomically
-from nvdriver.driver.package import Manifest
+
+if TYPE_CHECKING:
+    from nvdriver.driver.package import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class Proof:
 
 
 def manifest_digest(manifest: Manifest) -> str:
+    import hashlib  # OpenSSL's library: not loaded by a restart that adopts
+
     return hashlib.sha256(manifest.to_json().encode()).hexdigest()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
+import os
 from collections.abc import Iterator, Mapping, Sequence
 
 from nvdriver import signals
@@ -96,7 +96,7 @@ def load(
 
 def _load_host_dependencies(config: Config, tree: ModuleTree, modules: Sequence[str]) -> None:
     prerequisites = list(PREREQUISITES)
-    if platform.machine() in ("x86_64", "amd64"):
+    if os.uname().machine in ("x86_64", "amd64"):
         prerequisites.append("video")
     depends, softdeps = tree.host_dependencies(modules)
     _load_host_modules(config, prerequisites + softdeps, required=False)
