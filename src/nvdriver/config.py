@@ -29,7 +29,7 @@ import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING
 
 from nvdriver.errors import UsageError
 
@@ -309,15 +309,18 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
-class _RegistrySettings(TypedDict):
-    registry: str | None
-    registry_push: bool
-    registry_ca: Path | None
-    registry_auth_file: Path | None
-    registry_plain_http: bool
-    registry_retry_budget: float
-    trusted_keys: Path | None
-    fleet_signing_key: Path | None
+if TYPE_CHECKING:  # a TypedDict compiles each annotation at import (every command)
+    from typing import TypedDict
+
+    class _RegistrySettings(TypedDict):
+        registry: str | None
+        registry_push: bool
+        registry_ca: Path | None
+        registry_auth_file: Path | None
+        registry_plain_http: bool
+        registry_retry_budget: float
+        trusted_keys: Path | None
+        fleet_signing_key: Path | None
 
 
 def _registry_settings(env: Mapping[str, str]) -> _RegistrySettings:
