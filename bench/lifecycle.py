@@ -33,8 +33,12 @@ With `--kept-scan`, every host module is first read into the node's cache (untim
 kept scan of kmod/abi.py), so the rows show a node that has started on this kernel before
 (the first starts after a kernel update read the modules within a 3 s budget each).
 
+With `--before REV`, `init`'s start and restart (and the CLI's import) are also timed with
+the program of that git revision (its `src` on PYTHONPATH), in the same guest, each round
+right after ours: this machine's speed varies between runs by more than a change makes.
+
 Run: .venv/bin/python -m bench.lifecycle [--rounds N] [--kernel RELEASE] [--no-real]
-[--native-only] [--kept-scan] (the real package is built once per kernel and product
+[--native-only] [--kept-scan] [--before REV] (the real package is built once per kernel and product
 version, minutes; it needs what `tests/real_build.py` needs: root, the local Flatcar mirror).
 """
 
@@ -52,6 +56,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.imports import checkout
 from nvdriver.config import Config
 from nvdriver.driver.link import link_command
 from nvdriver.driver.package import read_manifest
@@ -198,6 +203,12 @@ for r in $(seq {rounds}); do
     measure init_$r $t
     stop_init TERM; say init_stop_rc_$r $INIT_RC
     progress "round $r: init start-to-ready: $last s (SIGTERM: exit $INIT_RC)"
+    if [ -n "$BEFORE" ]; then
+        t=$(now); start_init $LOGS/init-before-$r.log PYTHONPATH=$BEFORE; wait_ready
+        say init_before_ready_rc_$r $?; measure init_before_$r $t
+        stop_init TERM; say init_before_stop_rc_$r $INIT_RC
+        progress "round $r: init start-to-ready, before: $last s (SIGTERM: exit $INIT_RC)"
+    fi
     if [ {real} = yes ]; then
         t=$(now); floor_real; measure floor_real_$r $t; unload_floor
         progress "round $r: real 535 floor (untar, ld -r, insmod to ENODEV): $last s"
@@ -215,6 +226,13 @@ for r in $(seq {rounds}); do
     measure restart_$r $t
     stop_init TERM; say restart_stop_rc_$r $INIT_RC
     progress "round $r: init restart-to-ready: $last s (SIGTERM: exit $INIT_RC)"
+    if [ -n "$BEFORE" ]; then
+        t=$(now); start_init $LOGS/restart-before-$r.log PYTHONPATH=$BEFORE; wait_ready
+        say restart_before_ready_rc_$r $?; measure restart_before_$r $t
+        stop_init TERM; say restart_before_stop_rc_$r $INIT_RC
+        progress "round $r: init restart-to-ready, before: $last s (SIGTERM: exit $INIT_RC)"
+        t=$(now); PYTHONPATH=$BEFORE $PY -c 'import nvdriver.cli'; measure import_before_$r $t
+    fi
     t=$(now); nv load 2>>$LOGS/reload.log; rc=$?; measure reload_$r $t; say reload_rc_$r $rc
     progress "round $r: load again: $last s (exit $rc)"
     t=$(now); nv status >/dev/null; rc=$?; measure status_$r $t; say status_rc_$r $rc
@@ -270,6 +288,9 @@ def table(facts: dict[str, str], rounds: int, real: bool) -> list[str]:
             "status",
             "python",
             "import",
+            "init_before",
+            "restart_before",
+            "import_before",
         )
     }
     lines = [
@@ -288,6 +309,20 @@ def table(facts: dict[str, str], rounds: int, real: bool) -> list[str]:
     python = m["python"]
     lines += [
         row("restart-to-ready, driver loaded (init)", None, m["restart"], "< 1 s of our own"),
+        *(
+            [
+                row(
+                    "start-to-ready, before (same run)",
+                    m["floor_standin"],
+                    m["init_before"],
+                    "",
+                ),
+                row("restart-to-ready, before (same run)", None, m["restart_before"], ""),
+                row("python -c 'import nvdriver.cli', before", None, m["import_before"], ""),
+            ]
+            if m["init_before"] is not None
+            else []
+        ),
         row("load again, driver loaded", None, m["reload"], ""),
         row("status", None, m["status"], ""),
         row("python -c pass (the interpreter's start)", None, python, ""),
@@ -298,6 +333,11 @@ def table(facts: dict[str, str], rounds: int, real: bool) -> list[str]:
     if python is not None and m["restart"] is not None:
         lines.append(
             f"restart-to-ready beyond the interpreter's start: {m['restart'] - python:.2f} s"
+        )
+    if python is not None and m["restart_before"] is not None:
+        lines.append(
+            f"restart-to-ready beyond the interpreter's start, before: "
+            f"{m['restart_before'] - python:.2f} s"
         )
     lines.append(
         "exit codes: init ready/stop "
@@ -324,6 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "after its first starts on a kernel",
     )
     parser.add_argument("--json", type=Path, help="also write the raw facts here")
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also time init's start and restart with the program of this git revision, "
+        "in the same guest, interleaved (before and after on one machine)",
+    )
     parser.add_argument(
         "--native-only", action="store_true", help="only the real package's native link rows"
     )
@@ -382,6 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "real_cache": shlex.quote(str(built.cache)),
             "real_version": shlex.quote(real_source.version),
         }
+    before = ""
+    if args.before:  # its bytecode compiled here: the guest times the program, not the compiler
+        (work / "before").mkdir()
+        before_src = checkout(args.before, work / "before")
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(before_src)], check=True)
+        before = str(before_src)
     logs = work / "logs"
     logs.mkdir()
     script = logs / "bench.sh"
@@ -401,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "KERNEL_MODULE_TYPE": "proprietary",
         "PATH": f"{work / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin",
         "KEEP_SCAN": KEEP_SCAN,
+        "BEFORE": before,
     }
     print(f"bench: booting {kernel} in a guest (QEMU)", flush=True)
     with following(logs / "progress.log", lambda line: print(f"guest | {line}", flush=True)):
