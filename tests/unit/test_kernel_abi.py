@@ -272,7 +272,7 @@ def test_modules_read_in_threads_give_what_one_thread_reads(kernel: str, tmp_pat
     one = RunningAbi(config, kernel, budget=float("inf"), keep=False, threads=1)
     many = RunningAbi(config, kernel, budget=float("inf"), keep=False, threads=4)
     assert one.crcs(["-"]) == many.crcs(["-"]) == {}
-    assert one._crcs == many._crcs and one.vermagic() == many.vermagic() is not None
+    assert one._scanned == many._scanned and one.vermagic() == many.vermagic() is not None
     assert one.modules_read == many.modules_read == every_module(kernel)
 
 
@@ -325,3 +325,18 @@ def test_the_build_tree_is_read_only_for_what_the_kept_scan_lacks(
         name: symvers[name] for name in (only_in_tree, *SYMBOLS)
     }
     assert "Read the running kernel's CRCs" in caplog.text and abi.modules_read == 0
+
+
+def test_a_kept_crc_that_is_no_number_counts_as_not_found(kernel: str, tmp_path: Path) -> None:
+    """The kept file is taken as written (thousands of CRCs, not copied at each start): a
+    value this module never writes is a symbol not found, never a traceback."""
+    config = host_with_modules(tmp_path, kernel, tree=False)
+    RunningAbi(config, kernel, budget=float("inf")).crcs(["-"])
+    index = config.cache_dir / "kernel-abi" / f"{kernel}.json"
+    kept = json.loads(index.read_text())
+    kept["crcs"]["_printk"] = "0x1234"
+    index.write_text(json.dumps(kept))
+    abi = RunningAbi(config, kernel, budget=0.0)
+    verdict = abi.fit(package_kernel(kernel))
+    assert verdict.fits and verdict.checked == len(SYMBOLS) - 1, verdict
+    assert "1 not found on the node" in verdict.reason

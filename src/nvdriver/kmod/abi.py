@@ -98,8 +98,8 @@ class RunningAbi:
     ) -> None:
         self.release = release
         self.directory = config.host("/lib/modules") / release
-        self._crcs: dict[str, int] = {}  # from the build tree, then from host modules
-        self._scanned: dict[str, int] = {}  # from host modules only: what is kept
+        self._tree: dict[str, int] = {}  # from the build tree: taken first
+        self._scanned: dict[str, int] = {}  # from host modules (kept and read): what is kept
         self._vermagic: str | None = None
         self._started = False
         self._tree_read = False
@@ -134,7 +134,7 @@ class RunningAbi:
         self._tree_read = True
         symvers = self.directory / "build" / "Module.symvers"
         try:
-            self._crcs.update(read_symvers(symvers))
+            self._tree = read_symvers(symvers)
         except OSError:
             pass
         else:
@@ -161,13 +161,15 @@ class RunningAbi:
             kept = json.loads(self._index.read_bytes())
             if self._identity is None or kept["identity"] != self._identity:
                 return
-            crcs = {str(n): int(c) for n, c in kept["crcs"].items()}
+            # Taken as written (thousands of CRCs, not copied); a value that is no number,
+            # which this module never writes, counts as not found (`crcs`).
+            crcs = kept["crcs"]
             vermagic, position = kept["vermagic"], int(kept["position"])
+            if not isinstance(crcs, dict):
+                return
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return  # none kept, another kernel's, or unreadable: read the modules
-        self._scanned.update(crcs)
-        for name, crc in crcs.items():
-            self._crcs.setdefault(name, crc)
+        self._scanned = crcs
         self._vermagic = vermagic if isinstance(vermagic, str) else None
         self._position, self._complete = position, kept.get("complete") is True
         self._kept = (self._position, self._complete)
@@ -240,7 +242,6 @@ class RunningAbi:
             self.modules_read += 1
             for name, crc in facts.versions.items():
                 self._scanned.setdefault(name, crc)
-                self._crcs.setdefault(name, crc)
             if self._vermagic is None:
                 self._vermagic = facts.vermagic
         if self._budget <= 0:
@@ -260,12 +261,17 @@ class RunningAbi:
         """The running kernel's CRCs of `names`, those the node can find."""
         self._start()
         wanted = set(names)
-        if not wanted <= self._crcs.keys():
+        if not self._known(wanted):
             self._read_tree()
-        while not wanted <= self._crcs.keys() and not self._complete and self._read_next():
+        while not self._known(wanted) and not self._complete and self._read_next():
             pass
         self._keep()
-        return {n: self._crcs[n] for n in wanted if n in self._crcs}
+        found = {n: c for n in wanted if type(c := self._scanned.get(n)) is int}
+        found.update((n, self._tree[n]) for n in wanted if n in self._tree)
+        return found
+
+    def _known(self, names: set[str]) -> bool:
+        return all(n in self._tree or n in self._scanned for n in names)
 
     def fit(self, kernel: KernelIdentity) -> Fit:
         """Whether a package made for `kernel` fits the running kernel, and why."""
