@@ -34,6 +34,7 @@ import re
 import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from errno import EACCES, EPERM
 from pathlib import Path
 from typing import TypeVar
 
@@ -355,10 +356,13 @@ def _system_call(name: str, what: str, *args: bytes | int | None) -> None:
     call.restype = ctypes.c_int
     if call(*args) != 0:
         errno = ctypes.get_errno()
+        denied = errno in (EPERM, EACCES)
         raise DriverError(
             f"Could not {what}: {os.strerror(errno)}.",
-            hint="Mounting needs CAP_SYS_ADMIN in the host's mount namespace: run the "
-            "container privileged, with the documented mounts (docs/paths.md).",
+            hint="Mounting needs CAP_SYS_ADMIN: run the container privileged, with the "
+            "documented mounts (docs/paths.md)."
+            if denied
+            else None,
         )
 
 
