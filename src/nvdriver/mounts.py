@@ -380,7 +380,8 @@ def _umount(where: Path, *, recursive: bool = False) -> None:
     if recursive:
         # A recursive bind starts out a peer of its source's mounts: unmounting its
         # submounts then would unmount the source's. As a slave it is safe to take apart.
-        run(["mount", "--make-rslave", where], timeout=TOOL_TIMEOUT, check=False)
+        with contextlib.suppress(DriverError):
+            set_propagation(where, "rslave")
     run(["umount", *(["--recursive"] if recursive else []), where], timeout=TOOL_TIMEOUT)
 
 
@@ -541,7 +542,10 @@ def unmount_under(directory: Path) -> None:
     directory = directory.resolve()
     ours = [m.target for m in reversed(mount_table()) if is_under(m.target, directory)]
     for target in ours:  # a bind left a peer of the host's mounts must not unmount those
-        _try(["mount", "--make-rslave", target], f"make {target} a slave")
+        try:
+            set_propagation(target, "rslave")
+        except DriverError as e:  # "Could not make TARGET rslave: REASON."
+            log.warning("%s", e.message)
     for target in ours:
         log.info("Unmounting %s, left over by an interrupted run", target)
         if not _try(["umount", target], f"unmount {target}"):

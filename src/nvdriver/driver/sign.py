@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 HASH = "sha512"
 # This process's own mount table (its container's, whatever HOST_ROOT says). Tests patch it.
-MOUNTINFO = Path("/proc/self/mountinfo")
+MOUNTINFO = mounts.MOUNTINFO
 
 
 def on_root_mount(key: Path, mountinfo: Path | None = None) -> bool:
