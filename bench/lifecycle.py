@@ -187,6 +187,15 @@ measure() {{
     last=$(printf '%d.%06d' $((us / 1000000)) $((us % 1000000)))
     say "$1" "$last"
 }}
+# to_ready KEY LOG [NAME=VALUE...]: init started (with the environment given) to its
+# readiness file (KEY_R, also in $last), then SIGTERM'd (its exit in KEY_stop_rc_R).
+to_ready() {{
+    local key=$1 log=$2 t
+    shift 2
+    t=$(now); start_init "$log" "$@"; wait_ready; say ${{key}}_ready_rc_$r $?
+    measure ${{key}}_$r $t
+    stop_init TERM; say ${{key}}_stop_rc_$r $INIT_RC
+}}
 unload_floor() {{ rmmod nvidia_modeset nvidia_uvm nvidia 2>/dev/null; rm -rf {floor_dir}; }}
 real() {{ (export NVIDIA_DRIVER_SOURCE={real_source} PRECOMPILED_DIR={real_store} \
     NVIDIA_DRIVER_CACHE={real_cache} DRIVER_VERSION={real_version}; "$@"); }}
@@ -199,14 +208,10 @@ fi
 for r in $(seq {rounds}); do
     t=$(now); floor_standin; measure floor_standin_$r $t; unload_floor
     progress "round $r: stand-in floor (untar, ld -r, insmod): $last s"
-    t=$(now); start_init $LOGS/init-$r.log; wait_ready; say init_ready_rc_$r $?
-    measure init_$r $t
-    stop_init TERM; say init_stop_rc_$r $INIT_RC
+    to_ready init $LOGS/init-$r.log
     progress "round $r: init start-to-ready: $last s (SIGTERM: exit $INIT_RC)"
     if [ -n "$BEFORE" ]; then
-        t=$(now); start_init $LOGS/init-before-$r.log PYTHONPATH=$BEFORE; wait_ready
-        say init_before_ready_rc_$r $?; measure init_before_$r $t
-        stop_init TERM; say init_before_stop_rc_$r $INIT_RC
+        to_ready init_before $LOGS/init-before-$r.log PYTHONPATH=$BEFORE
         progress "round $r: init start-to-ready, before: $last s (SIGTERM: exit $INIT_RC)"
     fi
     if [ {real} = yes ]; then
@@ -222,14 +227,10 @@ nv load 2>$LOGS/load.log; say preload_rc $?
 insmod $HOLDER; say holder_rc $?
 progress "driver loaded and held by a module (in use): restarts keep it"
 for r in $(seq {rounds}); do
-    t=$(now); start_init $LOGS/restart-$r.log; wait_ready; say restart_ready_rc_$r $?
-    measure restart_$r $t
-    stop_init TERM; say restart_stop_rc_$r $INIT_RC
+    to_ready restart $LOGS/restart-$r.log
     progress "round $r: init restart-to-ready: $last s (SIGTERM: exit $INIT_RC)"
     if [ -n "$BEFORE" ]; then
-        t=$(now); start_init $LOGS/restart-before-$r.log PYTHONPATH=$BEFORE; wait_ready
-        say restart_before_ready_rc_$r $?; measure restart_before_$r $t
-        stop_init TERM; say restart_before_stop_rc_$r $INIT_RC
+        to_ready restart_before $LOGS/restart-before-$r.log PYTHONPATH=$BEFORE
         progress "round $r: init restart-to-ready, before: $last s (SIGTERM: exit $INIT_RC)"
         t=$(now); PYTHONPATH=$BEFORE $PY -c 'import nvdriver.cli'; measure import_before_$r $t
     fi
