@@ -23,13 +23,13 @@ of the module that uses them (`daemons.PERSISTENCED_PID`, `fabric.FM_PID`,
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, NamedTuple
 
 from nvdriver.errors import UsageError
 
@@ -129,8 +129,7 @@ def default_board() -> str:
 PAUSE_STEPS = ("locked", "linked", "loaded", "mounted", "persistenced")
 
 
-@dataclasses.dataclass(frozen=True)
-class Hooks:
+class Hooks(NamedTuple):
     """The test hooks: the only settings that exist for the tests, all here
     (docs/configuration.md, "Test hooks"). Each is a point a test cannot reach from
     outside the program: a step inside `init` to be killed at, and the build ahead's
@@ -164,8 +163,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     """Settings of `init` and `load` that the GPU Operator passes in the environment.
 
     container_root (CONTAINER_ROOT, default /): the file system bound at
@@ -187,7 +185,7 @@ class Options:
     gpu_direct_rdma: bool = False
     gds: bool = False
     gdrcopy: bool = False
-    hooks: Hooks = dataclasses.field(default_factory=Hooks)
+    hooks: Hooks = Hooks()
     build_ahead: str = "auto"
     build_ahead_interval: float = 21600.0
     build_ahead_staged_poll: float = 60.0
@@ -372,8 +370,7 @@ def parse_timeouts(
     return tuple(sorted(timeouts.items()))
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     driver_version: str | None
     kernel_module_type: str
     flatcar_channel: str | None
@@ -394,7 +391,7 @@ class Config:
     kernel: str | None = None
     kernel_source: Path | None = None
     emerge_sources: bool = False
-    max_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    max_threads: int = os.cpu_count() or 1
     accept_license: bool = False
     sign_key: Path | None = None
     tag: str | None = None
@@ -417,9 +414,14 @@ class Config:
     fleet_signing_key: Path | None = None
     # The environment these settings were read from, whole: registry credentials are read
     # from it at use, and our own child (the build ahead) gets it; never shown (repr).
-    environment: Mapping[str, str] = dataclasses.field(
-        default_factory=dict, repr=False, compare=False
-    )
+    environment: Mapping[str, str] = MappingProxyType({})
+
+    def __repr__(self) -> str:
+        """Every setting but the environment, which holds the registry's credentials."""
+        shown = (
+            f"{k}={v!r}" for k, v in zip(self._fields, self, strict=True) if k != "environment"
+        )
+        return f"Config({', '.join(shown)})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: object) -> Config:
@@ -467,7 +469,7 @@ class Config:
             environment=dict(env),
         )
         given = {k: v for k, v in flags.items() if v is not None}
-        config = dataclasses.replace(config, **given)  # type: ignore[arg-type]
+        config = config._replace(**given)  # type: ignore[arg-type]
         config.validate_flags()
         return config
 

@@ -9,13 +9,13 @@ killed run left behind is found and stopped as well.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from nvdriver.config import Config
 from nvdriver.errors import BusyError, DriverError
@@ -60,8 +60,7 @@ def running_pid(config: Config, pidfile: Path) -> int | None:
     return pid
 
 
-@dataclasses.dataclass(frozen=True)
-class Daemon:
+class Daemon(NamedTuple):
     """A daemon that forks into the background and writes its pid file at a path it fixes
     (nvidia-persistenced, nv-fabricmanager, nvlsm): found, and stopped, by that file."""
 

@@ -26,13 +26,12 @@ before anything starts. The facts and their sources: docs/fabric-manager.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nvdriver import daemons, rootfs
 from nvdriver.atomic import write_atomically
@@ -140,8 +139,7 @@ def nvlink5_ports(config: Config) -> tuple[str, ...]:
     return tuple(found)
 
 
-@dataclasses.dataclass(frozen=True)
-class Fabric:
+class Fabric(NamedTuple):
     """What the node's NVLink fabric needs: its NVSwitches, and whether it is NVLink5; with
     what the driver root has of the fabric manager (None where it lacks a file)."""
 
@@ -277,8 +275,7 @@ def config_value(text: str, key: str) -> str | None:
     return values[-1].strip() if values else None
 
 
-@dataclasses.dataclass(frozen=True)
-class FabricLog:
+class FabricLog(NamedTuple):
     """The fabric manager's log file from where it stood before a start: an earlier run's
     lines (LOG_APPEND_TO_LOG=1, the default) do not count."""
 
@@ -340,8 +337,7 @@ def write_config(config: Config, fabric: Fabric) -> tuple[Path, str]:
     return path, text
 
 
-@dataclasses.dataclass(frozen=True)
-class GpuFabric:
+class GpuFabric(NamedTuple):
     """One GPU's registration with the fabric, as nvidia-smi -q -x reports it."""
 
     gpu: str  # its PCI bus id (the gpu element's id)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError
@@ -40,8 +40,7 @@ def read_optional(path: Path) -> str | None:
         return None
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelIdentity:
+class KernelIdentity(NamedTuple):
     """A kernel as a package is made for it, by what the kernel checks at load: the release
     (`uname -r`), the vermagic and the CRCs of the kernel symbols the package's modules
     import (CONFIG_MODVERSIONS). `version`, the full `/proc/version` line, is information
@@ -58,7 +57,7 @@ class KernelIdentity:
     symbols: tuple[tuple[str, int], ...] = ()  # (name, CRC), sorted by name
 
     def with_abi(self, vermagic: str | None, symbols: Mapping[str, int]) -> KernelIdentity:
-        return dataclasses.replace(self, vermagic=vermagic, symbols=tuple(sorted(symbols.items())))
+        return self._replace(vermagic=vermagic, symbols=tuple(sorted(symbols.items())))
 
     @property
     def abi_digest(self) -> str:
@@ -118,8 +117,7 @@ class KernelIdentity:
         return cls(release=defines["UTS_RELEASE"], version=version)
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelTree:
+class KernelTree(NamedTuple):
     """A prepared kernel build tree: `source` (SYSSRC) and `output` (SYSOUT) may differ."""
 
     source: Path
@@ -185,8 +183,7 @@ class KernelTree:
         return None
 
 
-@dataclasses.dataclass(frozen=True)
-class PciDevice:
+class PciDevice(NamedTuple):
     address: str
     vendor: int
     device: int

@@ -13,13 +13,12 @@ package is looked up, or, when the restart adopts the driver its predecessor loa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import signal
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nvdriver import daemons, fabric, lock, rootfs, signals
 from nvdriver.atomic import TEMP_PREFIX, write_atomically
@@ -106,8 +105,7 @@ def _sweep_after_ready(config: Config, version: str) -> None:
         log.error("Could not remove what a killed run left (the driver runs on): %s", e)
 
 
-@dataclasses.dataclass(frozen=True)
-class DriverPlan:
+class DriverPlan(NamedTuple):
     """What `init` and `load` load: the linked tree, which modules, with which parameters."""
 
     version: str
@@ -177,7 +175,7 @@ def _find_package(
         trust.check_signing_key(config.fleet_signing_key)  # exit 2 before anything is built
     try:
         package = builder.make_package(
-            dataclasses.replace(config, kernel=None),
+            config._replace(kernel=None),
             source,
             flavour,
             into=config.node_precompiled_dir,
@@ -372,8 +370,7 @@ _LOADED_STAMP = ".loaded-from.json"
 _STAMP_FORMAT = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stamp:
+class _Stamp(NamedTuple):
     """The loaded stamp: the package as the tree's proof (driver/proof.py) names it (path,
     file identity, manifest digest), the flavour, and each loaded module's srcversion."""
 
@@ -429,7 +426,7 @@ def _stamp_loaded(config: Config, plan: DriverPlan) -> None:
     stamp = {
         "format": _STAMP_FORMAT,
         "package": str(plan.package),
-        "identity": dataclasses.asdict(recorded.identity) if named and recorded else None,
+        "identity": recorded.identity._asdict() if named and recorded else None,
         "manifest_sha256": recorded.manifest_sha256 if named and recorded else None,
         "flavour": plan.flavour,
         "srcversion": {m.name: m.srcversion for m in loaded_modules(config)},
@@ -695,8 +692,7 @@ def update(config: Config) -> Package | None:
     return package
 
 
-@dataclasses.dataclass(frozen=True)
-class VerifyReport:
+class VerifyReport(NamedTuple):
     good: list[tuple[PackageStore, Path]]
     bad: list[tuple[PackageStore, Path, str]]
 

@@ -25,7 +25,6 @@ host through a shared mount (a `Bidirectional` volume) and leave it again.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging
@@ -36,7 +35,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from errno import EACCES, EPERM
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from nvdriver import signals
 from nvdriver.errors import DriverError, Interrupted
@@ -184,8 +183,7 @@ def loop_device(image: Path, *, offset: int, size: int, read_only: bool = True) 
         yield device
 
 
-@dataclasses.dataclass(frozen=True)
-class LoopDevice:
+class LoopDevice(NamedTuple):
     """An attached loop device as `losetup --json` lists it."""
 
     name: str
@@ -239,8 +237,7 @@ def loop_devices() -> tuple[LoopDevice, ...]:
 # --- the mount table ------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):
     """A mount as `findmnt --json` lists it."""
 
     target: Path

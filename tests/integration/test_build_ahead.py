@@ -147,7 +147,7 @@ def test_update_next_builds_ahead_into_the_node_store_which_status_shows_and_pru
 
     # Prune: the package built ahead and the next release's developer container stay;
     # a package of another kernel and another release's developer container go.
-    other_kernel = dataclasses.replace(KERNEL, release="6.1.0-1-amd64")
+    other_kernel = KERNEL._replace(release="6.1.0-1-amd64")
     other = pkg.write_package(
         tmp_path / "node-precompiled",
         dataclasses.replace(

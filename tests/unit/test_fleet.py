@@ -4,7 +4,6 @@ shows, and the flags that name what to build for."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -202,8 +201,8 @@ def test_status_shows_the_running_and_the_next_release_with_their_packages(
     host = config.host_root
     (host / "proc").mkdir()
     (host / "proc" / "version").write_text("Linux version x (b@h) #1 SMP\n")
-    running = dataclasses.replace(KERNEL, release=os.uname().release)
-    following = dataclasses.replace(KERNEL, release="6.12.54-flatcar")
+    running = KERNEL._replace(release=os.uname().release)
+    following = KERNEL._replace(release="6.12.54-flatcar")
     in_image = pkg.write_package(
         config.precompiled_dir, fake_build(tmp_path / "a", kernel=running), tag=None
     )

@@ -16,7 +16,7 @@ from tests.conftest import run_tool
 from tests.packaging import KERNEL, fake_build
 
 # The kernel this test runs on: prune keeps its packages (never a hard-coded release).
-RUNNING = dataclasses.replace(KERNEL, release=os.uname().release)
+RUNNING = KERNEL._replace(release=os.uname().release)
 
 
 def record_next(cache: Path, version: str, kernel_release: str | None) -> None:
@@ -50,9 +50,9 @@ def prune_env(tmp_path: Path, store: Path, cache: Path) -> dict[str, str]:
 def test_prune_keeps_the_running_and_the_next_releases_packages_only(tmp_path):
     store = tmp_path / "precompiled"
     current = pkg.write_package(store, fake_build(tmp_path / "a", kernel=RUNNING), tag=None)
-    next_kernel = dataclasses.replace(KERNEL, release="6.1.0-100-amd64")
+    next_kernel = KERNEL._replace(release="6.1.0-100-amd64")
     ahead = pkg.write_package(store, fake_build(tmp_path / "b", kernel=next_kernel), tag=None)
-    other_kernel = dataclasses.replace(KERNEL, release="6.1.0-98-amd64")
+    other_kernel = KERNEL._replace(release="6.1.0-98-amd64")
     other = pkg.write_package(store, fake_build(tmp_path / "o", kernel=other_kernel), tag=None)
     old_build = dataclasses.replace(
         fake_build(tmp_path / "c", kernel=RUNNING), driver_version="535.100.01"
@@ -90,7 +90,7 @@ def test_prune_keeps_the_running_and_the_next_releases_packages_only(tmp_path):
 def test_without_a_next_release_prune_keeps_the_running_kernels_packages_only(tmp_path):
     store = tmp_path / "precompiled"
     current = pkg.write_package(store, fake_build(tmp_path / "a", kernel=RUNNING), tag=None)
-    ahead_kernel = dataclasses.replace(KERNEL, release="6.1.0-100-amd64")
+    ahead_kernel = KERNEL._replace(release="6.1.0-100-amd64")
     ahead = pkg.write_package(store, fake_build(tmp_path / "b", kernel=ahead_kernel), tag=None)
     cache = tmp_path / "cache"
     # A record the node has booted past (its version is the host's now) keeps nothing.

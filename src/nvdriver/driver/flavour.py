@@ -20,11 +20,11 @@ and says so (log and `status`).
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from nvdriver.config import Config
 from nvdriver.driver.source import DriverSource, Flavour
@@ -51,8 +51,7 @@ def supported_gpus_paths(config: Config) -> list[Path]:
     ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
+class Chip(NamedTuple):
     """One entry of supported-gpus.json."""
 
     device: int
@@ -63,8 +62,7 @@ class Chip:
     legacy_branch: str | None = None  # driven only by an older branch (e.g. "470.xx")
 
 
-@dataclasses.dataclass(frozen=True)
-class SupportedGpus:
+class SupportedGpus(NamedTuple):
     """The driver's list of the GPUs it supports and their features."""
 
     path: Path
@@ -118,8 +116,7 @@ def requires_open(gpu: PciDevice) -> bool:
     return gpu.device in GRACE_HOPPER_IDS or gpu.device >= FIRST_BLACKWELL_ID
 
 
-@dataclasses.dataclass(frozen=True)
-class FlavourChoice:
+class FlavourChoice(NamedTuple):
     """The flavour, why, and the GPU list it was decided with (None: none was found)."""
 
     flavour: Flavour

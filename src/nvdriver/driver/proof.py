@@ -30,13 +30,12 @@ differs after a remount) costs one verification, never trust in a changed file.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nvdriver.atomic import write_atomically
 
@@ -49,8 +48,7 @@ PROOF = ".verified.json"
 FORMAT = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class FileIdentity:
+class FileIdentity(NamedTuple):
     """What says a file is the very one seen before, without reading it."""
 
     device: int
@@ -66,8 +64,7 @@ class FileIdentity:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-@dataclasses.dataclass(frozen=True)
-class Proof:
+class Proof(NamedTuple):
     """What a verification and link checked (see the module's docstring)."""
 
     package: str
@@ -92,9 +89,7 @@ class Proof:
         except OSError:
             return False
         changed = [
-            f.name
-            for f in dataclasses.fields(self)
-            if getattr(now, f.name) != getattr(self, f.name)
+            name for name, was, is_ in zip(self._fields, self, now, strict=True) if is_ != was
         ]
         if changed:
             log.info("%s changed since its proof was written (%s)", tree, ", ".join(changed))
@@ -115,7 +110,18 @@ class Proof:
             return False
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, indent=2) + "\n"
+        def identities(files: Mapping[str, FileIdentity]) -> dict[str, dict[str, int]]:
+            return {name: identity._asdict() for name, identity in files.items()}
+
+        obj = {
+            "format": FORMAT,
+            "package": self.package,
+            "identity": self.identity._asdict(),
+            "manifest_sha256": self.manifest_sha256,
+            "cores": identities(self.cores),
+            "tree": identities(self.tree),
+        }
+        return json.dumps(obj, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Proof:

@@ -8,10 +8,10 @@ proprietary flavour: interface sources plus closed core objects) and
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from nvdriver.config import Config, validate_driver_version
 from nvdriver.errors import DriverError, UnsupportedError, UsageError
@@ -43,8 +43,7 @@ MODULE_ORDER = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitModule:
+class SplitModule(NamedTuple):
     """A module linked on the node from an interface object and NVIDIA's core object."""
 
     name: str
@@ -62,8 +61,7 @@ SPLIT_MODULES = {
 _VERSION_RE = re.compile(r'NV_VERSION_STRING\s*[:?]?=\s*\\?"?([0-9][0-9.]*)')
 
 
-@dataclasses.dataclass(frozen=True)
-class DriverSource:
+class DriverSource(NamedTuple):
     root: Path
     version: str
 

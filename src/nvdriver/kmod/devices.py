@@ -34,7 +34,6 @@ leaves a node or link someone else made, or made again since, where it is.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, NamedTuple, cast
 
 from nvdriver.atomic import write_atomically
 from nvdriver.config import Config
@@ -64,8 +63,7 @@ _FIELD_RE = re.compile(r"^(\w+):\s*(-?\d+)\s*$", re.MULTILINE)
 Kind = Literal["node", "link", "dir"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Access:
+class Access(NamedTuple):
     """Who may open a node, and whether the driver lets it be made (ModifyDeviceFiles)."""
 
     mode: int = 0o666
@@ -74,8 +72,7 @@ class Access:
     modify: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
-class DeviceNode:
+class DeviceNode(NamedTuple):
     """A node the loaded driver needs, as nvidia-modprobe would make it."""
 
     name: str  # under /dev: nvidia0, nvidia-caps/nvidia-cap1
@@ -99,8 +96,7 @@ class DeviceNode:
         return f"../{self.name}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Made:
+class Made(NamedTuple):
     """A node, link or directory this program made under /dev, and how to know it again."""
 
     path: str  # relative to /dev
@@ -280,7 +276,7 @@ def _write_record(config: Config, made: Sequence[Made]) -> None:
             path.unlink(missing_ok=True)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps([dataclasses.asdict(m) for m in made], indent=1) + "\n"
+        data = json.dumps([m._asdict() for m in made], indent=1) + "\n"
         write_atomically(path, data.encode())
     except OSError as e:
         log.warning(

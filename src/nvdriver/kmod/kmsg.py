@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
 import re
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class KmsgRecord:
+class KmsgRecord(NamedTuple):
     level: int
     sequence: int
     message: str

@@ -5,9 +5,9 @@ Only reads; loading and unloading are in `loading` and `unloading`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from nvdriver.config import Config
 from nvdriver.driver.source import MODULE_ORDER
@@ -19,8 +19,7 @@ def sysfs_name(module: str) -> str:
     return module.replace("-", "_")
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedModule:
+class LoadedModule(NamedTuple):
     """A module as /sys/module shows it."""
 
     name: str  # the sysfs name, nvidia_uvm

@@ -16,7 +16,6 @@ Debian 6.12's are `.ko.xz`); zstd ones are skipped (no decoder in the standard l
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import lzma
 import mmap
@@ -24,6 +23,7 @@ import struct
 import zlib
 from collections.abc import Container, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz")
 _ELF_MAGIC = b"\x7fELF"
@@ -36,8 +36,7 @@ class NotAModule(ValueError):
     """The file is not a readable 64-bit little-endian ELF object."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModuleFacts:
+class ModuleFacts(NamedTuple):
     """The symbols a module imports with their CRCs, and its modinfo fields."""
 
     versions: Mapping[str, int]

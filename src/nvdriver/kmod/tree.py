@@ -8,10 +8,10 @@ the host modules they need (`drm`, `video`, ...: whatever their `depends` and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from nvdriver.driver.source import MODULE_ORDER
 from nvdriver.errors import DriverError
@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 BASE_MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModuleTree:
+class ModuleTree(NamedTuple):
     """The private module tree: `modprobe -d base` finds `base/lib/modules/KERNEL`."""
 
     base: Path
