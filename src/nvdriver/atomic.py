@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -25,6 +23,18 @@ from nvdriver import signals
 TEMP_PREFIX = ".tmp-"
 # The tree that `replace_directory` moves out of the way, removed right after.
 OLD_PREFIX = ".old-"
+
+
+def _create_beside(final: Path, prefix: str) -> tuple[int, Path]:
+    """A new file under a fresh name beside `final`, open for writing (mode 0600), as
+    `tempfile.mkstemp` makes it: `tempfile` imports `shutil` and `random`, with their
+    compression and hashing modules, at every start that writes its readiness."""
+    while True:
+        path = final.with_name(f"{prefix}{os.urandom(6).hex()}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+        except FileExistsError:
+            continue
 
 
 def fsync_directory(directory: Path) -> None:
@@ -56,8 +66,7 @@ def atomic_file(
     tmp: Path | None = None
     try:
         with signals.deferred():
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-            tmp = Path(name)
+            fd, tmp = _create_beside(final, prefix)
             opened = os.fdopen(fd, "wb")
         with opened as f:
             yield f
@@ -110,4 +119,6 @@ def replace_directory(new: Path, final: Path) -> None:
     if new.parent != final.parent:
         fsync_directory(new.parent)
     if old is not None:
+        import shutil  # with its compression modules: off the start path
+
         shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from errno import EACCES, EPERM
@@ -508,6 +507,8 @@ def overlay(
                 mount("tmpfs", scratch, fstype="tmpfs", options=[f"size={tmpfs_size}"])
             )
         else:  # removed after the unmount (a killed run's: by `cleanup_stale`'s caller)
+            import shutil  # with its compression modules: off the start path
+
             scratch.mkdir(parents=True)
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         upper, work = scratch / "upper", scratch / "work"

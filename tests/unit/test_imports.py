@@ -112,10 +112,16 @@ def test_init_imports_nothing_of_a_build_up_to_its_linked_tree(
 # What a start needs only when it reads a package or stops: not before a restart that
 # adopts the loaded driver is ready (lifecycle imports these where they are called). The
 # records of the start path are NamedTuples: `dataclasses` (with `inspect`, `ast` and `dis`)
-# costs its import and a compiled `__init__`, `__eq__`, `__repr__`... per class.
+# costs its import and a compiled `__init__`, `__eq__`, `__repr__`... per class. `shutil`
+# (and `tempfile`, which imports it) loads the bz2, lzma and zlib modules.
 NOT_ON_A_RESTART = (
     "dataclasses",
     "inspect",
+    "shutil",
+    "tempfile",
+    "lzma",
+    "bz2",
+    "gzip",
     "tarfile",
     "hashlib",
     "_hashlib",

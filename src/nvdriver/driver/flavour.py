@@ -20,7 +20,6 @@ and says so (log and `status`).
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +72,8 @@ class SupportedGpus(NamedTuple):
         try:
             data = path.read_bytes()
             if path.suffix == ".gz":
+                import gzip  # Debian's gzip'd list; NVIDIA's .run has it plain
+
                 data = gzip.decompress(data)
             chips = tuple(
                 Chip(

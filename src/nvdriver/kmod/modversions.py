@@ -16,11 +16,8 @@ Debian 6.12's are `.ko.xz`); zstd ones are skipped (no decoder in the standard l
 
 from __future__ import annotations
 
-import gzip
-import lzma
 import mmap
 import struct
-import zlib
 from collections.abc import Container, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -51,6 +48,13 @@ class ModuleFacts(NamedTuple):
 def read_bytes(path: Path) -> bytes:
     """A module's ELF bytes, decompressed by its suffix."""
     data = path.read_bytes()
+    if not path.name.endswith((".xz", ".gz")):
+        return data
+    # Only the host's modules are compressed, not the tree a start links and loads.
+    import gzip
+    import lzma
+    import zlib
+
     try:
         if path.name.endswith(".xz"):
             return lzma.decompress(data)
