@@ -327,20 +327,22 @@ def _load_fitting(
     tell apart beforehand), move the package aside as stale and load the next one found
     (another store's, the registry's, or a build) once. A second refusal is an error:
     no build loop. Returns the plan that loaded."""
-    from nvdriver.driver import package as pkg
-
     try:
         load_plan(plan)
         return plan
     except KernelAbiRefused as e:
-        pkg.move_aside(plan.package, pkg.STALE_SUFFIX)
-        log.warning(
-            "The kernel refused the modules of %s: %s It is stale for this kernel; looking "
-            "for another package (once).",
-            plan.package,
-            e.message,
-        )
-        refused = plan.package
+        why = e.message
+    # Imported after a refusal only: a restart that adopts reads no package.
+    from nvdriver.driver import package as pkg
+
+    pkg.move_aside(plan.package, pkg.STALE_SUFFIX)
+    log.warning(
+        "The kernel refused the modules of %s: %s It is stale for this kernel; looking "
+        "for another package (once).",
+        plan.package,
+        why,
+    )
+    refused = plan.package
     again = _prepare(config, refused={refused})
     try:
         load_plan(again)
@@ -431,7 +433,11 @@ def _stamp_loaded(config: Config, plan: DriverPlan) -> None:
         "flavour": plan.flavour,
         "srcversion": {m.name: m.srcversion for m in loaded_modules(config)},
     }
-    write_atomically(plan.tree.directory / _LOADED_STAMP, json.dumps(stamp).encode())
+    path, data = plan.tree.directory / _LOADED_STAMP, json.dumps(stamp).encode()
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == data:  # a restart that adopted: nothing to write and flush
+            return
+    write_atomically(path, data)
 
 
 def _loaded_from(

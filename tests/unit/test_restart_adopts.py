@@ -14,6 +14,7 @@ sweep and the readiness file are real.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -33,6 +34,7 @@ from nvdriver.kmod import loading, unloading
 from nvdriver.kmod.loaded import sysfs_name
 from nvdriver.kmod.tree import ModuleTree
 from tests.packaging import package_for_running_kernel
+from tests.unit.test_imports import NOT_ON_A_RESTART
 from tests.unit.test_init_without_package import node_without_package
 
 
@@ -164,7 +166,11 @@ def test_a_restart_with_the_packages_modules_loaded_reads_no_package_and_is_read
 ) -> None:
     node = run_init
     no_package_reading(monkeypatch)
+    stamp = node.plan.tree.directory / lifecycle._LOADED_STAMP
+    written = stamp.stat()
     lifecycle.init(node.config)
+    # The same modules, the same stamp: not written (and flushed) again.
+    assert (stamp.stat().st_ino, stamp.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert node.events == [
         "root bound",
         "modules loaded",
@@ -177,6 +183,29 @@ def test_a_restart_with_the_packages_modules_loaded_reads_no_package_and_is_read
         "loaded already" in caplog.text and "keeping them, nothing to link (adopted" in caplog.text
     )
     assert not node.ready_file.exists()  # the shutdown removed it
+
+
+def test_a_restart_asks_for_nothing_of_a_package_or_a_shutdown_until_it_is_ready(
+    run_init: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """test_imports.py checks what importing lifecycle loads; this, what the restart's own
+    steps ask for on their way to readiness (a function's `import` runs at each call, and
+    an import of the package format there would load tar, gzip and hashlib at every
+    restart). Recorded until the sweep, which runs once the driver is ready."""
+    node = run_init
+    asked: list[str] = []
+    real_import = builtins.__import__
+
+    def recording(name: str, *args: object, **kwargs: object) -> object:
+        fromlist = args[2] if len(args) > 2 else kwargs.get("fromlist")
+        if not any(event.startswith("sweep") for event in node.events):
+            asked.extend([name, *(f"{name}.{n}" for n in fromlist or ())])  # type: ignore[attr-defined]
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", recording)
+    lifecycle.init(node.config)
+    assert "sweep (ready)" in node.events
+    assert sorted({m for m in asked if m in NOT_ON_A_RESTART}) == []
 
 
 def test_the_sweep_of_a_restart_runs_once_the_driver_is_ready(
