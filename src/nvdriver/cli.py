@@ -11,10 +11,11 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nvdriver import __version__
 from nvdriver.errors import DriverError, ExitCode, Interrupted
@@ -35,8 +36,40 @@ def _positive(value: str) -> int:
     return n
 
 
-def _common(debug_default: object) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+def _help_width() -> int:
+    """The width argparse gives its help: `shutil.get_terminal_size()`'s columns less 2
+    (COLUMNS, else the terminal of stdout, else 80)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, its width found without `shutil`: argparse makes a formatter at
+    each `add_argument` (to check the metavar), and its own asks `shutil`, which imports
+    the bz2, lzma and zlib modules at every command's start."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_help_width())
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser with `_HelpFormatter` (the subcommands' too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _common(debug_default: object) -> _Parser:
+    p = _Parser(add_help=False)
     p.add_argument(
         "--debug", action="store_true", default=debug_default, help="show tracebacks and commands"
     )
@@ -97,13 +130,13 @@ def _pull_flag(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="nvidia-driver",
         description="NVIDIA driver container for Flatcar Container Linux.",
         parents=[_common(False)],
     )
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     common = _common(argparse.SUPPRESS)
 
     p = sub.add_parser(
