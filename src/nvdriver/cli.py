@@ -37,13 +37,11 @@ def _positive(value: str) -> int:
 
 
 def _help_width() -> int:
-    """The width argparse gives its help: `shutil.get_terminal_size()`'s columns less 2
-    (COLUMNS, else the terminal of stdout, else 80)."""
-    try:
-        columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
-    if columns <= 0 and sys.__stdout__ is not None:
+    """The width argparse gives its help, less 2 as it does: the terminal's of stdout, else
+    80. Unlike `shutil.get_terminal_size()` it does not read COLUMNS: the environment is
+    read in config.py only (tests/unit/test_config.py), and the CLI parses before that."""
+    columns = 0
+    if sys.__stdout__ is not None:
         try:
             columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
         except (ValueError, OSError):
