@@ -184,9 +184,13 @@ def test_a_killed_init_is_cleaned_up_by_the_next_one(
     base=/opt/nvidia/$DRIVER_VERSION
     for step in locked linked loaded mounted persistenced; do
         mkdir -p $base && mkdir -p $base/.staging-left-by-a-crash
-        start_init $LOGS/killed-$step.log NVIDIA_DRIVER_TEST_PAUSE_AT=$step
-        wait_log $LOGS/killed-$step.log "Pausing at step $step"; say ${step}_paused $?
+        # The paused run's log is the guest's own, copied to the share once it is killed:
+        # twice on 6.12 the line before the pause never reached the 9p share while init sat
+        # paused, and the wait for it timed out (the other logs stay on the share).
+        start_init /run/killed-$step.log NVIDIA_DRIVER_TEST_PAUSE_AT=$step
+        wait_log /run/killed-$step.log "Pausing at step $step"; say ${step}_paused $?
         stop_init KILL
+        cp /run/killed-$step.log $LOGS/
         start_init $LOGS/next-$step.log
         wait_ready; say ${step}_ready $?
         stop_init TERM; say ${step}_rc $INIT_RC
@@ -195,9 +199,10 @@ def test_a_killed_init_is_cleaned_up_by_the_next_one(
         say ${step}_loops "$(losetup -n -l | wc -l)"
     done
     # SIGTERM in the middle of a step (not while waiting): non-zero, all undone.
-    start_init $LOGS/term.log NVIDIA_DRIVER_TEST_PAUSE_AT=mounted
-    wait_log $LOGS/term.log "Pausing at step mounted"
+    start_init /run/term.log NVIDIA_DRIVER_TEST_PAUSE_AT=mounted
+    wait_log /run/term.log "Pausing at step mounted"
     stop_init TERM; say term_rc $INIT_RC
+    cp /run/term.log $LOGS/
     state term_after
     """
     facts, explain = scenario(guest, standin, tmp_path, body, timeout=900)
