@@ -20,8 +20,9 @@ import logging
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -196,11 +197,16 @@ def test_a_restart_asks_for_nothing_of_a_package_or_a_shutdown_until_it_is_ready
     asked: list[str] = []
     real_import = builtins.__import__
 
-    def recording(name: str, *args: object, **kwargs: object) -> object:
-        fromlist = args[2] if len(args) > 2 else kwargs.get("fromlist")
+    def recording(
+        name: str,
+        globals: Mapping[str, object] | None = None,
+        locals: Mapping[str, object] | None = None,
+        fromlist: Sequence[str] | None = (),
+        level: int = 0,
+    ) -> ModuleType:
         if not any(event.startswith("sweep") for event in node.events):
-            asked.extend([name, *(f"{name}.{n}" for n in fromlist or ())])  # type: ignore[attr-defined]
-        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+            asked.extend([name, *(f"{name}.{n}" for n in fromlist or ())])
+        return real_import(name, globals, locals, fromlist or (), level)
 
     monkeypatch.setattr(builtins, "__import__", recording)
     lifecycle.init(node.config)
