@@ -24,7 +24,6 @@ of the module that uses them (`daemons.PERSISTENCED_PID`, `fabric.FM_PID`,
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple
 
 from nvdriver.errors import UsageError
+from nvdriver.pattern import Pattern
 
 # Seconds each program may run before it is killed (run.py; NVIDIA_DRIVER_TIMEOUTS changes
 # them). modprobe of nvidia on a node with many GPUs takes tens of seconds; rmmod and
@@ -68,16 +68,16 @@ def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"PATH": DEFAULT_PATH, **ours, **CHILD_FIXED, **(extra or {})}
 
 
-DRIVER_VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
+DRIVER_VERSION_RE = Pattern(r"^\d+\.\d+(\.\d+)?$")
 # 6.1.0-56-amd64, 6.12.102-flatcar, 6.12.113+deb12-amd64: a version, then a suffix
 # of safe characters (never a path separator or whitespace).
-KERNEL_RELEASE_RE = re.compile(r"^\d+\.\d+(\.\d+)?([-+~._][A-Za-z0-9._+~-]*)?$")
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-FLATCAR_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+KERNEL_RELEASE_RE = Pattern(r"^\d+\.\d+(\.\d+)?([-+~._][A-Za-z0-9._+~-]*)?$")
+TAG_RE = Pattern(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FLATCAR_VERSION_RE = Pattern(r"^\d+\.\d+\.\d+$")
 STORES = ("image", "node")
 # HOST[:PORT]/REPO[/...] (an OCI repository: lower-case path components; no scheme, no tag).
 _REPO_PART = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-REGISTRY_REF_RE = re.compile(
+REGISTRY_REF_RE = Pattern(
     r"^(?P<host>(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*"
     r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?)"
     rf"/(?P<repo>{_REPO_PART}(?:/{_REPO_PART})*)$"
@@ -93,7 +93,7 @@ DEFAULT_RELEASE_URL = "https://{channel}.release.flatcar-linux.net"
 DEFAULT_RELEASES_FEED = "https://www.flatcar.org/releases-json/releases-{channel}.json"
 
 
-def _check(name: str, value: str, pattern: re.Pattern[str], expected: str) -> str:
+def _check(name: str, value: str, pattern: Pattern, expected: str) -> str:
     if not pattern.fullmatch(value):
         raise UsageError(
             f"{name}={value!r} is malformed: expected {expected}.",
@@ -233,7 +233,7 @@ REGISTRY_RETRY_BUDGET = 120.0
 
 
 FM_CONFIG_PREFIX = "NVFM_CONFIG_"
-_FM_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_FM_KEY_RE = Pattern(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def _fm_config(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from nvdriver.config import Config
 from nvdriver.errors import DriverError
+from nvdriver.pattern import Pattern
 
 NVIDIA_VENDOR = 0x10DE
 # PCI display controllers: 0x0300xx VGA, 0x0302xx 3D.
@@ -18,7 +19,7 @@ DISPLAY_CLASSES = (0x0300, 0x0302)
 # (kernel-open/nvidia/linux_nvswitch.c, export_nvswitch.h PCI_CLASS_BRIDGE_NVSWITCH).
 NVSWITCH_CLASS = 0x0680
 
-_DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.MULTILINE)
+_DEFINE_RE = Pattern(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.MULTILINE)
 
 # Files that container engines put into a container's root: Docker and Podman.
 # Container-own paths, never under HOST_ROOT; tests patch this constant.

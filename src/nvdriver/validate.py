@@ -44,7 +44,6 @@ import importlib.resources
 import io
 import logging
 import platform
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from typing import Any
 from nvdriver.config import Config
 from nvdriver.errors import DriverError, NoGpuError
 from nvdriver.host import PciDevice, nvidia_gpus, resolve_in
+from nvdriver.pattern import Pattern
 from nvdriver.rootfs import DRIVER_ROOT, NVIDIA_SMI_TIMEOUT, find_nvidia_smi
 from nvdriver.run import run
 
@@ -69,8 +69,8 @@ SMI_FIELDS = (
 # `nvidia-smi -L`: no CSV query lists MIG devices; this listing is where NVIDIA's MIG user
 # guide takes the MIG-UUIDs for CUDA_VISIBLE_DEVICES from. A GPU's line, then its MIG
 # devices' (the UUID MIG-GPU-<uuid>/<gi>/<ci> before R470, MIG-<uuid> since).
-_SMI_GPU_LINE = re.compile(r"^GPU (?P<index>\d+): .*\(UUID: (?P<uuid>GPU-[^)]+)\)$")
-_SMI_MIG_LINE = re.compile(r"^\s+MIG .*Device\s+\d+: \(UUID: (?P<uuid>MIG-[^)]+)\)$")
+_SMI_GPU_LINE = Pattern(r"^GPU (?P<index>\d+): .*\(UUID: (?P<uuid>GPU-[^)]+)\)$")
+_SMI_MIG_LINE = Pattern(r"^\s+MIG .*Device\s+\d+: \(UUID: (?P<uuid>MIG-[^)]+)\)$")
 NVIDIA_DRIVER = "nvidia"  # the kernel driver name GPUs are bound to
 LIBRARY_DIRS = ("usr/lib64", f"usr/lib/{platform.machine()}-linux-gnu")
 # libcuda.so.1 opens the PTX JIT by this name: loaded first from the driver root, the

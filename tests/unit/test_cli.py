@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nvdriver import cli, lifecycle
+from nvdriver import cli, flags, lifecycle
 from tests.conftest import run_tool
 
 COMMANDS = ["init", "update", "build", "load", "unload", "status", "packages", "validate"]
@@ -36,10 +36,26 @@ def test_unknown_or_bad_flags_are_usage_errors(argv, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", sorted(cli.ALONE))
+def test_a_command_alone_parses_as_argparse_parses_it(command):
+    """`init` alone (the container's command) and the others of `cli.ALONE` skip argparse:
+    what they get must be what argparse gives them, every attribute and default."""
+    assert vars(cli.parse_args([command])) == vars(flags.parser().parse_args([command]))
+
+
+def test_the_commands_parsed_alone_are_the_ones_a_node_runs_at_each_start_and_stop():
+    assert set(cli.ALONE) == {"init", "load", "unload", "status", "packages", "validate"}
+    # With a flag, or as a flag's value, a command is argparse's to parse.
+    assert cli.parse_args(["init", "--debug"]).debug is True
+    assert cli.parse_args(["--debug", "status"]).debug is True
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--json"])
+
+
 def test_seed_flags_parse():
-    args = cli.parser().parse_args(["init", "-a", "-m", "4"])
+    args = cli.parse_args(["init", "-a", "-m", "4"])
     assert (args.accept_license, args.max_threads) == (True, 4)
-    args = cli.parser().parse_args(["update", "-k", "6.12.102-flatcar", "-s", "k", "-t", "t"])
+    args = cli.parse_args(["update", "-k", "6.12.102-flatcar", "-s", "k", "-t", "t"])
     assert (args.kernel, str(args.sign), args.tag) == ("6.12.102-flatcar", "k", "t")
 
 

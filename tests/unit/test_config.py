@@ -65,7 +65,7 @@ def test_container_own_paths_follow_container_root_never_host_root(tmp_path):
 def test_flags_override_the_environment() -> None:
     """PRECOMPILED_REGISTRY and --pull name the same setting: the flag wins."""
     env = {"PRECOMPILED_REGISTRY": "env.example/fleet/x"}
-    parse = cli.parser().parse_args
+    parse = cli.parse_args
     assert cli.config_from_args(parse(["init"]), env).registry == "env.example/fleet/x"
     flagged = parse(["init", "--pull", "flag.example/fleet/x"])
     assert cli.config_from_args(flagged, env).registry == "flag.example/fleet/x"

@@ -77,6 +77,7 @@ def test_status_help_imports_nothing_of_the_driver() -> None:
         "nvdriver",
         "nvdriver.errors",
         "nvdriver.cli",
+        "nvdriver.flags",
     ]
     assert heavy(modules) == []
     assert "subprocess" not in modules and "tarfile" not in modules
@@ -113,7 +114,8 @@ def test_init_imports_nothing_of_a_build_up_to_its_linked_tree(
 # adopts the loaded driver is ready (lifecycle imports these where they are called). The
 # records of the start path are NamedTuples: `dataclasses` (with `inspect`, `ast` and `dis`)
 # costs its import and a compiled `__init__`, `__eq__`, `__repr__`... per class. `shutil`
-# (and `tempfile`, which imports it) loads the bz2, lzma and zlib modules.
+# (and `tempfile`, which imports it) loads the bz2, lzma and zlib modules. A command given
+# alone, as the container gives `init`, is parsed without argparse (with gettext).
 NOT_ON_A_RESTART = (
     "dataclasses",
     "inspect",
@@ -128,6 +130,9 @@ NOT_ON_A_RESTART = (
     "ctypes",
     "datetime",
     "platform",
+    "argparse",
+    "gettext",
+    "nvdriver.flags",
     "nvdriver.driver.package",
     "nvdriver.driver.link",
     "nvdriver.kmod.abi",

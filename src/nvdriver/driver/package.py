@@ -44,6 +44,7 @@ from nvdriver.config import KERNEL_RELEASE_RE, Config
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.host import KernelIdentity
 from nvdriver.kmod.abi import Fit
+from nvdriver.pattern import Pattern
 
 if TYPE_CHECKING:  # driver.build (subprocess, the compiler's world) is for `update` only
     from nvdriver.driver.build import BuildOutput
@@ -58,7 +59,7 @@ SUFFIX = ".tar.gz"
 FAILED_SUFFIX = ".failed"  # failed verification
 STALE_SUFFIX = ".stale"  # does not fit the running kernel's ABI (or the kernel refused it)
 CHUNK = 1 << 20
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_NAME_RE = Pattern(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 @dataclasses.dataclass(frozen=True)

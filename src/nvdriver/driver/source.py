@@ -9,12 +9,12 @@ proprietary flavour: interface sources plus closed core objects) and
 from __future__ import annotations
 
 import enum
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 from nvdriver.config import Config, validate_driver_version
 from nvdriver.errors import DriverError, UnsupportedError, UsageError
+from nvdriver.pattern import Pattern
 
 
 class Flavour(str, enum.Enum):
@@ -58,7 +58,7 @@ SPLIT_MODULES = {
     ),
 }
 
-_VERSION_RE = re.compile(r'NV_VERSION_STRING\s*[:?]?=\s*\\?"?([0-9][0-9.]*)')
+_VERSION_RE = Pattern(r'NV_VERSION_STRING\s*[:?]?=\s*\\?"?([0-9][0-9.]*)')
 
 
 class DriverSource(NamedTuple):

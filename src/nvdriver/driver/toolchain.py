@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
+from nvdriver.pattern import Pattern
 from nvdriver.run import run
 
 if TYPE_CHECKING:  # the compiler's world: `update` builds, a node only links
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the compiler's world: `update` builds, a node only links
 
 log = logging.getLogger(__name__)
 
-_LDD_RE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+_LDD_RE = Pattern(r"^\s*(?:(\S+)\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 # Where the linker's files lie in a package (members) and in a collected copy.
 LINKER_DIR = "linker"
 PROGRAM = "ld"

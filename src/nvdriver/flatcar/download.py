@@ -13,7 +13,6 @@ import dataclasses
 import email.message
 import http.client
 import logging
-import re
 import time
 import urllib.error
 import urllib.parse
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nvdriver.errors import DriverError
+from nvdriver.pattern import Pattern
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def read_url(source: str, *, policy: RetryPolicy = DEFAULT_RETRY) -> bytes:
         _wait(source, last, failure, policy)
 
 
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE_RE = Pattern(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 def _content_start_and_total(

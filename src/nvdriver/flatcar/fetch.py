@@ -41,6 +41,7 @@ from nvdriver.flatcar.download import (
 )
 from nvdriver.flatcar.release import VERSION_RE, FlatcarRelease, release_base_url
 from nvdriver.log import Progress
+from nvdriver.pattern import Pattern
 from nvdriver.unpack import Decompressor, decompressor, sparse_writer
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ STAMP_SUFFIX = ".verified"
 PARTIAL_PREFIX = ".partial-"
 # How much of the download (compressed) between two starts of the image's writeback.
 WRITEBACK_EVERY = 16 << 20
-SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
+SHA512_RE = Pattern(r"^[0-9a-f]{128}$")
 
 
 def developer_container_url(config: Config, release: FlatcarRelease) -> str:

@@ -48,6 +48,7 @@ from nvdriver.config import Config
 from nvdriver.host import read_optional
 from nvdriver.kmod.loaded import loaded_modules
 from nvdriver.kmod.params import param_value
+from nvdriver.pattern import Pattern
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ MODESET_MINOR = 254
 RECORD = "/run/nvidia/device-nodes.json"
 CAPS_DIR = "nvidia-caps"
 MIG_CAPS = ("config", "monitor")
-_MINOR_RE = re.compile(r"^Device Minor:\s*(\d+)\s*$", re.MULTILINE)
-_FIELD_RE = re.compile(r"^(\w+):\s*(-?\d+)\s*$", re.MULTILINE)
+_MINOR_RE = Pattern(r"^Device Minor:\s*(\d+)\s*$", re.MULTILINE)
+_FIELD_RE = Pattern(r"^(\w+):\s*(-?\d+)\s*$", re.MULTILINE)
 
 Kind = Literal["node", "link", "dir"]
 

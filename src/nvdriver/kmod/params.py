@@ -9,8 +9,9 @@ from pathlib import Path
 
 from nvdriver.errors import DriverError, UsageError
 from nvdriver.kmod.loaded import sysfs_name
+from nvdriver.pattern import Pattern
 
-_PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PARAM_KEY_RE = Pattern(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 PARAMS_HINT = "Write one key=value per line, or a modprobe.d line `options MODULE key=value ...`."

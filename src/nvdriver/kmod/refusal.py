@@ -20,18 +20,18 @@ rm_is_supported_device), which log several lines per message:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from nvdriver.errors import DriverError, KernelAbiRefused, NoGpuError, UnsupportedError
 from nvdriver.host import PciDevice
+from nvdriver.pattern import Pattern
 
 NO_GPU_LINE = "NVRM: No NVIDIA GPU found."
 NO_GPU = NO_GPU_LINE.removeprefix("NVRM: ")
 NOT_PROBED_LINE = "The NVIDIA probe routine was not called"
 # "The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1db4) installed in this system is not
 # supported by open nvidia.ko ..." (vGPUs: "The NVIDIA vGPU ...", "this vGPU host system").
-_REFUSED_GPU_RE = re.compile(
+_REFUSED_GPU_RE = Pattern(
     r"The NVIDIA v?GPU (?P<address>[0-9a-fA-F:.]+)"
     r" \(PCI ID: (?P<id>[0-9a-fA-F]{4}:[0-9a-fA-F]{4})\)"
     r" installed in this (?:vGPU host )?system is not supported by"

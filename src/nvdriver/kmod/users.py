@@ -22,23 +22,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Collection, Iterable, Sequence
 
 from nvdriver.config import Config
 from nvdriver.host import read_optional
 from nvdriver.kmod.loaded import LoadedModule
+from nvdriver.pattern import Pattern
 
 DEVICE_PREFIX = "/dev/nvidia"
 
 # The cgroup path forms of containers, with the systemd and the cgroupfs drivers (cgroup v1
 # lines `N:controllers:PATH`, v2 `0::PATH`): Docker `docker-ID.scope`, `/docker/ID`;
 # containerd `cri-containerd-ID.scope`, `/kubepods/.../ID`; CRI-O `crio-ID.scope`.
-_SCOPE_RE = re.compile(r"(?:^|/)(docker|cri-containerd|crio)-([0-9a-f]{64})\.scope(?:/|$)")
-_DOCKER_RE = re.compile(r"(?:^|/)docker/([0-9a-f]{64})(?:/|$)")
-_KUBEPODS_ID_RE = re.compile(r"(?:^|/)kubepods(?:/[^/]+)*/pod[0-9a-f-]+/([0-9a-f]{64})(?:/|$)")
+_SCOPE_RE = Pattern(r"(?:^|/)(docker|cri-containerd|crio)-([0-9a-f]{64})\.scope(?:/|$)")
+_DOCKER_RE = Pattern(r"(?:^|/)docker/([0-9a-f]{64})(?:/|$)")
+_KUBEPODS_ID_RE = Pattern(r"(?:^|/)kubepods(?:/[^/]+)*/pod[0-9a-f-]+/([0-9a-f]{64})(?:/|$)")
 # The pod's UID: `pod<uid>` (cgroupfs) or `kubepods-<qos>-pod<uid with _>.slice` (systemd).
-_POD_RE = re.compile(
+_POD_RE = Pattern(
     r"(?:^|/|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
 )
 _RUNTIMES = {"docker": "docker", "cri-containerd": "containerd", "crio": "cri-o"}

@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from nvdriver.driver import package as pkg
 from nvdriver.driver.package import Manifest
 from nvdriver.errors import IntegrityError
 from nvdriver.host import KernelIdentity
+from nvdriver.pattern import Pattern
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.nvidia-driver.package.v1"
@@ -45,8 +45,8 @@ PACKAGE_TAG = ANNOTATION + "tag"
 MAX_MANIFEST = 4 << 20
 MAX_SIGNATURE = 64 << 10
 MAX_PACKAGE = 8 << 30
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+_DIGEST_RE = Pattern(r"^sha256:[0-9a-f]{64}$")
+_TAG_BAD = Pattern(r"[^A-Za-z0-9_.-]")
 
 
 def artifact_tag(driver_version: str, kernel_release: str, flavour: str, tag: str | None) -> str:
