@@ -12,7 +12,6 @@ import fcntl
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -31,6 +30,8 @@ def work_base(config: Config) -> Path:
 @contextlib.contextmanager
 def workdir(config: Config, purpose: str) -> Iterator[Path]:
     """A scratch directory under the cache (host disk, not the container's layer)."""
+    import tempfile  # with `random`: a start only sweeps (remove_stale_builds)
+
     base = work_base(config)
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{purpose}-{os.getpid()}-", dir=base))

@@ -276,10 +276,8 @@ def _prepare(
     `_load_fitting`); `chosen`: the source and flavour, when the caller has chosen them
     already.
     """
-    from nvdriver import handover
     from nvdriver.driver import link
     from nvdriver.kmod.abi import RunningAbi
-    from nvdriver.kmod.unloading import unload as unload_modules
 
     options = config.options
     source, choice = chosen if chosen is not None else _choose(config)
@@ -310,6 +308,9 @@ def _prepare(
             "Other NVIDIA modules are loaded (%s); unloading them first",
             ", ".join(f"{m.name} {m.version or ''}".strip() for m in loaded),
         )
+        from nvdriver import handover  # with who holds the driver: only when one may
+        from nvdriver.kmod.unloading import unload as unload_modules
+
         # Before anything is stopped: the old daemons serve the work that holds the driver.
         handover.wait_until_free(config, f"{version} ({flavour})", wait=wait)
         fabric.stop(config)  # it holds the NVSwitches: before the modules go

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from nvdriver.driver import proof
 from nvdriver.driver.package import Manifest, read_manifest, sha256_file, unpacked
 from nvdriver.driver.proof import FileIdentity
 from nvdriver.driver.source import DriverSource
-from nvdriver.driver.toolchain import packed_linker
 from nvdriver.errors import DriverError, IntegrityError
 from nvdriver.run import run
 
@@ -101,6 +99,8 @@ def _link_package(
     *,
     release: str | None,
 ) -> Path:
+    from nvdriver.driver.toolchain import packed_linker  # a tree whose proof holds needs none
+
     base.mkdir(parents=True, exist_ok=True)
     verified = _identity(package)  # taken before verifying: it must still hold after
     with (
@@ -203,6 +203,8 @@ def _append_signature(package: Path, module: Path, signature: Path, expected: st
 
 @contextlib.contextmanager
 def _staging(base: Path) -> Iterator[Path]:
+    import tempfile  # with `random`: only when a tree is linked
+
     path = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
     try:
         yield path

@@ -21,23 +21,17 @@ fails is moved aside and never used.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
 import errno
-import gzip
-import hashlib
 import io
 import json
 import logging
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from nvdriver.atomic import TEMP_PREFIX, atomic_file
 from nvdriver.config import KERNEL_RELEASE_RE, Config
@@ -47,6 +41,8 @@ from nvdriver.kmod.abi import Fit
 from nvdriver.pattern import Pattern
 
 if TYPE_CHECKING:  # driver.build (subprocess, the compiler's world) is for `update` only
+    import datetime
+
     from nvdriver.driver.build import BuildOutput
 
 log = logging.getLogger(__name__)
@@ -62,8 +58,7 @@ CHUNK = 1 << 20
 _NAME_RE = Pattern(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModuleEntry:
+class ModuleEntry(NamedTuple):
     name: str
     file: str  # a member: a finished .ko, or the interface object of a split module
     core: str | None = None  # the core object, relative to the driver's flavour dir
@@ -72,8 +67,7 @@ class ModuleEntry:
     linked_sha256: str | None = None  # what linking must give for the signature to hold
 
 
-@dataclasses.dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     driver_version: str
     flavour: str
     kernel_release: str
@@ -98,7 +92,8 @@ class Manifest:
         )
 
     def to_json(self) -> str:
-        obj = dataclasses.asdict(self)
+        obj: dict[str, Any] = self._asdict()
+        obj["modules"] = [m._asdict() for m in self.modules]
         obj["files"] = dict(self.files)
         obj["kernel_symbols"] = {name: f"0x{crc:08x}" for name, crc in self.kernel_symbols}
         return json.dumps(obj, indent=2, sort_keys=True) + "\n"
@@ -162,8 +157,7 @@ class Manifest:
         return m
 
 
-@dataclasses.dataclass(frozen=True)
-class Package:
+class Package(NamedTuple):
     path: Path
     manifest: Manifest
 
@@ -250,7 +244,7 @@ def write_package(store_dir: Path, build: BuildOutput, *, tag: str | None) -> Pa
         modules=tuple(modules),
         ld_scripts=tuple(ld_scripts),
         files=tuple(sorted((n, sha256_file(p)) for n, p in members.items())),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=_now().isoformat(timespec="seconds"),
         tag=tag,
         signing=build.signing,
     )
@@ -286,7 +280,15 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _now() -> datetime.datetime:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def sha256_file(path: Path) -> str:
+    import hashlib  # OpenSSL's library: not loaded by a start whose tree's proof holds
+
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
@@ -312,6 +314,8 @@ def read_manifest(path: Path) -> Manifest:
 
 def _unpack(path: Path, dest: Path | None) -> Manifest:
     """Read every member once, hashing it, writing it under `dest` when given; check all."""
+    import gzip
+
     manifest: Manifest | None = None
     seen: dict[str, str] = {}
     try:
@@ -361,6 +365,8 @@ def _copy_hashing(src: IO[bytes], dest: Path | None) -> str:
     """The member's SHA-256, written to `dest` on the way. Reading it may fail as a bad
     package does (the caller's IntegrityError); writing `dest` fails as a full or read-only
     disk does, which says nothing about the package (DriverError: it is not moved aside)."""
+    import hashlib
+
     h = hashlib.sha256()
     out = None if dest is None else _create(dest)
     try:
@@ -408,6 +414,9 @@ def verify(path: Path, *, keep_failed: bool = True) -> Manifest:
 def unpacked(path: Path, workdir: Path) -> Iterator[tuple[Manifest, Path]]:
     """Verify and extract into a fresh directory, removed on exit; nothing used before all
     members are verified. A failing package is moved aside."""
+    import shutil
+    import tempfile
+
     dest = Path(tempfile.mkdtemp(prefix="unpack-", dir=workdir))
     try:
         try:
@@ -425,7 +434,7 @@ def move_aside(path: Path, suffix: str = FAILED_SUFFIX) -> Path | None:
     again (kept for inspection; `packages prune` removes it)."""
     if not path.exists() or path.name.endswith((FAILED_SUFFIX, STALE_SUFFIX)):
         return None
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = _now().strftime("%Y%m%dT%H%M%S")
     aside = path.with_name(f"{path.name}.{stamp}{suffix}")
     with contextlib.suppress(OSError):
         os.replace(path, aside)

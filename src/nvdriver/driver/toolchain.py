@@ -11,12 +11,11 @@ developer root: the same bytes everywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from nvdriver.errors import DriverError
 from nvdriver.host import resolve_in
@@ -34,16 +33,14 @@ LINKER_DIR = "linker"
 PROGRAM = "ld"
 
 
-@dataclasses.dataclass(frozen=True)
-class Linker:
+class Linker(NamedTuple):
     """How to run `ld`: argv prefix plus its identification (`ld --version`, first line)."""
 
     argv: tuple[str, ...]
     ident: str
 
 
-@dataclasses.dataclass(frozen=True)
-class LinkerFiles:
+class LinkerFiles(NamedTuple):
     """The build's linker as files: the program, its loader and libraries, relative to
     `root` (`ld`, `lib/NAME`); in a package, the same names under LINKER_DIR."""
 

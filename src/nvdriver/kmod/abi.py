@@ -33,7 +33,6 @@ another build than the kernel it boots (docs/package.md).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -42,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from nvdriver.atomic import write_atomically
 from nvdriver.config import Config
@@ -71,8 +71,7 @@ INDEX_DIRECTORY = "kernel-abi"
 _INDEX_FORMAT = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class Fit:
+class Fit(NamedTuple):
     """The verdict on one package: whether it fits, and why, for logs and `status`."""
 
     fits: bool
