@@ -45,6 +45,7 @@ version, minutes; it needs what `tests/real_build.py` needs: root, the local Fla
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shlex
 import shutil
@@ -193,6 +194,7 @@ to_ready() {{
     local key=$1 log=$2 t
     shift 2
     t=$(now); start_init "$log" "$@"; wait_ready; say ${{key}}_ready_rc_$r $?
+    say ${{key}}_launched_$r $t
     measure ${{key}}_$r $t
     stop_init TERM; say ${{key}}_stop_rc_$r $INIT_RC
 }}
@@ -270,7 +272,51 @@ def codes(facts: dict[str, str], key: str, rounds: int) -> str:
     return ",".join(facts.get(f"{key}_{r}", "?") for r in range(1, rounds + 1))
 
 
-def table(facts: dict[str, str], rounds: int, real: bool) -> list[str]:
+def before_first_line(facts: dict[str, str], logs: Path, rounds: int) -> list[str]:
+    """From each init's launch to its first log line (the interpreter, the imports, the
+    command line, the lock), and from there to readiness (init's own steps), medians: where
+    a start's and a restart's time goes, read from init's own log."""
+    out = []
+    for key, log in (
+        ("init", "init"),
+        ("restart", "restart"),
+        ("init_before", "init-before"),
+        ("restart_before", "restart-before"),
+    ):
+        before, own = [], []
+        for r in range(1, rounds + 1):
+            launched = facts.get(f"{key}_launched_{r}")
+            path = logs / f"{log}-{r}.log"
+            if launched is None or not path.exists():
+                continue
+            lines = path.read_text().splitlines()
+            first = _stamp(lines[0]) if lines else None
+            ready = next((_stamp(x) for x in lines if "The driver is ready" in x), None)
+            if first is None or ready is None:
+                continue
+            before.append(first - int(launched) / 1e6)
+            own.append(ready - first)
+        if before:
+            out.append(
+                f"{key}: launch to init's first log line {statistics.median(before):.2f} s, "
+                f"first line to ready {statistics.median(own):.2f} s"
+            )
+    return out
+
+
+def _stamp(line: str) -> float | None:
+    """The time of a text log line (2026-12-07T01:27:01.895Z info ...), seconds."""
+    try:
+        return (
+            datetime.datetime.strptime(line[:24], "%Y-%m-%dT%H:%M:%S.%fZ")
+            .replace(tzinfo=datetime.timezone.utc)
+            .timestamp()
+        )
+    except ValueError:
+        return None
+
+
+def table(facts: dict[str, str], rounds: int, real: bool, logs: Path | None = None) -> list[str]:
     def row(name: str, floor: float | None, ours: float | None, target: str) -> str:
         f = f"{floor:7.2f} s" if floor is not None else "      - "
         o = f"{ours:7.2f} s" if ours is not None else "   n/a  "
@@ -331,6 +377,8 @@ def table(facts: dict[str, str], rounds: int, real: bool) -> list[str]:
     ]
     if "kept_scan" in facts:
         lines.append(f"every host module read into the kept scan first: {facts['kept_scan']} s")
+    if logs is not None:
+        lines += before_first_line(facts, logs, rounds)
     if python is not None and m["restart"] is not None:
         lines.append(
             f"restart-to-ready beyond the interpreter's start: {m['restart'] - python:.2f} s"
@@ -482,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(facts, indent=2) + "\n")
     print(f"bench: guest exit {result.returncode}; logs in {logs}")
-    for line in [*table(facts, args.rounds, not args.no_real), *native]:
+    for line in [*table(facts, args.rounds, not args.no_real, logs), *native]:
         print(line)
     return 0 if result.returncode == 0 else 1
 
