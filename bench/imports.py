@@ -5,6 +5,8 @@ anything is paid at every start, restart and `status`. The baseline is `python -
 (the interpreter alone, its site-packages included); each row is a child interpreter
 that imports what a command imports, timed from outside, median of `--rounds`:
 
+- `init, up to its first step`: `nvidia-driver init`, the container's command line, up to
+  the call of `lifecycle.init` (its imports, the command line, the configuration);
 - `status --help`: the installed command up to argparse's help;
 - `import nvdriver.lifecycle`: what `init` and `load` import before their first step
   (cli.py imports it once the command line is parsed);
@@ -37,7 +39,17 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 BASELINE = [PY, "-c", "pass"]
+# `nvidia-driver init` (the command line the container gives) up to the call of init's
+# first step, which ends it: its imports, the command line, the configuration, the log.
+UP_TO_INIT = (
+    "import sys, nvdriver.lifecycle\n"
+    "nvdriver.lifecycle.init = lambda config: sys.exit(0)\n"
+    "from nvdriver.cli import main\n"
+    "sys.argv = ['nvidia-driver', 'init']\n"
+    "main()\n"
+)
 ROWS = {
+    "nvidia-driver init, up to its first step": [PY, "-c", UP_TO_INIT],
     "nvidia-driver status --help": [PY, str(TOOL), "status", "--help"],
     "import nvdriver.lifecycle (init, load)": [PY, "-c", "import nvdriver.lifecycle"],
     "import nvdriver.status (status)": [PY, "-c", "import nvdriver.status"],
