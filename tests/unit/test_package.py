@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import tarfile
@@ -59,6 +60,25 @@ def test_one_flipped_byte_fails_verification_and_moves_the_package_aside(packed,
     assert not packed.path.exists()
     aside = list(packed.path.parent.glob("*.failed"))
     assert len(aside) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda d: d[:-8], id="the gzip trailer cut off"),
+        pytest.param(lambda d: d[:-8] + bytes([d[-8] ^ 1]) + d[-7:], id="its CRC-32 changed"),
+        pytest.param(lambda d: d[:-1] + bytes([d[-1] ^ 1]), id="its length changed"),
+        pytest.param(lambda d: d + b"\0" * 512, id="zeros after the gzip stream"),
+        pytest.param(lambda d: d + gzip.compress(b"more"), id="a second gzip member"),
+    ],
+)
+def test_a_package_whose_gzip_trailer_or_end_is_not_its_own_fails_verification(packed, change):
+    """The members are read through zlib a megabyte at a time (package.py `_Gunzip`): the
+    trailer's CRC-32 and length are still checked, and nothing may follow the one member."""
+    packed.path.write_bytes(change(packed.path.read_bytes()))
+    with pytest.raises(IntegrityError, match="cannot be read"):
+        pkg.verify(packed.path)
+    assert not packed.path.exists()
 
 
 def test_a_changed_member_hash_in_the_manifest_fails(tmp_path, store):

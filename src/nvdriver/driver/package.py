@@ -31,7 +31,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, cast
 
 from nvdriver.atomic import TEMP_PREFIX, atomic_file
 from nvdriver.config import KERNEL_RELEASE_RE, Config
@@ -312,39 +312,39 @@ def read_manifest(path: Path) -> Manifest:
         raise IntegrityError(f"The package {path} cannot be read: {e}.") from e
 
 
+class _Gunzip:
+    """A package's tar stream, decompressed a megabyte of the file at a time (Python's gzip
+    reads 8 KiB at a time: thousands of trips through Python for NVIDIA's modules). zlib
+    checks the gzip trailer, the CRC-32 and length of what was decompressed, at the end
+    (`zlib.error`); a truncated file is an EOFError, anything after the one gzip member a
+    ValueError: a changed byte anywhere in the file is caught, even after the last member."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # a gzip header and trailer
+        self._out = memoryview(b"")
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._out and not self._inflate.eof:
+            data = self._file.read(CHUNK)
+            if not data:
+                raise EOFError("the gzip stream ends before its end")
+            self._out = memoryview(self._inflate.decompress(data))
+        if self._inflate.eof and (self._inflate.unused_data or self._file.read(1)):
+            raise ValueError("there is data after the gzip stream")
+        n = len(self._out) if size < 0 else min(size, len(self._out))
+        chunk, self._out = self._out[:n], self._out[n:]
+        return bytes(chunk)
+
+
 def _unpack(path: Path, dest: Path | None) -> Manifest:
     """Read every member once, hashing it, writing it under `dest` when given; check all."""
-    import gzip
-
-    manifest: Manifest | None = None
-    seen: dict[str, str] = {}
     try:
-        # gzip (not tarfile's own stream) checks the CRC and length at the end: a
-        # changed byte anywhere in the file is caught, even after the last member.
-        with gzip.open(path, "rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
-            for member in tar:
-                if manifest is None:
-                    if member.name != MANIFEST or not member.isfile():
-                        raise IntegrityError(f"The package {path} does not start with {MANIFEST}.")
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    manifest = Manifest.from_json(f.read(), path)
-                    continue
-                if reason := _hostile(member):
-                    raise IntegrityError(
-                        f"The package {path} is refused: {reason}.",
-                        hint="Packages are made by `nvidia-driver update`; do not use this file.",
-                    )
-                if member.isdir():
-                    continue
-                if member.name not in dict(manifest.files) or member.name in seen:
-                    raise IntegrityError(
-                        f"The package {path} has a member its manifest does not list once: "
-                        f"{member.name!r}."
-                    )
-                src = tar.extractfile(member)
-                assert src is not None
-                seen[member.name] = _copy_hashing(src, dest / member.name if dest else None)
+        # Not tarfile's own gzip stream: it checks neither the CRC nor the length at the end.
+        with path.open("rb", buffering=0) as file:
+            gz = _Gunzip(file)
+            with tarfile.open(fileobj=cast("IO[bytes]", gz), mode="r|", bufsize=CHUNK) as tar:
+                manifest, seen = _members(tar, path, dest)
             while gz.read(CHUNK):
                 pass
     except DriverError:
@@ -359,6 +359,38 @@ def _unpack(path: Path, dest: Path | None) -> Manifest:
             what = "is missing" if name not in seen else "has the wrong SHA-256"
             raise IntegrityError(f"The package {path} failed verification: {name} {what}.")
     return manifest
+
+
+def _members(
+    tar: tarfile.TarFile, path: Path, dest: Path | None
+) -> tuple[Manifest | None, dict[str, str]]:
+    """The manifest (the first member) and each other member's SHA-256, written under
+    `dest` when given; a member that is hostile or not listed once is an IntegrityError."""
+    manifest: Manifest | None = None
+    seen: dict[str, str] = {}
+    for member in tar:
+        if manifest is None:
+            if member.name != MANIFEST or not member.isfile():
+                raise IntegrityError(f"The package {path} does not start with {MANIFEST}.")
+            f = tar.extractfile(member)
+            assert f is not None
+            manifest = Manifest.from_json(f.read(), path)
+            continue
+        if reason := _hostile(member):
+            raise IntegrityError(
+                f"The package {path} is refused: {reason}.",
+                hint="Packages are made by `nvidia-driver update`; do not use this file.",
+            )
+        if member.isdir():
+            continue
+        if member.name not in dict(manifest.files) or member.name in seen:
+            raise IntegrityError(
+                f"The package {path} has a member its manifest does not list once: {member.name!r}."
+            )
+        src = tar.extractfile(member)
+        assert src is not None
+        seen[member.name] = _copy_hashing(src, dest / member.name if dest else None)
+    return manifest, seen
 
 
 def _copy_hashing(src: IO[bytes], dest: Path | None) -> str:
