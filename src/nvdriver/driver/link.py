@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def _link_package(
     base.mkdir(parents=True, exist_ok=True)
     verified = _identity(package)  # taken before verifying: it must still hold after
     with (
+        _CoreDigests(package, source) as digests,
         _staging(base) as staging,
         unpacked(package, staging) as (manifest, members),
     ):
@@ -126,8 +128,8 @@ def _link_package(
                 shutil.copyfile(members / entry.file, out)
             else:
                 core = flavour_dir / entry.core
-                cores[core] = _identity(core)
-                _check_core(package, manifest, core, entry.core_sha256)
+                cores[core] = digests.identity(core)
+                _check_core(package, manifest, core, entry.core_sha256, digests.digest(core))
                 scripts = [str(members / s) for s in manifest.ld_scripts]
                 run(link_command(ld, scripts, str(out), str(members / entry.file), str(core)))
                 if entry.signature is not None:
@@ -169,14 +171,58 @@ def link_command(
     return [*ld, "-d", "-r", *(a for s in scripts for a in ("-T", s)), "-o", out, interface, core]
 
 
-def _check_core(package: Path, manifest: Manifest, core: Path, digest: str | None) -> None:
-    """The interface must be linked with the very core object it was built against."""
+class _CoreDigests:
+    """The SHA-256 of NVIDIA's core objects that the package's manifest names, computed in a
+    thread while the package is verified and unpacked (hashlib and zlib let go of the
+    interpreter's lock: a second CPU hashes the tens of megabytes of `nv-kernel.o_binary`
+    meanwhile). What the verified manifest names that this did not hash (or could not read)
+    is hashed when it is checked, as before; each core's identity is taken before its hash,
+    for the proof."""
+
+    def __init__(self, package: Path, source: DriverSource) -> None:
+        self._identities: dict[Path, FileIdentity | None] = {}
+        self._digests: dict[Path, str] = {}
+        try:
+            manifest = read_manifest(package)  # the verification below decides on it
+        except DriverError:
+            manifest = None
+        self._thread = threading.Thread(
+            target=self._hash, args=([] if manifest is None else _cores(source, manifest),)
+        )
+
+    def __enter__(self) -> _CoreDigests:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+
+    def _hash(self, cores: list[Path]) -> None:
+        for core in cores:
+            self._identities[core] = _identity(core)
+            with contextlib.suppress(OSError):
+                self._digests[core] = sha256_file(core)
+
+    def identity(self, core: Path) -> FileIdentity | None:
+        self._thread.join()
+        return self._identities[core] if core in self._identities else _identity(core)
+
+    def digest(self, core: Path) -> str | None:
+        self._thread.join()
+        return self._digests.get(core)
+
+
+def _check_core(
+    package: Path, manifest: Manifest, core: Path, digest: str | None, hashed: str | None
+) -> None:
+    """The interface must be linked with the very core object it was built against (its
+    SHA-256 `hashed` already, or now)."""
     if not core.is_file():
         raise IntegrityError(
             f"NVIDIA's core object {core} is missing; the package {package} needs it.",
             hint="Use the driver image of version " + manifest.driver_version + ".",
         )
-    if digest is not None and sha256_file(core) != digest:
+    if digest is not None and (hashed or sha256_file(core)) != digest:
         raise IntegrityError(
             f"NVIDIA's core object {core} differs from the one the package {package} "
             "was built with.",
