@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -137,20 +138,32 @@ link_package(Path(package), DriverSource.from_config(Config.from_env(
 """
 
 
-def _timed(argv: Sequence[str]) -> float:
+def _timed(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
+    environment = None if env is None else {**os.environ, **env}
     started = time.monotonic()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment
+    )
     return time.monotonic() - started
 
 
-def native_link_rows(package: Path, source: Path, rounds: int) -> list[str]:
+def native_link_rows(
+    package: Path, source: Path, rounds: int, before: Path | None = None
+) -> list[str]:
     """The real package's link path on this machine, no guest: the floor script up to its
     last `ld -r` against ours, a first link (the tree's proof absent: everything verified)
-    and a start whose proof holds; median of `rounds`, each round in fresh processes."""
+    and a start whose proof holds; median of `rounds`, each round in fresh processes. With
+    `before` (another revision's `src`), its first link too, interleaved in each round."""
     manifest = read_manifest(package)
     release = manifest.kernel_release
     floor = floor_script(package, source, stop_at_nvidia=True, links_only=True)
-    times: dict[str, list[float]] = {"floor": [], "first": [], "proven": [], "python": []}
+    times: dict[str, list[float]] = {
+        "floor": [],
+        "first": [],
+        "proven": [],
+        "python": [],
+        "first_before": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-native-") as tmp:
         script = Path(tmp) / "floor.sh"
         script.write_text(floor)
@@ -162,10 +175,13 @@ def native_link_rows(package: Path, source: Path, rounds: int) -> list[str]:
             times["first"].append(_timed(ours))
             times["proven"].append(_timed(ours))
             times["python"].append(_timed([sys.executable, "-c", "pass"]))
+            if before is not None:
+                shutil.rmtree(base, ignore_errors=True)
+                times["first_before"].append(_timed(ours, {"PYTHONPATH": str(before)}))
         shutil.rmtree(FLOOR_DIR, ignore_errors=True)
-    m = {k: statistics.median(v) for k, v in times.items()}
+    m = {k: statistics.median(v) for k, v in times.items() if v}
     size = package.stat().st_size / 2**20
-    return [
+    rows = [
         f"native, real {manifest.driver_version} package ({size:.1f} MiB), kernel "
         f"{release}, median of {rounds}:",
         f"{'  floor: untar, the links (bash)':<46} {m['floor']:7.3f} s",
@@ -175,6 +191,13 @@ def native_link_rows(package: Path, source: Path, rounds: int) -> list[str]:
         f"{m['proven'] / m['floor']:6.2f}x",
         f"{'  python -c pass':<46} {m['python']:7.3f} s",
     ]
+    if before is not None:
+        rows.insert(
+            3,
+            f"{'  ours, first link, before (same run)':<46} {m['first_before']:7.3f} s  "
+            f"{m['first_before'] / m['floor']:6.2f}x",
+        )
+    return rows
 
 
 GUEST = r"""
@@ -425,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--before",
         metavar="REV",
         help="also time init's start and restart with the program of this git revision, "
-        "in the same guest, interleaved (before and after on one machine)",
+        "in the same guest, interleaved (before and after on one machine); with "
+        "--native-only, its first link",
     )
     parser.add_argument(
         "--native-only", action="store_true", help="only the real package's native link rows"
@@ -435,6 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kernel is None:
         print("bench: no kernel pair (image, modules, headers) of 6.12 or 6.1", file=sys.stderr)
         return 1
+    # Each program's bytecode compiled here, as an image compiles it when it installs the
+    # package: the guest reads the checkout read-only, so stale bytecode would be compiled
+    # again at every start there, and timed with it.
+    src = Path(__file__).resolve().parents[1] / "src"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
     if args.native_only:
         # The committed real image's package for the kernel when the test bed made one
         # (as bench/verified_once.py takes it), else a build on this machine (minutes).
@@ -444,7 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             package = committed[-1]
         else:
             package = build_real_535(kernel, build_mirror(kernel), source, CACHE).package
-        print("\n".join(native_link_rows(package, source, args.rounds)))
+        earlier = None
+        if args.before:
+            earlier = checkout(args.before, Path(tempfile.mkdtemp(prefix="bench-before-")))
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(earlier)], check=True)
+        print("\n".join(native_link_rows(package, source, args.rounds, earlier)))
         return 0
     work = Path(tempfile.mkdtemp(prefix="nvidia-driver-bench-"))
     print(f"bench: kernel {kernel}; work in {work}", flush=True)
@@ -485,11 +518,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "real_cache": shlex.quote(str(built.cache)),
             "real_version": shlex.quote(real_source.version),
         }
-    # Each program's bytecode compiled here, as an image compiles it when it installs the
-    # package: the guest reads the checkout read-only, so stale bytecode would be compiled
-    # again at every start there, and timed with it.
-    src = Path(__file__).resolve().parents[1] / "src"
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
     before = ""
     if args.before:
         (work / "before").mkdir()
