@@ -1,8 +1,9 @@
-"""Commands and flags (docs/commands.md); the steps themselves live in lifecycle.
+"""Commands (docs/commands.md); the steps themselves live in lifecycle, the flags in flags.py.
 
-Each command imports the modules it calls when it runs: `--help` and a usage error load
-nothing of the driver, `status` none of lifecycle's, `init` nothing of a build
-(tests/unit/test_imports.py keeps it so).
+A command given alone (`ALONE`: the container's `init`) is parsed here, anything else by
+argparse. Each command imports the modules it calls when it runs: `--help` and a usage
+error load nothing of the driver, `status` none of lifecycle's, `init` nothing of a build
+and no argparse (tests/unit/test_imports.py keeps it so).
 """
 
 from __future__ import annotations
