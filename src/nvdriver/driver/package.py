@@ -324,16 +324,16 @@ class _Gunzip:
         self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # a gzip header and trailer
         self._out = memoryview(b"")
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes (tarfile's stream reads its buffer size); b"" at the end."""
         while not self._out and not self._inflate.eof:
             data = self._file.read(CHUNK)
             if not data:
                 raise EOFError("the gzip stream ends before its end")
             self._out = memoryview(self._inflate.decompress(data))
-        if self._inflate.eof and (self._inflate.unused_data or self._file.read(1)):
-            raise ValueError("there is data after the gzip stream")
-        n = len(self._out) if size < 0 else min(size, len(self._out))
-        chunk, self._out = self._out[:n], self._out[n:]
+            if self._inflate.eof and (self._inflate.unused_data or self._file.read(1)):
+                raise ValueError("there is data after the gzip stream")
+        chunk, self._out = self._out[:size], self._out[size:]
         return bytes(chunk)
 
 
