@@ -2,8 +2,8 @@
 
 `re.compile` runs `re`'s parser and compiler, written in Python: 0.1-0.4 ms a pattern
 natively, about thirty times that under emulation, and a module's patterns were compiled
-at every command's start whether the command matched anything or not (a restart uses
-none of config.py's seven unless a value is set). A `Pattern` keeps the text and compiles
+at every command's start whether the command matched anything or not (config.py's six
+are matched only against the settings that are given). A `Pattern` keeps the text and compiles
 it once, the first time it is asked to match (tests/unit/test_pattern.py).
 """
 

@@ -99,7 +99,7 @@ def test_init_imports_nothing_of_a_build_up_to_its_linked_tree(
 # What a start whose linked tree's proof holds (a reboot with the container kept: nothing
 # loaded, the tree of the last start still there) needs only to link, to pack, or to take
 # the driver over from modules loaded already: `dataclasses` (with `inspect`, `ast`, `dis`),
-# `tempfile` (with `random`), `datetime`, `gzip` (the verification's CRC), the toolchain,
+# `tempfile` (with `random`), `datetime`, `gzip` (a host's compressed modules), the toolchain,
 # the handover and what it reads of the driver's users.
 NOT_ON_A_PROVEN_START = (
     "dataclasses",
