@@ -161,6 +161,23 @@ def test_a_tampered_package_fails_verify_with_exit_5_and_is_never_linked(
     assert files_under(base) == []
 
 
+def test_data_after_the_gzip_stream_is_refused_once_every_member_is_out_and_leaves_nothing(
+    built, tmp_path, standin_source
+):
+    """What follows the package's gzip stream is found only at its end, after every member
+    was extracted into the staging tree (package.py `_Gunzip`): the link fails there, and
+    neither a tree, nor the staging, nor the package under its name is left."""
+    path, _ = built
+    copy = tmp_path / "precompiled" / path.parent.name / path.name
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(path.read_bytes() + b"\0" * 512)
+    base = tmp_path / "opt" / VERSION
+    with pytest.raises(IntegrityError, match="data after the gzip stream"):
+        link_package(copy, DriverSource(standin_source, VERSION), base)
+    assert list(base.iterdir()) == []  # not even an empty staging directory
+    assert not copy.exists() and len(list(copy.parent.glob("*.failed"))) == 1
+
+
 def test_a_package_for_another_kernel_is_refused_and_installs_nothing(
     built, tmp_path, standin_source
 ):
